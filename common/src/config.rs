@@ -1,0 +1,631 @@
+//! `tambo.conf`: chasquid's keys in TOML, plus tambo's own `[tambo]` table
+//! and the test-only `[testing]` table.
+//!
+//! Every problem becomes one [`ConfigError`] naming the file, the key (or
+//! line) and what is wrong, so a daemon can refuse to start with one clear
+//! line. Keys are read one by one from the parsed table rather than through
+//! serde, precisely so the error can name the key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::duration;
+
+/// A configuration problem: file, then key or line, then the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: Option<String>,
+    pub line: Option<usize>,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn file(file: &Path, problem: impl Into<String>) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            key: None,
+            line: None,
+            problem: problem.into(),
+        }
+    }
+    pub fn key(file: &Path, key: &str, problem: impl Into<String>) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            key: Some(key.to_string()),
+            line: None,
+            problem: problem.into(),
+        }
+    }
+    pub fn line(file: &Path, line: usize, problem: impl Into<String>) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            key: None,
+            line: Some(line),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key {key}")?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+/// Where a daemon listens: a socket address, or the sockets systemd passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `"systemd"`: the sockets passed with the mode's FileDescriptorName.
+    Systemd,
+    Addr(SocketAddr),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Systemd => f.write_str("systemd"),
+            ListenAddr::Addr(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// tambo-only settings (`[tambo]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TamboConfig {
+    /// Unix sockets between the processes live here.
+    pub runtime_dir: PathBuf,
+    pub smtpd_user: String,
+    pub queued_user: String,
+    pub deliverd_user: String,
+    pub monitord_user: String,
+    /// When set, local mail goes to this Maildir path template
+    /// (`%to_user%`, `%to_domain%`, `%to%`) instead of the MDA.
+    pub maildir: Option<String>,
+    /// How many deliveries deliverd runs at once.
+    pub delivery_slots: u32,
+}
+
+/// Test knobs (chasquid's `testing__*`). Not for production use.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Testing {
+    /// Replaces the retry schedule's 1m/5m/10m/20m delays.
+    pub retry_delays: Option<[Duration; 4]>,
+    /// Replaces the 0–60 s random extra added to each retry delay.
+    pub retry_jitter: Option<Duration>,
+    /// Makes every queue write fail, as a full disk would.
+    pub fail_queue_writes: bool,
+}
+
+/// The effective configuration of one tambo installation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The directory the config was read from; relative paths resolve here.
+    pub config_dir: PathBuf,
+    pub hostname: String,
+    pub max_data_size_mb: u64,
+    pub smtp_address: Vec<ListenAddr>,
+    pub submission_address: Vec<ListenAddr>,
+    pub submission_over_tls_address: Vec<ListenAddr>,
+    pub monitoring_address: Option<SocketAddr>,
+    pub mail_delivery_agent_bin: String,
+    pub mail_delivery_agent_args: Vec<String>,
+    pub data_dir: PathBuf,
+    pub suffix_separators: String,
+    pub drop_characters: String,
+    pub mail_log_path: String,
+    pub dovecot_auth: bool,
+    pub dovecot_userdb_path: String,
+    pub dovecot_client_path: String,
+    pub haproxy_incoming: bool,
+    pub max_queue_items: u64,
+    pub give_up_send_after: Duration,
+    pub tambo: TamboConfig,
+    pub testing: Testing,
+}
+
+/// The config file's name inside the config directory.
+pub const FILE_NAME: &str = "tambo.conf";
+
+impl Config {
+    /// Defaults, as in REFERENCE §1.2, for a config in `config_dir`.
+    pub fn defaults(config_dir: &Path) -> Self {
+        Config {
+            config_dir: config_dir.to_path_buf(),
+            hostname: os_hostname(),
+            max_data_size_mb: 50,
+            smtp_address: vec![ListenAddr::Systemd],
+            submission_address: vec![ListenAddr::Systemd],
+            submission_over_tls_address: vec![ListenAddr::Systemd],
+            monitoring_address: None,
+            mail_delivery_agent_bin: "maildrop".into(),
+            mail_delivery_agent_args: ["-f", "%from%", "-d", "%to_user%"]
+                .map(String::from)
+                .to_vec(),
+            data_dir: PathBuf::from("/var/lib/tambo"),
+            suffix_separators: "+".into(),
+            drop_characters: ".".into(),
+            mail_log_path: "<syslog>".into(),
+            dovecot_auth: false,
+            dovecot_userdb_path: String::new(),
+            dovecot_client_path: String::new(),
+            haproxy_incoming: false,
+            max_queue_items: 200,
+            give_up_send_after: Duration::from_secs(20 * 3600),
+            tambo: TamboConfig {
+                runtime_dir: PathBuf::from("/run/tambo"),
+                smtpd_user: "tambo-smtpd".into(),
+                queued_user: "tambo-queue".into(),
+                deliverd_user: "tambo-deliver".into(),
+                monitord_user: "tambo-monitor".into(),
+                maildir: None,
+                delivery_slots: 16,
+            },
+            testing: Testing::default(),
+        }
+    }
+
+    /// Reads `<config_dir>/tambo.conf`, then applies `overrides` (TOML) on
+    /// top: a key present replaces the default, whatever its value.
+    pub fn load(config_dir: &Path, overrides: Option<&str>) -> Result<Self, ConfigError> {
+        let path = config_dir.join(FILE_NAME);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::file(&path, format!("cannot read: {e}")))?;
+        let mut cfg = Self::from_str(config_dir, &path, &text)?;
+        if let Some(ov) = overrides {
+            let ov_path = PathBuf::from("--config_overrides");
+            let table = parse_table(&ov_path, ov)?;
+            cfg.apply(&ov_path, &table)?;
+        }
+        Ok(cfg)
+    }
+
+    /// Parses config text; `path` is only used in error messages.
+    pub fn from_str(config_dir: &Path, path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut cfg = Self::defaults(config_dir);
+        let table = parse_table(path, text)?;
+        cfg.apply(path, &table)?;
+        Ok(cfg)
+    }
+
+    fn apply(&mut self, file: &Path, table: &Table) -> Result<(), ConfigError> {
+        let g = Getter { file };
+        for (key, v) in table {
+            match key.as_str() {
+                "hostname" => {
+                    let h = g.string(key, v)?;
+                    if h.is_empty() || h.contains(char::is_whitespace) {
+                        return Err(g.err(key, "must be a host name without spaces"));
+                    }
+                    self.hostname = h;
+                }
+                "max_data_size_mb" => self.max_data_size_mb = g.positive(key, v)?,
+                "smtp_address" => self.smtp_address = g.listen_list(key, v)?,
+                "submission_address" => self.submission_address = g.listen_list(key, v)?,
+                "submission_over_tls_address" => {
+                    self.submission_over_tls_address = g.listen_list(key, v)?
+                }
+                "monitoring_address" => {
+                    let s = g.string(key, v)?;
+                    self.monitoring_address = if s.is_empty() {
+                        None
+                    } else {
+                        Some(parse_socket_addr(&s).map_err(|p| g.err(key, p))?)
+                    };
+                }
+                "mail_delivery_agent_bin" => self.mail_delivery_agent_bin = g.string(key, v)?,
+                "mail_delivery_agent_args" => {
+                    self.mail_delivery_agent_args = g.string_list(key, v)?
+                }
+                "data_dir" => self.data_dir = g.path(key, v)?,
+                "suffix_separators" => self.suffix_separators = g.string(key, v)?,
+                "drop_characters" => self.drop_characters = g.string(key, v)?,
+                "mail_log_path" => self.mail_log_path = g.string(key, v)?,
+                "dovecot_auth" => self.dovecot_auth = g.bool(key, v)?,
+                "dovecot_userdb_path" => self.dovecot_userdb_path = g.string(key, v)?,
+                "dovecot_client_path" => self.dovecot_client_path = g.string(key, v)?,
+                "haproxy_incoming" => self.haproxy_incoming = g.bool(key, v)?,
+                "max_queue_items" => self.max_queue_items = g.positive(key, v)?,
+                "give_up_send_after" => self.give_up_send_after = g.duration(key, v)?,
+                "tambo" => self.apply_tambo(&g, g.table(key, v)?)?,
+                "testing" => self.apply_testing(&g, g.table(key, v)?)?,
+                _ => return Err(g.err(key, "unknown key")),
+            }
+        }
+        if self.mail_delivery_agent_bin.is_empty() && self.tambo.maildir.is_none() {
+            return Err(g.err(
+                "mail_delivery_agent_bin",
+                "is empty and [tambo] maildir is not set: local mail could not be delivered",
+            ));
+        }
+        Ok(())
+    }
+
+    fn apply_tambo(&mut self, g: &Getter, table: &Table) -> Result<(), ConfigError> {
+        for (k, v) in table {
+            let key = format!("tambo.{k}");
+            let key = key.as_str();
+            match k.as_str() {
+                "runtime_dir" => self.tambo.runtime_dir = g.path(key, v)?,
+                "smtpd_user" => self.tambo.smtpd_user = g.nonempty(key, v)?,
+                "queued_user" => self.tambo.queued_user = g.nonempty(key, v)?,
+                "deliverd_user" => self.tambo.deliverd_user = g.nonempty(key, v)?,
+                "monitord_user" => self.tambo.monitord_user = g.nonempty(key, v)?,
+                "maildir" => {
+                    let s = g.string(key, v)?;
+                    self.tambo.maildir = if s.is_empty() { None } else { Some(s) };
+                }
+                "delivery_slots" => {
+                    let n = g.positive(key, v)?;
+                    self.tambo.delivery_slots = u32::try_from(n)
+                        .ok()
+                        .filter(|n| *n <= 1024)
+                        .ok_or_else(|| g.err(key, "must be between 1 and 1024"))?;
+                }
+                _ => return Err(g.err(key, "unknown key")),
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_testing(&mut self, g: &Getter, table: &Table) -> Result<(), ConfigError> {
+        for (k, v) in table {
+            let key = format!("testing.{k}");
+            let key = key.as_str();
+            match k.as_str() {
+                "retry_delays" => {
+                    let list = g.string_list(key, v)?;
+                    let ds = list
+                        .iter()
+                        .map(|s| duration::parse(s).map_err(|p| g.err(key, p)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let arr: [Duration; 4] = ds
+                        .try_into()
+                        .map_err(|_| g.err(key, "needs exactly 4 durations"))?;
+                    self.testing.retry_delays = Some(arr);
+                }
+                "retry_jitter" => {
+                    let s = g.string(key, v)?;
+                    self.testing.retry_jitter = Some(if s == "0s" || s == "0" {
+                        Duration::ZERO
+                    } else {
+                        duration::parse(&s).map_err(|p| g.err(key, p))?
+                    });
+                }
+                "fail_queue_writes" => self.testing.fail_queue_writes = g.bool(key, v)?,
+                _ => return Err(g.err(key, "unknown key")),
+            }
+        }
+        Ok(())
+    }
+
+    /// `data_dir/queue`.
+    pub fn queue_dir(&self) -> PathBuf {
+        self.data_dir.join("queue")
+    }
+
+    /// Paths of the Unix sockets between processes.
+    pub fn submit_socket(&self) -> PathBuf {
+        self.tambo.runtime_dir.join("submit.sock")
+    }
+    pub fn deliver_socket(&self) -> PathBuf {
+        self.tambo.runtime_dir.join("deliver.sock")
+    }
+    pub fn monitor_socket(&self) -> PathBuf {
+        self.tambo.runtime_dir.join("monitor.sock")
+    }
+
+    /// Largest message, in bytes.
+    pub fn max_data_size(&self) -> u64 {
+        self.max_data_size_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// Resolves a path from the config against the config directory.
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            p
+        } else {
+            self.config_dir.join(p)
+        }
+    }
+
+    /// Makes every relative path absolute (against the config dir).
+    pub fn resolve_paths(mut self) -> Self {
+        self.data_dir = self.resolve(self.data_dir.clone());
+        self.tambo.runtime_dir = self.resolve(self.tambo.runtime_dir.clone());
+        self
+    }
+}
+
+fn parse_table(path: &Path, text: &str) -> Result<Table, ConfigError> {
+    text.parse::<Table>().map_err(|e| {
+        let mut problem = e.message().trim().to_string();
+        if problem.is_empty() {
+            problem = "invalid TOML".into();
+        }
+        match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                ConfigError::line(path, line, format!("invalid TOML: {problem}"))
+            }
+            None => ConfigError::file(path, format!("invalid TOML: {problem}")),
+        }
+    })
+}
+
+/// Typed access to table values, producing errors that name the key.
+struct Getter<'a> {
+    file: &'a Path,
+}
+
+impl Getter<'_> {
+    fn err(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::key(self.file, key, problem)
+    }
+    fn string(&self, key: &str, v: &Value) -> Result<String, ConfigError> {
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| self.err(key, format!("must be a string, not {}", v.type_str())))
+    }
+    fn nonempty(&self, key: &str, v: &Value) -> Result<String, ConfigError> {
+        let s = self.string(key, v)?;
+        if s.is_empty() {
+            return Err(self.err(key, "must not be empty"));
+        }
+        Ok(s)
+    }
+    fn path(&self, key: &str, v: &Value) -> Result<PathBuf, ConfigError> {
+        Ok(PathBuf::from(self.nonempty(key, v)?))
+    }
+    fn bool(&self, key: &str, v: &Value) -> Result<bool, ConfigError> {
+        v.as_bool()
+            .ok_or_else(|| self.err(key, format!("must be true or false, not {}", v.type_str())))
+    }
+    fn positive(&self, key: &str, v: &Value) -> Result<u64, ConfigError> {
+        match v.as_integer() {
+            Some(n) if n > 0 => Ok(n as u64),
+            Some(n) => Err(self.err(key, format!("must be > 0, not {n}"))),
+            None => Err(self.err(key, format!("must be an integer, not {}", v.type_str()))),
+        }
+    }
+    fn duration(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
+        let s = self.string(key, v)?;
+        duration::parse(&s).map_err(|p| self.err(key, p))
+    }
+    fn table<'v>(&self, key: &str, v: &'v Value) -> Result<&'v Table, ConfigError> {
+        v.as_table()
+            .ok_or_else(|| self.err(key, format!("must be a table, not {}", v.type_str())))
+    }
+    fn string_list(&self, key: &str, v: &Value) -> Result<Vec<String>, ConfigError> {
+        let arr = v.as_array().ok_or_else(|| {
+            self.err(
+                key,
+                format!("must be an array of strings, not {}", v.type_str()),
+            )
+        })?;
+        arr.iter()
+            .map(|item| {
+                item.as_str().map(str::to_string).ok_or_else(|| {
+                    self.err(
+                        key,
+                        format!("must be an array of strings; found {}", item.type_str()),
+                    )
+                })
+            })
+            .collect()
+    }
+    fn listen_list(&self, key: &str, v: &Value) -> Result<Vec<ListenAddr>, ConfigError> {
+        self.string_list(key, v)?
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    Err(self.err(key, "contains \"\"; use [] to turn the mode off"))
+                } else if s == "systemd" {
+                    Ok(ListenAddr::Systemd)
+                } else {
+                    parse_socket_addr(s)
+                        .map(ListenAddr::Addr)
+                        .map_err(|p| self.err(key, p))
+                }
+            })
+            .collect()
+    }
+}
+
+/// `ip:port`, `[v6]:port`, or `:port` (every address).
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    let full = if s.starts_with(':') {
+        format!("[::]{s}")
+    } else {
+        s.to_string()
+    };
+    full.parse().map_err(|_| {
+        format!("{s:?} is not an address: use ip:port, [ipv6]:port, :port or \"systemd\"")
+    })
+}
+
+/// The OS host name, for the default `hostname`.
+pub fn os_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str(
+            Path::new("/etc/tambo"),
+            Path::new("/etc/tambo/tambo.conf"),
+            text,
+        )
+    }
+
+    #[test]
+    fn defaults_match_reference() {
+        let c = load("").unwrap();
+        assert_eq!(c.max_data_size_mb, 50);
+        assert_eq!(c.max_queue_items, 200);
+        assert_eq!(c.give_up_send_after, Duration::from_secs(72_000));
+        assert_eq!(c.smtp_address, vec![ListenAddr::Systemd]);
+        assert_eq!(c.monitoring_address, None);
+        assert_eq!(
+            c.mail_delivery_agent_args,
+            ["-f", "%from%", "-d", "%to_user%"]
+        );
+        assert_eq!(c.suffix_separators, "+");
+        assert_eq!(c.drop_characters, ".");
+        assert_eq!(c.tambo.runtime_dir, PathBuf::from("/run/tambo"));
+    }
+
+    #[test]
+    fn reads_every_key() {
+        let c = load(
+            r#"
+hostname = "mx.example.org"
+max_data_size_mb = 10
+smtp_address = ["127.0.0.1:2525", ":25"]
+submission_address = []
+submission_over_tls_address = ["[::1]:465"]
+monitoring_address = "127.0.0.1:1099"
+mail_delivery_agent_bin = "procmail"
+mail_delivery_agent_args = ["-d", "%to%"]
+data_dir = "data"
+suffix_separators = "-+"
+drop_characters = ""
+mail_log_path = "<stdout>"
+dovecot_auth = true
+dovecot_userdb_path = "/run/dovecot/auth-userdb"
+dovecot_client_path = "/run/dovecot/auth-client"
+haproxy_incoming = true
+max_queue_items = 5
+give_up_send_after = "1h30m"
+[tambo]
+runtime_dir = "run"
+maildir = "/var/mail/%to_domain%/%to_user%"
+delivery_slots = 4
+[testing]
+retry_delays = ["1s", "2s", "3s", "4s"]
+retry_jitter = "0s"
+"#,
+        )
+        .unwrap()
+        .resolve_paths();
+        assert_eq!(c.hostname, "mx.example.org");
+        assert_eq!(c.max_data_size(), 10 * 1024 * 1024);
+        assert_eq!(c.smtp_address.len(), 2);
+        assert!(c.submission_address.is_empty());
+        assert_eq!(c.data_dir, PathBuf::from("/etc/tambo/data"));
+        assert_eq!(c.tambo.runtime_dir, PathBuf::from("/etc/tambo/run"));
+        assert_eq!(c.give_up_send_after, Duration::from_secs(5400));
+        assert_eq!(c.testing.retry_jitter, Some(Duration::ZERO));
+        assert_eq!(c.tambo.delivery_slots, 4);
+    }
+
+    #[test]
+    fn bad_configs_name_file_key_and_problem() {
+        let cases = [
+            ("max_data_size_mb = 0", "key max_data_size_mb: must be > 0"),
+            (
+                "max_data_size_mb = \"big\"",
+                "key max_data_size_mb: must be an integer",
+            ),
+            ("give_up_send_after = \"2d\"", "key give_up_send_after: "),
+            ("give_up_send_after = \"-1h\"", "key give_up_send_after: "),
+            ("smtp_address = [\"\"]", "key smtp_address: contains \"\""),
+            (
+                "smtp_address = \"127.0.0.1:25\"",
+                "key smtp_address: must be an array",
+            ),
+            (
+                "smtp_address = [\"localhost:25\"]",
+                "key smtp_address: \"localhost:25\" is not an address",
+            ),
+            ("monitoring_address = \"nope\"", "key monitoring_address:"),
+            ("no_such_key = 1", "key no_such_key: unknown key"),
+            ("[tambo]\nbogus = 1", "key tambo.bogus: unknown key"),
+            (
+                "[tambo]\ndelivery_slots = 5000",
+                "key tambo.delivery_slots:",
+            ),
+            (
+                "dovecot_auth = \"yes\"",
+                "key dovecot_auth: must be true or false",
+            ),
+            ("hostname = \"\"", "key hostname:"),
+            (
+                "mail_delivery_agent_bin = \"\"",
+                "key mail_delivery_agent_bin:",
+            ),
+            (
+                "[testing]\nretry_delays = [\"1s\"]",
+                "key testing.retry_delays: needs exactly 4",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.starts_with("/etc/tambo/tambo.conf: "), "{text}: {e}");
+            assert!(e.contains(want), "{text}: got {e:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_the_line() {
+        let e = load("hostname = \"a\"\nmax_data_size_mb = = 3\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/tambo/tambo.conf:2: invalid TOML"),
+            "{e}"
+        );
+        let e = load("hostname = \"a\"\nhostname = \"b\"\n").unwrap_err();
+        assert!(e.to_string().contains("invalid TOML"), "{e}");
+    }
+
+    #[test]
+    fn overrides_replace_whatever_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            "smtp_address = [\"127.0.0.1:25\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            dir.path(),
+            Some("smtp_address = []\nhaproxy_incoming = false"),
+        )
+        .unwrap();
+        assert!(c.smtp_address.is_empty());
+        let e = Config::load(dir.path(), Some("max_queue_items = 0")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--config_overrides: key max_queue_items"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Config::load(Path::new("/nonexistent/dir"), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/dir/tambo.conf: cannot read"),
+            "{e}"
+        );
+    }
+}

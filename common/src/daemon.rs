@@ -1,0 +1,56 @@
+//! What every tambo daemon does the same way at startup: its flags and its
+//! debug log.
+
+use std::path::PathBuf;
+
+use crate::config::{Config, ConfigError};
+
+/// Flags every daemon takes (REFERENCE §1.1).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonFlags {
+    /// Configuration directory.
+    #[arg(
+        long = "config_dir",
+        alias = "config-dir",
+        default_value = "/etc/tambo"
+    )]
+    pub config_dir: PathBuf,
+    /// TOML applied on top of tambo.conf.
+    #[arg(long = "config_overrides", alias = "config-overrides")]
+    pub config_overrides: Option<String>,
+    /// Print name, version and build date, and exit.
+    #[arg(long)]
+    pub version: bool,
+}
+
+impl DaemonFlags {
+    /// The explicitly given flags as `-name=value` lines, for registration
+    /// with monitord (`/debug/flags`).
+    pub fn as_pairs(&self) -> Vec<(String, String)> {
+        let mut v = vec![(
+            "config_dir".to_string(),
+            self.config_dir.display().to_string(),
+        )];
+        if let Some(o) = &self.config_overrides {
+            v.push(("config_overrides".into(), o.clone()));
+        }
+        v
+    }
+
+    /// Loads the config these flags point at, relative paths resolved.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        Config::load(&self.config_dir, self.config_overrides.as_deref()).map(Config::resolve_paths)
+    }
+}
+
+/// Starts the debug log on stderr (the journal under systemd). The level
+/// comes from `TAMBO_LOG` (an env-filter directive), default `info`.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TAMBO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}

@@ -1,0 +1,239 @@
+//! Passing a message file descriptor to deliverd (SCM_RIGHTS) on
+//! deliver.sock, so deliverd reads exactly one message and never the queue
+//! directory.
+//!
+//! This is the only module in tambo with `unsafe`: turning the descriptor
+//! numbers the kernel hands us into owned values. Everything else goes
+//! through nix's safe wrappers.
+//!
+//! Once a socket carries descriptors, every read on it must be a `recvmsg`
+//! with room for control data — a plain `read` would silently close them —
+//! so [`FdReader`] owns the reading side completely.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::de::DeserializeOwned;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+
+use crate::Error;
+use crate::frame::{body_len, decode};
+
+/// Sends one whole frame; `fd` travels with its first byte.
+pub async fn send_with_fd(stream: &UnixStream, frame: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fds = [fd.as_raw_fd()];
+    let raw = stream.as_raw_fd();
+    let mut sent = stream
+        .async_io(Interest::WRITABLE, || {
+            let iov = [IoSlice::new(frame)];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(raw, &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
+        })
+        .await?;
+    // The descriptor went with the first part; the rest is plain bytes.
+    while sent < frame.len() {
+        sent += stream
+            .async_io(Interest::WRITABLE, || {
+                let iov = [IoSlice::new(&frame[sent..])];
+                sendmsg::<()>(raw, &iov, &[], MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Reads frames, and the descriptors that came with them, from a socket.
+pub struct FdReader<S> {
+    stream: S,
+    buf: Vec<u8>,
+    /// Start of unread data in `buf`.
+    pos: usize,
+    /// Descriptors received, oldest first; a job frame takes one.
+    fds: VecDeque<OwnedFd>,
+}
+
+/// Most descriptors accepted in one `recvmsg`; more would be truncated by
+/// the kernel, which we treat as a protocol error.
+const MAX_FDS_PER_READ: usize = 16;
+
+impl<S: AsRef<UnixStream>> FdReader<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buf: Vec::with_capacity(64 * 1024),
+            pos: 0,
+            fds: VecDeque::new(),
+        }
+    }
+
+    /// Reads one frame. `Ok(None)` is a clean end between frames.
+    pub async fn read_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {
+        if !self.fill(4).await? {
+            let got = self.available();
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(Error::Truncated { expected: 4, got })
+            };
+        }
+        let prefix: [u8; 4] = self.buf[self.pos..self.pos + 4]
+            .try_into()
+            .unwrap_or([0xFF; 4]);
+        let len = body_len(prefix)?;
+        if !self.fill(4 + len).await? {
+            return Err(Error::Truncated {
+                expected: len,
+                got: self.available() - 4,
+            });
+        }
+        let msg = decode(&self.buf[self.pos + 4..self.pos + 4 + len]);
+        self.pos += 4 + len;
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        msg.map(Some)
+    }
+
+    /// The oldest descriptor received and not yet taken.
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        self.fds.pop_front()
+    }
+
+    fn available(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Reads until `n` bytes are buffered; false on EOF before that.
+    async fn fill(&mut self, n: usize) -> Result<bool, Error> {
+        while self.available() < n {
+            if self.pos > 0 {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            }
+            let got = self.recv_some(n - self.available()).await?;
+            if got == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn recv_some(&mut self, want: usize) -> Result<usize, Error> {
+        let old_len = self.buf.len();
+        let room = want.clamp(4096, 256 * 1024);
+        self.buf.resize(old_len + room, 0);
+        let stream = self.stream.as_ref();
+        let raw: RawFd = stream.as_raw_fd();
+        let mut received: Vec<RawFd> = Vec::new();
+        let mut truncated = false;
+        let space = &mut self.buf[old_len..];
+        let result = stream
+            .async_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(space)];
+                let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
+                let msg = recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                    .map_err(io::Error::from)?;
+                truncated |= msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                for c in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        received.extend(fds);
+                    }
+                }
+                Ok(msg.bytes)
+            })
+            .await;
+        for fd in received {
+            // SAFETY: the kernel just installed this descriptor in our table
+            // for this message (SCM_RIGHTS); nothing else refers to it, so
+            // taking ownership (and closing it on drop) is sound.
+            self.fds.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let n = match result {
+            Ok(n) => n,
+            Err(e) => {
+                self.buf.truncate(old_len);
+                return Err(e.into());
+            }
+        };
+        self.buf.truncate(old_len + n);
+        if truncated {
+            return Err(Error::Decode(
+                "control data truncated: too many descriptors".into(),
+            ));
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deliver::{Job, Target, ToDeliverd};
+    use crate::frame::encode;
+    use std::io::{Read, Seek, Write};
+
+    #[tokio::test]
+    async fn descriptors_travel_with_their_frames() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut files = Vec::new();
+        for i in 0..3u64 {
+            let mut f = tempfile::tempfile().unwrap();
+            write!(f, "message {i}").unwrap();
+            f.rewind().unwrap();
+            files.push(f);
+        }
+        let sender = tokio::spawn(async move {
+            for (i, f) in files.iter().enumerate() {
+                let job = ToDeliverd::Job(Job {
+                    job: i as u64,
+                    queue_id: "q".into(),
+                    from: "a@b".into(),
+                    to: "c@d".into(),
+                    target: Target::Local,
+                });
+                // Pad frames so they need more than one read.
+                let bytes = encode(&job).unwrap();
+                send_with_fd(&a, &bytes, std::os::fd::AsFd::as_fd(f))
+                    .await
+                    .unwrap();
+            }
+            a
+        });
+        let mut r = FdReader::new(b);
+        for i in 0..3u64 {
+            let msg: ToDeliverd = r.read_frame().await.unwrap().unwrap();
+            let ToDeliverd::Job(job) = msg;
+            assert_eq!(job.job, i);
+            let mut f = std::fs::File::from(r.take_fd().expect("fd"));
+            let mut s = String::new();
+            f.read_to_string(&mut s).unwrap();
+            assert_eq!(s, format!("message {i}"));
+        }
+        drop(sender.await.unwrap());
+        assert!(r.read_frame::<ToDeliverd>().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let bytes = encode(&ToDeliverd::Job(Job {
+            job: 1,
+            queue_id: "q".into(),
+            from: String::new(),
+            to: "x".into(),
+            target: Target::Remote,
+        }))
+        .unwrap();
+        a.try_write(&bytes[..bytes.len() - 2]).unwrap();
+        drop(a);
+        let mut r = FdReader::new(b);
+        assert!(matches!(
+            r.read_frame::<ToDeliverd>().await,
+            Err(Error::Truncated { .. })
+        ));
+    }
+}

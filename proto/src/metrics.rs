@@ -1,0 +1,436 @@
+//! Counters, and the client that pushes their increases to monitord.
+//!
+//! Every process counts into a local map of pending increases; a background
+//! task sends them to monitor.sock every half second. If monitord is down,
+//! the increases stay in the map and go out once it is back. The map is
+//! bounded by the number of distinct variables and labels (not by time), so
+//! a long outage costs no memory growth; past [`MAX_KEYS`] new labels are
+//! dropped and counted. Counting never waits on monitord.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+
+use crate::Role;
+use crate::frame::write_frame;
+use crate::hello;
+use crate::monitor::{Delta, MonitorMessage};
+
+/// Variable names: a compatibility contract (../shared/monitoring.md).
+pub mod names {
+    pub const VERSION: &str = "chasquid/version";
+    pub const SOURCE_DATE_STR: &str = "chasquid/sourceDateStr";
+    pub const SOURCE_DATE_TIMESTAMP: &str = "chasquid/sourceDateTimestamp";
+    pub const SMTP_IN_COMMAND_COUNT: &str = "chasquid/smtpIn/commandCount";
+    pub const SMTP_IN_RESPONSE_CODE_COUNT: &str = "chasquid/smtpIn/responseCodeCount";
+    pub const SMTP_IN_TLS_COUNT: &str = "chasquid/smtpIn/tlsCount";
+    pub const SMTP_IN_WRONG_PROTO_COUNT: &str = "chasquid/smtpIn/wrongProtoCount";
+    pub const SMTP_IN_LOOPS_DETECTED: &str = "chasquid/smtpIn/loopsDetected";
+    pub const QUEUE_PUT_COUNT: &str = "chasquid/queue/putCount";
+    pub const QUEUE_ITEMS_WRITTEN: &str = "chasquid/queue/itemsWritten";
+    pub const QUEUE_DELIVER_ATTEMPTS: &str = "chasquid/queue/deliverAttempts";
+    pub const QUEUE_DSN_QUEUED: &str = "chasquid/queue/dsnQueued";
+    pub const IPC_ERRORS: &str = "tambo/ipc/errors";
+    pub const METRICS_DROPPED: &str = "tambo/metrics/dropped";
+}
+
+/// Whether a variable is one counter or a map of label → counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Map,
+}
+
+/// Every counter variable tambo exports, with its kind and help text.
+/// monitord shows all of them, at zero until something counts.
+pub const VARIABLES: &[(&str, Kind, &str)] = &[
+    (
+        "chasquid/aliases/hookResults",
+        Kind::Map,
+        "aliases hook results",
+    ),
+    (
+        "chasquid/queue/deliverAttempts",
+        Kind::Map,
+        "attempts to deliver mail, by recipient type",
+    ),
+    (
+        "chasquid/queue/dsnQueued",
+        Kind::Counter,
+        "DSNs generated (queued)",
+    ),
+    (
+        "chasquid/queue/itemsWritten",
+        Kind::Counter,
+        "items written to disk by the queue",
+    ),
+    (
+        "chasquid/queue/putCount",
+        Kind::Counter,
+        "envelopes put in the queue",
+    ),
+    (
+        "chasquid/smtpIn/commandCount",
+        Kind::Map,
+        "incoming SMTP commands, by command",
+    ),
+    (
+        "chasquid/smtpIn/dkimSignErrors",
+        Kind::Counter,
+        "DKIM signing failures",
+    ),
+    (
+        "chasquid/smtpIn/dkimSigned",
+        Kind::Counter,
+        "messages DKIM-signed",
+    ),
+    (
+        "chasquid/smtpIn/dkimVerifyErrors",
+        Kind::Counter,
+        "DKIM verification errors",
+    ),
+    (
+        "chasquid/smtpIn/dkimVerifyFound",
+        Kind::Counter,
+        "messages with a DKIM signature",
+    ),
+    (
+        "chasquid/smtpIn/dkimVerifyNotFound",
+        Kind::Counter,
+        "messages without a DKIM signature",
+    ),
+    (
+        "chasquid/smtpIn/dkimVerifyValid",
+        Kind::Counter,
+        "messages with a valid DKIM signature",
+    ),
+    (
+        "chasquid/smtpIn/hookResults",
+        Kind::Map,
+        "post-data hook results",
+    ),
+    (
+        "chasquid/smtpIn/loopsDetected",
+        Kind::Counter,
+        "mail loops detected",
+    ),
+    (
+        "chasquid/smtpIn/responseCodeCount",
+        Kind::Map,
+        "reply codes sent to SMTP clients",
+    ),
+    (
+        "chasquid/smtpIn/securityLevelChecks",
+        Kind::Map,
+        "incoming security level checks",
+    ),
+    (
+        "chasquid/smtpIn/spfResultCount",
+        Kind::Map,
+        "SPF check results",
+    ),
+    (
+        "chasquid/smtpIn/tlsCount",
+        Kind::Map,
+        "incoming connections, by TLS status",
+    ),
+    (
+        "chasquid/smtpIn/wrongProtoCount",
+        Kind::Map,
+        "commands of other protocols on an SMTP port",
+    ),
+    (
+        "chasquid/smtpOut/securityLevelChecks",
+        Kind::Map,
+        "outgoing security level checks",
+    ),
+    (
+        "chasquid/smtpOut/sts/mode",
+        Kind::Map,
+        "STS checks on outgoing connections, by mode",
+    ),
+    (
+        "chasquid/smtpOut/sts/security",
+        Kind::Map,
+        "STS security checks on outgoing connections",
+    ),
+    (
+        "chasquid/smtpOut/tlsCount",
+        Kind::Map,
+        "outgoing connections, by TLS status",
+    ),
+    (
+        "chasquid/sts/cache/expired",
+        Kind::Counter,
+        "expired entries in the STS cache",
+    ),
+    (
+        "chasquid/sts/cache/failedFetch",
+        Kind::Counter,
+        "failed fetches in the STS cache",
+    ),
+    (
+        "chasquid/sts/cache/fetches",
+        Kind::Counter,
+        "total fetches in the STS cache",
+    ),
+    (
+        "chasquid/sts/cache/hits",
+        Kind::Counter,
+        "hits in the STS cache",
+    ),
+    (
+        "chasquid/sts/cache/invalid",
+        Kind::Counter,
+        "invalid policies in the STS cache",
+    ),
+    (
+        "chasquid/sts/cache/ioErrors",
+        Kind::Counter,
+        "I/O errors keeping the STS cache",
+    ),
+    (
+        "chasquid/sts/cache/marshalErrors",
+        Kind::Counter,
+        "marshalling errors in the STS cache",
+    ),
+    (
+        "chasquid/sts/cache/refreshCycles",
+        Kind::Counter,
+        "STS cache refresh cycles",
+    ),
+    (
+        "chasquid/sts/cache/refreshErrors",
+        Kind::Counter,
+        "STS cache refresh errors",
+    ),
+    (
+        "chasquid/sts/cache/refreshes",
+        Kind::Counter,
+        "STS cache refreshes",
+    ),
+    (
+        "chasquid/sts/cache/unmarshalErrors",
+        Kind::Counter,
+        "unmarshalling errors in the STS cache",
+    ),
+    (
+        "tambo/ipc/errors",
+        Kind::Map,
+        "IPC connections closed on a protocol error, by process",
+    ),
+    (
+        "tambo/metrics/dropped",
+        Kind::Counter,
+        "counter increases dropped because the pending map was full",
+    ),
+];
+
+/// Most distinct (variable, label) pairs kept while monitord is away.
+pub const MAX_KEYS: usize = 4096;
+
+/// Pending counter increases of this process.
+#[derive(Default)]
+pub struct Metrics {
+    /// variable → label ("" for plain counters) → pending increase.
+    pending: Mutex<HashMap<String, HashMap<String, u64>>>,
+    dropped: AtomicU64,
+}
+
+static GLOBAL: OnceLock<Metrics> = OnceLock::new();
+
+/// The process-wide counters.
+pub fn global() -> &'static Metrics {
+    GLOBAL.get_or_init(Metrics::default)
+}
+
+/// Adds one to a plain counter.
+pub fn inc(var: &str) {
+    global().add(var, None, 1);
+}
+
+/// Adds one to a map variable's label.
+pub fn inc_label(var: &str, label: &str) {
+    global().add(var, Some(label), 1);
+}
+
+impl Metrics {
+    pub fn add(&self, var: &str, label: Option<&str>, n: u64) {
+        let label = label.unwrap_or("");
+        let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let keys: usize = map.values().map(HashMap::len).sum();
+        if let Some(inner) = map.get_mut(var) {
+            if let Some(v) = inner.get_mut(label) {
+                *v += n;
+                return;
+            }
+            if keys < MAX_KEYS {
+                inner.insert(label.to_string(), n);
+                return;
+            }
+        } else if keys < MAX_KEYS {
+            map.entry(var.to_string())
+                .or_default()
+                .insert(label.to_string(), n);
+            return;
+        }
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes every pending increase.
+    pub fn take(&self) -> Vec<Delta> {
+        let map = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = Vec::new();
+        for (var, inner) in map {
+            for (label, value) in inner {
+                let label = if label.is_empty() { None } else { Some(label) };
+                out.push(Delta {
+                    var: var.clone(),
+                    label,
+                    value,
+                });
+            }
+        }
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            out.push(Delta {
+                var: names::METRICS_DROPPED.into(),
+                label: None,
+                value: dropped,
+            });
+        }
+        out
+    }
+
+    /// Puts back increases that could not be sent.
+    pub fn restore(&self, deltas: Vec<Delta>) {
+        for d in deltas {
+            self.add(&d.var, d.label.as_deref(), d.value);
+        }
+    }
+}
+
+/// Starts the task that pushes this process's counters to monitord. It
+/// reconnects forever, with the pending map as the bounded buffer.
+pub fn spawn_pusher(socket: PathBuf, role: Role, flags: Vec<(String, String)>, version: String) {
+    tokio::spawn(async move {
+        let mut conn: Option<UnixStream> = None;
+        let mut interval = tokio::time::interval(Duration::from_millis(500));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut warned = false;
+        loop {
+            interval.tick().await;
+            if conn.is_none() {
+                match connect(&socket, role, &flags, &version).await {
+                    Ok(s) => {
+                        if warned {
+                            tracing::info!("reconnected to monitord at {}", socket.display());
+                        }
+                        warned = false;
+                        conn = Some(s);
+                    }
+                    Err(e) => {
+                        if !warned {
+                            tracing::warn!(
+                                "monitord unreachable at {}: {e}; keeping counters until it is back",
+                                socket.display()
+                            );
+                            warned = true;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let deltas = global().take();
+            if deltas.is_empty() {
+                continue;
+            }
+            let Some(stream) = conn.as_mut() else {
+                continue;
+            };
+            let msg = MonitorMessage::Deltas(deltas);
+            let sent =
+                tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &msg)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                let MonitorMessage::Deltas(deltas) = msg else {
+                    continue;
+                };
+                global().restore(deltas);
+                conn = None;
+            }
+        }
+    });
+}
+
+async fn connect(
+    socket: &std::path::Path,
+    role: Role,
+    flags: &[(String, String)],
+    version: &str,
+) -> Result<UnixStream, crate::Error> {
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(2),
+        hello::connect(socket, role, Role::Monitord),
+    )
+    .await
+    .map_err(|_| crate::Error::Io(std::io::ErrorKind::TimedOut.into()))??;
+    let reg = MonitorMessage::Register {
+        role,
+        pid: std::process::id(),
+        version: version.to_string(),
+        flags: flags.to_vec(),
+    };
+    write_frame(&mut s, &reg).await?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulates_and_restores() {
+        let m = Metrics::default();
+        m.add("a", None, 1);
+        m.add("a", None, 2);
+        m.add("b", Some("EHLO"), 1);
+        let mut d = m.take();
+        d.sort_by(|x, y| x.var.cmp(&y.var));
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].value, 3);
+        assert!(m.take().is_empty());
+        m.restore(d);
+        m.add("a", None, 1);
+        let total: u64 = m
+            .take()
+            .iter()
+            .filter(|d| d.var == "a")
+            .map(|d| d.value)
+            .sum();
+        assert_eq!(total, 4);
+    }
+
+    #[test]
+    fn pending_map_is_bounded() {
+        let m = Metrics::default();
+        for i in 0..MAX_KEYS + 10 {
+            m.add("v", Some(&i.to_string()), 1);
+        }
+        let d = m.take();
+        assert_eq!(d.len(), MAX_KEYS + 1);
+        let dropped = d.iter().find(|d| d.var == names::METRICS_DROPPED).unwrap();
+        assert_eq!(dropped.value, 10);
+    }
+
+    #[test]
+    fn variable_names_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for (name, _, _) in VARIABLES {
+            assert!(seen.insert(*name), "{name} twice");
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! submit.sock: one connection per SMTP session, smtpd → queued.
+//!
+//! queued keeps the session's state (envelope, and later its
+//! authentication) tied to this connection, and decides every recipient
+//! itself: a compromised smtpd can ask, but cannot relay. Every request gets
+//! exactly one reply, except `DataChunk` and `DataAbort`, which get none so
+//! the body streams without round trips.
+
+use serde::{Deserialize, Serialize};
+
+/// How the SMTP client reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Port 25.
+    Smtp,
+    /// Port 587.
+    Submission,
+    /// Port 465 (implicit TLS).
+    SubmissionTls,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubmitRequest {
+    /// Once, first after the hello: who the client is.
+    Session { client: String, mode: Mode },
+    /// Starts a new envelope. `from` is empty for the null sender `<>`.
+    Mail { from: String },
+    /// One recipient, as the client gave it.
+    Rcpt { to: String },
+    /// Forgets the envelope.
+    Rset,
+    /// The client sent DATA: open a spool file for the body.
+    DataBegin,
+    /// Part of the message: added headers first, then the unstuffed body
+    /// with CRLF line ends.
+    DataChunk(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The whole body was sent: make it durable and queue it.
+    DataEnd,
+    /// The body will not be completed (too big, bad line ending, client
+    /// gone): throw it away. No reply.
+    DataAbort,
+}
+
+/// queued's verdict on a recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RcptVerdict {
+    Accepted,
+    /// Local domain, no such user or alias (550 5.1.1).
+    NoSuchUser,
+    /// Non-local domain and the session is not authenticated (503 5.7.1).
+    RelayDenied,
+    /// The address does not normalise (550 5.1.3 / 501 5.1.2).
+    Invalid(String),
+    /// The existence check failed (451 4.4.3).
+    TempError(String),
+    /// Too many recipients in this transaction (452 4.5.3).
+    TooMany,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubmitReply {
+    Ok,
+    Rcpt(RcptVerdict),
+    /// A request arrived out of order (e.g. RCPT before MAIL).
+    BadSequence(String),
+    /// DataBegin accepted: send the body.
+    DataReady,
+    /// The message is on disk, fsync'd: the client may get its 250.
+    Queued {
+        id: String,
+    },
+    /// The message was not queued; the client gets a 4xx (451 4.3.0).
+    Failed {
+        reason: String,
+    },
+}
