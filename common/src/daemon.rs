@@ -54,3 +54,43 @@ pub fn init_logging() {
         .with_ansi(false)
         .try_init();
 }
+
+/// Resolves on SIGTERM or SIGINT. Daemons exit promptly, without draining:
+/// whatever got a 250 is already on disk (REFERENCE §1.1).
+pub async fn wait_for_shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {},
+                _ = i.recv() => {},
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("cannot install signal handlers: {e}");
+            std::future::pending::<()>().await
+        }
+    }
+}
+
+/// Makes a Unix socket path ready to bind: creates the runtime directory
+/// if needed, and removes a stale socket file — but refuses if another
+/// process is still listening on it.
+pub fn prepare_socket(path: &std::path::Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! `tambo dev`: a whole tambo on loopback ports, as the current user, with
+//! a config and state directory created on first use (kept afterwards, so
+//! edits to it stick).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use password_hash::{PasswordHasher, SaltString};
+
+pub const DOMAIN: &str = "tambo.test";
+pub const USER: &str = "user";
+pub const PASSWORD: &str = "tambo-dev-password";
+pub const SMTP_PORT: u16 = 2525;
+pub const MONITORING: &str = "127.0.0.1:1099";
+
+pub async fn run(state_dir: &Path) -> ExitCode {
+    let state = match absolute(state_dir) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("{}: {e}", state_dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let config_dir = state.join("config");
+    if let Err(e) = create(&state, &config_dir) {
+        tracing::error!("cannot create the dev state in {}: {e}", state.display());
+        return ExitCode::FAILURE;
+    }
+    let maildir = state.join("mail").join(DOMAIN).join(USER);
+    println!(
+        "\ntambo dev: everything runs as you, state in {state}
+  SMTP:        127.0.0.1:{SMTP_PORT} (submission and TLS ports come with STARTTLS/AUTH)
+  monitoring:  http://{MONITORING}/  (counters: http://{MONITORING}/debug/vars)
+  config:      {config}
+  test user:   {USER}@{DOMAIN} (password {PASSWORD})
+  Maildir:     {maildir}
+send a test message:
+  swaks --server 127.0.0.1:{SMTP_PORT} --from you@example.net --to {USER}@{DOMAIN}
+stop with Ctrl-C.\n",
+        state = state.display(),
+        config = config_dir.display(),
+        maildir = maildir.display(),
+    );
+    crate::supervisor::run(&config_dir, None).await
+}
+
+fn absolute(p: &Path) -> std::io::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+/// Writes the dev config unless it already exists.
+fn create(state: &Path, config_dir: &Path) -> Result<(), String> {
+    let conf = config_dir.join("tambo.conf");
+    if conf.exists() {
+        return Ok(());
+    }
+    let domain_dir = config_dir.join("domains").join(DOMAIN);
+    std::fs::create_dir_all(&domain_dir).map_err(|e| format!("{}: {e}", domain_dir.display()))?;
+    for sub in ["data", "run", "mail"] {
+        std::fs::create_dir_all(state.join(sub)).map_err(|e| e.to_string())?;
+    }
+    let text = format!(
+        "# tambo development config, written by `tambo dev`. Edit freely: it is
+# kept across runs. Reference: docs/config.md.
+hostname = \"localhost\"
+smtp_address = [\"127.0.0.1:{SMTP_PORT}\"]
+# Submission (587/465) needs STARTTLS and AUTH, which come later.
+submission_address = []
+submission_over_tls_address = []
+monitoring_address = \"{MONITORING}\"
+data_dir = \"{data}\"
+mail_log_path = \"<stderr>\"
+
+[tambo]
+runtime_dir = \"{run}\"
+maildir = \"{mail}/%to_domain%/%to_user%\"
+",
+        data = state.join("data").display(),
+        run = state.join("run").display(),
+        mail = state.join("mail").display(),
+    );
+    let hash = hash_password(PASSWORD)?;
+    std::fs::write(
+        domain_dir.join("users"),
+        format!("# user <PHC hash>\n{USER} {hash}\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
+        domain_dir.join("aliases"),
+        format!("# Role accounts go to the test user.\npostmaster: {USER}\nabuse: {USER}\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))
+}
+
+/// A PHC scrypt hash with chasquid's parameters (N=2^14, r=8, p=1, 32-byte
+/// key, 16-byte salt).
+pub fn hash_password(pw: &str) -> Result<String, String> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| e.to_string())?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    let params = scrypt::Params::new(14, 8, 1, 32).map_err(|e| e.to_string())?;
+    scrypt::Scrypt
+        .hash_password_customized(pw.as_bytes(), None, None, params, &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}

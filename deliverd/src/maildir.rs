@@ -1,0 +1,133 @@
+//! tambo's own Maildir delivery (`[tambo] maildir`): the message is written
+//! to `tmp/`, fsync'd, then moved into `new/` and the directory fsync'd, so
+//! a mail reader never sees a partial message and a crash never loses one
+//! that was reported delivered.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tambo_proto::deliver::Outcome;
+
+/// Expands the path template for a recipient. User and domain must not be
+/// able to climb out of it.
+pub fn expand(template: &str, to: &str) -> Result<PathBuf, String> {
+    let (user, domain) = to.rsplit_once('@').unwrap_or((to, ""));
+    for part in [user, domain] {
+        if part.contains('/') || part == "." || part == ".." || part.contains('\0') {
+            return Err(format!("address {to:?} cannot be used as a Maildir path"));
+        }
+    }
+    if user.is_empty() {
+        return Err("empty user".into());
+    }
+    Ok(PathBuf::from(
+        template
+            .replace("%to_user%", user)
+            .replace("%to_domain%", domain)
+            .replace("%to%", to),
+    ))
+}
+
+/// Delivers the message in `src` into the Maildir at `dir`, creating it.
+pub fn deliver(dir: &Path, src: &mut File) -> Outcome {
+    match deliver_inner(dir, src) {
+        Ok(()) => Outcome::Delivered,
+        // A full disk or a permission problem may be fixed by the operator:
+        // try again rather than bounce.
+        Err(e) => Outcome::TempFail(format!("Maildir {}: {e}", dir.display())),
+    }
+}
+
+fn deliver_inner(dir: &Path, src: &mut File) -> io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    for sub in ["tmp", "new", "cur"] {
+        builder.create(dir.join(sub))?;
+    }
+    let name = unique_name();
+    let tmp = dir.join("tmp").join(&name);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        io::copy(src, &mut f)?;
+        f.flush()?;
+        f.sync_all()?;
+        let new = dir.join("new").join(&name);
+        std::fs::rename(&tmp, &new)?;
+        File::open(dir.join("new"))?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `<secs>.M<micros>P<pid>Q<n>.<host>`: unique per delivery (Maildir spec).
+fn unique_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+        .replace(['/', ':'], "_");
+    format!(
+        "{}.M{}P{}Q{}.{host}",
+        now.as_secs(),
+        now.subsec_micros(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, Write as _};
+
+    #[test]
+    fn expands_template() {
+        assert_eq!(
+            expand("/var/mail/%to_domain%/%to_user%", "ann@example.org").unwrap(),
+            PathBuf::from("/var/mail/example.org/ann")
+        );
+        assert!(expand("/m/%to_user%", "../x@d").is_err());
+        assert!(expand("/m/%to_user%", "a/b@d").is_err());
+        assert!(expand("/m/%to_domain%/%to_user%", "a@..").is_err());
+    }
+
+    #[test]
+    fn delivers_into_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("ann");
+        let mut src = tempfile::tempfile().unwrap();
+        src.write_all(b"Subject: x\r\n\r\nhi\r\n").unwrap();
+        src.rewind().unwrap();
+        assert_eq!(deliver(&md, &mut src), Outcome::Delivered);
+        let new: Vec<_> = std::fs::read_dir(md.join("new")).unwrap().collect();
+        assert_eq!(new.len(), 1);
+        let path = new[0].as_ref().unwrap().path();
+        assert_eq!(std::fs::read(path).unwrap(), b"Subject: x\r\n\r\nhi\r\n");
+        assert_eq!(std::fs::read_dir(md.join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn unwritable_maildir_is_temporary() {
+        let mut src = tempfile::tempfile().unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        // A regular file where the Maildir should be.
+        assert!(matches!(
+            deliver(file.path(), &mut src),
+            Outcome::TempFail(_)
+        ));
+    }
+}

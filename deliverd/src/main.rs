@@ -1,0 +1,100 @@
+//! tambo-deliverd: delivers what queued hands it — local mail through the
+//! MDA or tambo's Maildir writer, pipe aliases (and later remote SMTP, LMTP
+//! and hooks). The only tambo process that runs other programs.
+//!
+//! Holds: one deliver.sock link, one read-only descriptor per job.
+//! Must never: open the queue directory, read users or keys, or accept
+//! network connections.
+#![forbid(unsafe_code)]
+
+mod jobs;
+mod maildir;
+mod mda;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tambo_common::daemon::{self, DaemonFlags};
+use tambo_proto::{Role, hello};
+
+#[derive(Parser)]
+#[command(
+    name = "tambo-deliverd",
+    about = "tambo's delivery daemon",
+    disable_version_flag = true
+)]
+struct Flags {
+    #[command(flatten)]
+    daemon: DaemonFlags,
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    if flags.daemon.version {
+        println!("{}", tambo_common::build::version_line("tambo-deliverd"));
+        return ExitCode::SUCCESS;
+    }
+    daemon::init_logging();
+    let cfg = match flags.daemon.load_config() {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        tambo_proto::metrics::spawn_pusher(
+            cfg.monitor_socket(),
+            Role::Deliverd,
+            flags.daemon.as_pairs(),
+            tambo_common::build::VERSION.into(),
+        );
+        tokio::select! {
+            _ = pull_forever(cfg) => {},
+            _ = daemon::wait_for_shutdown() => {},
+        }
+        tracing::info!("deliverd stopping");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Connects to queued and serves jobs, reconnecting with backoff.
+async fn pull_forever(cfg: Arc<tambo_common::config::Config>) {
+    let path = cfg.deliver_socket();
+    let mut backoff = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match hello::connect(&path, Role::Deliverd, Role::Queued).await {
+            Ok(stream) => {
+                tracing::info!("connected to queued at {}", path.display());
+                warned = false;
+                backoff = Duration::from_millis(100);
+                if let Err(e) = jobs::serve(cfg.clone(), stream).await {
+                    tracing::warn!("deliver.sock: {e}");
+                } else {
+                    tracing::info!("queued closed the connection");
+                }
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!("cannot reach queued at {}: {e}; retrying", path.display());
+                    warned = true;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

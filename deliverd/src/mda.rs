@@ -1,0 +1,192 @@
+//! Running local programs: the MDA (`mail_delivery_agent_bin`) and pipe
+//! aliases. No shell is involved; the message goes in on stdin straight
+//! from the descriptor queued sent, CRLF line ends as stored.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use tambo_proto::deliver::Outcome;
+
+/// How long an MDA or pipe may run (REFERENCE §4.2, §4.4).
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// Most output kept for the failure text.
+const MAX_OUTPUT: usize = 4096;
+/// EX_TEMPFAIL: the program asks to be retried.
+const EX_TEMPFAIL: i32 = 75;
+
+/// Removes what must never reach an MDA's argument list from an address:
+/// whitespace, control characters and shell/path metacharacters.
+pub fn sanitize(addr: &str) -> String {
+    if addr.is_empty() {
+        return "<>".into();
+    }
+    addr.chars()
+        .filter(|c| !c.is_whitespace() && !c.is_control() && !"/;\"'\\|*&$%()[]{}`!".contains(*c))
+        .collect()
+}
+
+/// Substitutes `%from%`, `%from_user%`, `%from_domain%`, `%to%`,
+/// `%to_user%`, `%to_domain%` inside each argument.
+pub fn expand_args(args: &[String], from: &str, to: &str) -> Vec<String> {
+    let from = sanitize(from);
+    let to = sanitize(to);
+    let split = |a: &str| -> (String, String) {
+        match a.rsplit_once('@') {
+            Some((u, d)) => (u.to_string(), d.to_string()),
+            None => (a.to_string(), String::new()),
+        }
+    };
+    let (fu, fd) = split(&from);
+    let (tu, td) = split(&to);
+    args.iter()
+        .map(|a| {
+            a.replace("%from_user%", &fu)
+                .replace("%from_domain%", &fd)
+                .replace("%from%", &from)
+                .replace("%to_user%", &tu)
+                .replace("%to_domain%", &td)
+                .replace("%to%", &to)
+        })
+        .collect()
+}
+
+/// Runs `bin args…` with the message on stdin and classifies the result:
+/// exit 0 delivered, 75 or a timeout temporary, anything else permanent
+/// with the program's output.
+pub async fn run(bin: &str, args: &[String], stdin: File, cwd: &Path) -> Outcome {
+    if bin.is_empty() {
+        return Outcome::PermFail("empty command".into());
+    }
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .current_dir(cwd)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Outcome::TempFail(format!("cannot run {bin}: {e}")),
+    };
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let collect = async {
+        let mut o = Vec::new();
+        let mut e = Vec::new();
+        let ro = async {
+            if let Some(s) = out.as_mut() {
+                let _ = s.take(MAX_OUTPUT as u64).read_to_end(&mut o).await;
+            }
+        };
+        let re = async {
+            if let Some(s) = err.as_mut() {
+                let _ = s.take(MAX_OUTPUT as u64).read_to_end(&mut e).await;
+            }
+        };
+        tokio::join!(ro, re);
+        let status = child.wait().await;
+        o.extend_from_slice(&e);
+        (status, o)
+    };
+    match tokio::time::timeout(TIMEOUT, collect).await {
+        Err(_) => Outcome::TempFail(format!("{bin} timed out after {}s", TIMEOUT.as_secs())),
+        Ok((Err(e), _)) => Outcome::TempFail(format!("waiting for {bin}: {e}")),
+        Ok((Ok(status), output)) => {
+            let text = String::from_utf8_lossy(&output).trim().to_string();
+            match status.code() {
+                Some(0) => Outcome::Delivered,
+                Some(EX_TEMPFAIL) => {
+                    Outcome::TempFail(format!("{bin} exited with 75 (temporary failure): {text}"))
+                }
+                Some(code) => Outcome::PermFail(format!("{bin} exited with {code}: {text}")),
+                None => Outcome::TempFail(format!("{bin} was killed by a signal: {text}")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, Write};
+
+    #[test]
+    fn placeholders_and_sanitising() {
+        let args: Vec<String> = [
+            "-f",
+            "%from%",
+            "-d",
+            "%to_user%",
+            "%to_domain%",
+            "x%from_user%",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            expand_args(&args, "ann@mars.example", "bob@venus.example"),
+            [
+                "-f",
+                "ann@mars.example",
+                "-d",
+                "bob",
+                "venus.example",
+                "xann"
+            ]
+        );
+        assert_eq!(sanitize("a;rm -rf /$(x)@d"), "arm-rfx@d");
+        assert_eq!(sanitize(""), "<>");
+    }
+
+    fn message() -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"Subject: t\r\n\r\nbody\r\n").unwrap();
+        f.rewind().unwrap();
+        f
+    }
+
+    #[tokio::test]
+    async fn exit_codes_classify() {
+        let dir = std::env::temp_dir();
+        let sh = |script: &str| vec!["-c".to_string(), script.to_string()];
+        assert_eq!(
+            run("/bin/sh", &sh("cat >/dev/null"), message(), &dir).await,
+            Outcome::Delivered
+        );
+        assert!(matches!(
+            run("/bin/sh", &sh("exit 75"), message(), &dir).await,
+            Outcome::TempFail(_)
+        ));
+        match run(
+            "/bin/sh",
+            &sh("echo no such mailbox >&2; exit 1"),
+            message(),
+            &dir,
+        )
+        .await
+        {
+            Outcome::PermFail(t) => assert!(t.contains("no such mailbox"), "{t}"),
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(
+            run("/nonexistent/mda", &[], message(), &dir).await,
+            Outcome::TempFail(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn stdin_is_the_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("got");
+        let script = format!("cat > {}", out.display());
+        assert_eq!(
+            run("/bin/sh", &["-c".into(), script], message(), dir.path()).await,
+            Outcome::Delivered
+        );
+        assert_eq!(std::fs::read(out).unwrap(), b"Subject: t\r\n\r\nbody\r\n");
+    }
+}

@@ -1,0 +1,300 @@
+//! Delivery status notifications (RFC 3464 inside RFC 6522), sent to the
+//! envelope sender when recipients failed or timed out (REFERENCE §3.4).
+
+use crate::item::{Item, Kind, Recipient, Status};
+
+/// How much of the original message goes back with the DSN.
+pub const MAX_ORIGINAL: usize = 256 * 1024;
+
+pub struct DsnInput<'a> {
+    pub item: &'a Item,
+    /// The DSN's own queue ID (used in Message-ID and the boundary).
+    pub dsn_id: &'a str,
+    pub hostname: &'a str,
+    /// Local domain the DSN comes from (see [`our_domain`]).
+    pub our_domain: &'a str,
+    /// The start of the original message (at most [`MAX_ORIGINAL`]).
+    pub original: &'a [u8],
+    pub date: &'a str,
+}
+
+/// The recipients a DSN reports: failed, or still pending at the deadline.
+pub fn failed(item: &Item) -> Vec<&Recipient> {
+    item.recipients
+        .iter()
+        .filter(|r| r.status != Status::Sent)
+        .collect()
+}
+
+/// Our domain for the DSN: the sender's if local, else the first local
+/// domain among the original recipients, else the hostname.
+pub fn our_domain(item: &Item, is_local: impl Fn(&str) -> bool, hostname: &str) -> String {
+    let domain_of = |a: &str| a.rsplit_once('@').map(|(_, d)| d.to_lowercase());
+    if let Some(d) = domain_of(&item.from).filter(|d| is_local(d)) {
+        return d;
+    }
+    item.rcpt_to
+        .iter()
+        .filter_map(|r| domain_of(r))
+        .find(|d| is_local(d))
+        .unwrap_or_else(|| hostname.to_string())
+}
+
+/// Builds the DSN message, CRLF line endings.
+pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
+    let item = input.item;
+    let failed = failed(item);
+    let boundary = format!("dsn-boundary-{}", input.dsn_id);
+    let report_addr = |r: &Recipient| -> String {
+        // Pipes and forwards are reported by the address the sender used,
+        // never by the command line.
+        match r.kind {
+            Kind::Email => r.address.clone(),
+            _ => r.original_address.clone(),
+        }
+    };
+    let all_ascii = std::iter::once(item.from.as_str())
+        .chain(failed.iter().map(|r| r.original_address.as_str()))
+        .chain(failed.iter().map(|r| r.address.as_str()))
+        .all(|s| s.is_ascii());
+    let addr_type = if all_ascii { "rfc822" } else { "utf-8" };
+    let failed_list: Vec<String> = failed.iter().map(|r| report_addr(r)).collect();
+    let mut m = String::new();
+    let mut h = |line: String| {
+        m.push_str(&line);
+        m.push_str("\r\n");
+    };
+    h(format!(
+        "From: Mail Delivery System <postmaster-dsn@{}>",
+        input.our_domain
+    ));
+    h(format!("To: <{}>", item.from));
+    h("Subject: Mail delivery failed: returning message to sender".into());
+    h(format!("Date: {}", input.date));
+    h(format!(
+        "Message-ID: <dsn-{}@{}>",
+        input.dsn_id, input.our_domain
+    ));
+    if let Some(mid) = message_id(input.original) {
+        h(format!("In-Reply-To: {mid}"));
+        h(format!("References: {mid}"));
+    }
+    h("Auto-Submitted: auto-replied".into());
+    h(format!("X-Failed-Recipients: {}", failed_list.join(", ")));
+    h("MIME-Version: 1.0".into());
+    h(format!(
+        "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\""
+    ));
+    h(String::new());
+    h("This is a MIME-encapsulated message.".into());
+    h(String::new());
+    h(format!("--{boundary}"));
+    h("Content-Type: text/plain; charset=utf-8".into());
+    h("Content-Transfer-Encoding: 8bit".into());
+    h(String::new());
+    h(format!(
+        "Delivery of your message to the following recipient(s) failed (reported by {}):",
+        input.hostname
+    ));
+    h(String::new());
+    for r in &failed {
+        let how = if r.status == Status::Failed {
+            "failed permanently"
+        } else {
+            "timed out"
+        };
+        h(format!("  - {} ({how})", r.original_address));
+        h(format!("    {}", one_line(&r.last_failure)));
+        h(String::new());
+    }
+    h(format!("--{boundary}"));
+    h(format!(
+        "Content-Type: message/{}",
+        if all_ascii {
+            "delivery-status"
+        } else {
+            "global-delivery-status"
+        }
+    ));
+    h(String::new());
+    h(format!("Reporting-MTA: dns; {}", input.hostname));
+    h(String::new());
+    for r in &failed {
+        h(format!(
+            "Original-Recipient: {addr_type}; {}",
+            r.original_address
+        ));
+        h(format!("Final-Recipient: {addr_type}; {}", report_addr(r)));
+        h("Action: failed".into());
+        let status = enhanced_code(&r.last_failure).unwrap_or(
+            if r.status == Status::Failed {
+                "5.0.0"
+            } else {
+                "4.0.0"
+            }
+            .into(),
+        );
+        h(format!("Status: {status}"));
+        h(format!(
+            "Diagnostic-Code: smtp; {}",
+            one_line(&r.last_failure)
+        ));
+        h(String::new());
+    }
+    h(format!("--{boundary}"));
+    h(format!(
+        "Content-Type: message/{}",
+        if all_ascii { "rfc822" } else { "global" }
+    ));
+    h(String::new());
+    let mut out = m.into_bytes();
+    let original = &input.original[..input.original.len().min(MAX_ORIGINAL)];
+    out.extend_from_slice(original);
+    if !original.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    out
+}
+
+fn one_line(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let s = s.trim();
+    if s.is_empty() {
+        "unknown error".into()
+    } else {
+        s.to_string()
+    }
+}
+
+/// The first RFC 3463 code (`5.1.1`) in a failure text, if any.
+fn enhanced_code(text: &str) -> Option<String> {
+    text.split(|c: char| c.is_whitespace() || c == ':' || c == ',' || c == ';')
+        .find(|w| {
+            let parts: Vec<&str> = w.split('.').collect();
+            parts.len() == 3
+                && matches!(parts[0], "2" | "4" | "5")
+                && parts[1..]
+                    .iter()
+                    .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(str::to_string)
+}
+
+/// The original's Message-ID header value, if present in its headers.
+fn message_id(original: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(original);
+    for line in text.split("\r\n") {
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("message-id")
+        {
+            let v = value.trim();
+            if !v.is_empty() {
+                return Some(v.to_string());
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::item::FORMAT_VERSION;
+
+    fn item() -> Item {
+        let rcpt = |addr: &str, kind: Kind, status: Status, fail: &str, orig: &str| Recipient {
+            address: addr.into(),
+            kind,
+            local: true,
+            status,
+            last_failure: fail.into(),
+            permanent: status == Status::Failed,
+            original_address: orig.into(),
+        };
+        Item {
+            version: FORMAT_VERSION,
+            id: "orig".into(),
+            from: "ann@remote.example".into(),
+            rcpt_to: vec!["bob@example.org".into(), "list@example.org".into()],
+            created_ms: 0,
+            client: "1.2.3.4:5".into(),
+            recipients: vec![
+                rcpt(
+                    "bob@example.org",
+                    Kind::Email,
+                    Status::Failed,
+                    "550 5.1.1 no such mailbox",
+                    "bob@example.org",
+                ),
+                rcpt(
+                    "/bin/secret --x",
+                    Kind::Pipe,
+                    Status::Pending,
+                    "exit status 75",
+                    "list@example.org",
+                ),
+                rcpt(
+                    "ok@example.org",
+                    Kind::Email,
+                    Status::Sent,
+                    "",
+                    "ok@example.org",
+                ),
+            ],
+        }
+    }
+
+    #[test]
+    fn dsn_contents() {
+        let item = item();
+        let original = b"Message-ID: <abc@remote.example>\r\nSubject: hi\r\n\r\nbody\r\n";
+        let dsn = build(&DsnInput {
+            item: &item,
+            dsn_id: "DSNID",
+            hostname: "mx.example.org",
+            our_domain: "example.org",
+            original,
+            date: "Tue, 24 Nov 2026 01:00:00 +0000",
+        });
+        let s = String::from_utf8(dsn).unwrap();
+        assert!(s.contains("From: Mail Delivery System <postmaster-dsn@example.org>\r\n"));
+        assert!(s.contains("To: <ann@remote.example>\r\n"));
+        assert!(s.contains("In-Reply-To: <abc@remote.example>\r\n"));
+        assert!(s.contains("Auto-Submitted: auto-replied\r\n"));
+        assert!(s.contains("X-Failed-Recipients: bob@example.org, list@example.org\r\n"));
+        assert!(s.contains("Content-Type: message/delivery-status\r\n"));
+        assert!(s.contains("Status: 5.1.1\r\n"), "the remote's code is used");
+        assert!(s.contains("Status: 4.0.0\r\n"), "timeouts are 4.0.0");
+        assert!(
+            !s.contains("/bin/secret"),
+            "pipe commands never reach the sender"
+        );
+        assert!(s.contains("Subject: hi\r\n\r\nbody\r\n--dsn-boundary-DSNID--\r\n"));
+        assert!(!s.replace("\r\n", "").contains('\n'), "CRLF line ends only");
+    }
+
+    #[test]
+    fn our_domain_rules() {
+        let mut item = item();
+        let local = |d: &str| d == "example.org";
+        assert_eq!(our_domain(&item, local, "mx"), "example.org");
+        item.rcpt_to = vec!["x@other.example".into()];
+        assert_eq!(our_domain(&item, local, "mx"), "mx");
+        item.from = "me@example.org".into();
+        assert_eq!(our_domain(&item, local, "mx"), "example.org");
+    }
+
+    #[test]
+    fn enhanced_codes() {
+        assert_eq!(enhanced_code("550 5.1.1 unknown").as_deref(), Some("5.1.1"));
+        assert_eq!(enhanced_code("exit status 1"), None);
+        assert_eq!(enhanced_code("version 1.2.3"), None);
+    }
+}

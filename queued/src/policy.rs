@@ -1,0 +1,341 @@
+//! Who may send where: the RCPT decision (is the domain ours, does the
+//! address exist, may this session relay) and alias resolution at queue
+//! time (REFERENCE §2.7, §5.3).
+//!
+//! Relaying needs an [`Authenticated`], which only a successful password
+//! check can create; a session without one can only reach local addresses,
+//! whatever a compromised smtpd claims.
+
+use tambo_common::address;
+use tambo_common::aliases::Target;
+use tambo_common::config::Config;
+use tambo_common::domains::Domains;
+use tambo_proto::submit::RcptVerdict;
+
+use crate::item::{Kind, Recipient, Status};
+
+/// Proof that a session authenticated. Its field is private, so nothing
+/// outside this crate's auth code can make one; there is no AUTH yet, so
+/// today nothing does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    #[allow(dead_code)]
+    user: String,
+}
+
+/// Deepest alias chain followed.
+pub const MAX_ALIAS_DEPTH: usize = 10;
+
+pub struct Policy<'a> {
+    pub cfg: &'a Config,
+    pub domains: &'a Domains,
+}
+
+/// An address split and normalised.
+struct Addr {
+    user: String,
+    domain: String,
+}
+
+impl Policy<'_> {
+    fn parse(&self, addr: &str) -> Result<Addr, String> {
+        let (user, domain) = address::split(addr);
+        let domain = address::normalize_domain(domain).map_err(|e| e.to_string())?;
+        let user = address::normalize_user(user).map_err(|e| e.to_string())?;
+        Ok(Addr { user, domain })
+    }
+
+    fn clean(&self, user: &str) -> String {
+        address::clean_user(user, &self.cfg.drop_characters, &self.cfg.suffix_separators)
+    }
+
+    fn exact_key(&self, user: &str) -> String {
+        address::remove_drops(user, &self.cfg.drop_characters, &self.cfg.suffix_separators)
+    }
+
+    /// Decides one RCPT.
+    pub fn check_rcpt(&self, to: &str, auth: Option<&Authenticated>) -> RcptVerdict {
+        let (_, raw_domain) = address::split(to);
+        let domain = match address::normalize_domain(raw_domain) {
+            Ok(d) => d,
+            Err(e) => return RcptVerdict::Invalid(e.to_string()),
+        };
+        if !self.domains.is_local(&domain) {
+            return if auth.is_some() {
+                RcptVerdict::Accepted
+            } else {
+                RcptVerdict::RelayDenied
+            };
+        }
+        let a = match self.parse(to) {
+            Ok(a) => a,
+            Err(e) => return RcptVerdict::Invalid(e),
+        };
+        if self.exists(&a) {
+            RcptVerdict::Accepted
+        } else {
+            RcptVerdict::NoSuchUser
+        }
+    }
+
+    fn exists(&self, a: &Addr) -> bool {
+        let Some(d) = self.domains.get(&a.domain) else {
+            return false;
+        };
+        let clean = self.clean(&a.user);
+        d.aliases.get(&self.exact_key(&a.user)).is_some()
+            || d.aliases.get(&clean).is_some()
+            || d.aliases.get("*").is_some()
+            || d.users.contains(&clean)
+    }
+
+    /// Expands one accepted RCPT into final recipients.
+    pub fn resolve(&self, rcpt: &str) -> Result<Vec<Recipient>, String> {
+        let mut out = Vec::new();
+        self.resolve_into(rcpt, rcpt, 0, &mut out)?;
+        // The same final address reached twice gets one delivery.
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|r| seen.insert((r.address.clone(), format!("{:?}", r.kind))));
+        Ok(out)
+    }
+
+    fn resolve_into(
+        &self,
+        addr: &str,
+        original: &str,
+        depth: usize,
+        out: &mut Vec<Recipient>,
+    ) -> Result<(), String> {
+        if depth > MAX_ALIAS_DEPTH {
+            return Err(format!(
+                "alias recursion deeper than {MAX_ALIAS_DEPTH} levels resolving {original}"
+            ));
+        }
+        let a = self.parse(addr).map_err(|e| format!("{addr}: {e}"))?;
+        let email = |address: String, local: bool| Recipient {
+            address,
+            kind: Kind::Email,
+            local,
+            status: Status::Pending,
+            last_failure: String::new(),
+            permanent: false,
+            original_address: original.to_string(),
+        };
+        if !self.domains.is_local(&a.domain) {
+            out.push(email(join(&a.user, &a.domain), false));
+            return Ok(());
+        }
+        let clean = self.clean(&a.user);
+        let clean_addr = join(&clean, &a.domain);
+        let Some(d) = self.domains.get(&a.domain) else {
+            out.push(email(clean_addr, true));
+            return Ok(());
+        };
+        let targets = match d
+            .aliases
+            .get(&self.exact_key(&a.user))
+            .or_else(|| d.aliases.get(&clean))
+        {
+            Some(t) => t,
+            None if d.users.contains(&clean) => {
+                out.push(email(clean_addr, true));
+                return Ok(());
+            }
+            None => match d.aliases.get("*") {
+                Some(t) => t,
+                None => {
+                    out.push(email(clean_addr, true));
+                    return Ok(());
+                }
+            },
+        };
+        for t in targets {
+            match t {
+                Target::Pipe(cmd) => out.push(Recipient {
+                    kind: Kind::Pipe,
+                    ..email(cmd.clone(), true)
+                }),
+                Target::Forward { address, via } => out.push(Recipient {
+                    kind: Kind::Forward { via: via.clone() },
+                    ..email(address.clone(), false)
+                }),
+                Target::Email(target) => {
+                    let (tuser, tdomain) = address::split(target);
+                    // `*` stands for the user as given at RCPT (drops and
+                    // suffix kept).
+                    let target = if tuser == "*" {
+                        join(&a.user, tdomain)
+                    } else {
+                        target.clone()
+                    };
+                    // An alias that names itself (`ann: ann, copy@x`) means
+                    // "also deliver here", not a loop.
+                    let t = self.parse(&target).map_err(|e| format!("{target}: {e}"))?;
+                    if t.domain == a.domain
+                        && self.clean(&t.user) == clean
+                        && d.users.contains(&clean)
+                    {
+                        out.push(email(clean_addr.clone(), true));
+                        continue;
+                    }
+                    self.resolve_into(&target, original, depth + 1, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn join(user: &str, domain: &str) -> String {
+    if domain.is_empty() {
+        user.to_string()
+    } else {
+        format!("{user}@{domain}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use tambo_common::aliases::Aliases;
+    use tambo_common::domains::Domain;
+    use tambo_common::users::UserDb;
+
+    const ALIASES: &str = "# role accounts
+postmaster: ann
+sales.team: bob, carol@partner.example
+bob+invoices: accounting
+archive: | /usr/local/bin/store-copy --folder inbox
+backup: dave via mx1.backup.example/mx2.backup.example
+loop1: loop2
+loop2: loop1
+self: ann, self
+*: ann
+";
+
+    fn setup() -> (Config, Domains) {
+        let cfg = Config::defaults(Path::new("/etc/tambo"));
+        let users =
+            UserDb::parse("ann !\nbob !\naccounting !\nself !\n", Path::new("users")).unwrap();
+        let aliases =
+            Aliases::parse(ALIASES, Path::new("aliases"), "example.org", ".", "+").unwrap();
+        let plain = Domain {
+            users: UserDb::parse("zed !\n", Path::new("users")).unwrap(),
+            aliases: Aliases::default(),
+        };
+        let domains = Domains::from_parts([
+            ("example.org".to_string(), Domain { users, aliases }),
+            ("plain.example".to_string(), plain),
+        ]);
+        (cfg, domains)
+    }
+
+    fn addrs(rs: &[Recipient]) -> Vec<String> {
+        rs.iter().map(|r| r.address.clone()).collect()
+    }
+
+    #[test]
+    fn rcpt_verdicts() {
+        let (cfg, domains) = setup();
+        let p = Policy {
+            cfg: &cfg,
+            domains: &domains,
+        };
+        assert_eq!(p.check_rcpt("ann@example.org", None), RcptVerdict::Accepted);
+        assert_eq!(
+            p.check_rcpt("Z.E.D+tag@Plain.Example", None),
+            RcptVerdict::Accepted
+        );
+        assert_eq!(
+            p.check_rcpt("nobody@plain.example", None),
+            RcptVerdict::NoSuchUser
+        );
+        assert_eq!(
+            p.check_rcpt("nobody@example.org", None),
+            RcptVerdict::Accepted,
+            "catch-all"
+        );
+        assert_eq!(
+            p.check_rcpt("x@elsewhere.example", None),
+            RcptVerdict::RelayDenied
+        );
+        let auth = Authenticated {
+            user: "ann@example.org".into(),
+        };
+        assert_eq!(
+            p.check_rcpt("x@elsewhere.example", Some(&auth)),
+            RcptVerdict::Accepted
+        );
+        assert!(matches!(
+            p.check_rcpt("x@xn--zz", None),
+            RcptVerdict::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn resolution_follows_the_reference_table() {
+        let (cfg, domains) = setup();
+        let p = Policy {
+            cfg: &cfg,
+            domains: &domains,
+        };
+        assert_eq!(
+            addrs(&p.resolve("postmaster@example.org").unwrap()),
+            ["ann@example.org"]
+        );
+        assert_eq!(
+            addrs(&p.resolve("Sales.Team+q3@example.org").unwrap()),
+            ["bob@example.org", "carol@partner.example"]
+        );
+        assert_eq!(
+            addrs(&p.resolve("bob+invoices@example.org").unwrap()),
+            ["accounting@example.org"]
+        );
+        assert_eq!(
+            addrs(&p.resolve("bob+other@example.org").unwrap()),
+            ["bob@example.org"]
+        );
+        let pipe = p.resolve("archive@example.org").unwrap();
+        assert_eq!(pipe[0].kind, Kind::Pipe);
+        assert_eq!(pipe[0].address, "/usr/local/bin/store-copy --folder inbox");
+        let fwd = p.resolve("backup@example.org").unwrap();
+        assert_eq!(
+            fwd[0].kind,
+            Kind::Forward {
+                via: vec!["mx1.backup.example".into(), "mx2.backup.example".into()]
+            }
+        );
+        assert_eq!(
+            addrs(&p.resolve("nobody@example.org").unwrap()),
+            ["ann@example.org"]
+        );
+        assert_eq!(
+            addrs(&p.resolve("x@remote.example").unwrap()),
+            ["x@remote.example"]
+        );
+        assert!(!p.resolve("x@remote.example").unwrap()[0].local);
+        assert_eq!(
+            p.resolve("postmaster@example.org").unwrap()[0].original_address,
+            "postmaster@example.org"
+        );
+    }
+
+    #[test]
+    fn loops_fail_and_self_reference_delivers() {
+        let (cfg, domains) = setup();
+        let p = Policy {
+            cfg: &cfg,
+            domains: &domains,
+        };
+        assert!(
+            p.resolve("loop1@example.org")
+                .unwrap_err()
+                .contains("recursion")
+        );
+        assert_eq!(
+            addrs(&p.resolve("self@example.org").unwrap()),
+            ["ann@example.org", "self@example.org"]
+        );
+    }
+}

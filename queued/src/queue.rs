@@ -1,0 +1,330 @@
+//! The queue: putting messages in, one send loop per item, finishing
+//! items (with a DSN when something failed).
+//!
+//! Each item is owned by its send loop (as in chasquid's `SendLoop`); the
+//! shared state is only the set of live IDs. Disk work runs on the
+//! blocking pool.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinSet;
+
+use tambo_common::config::Config;
+use tambo_common::domains::Domains;
+use tambo_common::duration;
+use tambo_proto::deliver::{Job, Outcome, Target};
+use tambo_proto::metrics::{self, names};
+
+use crate::dispatch::Dispatcher;
+use crate::dsn;
+use crate::item::{self, FORMAT_VERSION, Item, Kind, Status};
+use crate::policy::Policy;
+use crate::retry::Schedule;
+use crate::spool::Spool;
+
+pub struct Queue {
+    pub cfg: Arc<Config>,
+    domains: RwLock<Arc<Domains>>,
+    pub spool: Spool,
+    /// IDs of live items and of puts in progress.
+    live: Mutex<HashSet<String>>,
+    pub dispatcher: Arc<Dispatcher>,
+    schedule: Schedule,
+}
+
+/// Why a put failed; the client sees a 4xx either way.
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    #[error("queue is full, try again later")]
+    Full,
+    #[error("could not resolve recipients: {0}")]
+    Resolve(String),
+    #[error("could not write to the queue: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Queue {
+    pub fn new(cfg: Arc<Config>, domains: Domains, spool: Spool) -> Self {
+        let mut schedule = Schedule::default();
+        if let Some(d) = cfg.testing.retry_delays {
+            schedule.delays = d;
+        }
+        if let Some(j) = cfg.testing.retry_jitter {
+            schedule.jitter = j;
+        }
+        Self {
+            cfg,
+            domains: RwLock::new(Arc::new(domains)),
+            spool,
+            live: Mutex::default(),
+            dispatcher: Arc::default(),
+            schedule,
+        }
+    }
+
+    pub fn domains(&self) -> Arc<Domains> {
+        self.domains
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves a fresh ID for a new message; refused when the queue holds
+    /// `max_queue_items` (unless `bypass_limit`, for DSNs).
+    pub fn reserve_id(&self, bypass_limit: bool) -> Result<String, PutError> {
+        let mut live = self.live();
+        if !bypass_limit && live.len() as u64 >= self.cfg.max_queue_items {
+            return Err(PutError::Full);
+        }
+        loop {
+            let id = item::new_id()?;
+            if live.insert(id.clone()) {
+                return Ok(id);
+            }
+        }
+    }
+
+    /// Gives back an ID whose put failed, and throws its body away.
+    pub fn release_id(&self, id: &str) {
+        self.spool.discard_body(id);
+        self.live().remove(id);
+    }
+
+    /// Turns a fully written (fsync'd) body into a queue item: resolves the
+    /// recipients, writes the item durably and starts its send loop. When
+    /// this returns Ok the message survives a crash.
+    pub async fn put(
+        self: &Arc<Self>,
+        id: String,
+        from: String,
+        rcpts: Vec<String>,
+        client: String,
+    ) -> Result<(), PutError> {
+        let domains = self.domains();
+        let policy = Policy {
+            cfg: &self.cfg,
+            domains: &domains,
+        };
+        let mut recipients = Vec::new();
+        for r in &rcpts {
+            recipients.extend(policy.resolve(r).map_err(PutError::Resolve)?);
+        }
+        let item = Item {
+            version: FORMAT_VERSION,
+            id: id.clone(),
+            from,
+            rcpt_to: rcpts,
+            created_ms: now_ms(),
+            client,
+            recipients,
+        };
+        let spool = self.spool.clone();
+        let to_write = item.clone();
+        tokio::task::spawn_blocking(move || spool.write_item(&to_write))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        metrics::inc(names::QUEUE_ITEMS_WRITTEN);
+        metrics::inc(names::QUEUE_PUT_COUNT);
+        tracing::info!(
+            id = %item.id,
+            "{} from=<{}> queued ip={} to={:?}",
+            item.id,
+            item.from,
+            item.client,
+            item.rcpt_to
+        );
+        self.start(item);
+        Ok(())
+    }
+
+    /// Starts the send loop of an item (new, or loaded at startup).
+    pub fn start(self: &Arc<Self>, item: Item) {
+        self.live().insert(item.id.clone());
+        let q = self.clone();
+        tokio::spawn(async move { q.send_loop(item).await });
+    }
+
+    async fn send_loop(self: Arc<Self>, mut item: Item) {
+        loop {
+            self.round(&mut item).await;
+            if item.pending().next().is_none() {
+                break;
+            }
+            let age = self.age(&item);
+            if age >= self.cfg.give_up_send_after {
+                break;
+            }
+            let delay = self.schedule.next_delay(age);
+            tracing::info!(id = %item.id, "{} from=<{}> completed loop, next in {}", item.id, item.from, duration::format(delay));
+            tokio::time::sleep(delay).await;
+            if self.age(&item) >= self.cfg.give_up_send_after {
+                break;
+            }
+        }
+        self.finish(item).await;
+    }
+
+    fn age(&self, item: &Item) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(item.created_ms).max(0) as u64)
+    }
+
+    /// Tries every pending recipient once, in parallel up to deliverd's
+    /// slots; rewrites the item after each attempt.
+    async fn round(&self, item: &mut Item) {
+        let body = self.spool.body_path(&item.id);
+        let mut attempts = JoinSet::new();
+        for (idx, r) in item.pending() {
+            let target = match &r.kind {
+                Kind::Email if r.local => Target::Local,
+                Kind::Email => Target::Remote,
+                Kind::Pipe => Target::Pipe(r.address.clone()),
+                Kind::Forward { via } => Target::Forward(via.clone()),
+            };
+            let job = Job {
+                job: 0,
+                queue_id: item.id.clone(),
+                from: item.from.clone(),
+                to: r.address.clone(),
+                target,
+            };
+            let rx = self.dispatcher.submit(job, body.clone());
+            attempts.spawn(async move {
+                (
+                    idx,
+                    rx.await
+                        .unwrap_or_else(|_| Outcome::TempFail("delivery was abandoned".into())),
+                )
+            });
+        }
+        while let Some(res) = attempts.join_next().await {
+            let Ok((idx, outcome)) = res else { continue };
+            let Some(r) = item.recipients.get_mut(idx) else {
+                continue;
+            };
+            match outcome {
+                Outcome::Delivered => {
+                    r.status = Status::Sent;
+                    tracing::info!(id = %item.id, "{} from=<{}> to=<{}> sent", item.id, item.from, r.address);
+                }
+                Outcome::TempFail(text) => {
+                    tracing::info!(id = %item.id, "{} from=<{}> to=<{}> failed (temporary): {text}", item.id, item.from, r.address);
+                    r.last_failure = text;
+                    r.permanent = false;
+                }
+                Outcome::PermFail(text) => {
+                    tracing::info!(id = %item.id, "{} from=<{}> to=<{}> failed (permanent): {text}", item.id, item.from, r.address);
+                    r.status = Status::Failed;
+                    r.last_failure = text;
+                    r.permanent = true;
+                }
+            }
+            self.rewrite(item).await;
+        }
+    }
+
+    async fn rewrite(&self, item: &Item) {
+        let spool = self.spool.clone();
+        let copy = item.clone();
+        match tokio::task::spawn_blocking(move || spool.write_item(&copy)).await {
+            Ok(Ok(())) => metrics::inc(names::QUEUE_ITEMS_WRITTEN),
+            // The old state stays on disk: at worst a recipient is tried
+            // again after a restart, never lost.
+            Ok(Err(e)) => tracing::error!(id = %item.id, "cannot rewrite queue item: {e}"),
+            Err(e) => tracing::error!(id = %item.id, "cannot rewrite queue item: {e}"),
+        }
+    }
+
+    /// Sends the DSN if needed (durably, before anything is removed), then
+    /// deletes the item.
+    async fn finish(self: &Arc<Self>, item: Item) {
+        let needs_dsn =
+            !item.from.is_empty() && item.recipients.iter().any(|r| r.status != Status::Sent);
+        if needs_dsn {
+            // Until the DSN is safely queued, the original stays.
+            let mut wait = Duration::from_secs(1);
+            while let Err(e) = self.queue_dsn(&item).await {
+                tracing::error!(id = %item.id, "cannot queue the DSN: {e}; retrying in {}", duration::format(wait));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(300));
+            }
+        }
+        let spool = self.spool.clone();
+        let id = item.id.clone();
+        match tokio::task::spawn_blocking(move || spool.remove(&id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(id = %item.id, "cannot remove finished item: {e}"),
+            Err(e) => tracing::error!(id = %item.id, "cannot remove finished item: {e}"),
+        }
+        self.live().remove(&item.id);
+        tracing::info!(id = %item.id, "{} from=<{}> all done", item.id, item.from);
+    }
+
+    async fn queue_dsn(self: &Arc<Self>, item: &Item) -> Result<(), PutError> {
+        let domains = self.domains();
+        let our_domain = dsn::our_domain(item, |d| domains.is_local(d), &self.cfg.hostname);
+        let dsn_id = self.reserve_id(true)?;
+        let spool = self.spool.clone();
+        let hostname = self.cfg.hostname.clone();
+        let date = chrono::Local::now()
+            .format("%a, %d %b %Y %H:%M:%S %z")
+            .to_string();
+        let (id2, item2) = (dsn_id.clone(), item.clone());
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Read;
+            let mut original = Vec::new();
+            if let Ok(f) = spool.open_body(&item2.id) {
+                f.take(dsn::MAX_ORIGINAL as u64)
+                    .read_to_end(&mut original)?;
+            }
+            let msg = dsn::build(&dsn::DsnInput {
+                item: &item2,
+                dsn_id: &id2,
+                hostname: &hostname,
+                our_domain: &our_domain,
+                original: &original,
+                date: &date,
+            });
+            let mut w = spool.create_body(&id2)?;
+            w.write(&msg)?;
+            w.finish()
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()));
+        if let Err(e) = written.and_then(|r| r) {
+            self.release_id(&dsn_id);
+            return Err(e.into());
+        }
+        match self
+            .put(
+                dsn_id.clone(),
+                String::new(),
+                vec![item.from.clone()],
+                "local".into(),
+            )
+            .await
+        {
+            Ok(()) => {
+                metrics::inc(names::QUEUE_DSN_QUEUED);
+                tracing::info!(id = %item.id, "{} DSN queued as {dsn_id}", item.id);
+                Ok(())
+            }
+            Err(e) => {
+                self.release_id(&dsn_id);
+                Err(e)
+            }
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,254 @@
+//! The queue directory on disk.
+//!
+//! - `d:<ID>`: the message body (headers added by smtpd, CRLF line ends),
+//!   written as it streams in and fsync'd before the item exists.
+//! - `m:<ID>`: the item (envelope and recipient state), written atomically
+//!   (temp + fsync + rename + directory fsync). Its presence is what makes
+//!   a message queued: a `d:` file without its `m:` is a put that never got
+//!   its 250, and is removed at startup.
+//! - `.m:<ID><random>`: temporary files of atomic writes; never items.
+//!
+//! Every function here blocks; callers run them on the blocking pool.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use tambo_common::safeio;
+
+use crate::item::Item;
+
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+    /// Test knob: every write fails as on a full disk.
+    fail_writes: bool,
+}
+
+/// What loading the queue directory found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub items: Vec<Item>,
+    /// Items that could not be read: left on disk, reported.
+    pub unreadable: Vec<(PathBuf, String)>,
+    /// Bodies without an item and stale temp files, removed.
+    pub removed_orphans: usize,
+}
+
+impl Spool {
+    /// Opens (creating, mode 0700) the queue directory.
+    pub fn open(dir: &Path, fail_writes: bool) -> io::Result<Self> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            fail_writes,
+        })
+    }
+
+    pub fn item_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("m:{id}"))
+    }
+
+    pub fn body_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("d:{id}"))
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.fail_writes {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device (testing.fail_queue_writes)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts a body file for a new message.
+    pub fn create_body(&self, id: &str) -> io::Result<BodyWriter> {
+        self.check_writable()?;
+        let path = self.body_path(id);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(BodyWriter {
+            file: BufWriter::with_capacity(128 * 1024, file),
+            size: 0,
+        })
+    }
+
+    /// Writes an item atomically and durably.
+    pub fn write_item(&self, item: &Item) -> io::Result<()> {
+        self.check_writable()?;
+        safeio::write_atomic(&self.item_path(&item.id), &item.to_json(), 0o600)
+    }
+
+    /// Opens a message body read-only, to hand to deliverd.
+    pub fn open_body(&self, id: &str) -> io::Result<File> {
+        File::open(self.body_path(id))
+    }
+
+    /// Removes an item, then its body; the item goes first so a crash in
+    /// between leaves an orphan body (cleaned at startup), never an item
+    /// without its body.
+    pub fn remove(&self, id: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.item_path(id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let _ = std::fs::remove_file(self.body_path(id));
+        safeio::fsync_dir(&self.dir)
+    }
+
+    /// Removes a body whose put failed.
+    pub fn discard_body(&self, id: &str) {
+        let _ = std::fs::remove_file(self.body_path(id));
+    }
+
+    /// Loads every item; removes orphan bodies and temp files.
+    pub fn load(&self) -> io::Result<Loaded> {
+        let mut loaded = Loaded::default();
+        let mut bodies = Vec::new();
+        let mut items = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path();
+            if let Some(id) = name.strip_prefix("m:") {
+                match std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| Item::from_json(&b))
+                {
+                    Ok(item) if item.id == id && self.body_path(id).exists() => {
+                        items.insert(id.to_string());
+                        loaded.items.push(item);
+                    }
+                    Ok(_) => {
+                        items.insert(id.to_string());
+                        loaded.unreadable.push((
+                            path,
+                            "item id does not match its file, or its body d: file is missing"
+                                .into(),
+                        ));
+                    }
+                    Err(e) => {
+                        items.insert(id.to_string());
+                        loaded.unreadable.push((path, e));
+                    }
+                }
+            } else if let Some(id) = name.strip_prefix("d:") {
+                bodies.push((id.to_string(), path));
+            } else if name.starts_with(".m:") {
+                let _ = std::fs::remove_file(&path);
+                loaded.removed_orphans += 1;
+            }
+        }
+        for (id, path) in bodies {
+            if !items.contains(&id) {
+                let _ = std::fs::remove_file(&path);
+                loaded.removed_orphans += 1;
+            }
+        }
+        loaded.items.sort_by_key(|i| i.created_ms);
+        Ok(loaded)
+    }
+
+    #[cfg(test)]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// A body being written.
+pub struct BodyWriter {
+    file: BufWriter<File>,
+    size: u64,
+}
+
+impl BodyWriter {
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.size += data.len() as u64;
+        Ok(())
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Flushes and fsyncs the body. After this it is durable, but still not
+    /// an item until `write_item`.
+    pub fn finish(self) -> io::Result<()> {
+        let file = self.file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::item::{FORMAT_VERSION, Item};
+
+    fn item(id: &str) -> Item {
+        Item {
+            version: FORMAT_VERSION,
+            id: id.into(),
+            from: "a@b".into(),
+            rcpt_to: vec!["c@d".into()],
+            created_ms: 5,
+            client: "local".into(),
+            recipients: vec![],
+        }
+    }
+
+    #[test]
+    fn put_load_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(&dir.path().join("queue"), false).unwrap();
+        let mut b = s.create_body("id1").unwrap();
+        b.write(b"hello\r\n").unwrap();
+        b.finish().unwrap();
+        s.write_item(&item("id1")).unwrap();
+        let loaded = s.load().unwrap();
+        assert_eq!(loaded.items.len(), 1);
+        s.remove("id1").unwrap();
+        assert_eq!(std::fs::read_dir(s.dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn orphans_are_cleaned_and_bad_items_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), false).unwrap();
+        s.create_body("orphan").unwrap().finish().unwrap();
+        std::fs::write(dir.path().join(".m:x123"), b"tmp").unwrap();
+        std::fs::write(dir.path().join("m:bad"), b"{garbage").unwrap();
+        std::fs::write(dir.path().join("d:bad"), b"body").unwrap();
+        let loaded = s.load().unwrap();
+        assert!(loaded.items.is_empty());
+        assert_eq!(loaded.unreadable.len(), 1);
+        assert_eq!(loaded.removed_orphans, 2);
+        assert!(
+            dir.path().join("m:bad").exists(),
+            "unreadable items are never deleted"
+        );
+        assert!(dir.path().join("d:bad").exists());
+    }
+
+    #[test]
+    fn full_disk_fails_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), true).unwrap();
+        assert_eq!(
+            s.create_body("x").err().unwrap().kind(),
+            io::ErrorKind::StorageFull
+        );
+        assert!(s.write_item(&item("x")).is_err());
+    }
+}

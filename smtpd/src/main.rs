@@ -1,0 +1,124 @@
+//! tambo-smtpd: SMTP on 25 (and later 587/465); parses everything the
+//! internet sends.
+//!
+//! Holds: its listening sockets, one submit.sock link per session.
+//! Must never: write a file, read the queue, users or any private key, exec,
+//! or decide by itself whether a recipient is accepted — queued does, for
+//! every RCPT.
+#![forbid(unsafe_code)]
+
+mod command;
+mod dotreader;
+mod queue;
+mod received;
+mod server;
+mod session;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tambo_common::config::ListenAddr;
+use tambo_common::daemon::{self, DaemonFlags};
+use tambo_proto::Role;
+use tambo_proto::submit::Mode;
+
+#[derive(Parser)]
+#[command(
+    name = "tambo-smtpd",
+    about = "tambo's SMTP server",
+    disable_version_flag = true
+)]
+struct Flags {
+    #[command(flatten)]
+    daemon: DaemonFlags,
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    if flags.daemon.version {
+        println!("{}", tambo_common::build::version_line("tambo-smtpd"));
+        return ExitCode::SUCCESS;
+    }
+    daemon::init_logging();
+    let cfg = match flags.daemon.load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        // Bind first: a port we cannot have is a startup error.
+        let mut listeners = Vec::new();
+        for addr in &cfg.smtp_address {
+            match addr {
+                ListenAddr::Systemd => {
+                    tracing::warn!(
+                        "smtp_address \"systemd\": socket activation is not supported yet; skipped"
+                    );
+                }
+                ListenAddr::Addr(a) => match tokio::net::TcpListener::bind(a).await {
+                    Ok(l) => listeners.push(l),
+                    Err(e) => {
+                        tracing::error!(
+                            "{}: key smtp_address: cannot listen on {a}: {e}",
+                            cfg.config_dir.join("tambo.conf").display()
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
+        }
+        for (key, list) in [
+            ("submission_address", &cfg.submission_address),
+            (
+                "submission_over_tls_address",
+                &cfg.submission_over_tls_address,
+            ),
+        ] {
+            if !list.is_empty() {
+                tracing::warn!("{key} is set, but submission is not implemented yet; ignored");
+            }
+        }
+        if listeners.is_empty() {
+            tracing::error!(
+                "no listening socket: set smtp_address in {}",
+                cfg.config_dir.join("tambo.conf").display()
+            );
+            return ExitCode::FAILURE;
+        }
+        tambo_proto::metrics::spawn_pusher(
+            cfg.monitor_socket(),
+            Role::Smtpd,
+            flags.daemon.as_pairs(),
+            tambo_common::build::VERSION.into(),
+        );
+        let scfg = Arc::new(session::SessionConfig::new(
+            cfg.hostname.clone(),
+            cfg.max_data_size(),
+            cfg.submit_socket(),
+            Mode::Smtp,
+        ));
+        for l in listeners {
+            match l.local_addr() {
+                Ok(a) => tracing::info!("smtpd listening on {a} (SMTP)"),
+                Err(e) => tracing::warn!("listener without address: {e}"),
+            }
+            tokio::spawn(server::run(l, scfg.clone()));
+        }
+        daemon::wait_for_shutdown().await;
+        tracing::info!("smtpd stopping");
+        ExitCode::SUCCESS
+    })
+}

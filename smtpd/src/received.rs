@@ -1,0 +1,110 @@
+//! The `Received:` header smtpd puts on top of every message
+//! (RFC 5321 §4.4, REFERENCE §2.8). It never names the recipients, so it
+//! cannot leak a BCC.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tambo_proto::submit::Mode;
+
+pub struct ReceivedInfo<'a> {
+    pub ehlo: &'a str,
+    pub esmtp: bool,
+    pub client: SocketAddr,
+    pub hostname: &'a str,
+    pub mode: Mode,
+    pub from: &'a str,
+}
+
+/// Builds the header, CRLF line ends, continuation lines starting with a
+/// tab, dated now in local time.
+pub fn header(info: &ReceivedInfo<'_>) -> String {
+    let date = chrono::Local::now().format("%a, %d %b %Y %H:%M:%S %z");
+    header_at(info, &date.to_string())
+}
+
+fn header_at(info: &ReceivedInfo<'_>, date: &str) -> String {
+    let ip = match info.client.ip() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => format!("IPv6:{v6}"),
+        },
+    };
+    let with = if info.esmtp { "ESMTP" } else { "SMTP" };
+    let mode = match info.mode {
+        Mode::Smtp => "SMTP",
+        Mode::Submission => "submission",
+        Mode::SubmissionTls => "submission+TLS",
+    };
+    format!(
+        "Received: from {ehlo} ([{ip}])\r\n\tby {host} (tambo) with {with}\r\n\t(over {mode}, plain text, envelope from \"{from}\")\r\n\t; {date}\r\n",
+        ehlo = sanitize(info.ehlo),
+        host = info.hostname,
+        from = quote(info.from),
+    )
+}
+
+/// Keeps an EHLO name to the characters a host name or address literal can
+/// hold, so a client cannot inject header syntax.
+fn sanitize(s: &str) -> String {
+    let out: String = s
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-.[]:_".contains(*c))
+        .take(255)
+        .collect();
+    if out.is_empty() {
+        "unknown".into()
+    } else {
+        out
+    }
+}
+
+fn quote(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control())
+        .flat_map(|c| match c {
+            '"' | '\\' => vec!['\\', c],
+            _ => vec![c],
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_shape() {
+        let info = ReceivedInfo {
+            ehlo: "client.test",
+            esmtp: true,
+            client: "127.0.0.1:40000".parse().unwrap(),
+            hostname: "mx.example.org",
+            mode: Mode::Smtp,
+            from: "ann@example.org",
+        };
+        assert_eq!(
+            header_at(&info, "Tue, 24 Nov 2026 01:00:00 +0000"),
+            "Received: from client.test ([127.0.0.1])\r\n\tby mx.example.org (tambo) with ESMTP\r\n\t(over SMTP, plain text, envelope from \"ann@example.org\")\r\n\t; Tue, 24 Nov 2026 01:00:00 +0000\r\n"
+        );
+    }
+
+    #[test]
+    fn hostile_values_are_neutralised() {
+        let info = ReceivedInfo {
+            ehlo: "evil\r\nX-Injected: 1",
+            esmtp: false,
+            client: "[::1]:25".parse().unwrap(),
+            hostname: "mx",
+            mode: Mode::Smtp,
+            from: "a\"b\r\n@c",
+        };
+        let h = header(&info);
+        assert!(
+            h.starts_with("Received: from evilX-Injected1 ([IPv6:::1])"),
+            "{h}"
+        );
+        assert!(h.contains("envelope from \"a\\\"b@c\""), "{h}");
+        assert_eq!(h.matches("\r\n").count(), 4);
+    }
+}
