@@ -32,11 +32,9 @@ pub async fn serve(cfg: Arc<Config>, stream: UnixStream) -> Result<(), Error> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Outcome)>();
     let results = tokio::spawn(async move {
         while let Some((job, outcome)) = rx.recv().await {
-            if let Err(e) = write_frame(&mut writer, &FromDeliverd::Done { job, outcome }).await {
-                return Err(e);
-            }
+            write_frame(&mut writer, &FromDeliverd::Done { job, outcome }).await?;
         }
-        Ok(())
+        Ok::<(), Error>(())
     });
     let mut reader = FdReader::new(r);
     let mut running = JoinSet::new();
@@ -89,6 +87,7 @@ pub async fn deliver(cfg: &Config, job: &Job, message: File) -> Outcome {
             None => {
                 let args = mda::expand_args(&cfg.mail_delivery_agent_args, &job.from, &job.to);
                 mda::run(
+                    "MDA",
                     &cfg.mail_delivery_agent_bin,
                     &args,
                     message,
@@ -101,7 +100,14 @@ pub async fn deliver(cfg: &Config, job: &Job, message: File) -> Outcome {
             let mut parts = cmdline.split_whitespace().map(str::to_string);
             match parts.next() {
                 Some(bin) => {
-                    mda::run(&bin, &parts.collect::<Vec<_>>(), message, &cfg.config_dir).await
+                    mda::run(
+                        "pipe command",
+                        &bin,
+                        &parts.collect::<Vec<_>>(),
+                        message,
+                        &cfg.config_dir,
+                    )
+                    .await
                 }
                 None => Outcome::PermFail("empty pipe command".into()),
             }

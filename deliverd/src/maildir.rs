@@ -92,7 +92,7 @@ fn unique_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Seek, Write as _};
+    use std::io::Seek;
 
     #[test]
     fn expands_template() {

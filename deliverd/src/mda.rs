@@ -57,8 +57,9 @@ pub fn expand_args(args: &[String], from: &str, to: &str) -> Vec<String> {
 
 /// Runs `bin args…` with the message on stdin and classifies the result:
 /// exit 0 delivered, 75 or a timeout temporary, anything else permanent
-/// with the program's output.
-pub async fn run(bin: &str, args: &[String], stdin: File, cwd: &Path) -> Outcome {
+/// with the program's output. `name` is how failure texts (which reach the
+/// sender in a DSN) call the program: pipe commands are never shown.
+pub async fn run(name: &str, bin: &str, args: &[String], stdin: File, cwd: &Path) -> Outcome {
     if bin.is_empty() {
         return Outcome::PermFail("empty command".into());
     }
@@ -71,7 +72,10 @@ pub async fn run(bin: &str, args: &[String], stdin: File, cwd: &Path) -> Outcome
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Outcome::TempFail(format!("cannot run {bin}: {e}")),
+        Err(e) => {
+            tracing::warn!("cannot run {bin}: {e}");
+            return Outcome::TempFail(format!("cannot run the {name}: {e}"));
+        }
     };
     let mut out = child.stdout.take();
     let mut err = child.stderr.take();
@@ -94,17 +98,17 @@ pub async fn run(bin: &str, args: &[String], stdin: File, cwd: &Path) -> Outcome
         (status, o)
     };
     match tokio::time::timeout(TIMEOUT, collect).await {
-        Err(_) => Outcome::TempFail(format!("{bin} timed out after {}s", TIMEOUT.as_secs())),
-        Ok((Err(e), _)) => Outcome::TempFail(format!("waiting for {bin}: {e}")),
+        Err(_) => Outcome::TempFail(format!("the {name} timed out after {}s", TIMEOUT.as_secs())),
+        Ok((Err(e), _)) => Outcome::TempFail(format!("waiting for the {name}: {e}")),
         Ok((Ok(status), output)) => {
             let text = String::from_utf8_lossy(&output).trim().to_string();
             match status.code() {
                 Some(0) => Outcome::Delivered,
-                Some(EX_TEMPFAIL) => {
-                    Outcome::TempFail(format!("{bin} exited with 75 (temporary failure): {text}"))
-                }
-                Some(code) => Outcome::PermFail(format!("{bin} exited with {code}: {text}")),
-                None => Outcome::TempFail(format!("{bin} was killed by a signal: {text}")),
+                Some(EX_TEMPFAIL) => Outcome::TempFail(format!(
+                    "the {name} exited with 75 (temporary failure): {text}"
+                )),
+                Some(code) => Outcome::PermFail(format!("the {name} exited with {code}: {text}")),
+                None => Outcome::TempFail(format!("the {name} was killed by a signal: {text}")),
             }
         }
     }
@@ -154,14 +158,15 @@ mod tests {
         let dir = std::env::temp_dir();
         let sh = |script: &str| vec!["-c".to_string(), script.to_string()];
         assert_eq!(
-            run("/bin/sh", &sh("cat >/dev/null"), message(), &dir).await,
+            run("MDA", "/bin/sh", &sh("cat >/dev/null"), message(), &dir).await,
             Outcome::Delivered
         );
         assert!(matches!(
-            run("/bin/sh", &sh("exit 75"), message(), &dir).await,
+            run("MDA", "/bin/sh", &sh("exit 75"), message(), &dir).await,
             Outcome::TempFail(_)
         ));
         match run(
+            "MDA",
             "/bin/sh",
             &sh("echo no such mailbox >&2; exit 1"),
             message(),
@@ -173,7 +178,7 @@ mod tests {
             o => panic!("{o:?}"),
         }
         assert!(matches!(
-            run("/nonexistent/mda", &[], message(), &dir).await,
+            run("MDA", "/nonexistent/mda", &[], message(), &dir).await,
             Outcome::TempFail(_)
         ));
     }
@@ -184,7 +189,14 @@ mod tests {
         let out = dir.path().join("got");
         let script = format!("cat > {}", out.display());
         assert_eq!(
-            run("/bin/sh", &["-c".into(), script], message(), dir.path()).await,
+            run(
+                "MDA",
+                "/bin/sh",
+                &["-c".into(), script],
+                message(),
+                dir.path()
+            )
+            .await,
             Outcome::Delivered
         );
         assert_eq!(std::fs::read(out).unwrap(), b"Subject: t\r\n\r\nbody\r\n");

@@ -69,7 +69,7 @@ mod tests {
     #[test]
     fn chasquid_schedule() {
         let s = Schedule::default();
-        let m = |n| Duration::from_secs(60 * n);
+        let m = |n: u64| Duration::from_secs(60 * n);
         assert_eq!(s.base_delay(Duration::ZERO), m(1));
         assert_eq!(s.base_delay(m(1)), m(5));
         assert_eq!(s.base_delay(m(4)), m(5));

@@ -101,7 +101,7 @@ mod tests {
         };
         let h = header(&info);
         assert!(
-            h.starts_with("Received: from evilX-Injected1 ([IPv6:::1])"),
+            h.starts_with("Received: from evilX-Injected:1 ([IPv6:::1])"),
             "{h}"
         );
         assert!(h.contains("envelope from \"a\\\"b@c\""), "{h}");

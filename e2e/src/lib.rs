@@ -1,0 +1,453 @@
+//! Test harness: a whole tambo in a temporary directory, started from the
+//! real binaries (built by `cargo build --workspace`), on loopback ports
+//! chosen by the kernel, plus a small SMTP client and helpers that wait for
+//! conditions instead of sleeping.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// How long any condition may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Directory holding the built binaries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test binary>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for b in [
+        "tambo",
+        "tambo-smtpd",
+        "tambo-queued",
+        "tambo-deliverd",
+        "tambo-monitord",
+    ] {
+        assert!(
+            dir.join(b).is_file(),
+            "{} is missing: run `cargo build --workspace` before the tests (the README's test command does)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// Polls `cond` until it returns Some, or panics after [`WAIT`].
+pub fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        if start.elapsed() > WAIT {
+            panic!("timed out after {WAIT:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub const DOMAIN: &str = "example.test";
+
+/// One tambo installation under test.
+pub struct Tambo {
+    pub dir: tempfile::TempDir,
+    pub config_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub mail_dir: PathBuf,
+    pub log_dir: PathBuf,
+    bins: PathBuf,
+    procs: HashMap<String, Child>,
+}
+
+impl Tambo {
+    /// A config with smtp and monitoring on ephemeral loopback ports, users
+    /// `ann` and `bob` in example.test, Maildir delivery, and fast retries.
+    /// `extra` is appended to tambo.conf top-level keys; `tambo_extra` to
+    /// `[tambo]`; `testing_extra` to `[testing]`.
+    pub fn new(extra: &str, tambo_extra: &str, testing_extra: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tambo-e2e")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let t = Tambo {
+            config_dir: root.join("config"),
+            data_dir: root.join("data"),
+            run_dir: root.join("run"),
+            mail_dir: root.join("mail"),
+            log_dir: root.join("logs"),
+            dir,
+            bins: bin_dir(),
+            procs: HashMap::new(),
+        };
+        let domain = t.config_dir.join("domains").join(DOMAIN);
+        std::fs::create_dir_all(&domain).unwrap();
+        std::fs::create_dir_all(&t.log_dir).unwrap();
+        let hash =
+            "$scrypt$ln=14,r=8,p=1$c2FsdHNhbHRzYWx0$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4";
+        std::fs::write(domain.join("users"), format!("ann {hash}\nbob {hash}\n")).unwrap();
+        std::fs::write(domain.join("aliases"), "postmaster: ann\nteam: ann, bob\n").unwrap();
+        let maildir_line = if tambo_extra.contains("maildir") {
+            String::new()
+        } else {
+            format!(
+                "maildir = \"{}/%to_domain%/%to_user%\"\n",
+                t.mail_dir.display()
+            )
+        };
+        let testing = if testing_extra.contains("retry_delays") {
+            testing_extra.to_string()
+        } else {
+            format!(
+                "retry_delays = [\"200ms\", \"200ms\", \"200ms\", \"200ms\"]\nretry_jitter = \"0s\"\n{testing_extra}"
+            )
+        };
+        let conf = format!(
+            "hostname = \"mx.example.test\"
+smtp_address = [\"127.0.0.1:0\"]
+submission_address = []
+submission_over_tls_address = []
+monitoring_address = \"127.0.0.1:0\"
+data_dir = \"{data}\"
+{extra}
+[tambo]
+runtime_dir = \"{run}\"
+{maildir_line}{tambo_extra}
+[testing]
+{testing}",
+            data = t.data_dir.display(),
+            run = t.run_dir.display(),
+        );
+        std::fs::write(t.config_dir.join("tambo.conf"), conf).unwrap();
+        t
+    }
+
+    /// The default test setup.
+    pub fn default_setup() -> Self {
+        Self::new("", "", "")
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.log_dir.join(format!("{name}.log"))
+    }
+
+    /// Starts one daemon (`smtpd`, `queued`, `deliverd`, `monitord`).
+    pub fn start(&mut self, name: &str) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))
+            .unwrap();
+        let child = Command::new(self.bins.join(format!("tambo-{name}")))
+            .arg("--config_dir")
+            .arg(&self.config_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .env("TAMBO_LOG", "info")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start tambo-{name}: {e}"));
+        self.procs.insert(name.to_string(), child);
+        // Wait until it is serving.
+        let ready = match name {
+            "smtpd" => "smtpd listening on",
+            "queued" => "queued listening on",
+            "monitord" => "monitord listening on",
+            "deliverd" => "connected to queued",
+            _ => "",
+        };
+        if !ready.is_empty() {
+            self.wait_log(name, ready);
+        }
+    }
+
+    /// Starts all four daemons.
+    pub fn start_all(&mut self) {
+        for d in ["monitord", "queued", "deliverd", "smtpd"] {
+            self.start(d);
+        }
+    }
+
+    pub fn pid(&self, name: &str) -> u32 {
+        self.procs[name].id()
+    }
+
+    /// Sends SIGKILL and reaps.
+    pub fn kill9(&mut self, name: &str) {
+        if let Some(mut c) = self.procs.remove(name) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self, name: &str) -> std::process::ExitStatus {
+        let mut c = self.procs.remove(name).expect("not running");
+        kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM).unwrap();
+        wait_for(&format!("{name} to exit"), || c.try_wait().ok().flatten())
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// Waits until `needle` is in the daemon's log; returns that line.
+    pub fn wait_log(&self, name: &str, needle: &str) -> String {
+        wait_for(&format!("{needle:?} in the {name} log"), || {
+            self.log(name)
+                .lines()
+                .rev()
+                .find(|l| l.contains(needle))
+                .map(str::to_string)
+        })
+    }
+
+    fn addr_after(&self, name: &str, marker: &str) -> SocketAddr {
+        let line = self.wait_log(name, marker);
+        let rest = &line[line.find(marker).unwrap() + marker.len()..];
+        let word: String = rest
+            .trim_start_matches("http://")
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != '/')
+            .collect();
+        word.parse()
+            .unwrap_or_else(|_| panic!("no address in {line:?}"))
+    }
+
+    /// The SMTP port smtpd bound (the config asks for port 0).
+    pub fn smtp_addr(&self) -> SocketAddr {
+        self.addr_after("smtpd", "smtpd listening on ")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.addr_after("monitord", "monitoring listening on ")
+    }
+
+    pub fn smtp(&self) -> Smtp {
+        Smtp::connect(self.smtp_addr())
+    }
+
+    /// GET a path from the monitoring server: (status, headers, body).
+    pub fn http_get(&self, path: &str) -> (u16, String, String) {
+        http_get(self.http_addr(), path)
+    }
+
+    pub fn vars(&self) -> serde_json::Value {
+        let (status, _, body) = self.http_get("/debug/vars");
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).expect("valid JSON from /debug/vars")
+    }
+
+    /// Waits until a /debug/vars value satisfies `pred`.
+    pub fn wait_var(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_for(what, || {
+            let v = self.vars();
+            pred(&v).then_some(v)
+        })
+    }
+
+    /// Messages in a user's Maildir `new/`, oldest first.
+    pub fn maildir(&self, user: &str) -> Vec<Vec<u8>> {
+        let dir = self.mail_dir.join(DOMAIN).join(user).join("new");
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(_) => return Vec::new(),
+        };
+        files.sort();
+        files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+
+    pub fn wait_maildir(&self, user: &str, count: usize) -> Vec<Vec<u8>> {
+        wait_for(&format!("{count} message(s) for {user}"), || {
+            let m = self.maildir(user);
+            (m.len() >= count).then_some(m)
+        })
+    }
+
+    /// Names of the files in the queue directory.
+    pub fn queue_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.data_dir.join("queue"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn wait_queue_empty(&self) {
+        wait_for("the queue to empty", || {
+            self.queue_files().is_empty().then_some(())
+        });
+    }
+
+    /// Sends one message from `from` to `to` and returns the final reply.
+    pub fn send(&self, from: &str, to: &[&str], body: &[u8]) -> Reply {
+        let mut c = self.smtp();
+        c.expect("EHLO client.test", 250);
+        c.expect(&format!("MAIL FROM:<{from}>"), 250);
+        for t in to {
+            c.expect(&format!("RCPT TO:<{t}>"), 250);
+        }
+        c.expect("DATA", 354);
+        c.send_raw(body);
+        c.send_raw(b".\r\n");
+        let r = c.reply();
+        c.cmd("QUIT");
+        r
+    }
+}
+
+impl Drop for Tambo {
+    fn drop(&mut self) {
+        for (_, mut c) in self.procs.drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for name in ["smtpd", "queued", "deliverd", "monitord", "tambo"] {
+                let log = self.log(name);
+                if !log.is_empty() {
+                    eprintln!("---- {name} log ----\n{log}");
+                }
+            }
+        }
+    }
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/pid/status")
+}
+
+/// An SMTP reply: code and all its lines' texts.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+/// A minimal, strict SMTP client.
+pub struct Smtp {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Smtp {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut c = Smtp {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
+        let greeting = c.reply();
+        assert_eq!(greeting.code, 220, "{greeting:?}");
+        c
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.w.write_all(bytes).unwrap();
+    }
+
+    /// Reads one reply; panics on EOF.
+    pub fn reply(&mut self) -> Reply {
+        self.try_reply()
+            .expect("connection closed while waiting for a reply")
+    }
+
+    /// Reads one reply; None on EOF.
+    pub fn try_reply(&mut self) -> Option<Reply> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.r.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            assert!(line.ends_with("\r\n"), "reply line without CRLF: {line:?}");
+            let line = line.trim_end();
+            let code: u16 = line
+                .get(..3)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("bad reply {line:?}"));
+            let more = line.as_bytes().get(3) == Some(&b'-');
+            lines.push(line.get(4..).unwrap_or("").to_string());
+            if !more {
+                return Some(Reply { code, lines });
+            }
+        }
+    }
+
+    pub fn cmd(&mut self, line: &str) -> Reply {
+        self.send_raw(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Sends a command and asserts the reply code.
+    pub fn expect(&mut self, line: &str, code: u16) -> Reply {
+        let r = self.cmd(line);
+        assert_eq!(r.code, code, "{line:?} got {r:?}");
+        r
+    }
+
+    /// True if the server closed the connection.
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.r.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// A tiny HTTP/1.1 GET, enough for the monitoring server.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, head.to_string(), body.to_string())
+}
+
+/// A message body (CRLF, not dot-stuffed) with the given subject.
+pub fn message(subject: &str, body: &str) -> Vec<u8> {
+    format!("From: ann@example.test\r\nTo: bob@example.test\r\nSubject: {subject}\r\nMessage-ID: <{subject}@client.test>\r\n\r\n{body}").into_bytes()
+}
