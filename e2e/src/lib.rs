@@ -145,6 +145,15 @@ runtime_dir = \"{run}\"
 
     /// Starts one daemon (`smtpd`, `queued`, `deliverd`, `monitord`).
     pub fn start(&mut self, name: &str) {
+        let ready = match name {
+            "smtpd" => "smtpd listening on",
+            "queued" => "queued listening on",
+            "monitord" => "monitord listening on",
+            "deliverd" => "connected to queued",
+            _ => "",
+        };
+        // A restarted daemon's log already has the line from its last run.
+        let seen = self.log(name).matches(ready).count();
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -160,16 +169,10 @@ runtime_dir = \"{run}\"
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start tambo-{name}: {e}"));
         self.procs.insert(name.to_string(), child);
-        // Wait until it is serving.
-        let ready = match name {
-            "smtpd" => "smtpd listening on",
-            "queued" => "queued listening on",
-            "monitord" => "monitord listening on",
-            "deliverd" => "connected to queued",
-            _ => "",
-        };
         if !ready.is_empty() {
-            self.wait_log(name, ready);
+            wait_for(&format!("tambo-{name} to be ready"), || {
+                (self.log(name).matches(ready).count() > seen).then_some(())
+            });
         }
     }
 

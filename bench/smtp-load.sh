@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Throughput and memory baseline: N concurrent SMTP sessions sending 1 KiB
+# messages to a local user (Maildir delivery), with postfix's smtp-source as
+# the client. Run by hand, not in CI:
+#
+#   bench/smtp-load.sh [sessions=20] [messages=5000]
+#
+# Prints messages/second accepted (smtp-source's wall time), the time until
+# the queue is empty again, and the peak RSS (VmHWM) of each daemon.
+# Needs: apt-get install postfix (for smtp-source); builds tambo in release.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SESSIONS=${1:-20}
+MESSAGES=${2:-5000}
+command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
+command -v smtp-source >/dev/null || { echo "smtp-source not found: apt-get install postfix" >&2; exit 1; }
+
+cargo build --release --workspace --locked >/dev/null
+BIN=$PWD/target/release
+DIR=$(mktemp -d /tmp/tambo-bench.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
+mkdir -p "$DIR/config/domains/example.test" "$DIR/logs"
+echo 'ann !' > "$DIR/config/domains/example.test/users"
+PORT=${PORT:-32525}
+cat > "$DIR/config/tambo.conf" <<CONF
+hostname = "bench.example.test"
+smtp_address = ["127.0.0.1:$PORT"]
+submission_address = []
+submission_over_tls_address = []
+data_dir = "$DIR/data"
+max_queue_items = 100000
+[tambo]
+runtime_dir = "$DIR/run"
+maildir = "$DIR/mail/%to_domain%/%to_user%"
+CONF
+
+"$BIN/tambo" run --config_dir "$DIR/config" 2>"$DIR/logs/tambo.log" &
+for _ in $(seq 100); do
+  grep -q "smtpd listening" "$DIR/logs/tambo.log" && grep -q "connected to queued" "$DIR/logs/tambo.log" && break
+  sleep 0.1
+done
+
+start=$(date +%s.%N)
+smtp-source -s "$SESSIONS" -m "$MESSAGES" -l 1024 -f sender@remote.example -t ann@example.test "127.0.0.1:$PORT"
+accepted=$(date +%s.%N)
+while [ -n "$(ls -A "$DIR/data/queue" 2>/dev/null)" ]; do sleep 0.05; done
+drained=$(date +%s.%N)
+delivered=$(ls "$DIR/mail/example.test/ann/new" | wc -l)
+
+echo "sessions=$SESSIONS messages=$MESSAGES size=1KiB delivered=$delivered"
+awk -v s="$start" -v a="$accepted" -v d="$drained" -v m="$MESSAGES" 'BEGIN {
+  printf "accepted: %.1f msg/s (%.2f s)\n", m / (a - s), a - s
+  printf "accepted and delivered: %.1f msg/s (%.2f s)\n", m / (d - s), d - s
+}'
+for p in smtpd queued deliverd monitord; do
+  pid=$(pgrep -n -f "tambo-$p --config_dir $DIR/config" || true)
+  [ -n "$pid" ] && echo "peak RSS tambo-$p: $(awk '/VmHWM/ {print $2, $3}' /proc/$pid/status)"
+done
