@@ -106,6 +106,8 @@ pub struct Testing {
     pub retry_jitter: Option<Duration>,
     /// Makes every queue write fail, as a full disk would.
     pub fail_queue_writes: bool,
+    /// Replaces smtpd's 1-minute command timeout.
+    pub smtp_command_timeout: Option<Duration>,
 }
 
 /// The effective configuration of one tambo installation.
@@ -304,6 +306,9 @@ impl Config {
                     });
                 }
                 "fail_queue_writes" => self.testing.fail_queue_writes = g.bool(key, v)?,
+                "smtp_command_timeout" => {
+                    self.testing.smtp_command_timeout = Some(g.duration(key, v)?)
+                }
                 _ => return Err(g.err(key, "unknown key")),
             }
         }

@@ -116,3 +116,40 @@ fn twenty_mib_message_streams_without_smtpd_buffering_it() {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+#[test]
+fn idle_client_gets_421_and_is_disconnected() {
+    let mut t = Tambo::new("", "", "smtp_command_timeout = \"300ms\"\n");
+    t.start_all();
+    let mut c = t.smtp();
+    c.expect("EHLO client.test", 250);
+    // Say nothing: the server gives up on us.
+    let r = c.reply();
+    assert_eq!(r.code, 421, "{r:?}");
+    assert!(r.text().starts_with("4.4.2 "), "{r:?}");
+    assert!(c.is_closed());
+}
+
+#[test]
+fn smtpd_without_queued_answers_421() {
+    let mut t = Tambo::default_setup();
+    t.start("monitord");
+    t.start("smtpd");
+    let s = std::net::TcpStream::connect(t.smtp_addr()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut line).unwrap();
+    assert!(line.starts_with("421 4.3.0 "), "{line:?}");
+    // Once queued is up, sessions work without restarting smtpd.
+    t.start("queued");
+    t.start("deliverd");
+    assert_eq!(
+        t.send(
+            "x@remote.example",
+            &["ann@example.test"],
+            &message("late", "x\r\n")
+        )
+        .code,
+        250
+    );
+}

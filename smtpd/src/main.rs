@@ -104,12 +104,16 @@ fn main() -> ExitCode {
             flags.daemon.as_pairs(),
             tambo_common::build::VERSION.into(),
         );
-        let scfg = Arc::new(session::SessionConfig::new(
+        let mut scfg = session::SessionConfig::new(
             cfg.hostname.clone(),
             cfg.max_data_size(),
             cfg.submit_socket(),
             Mode::Smtp,
-        ));
+        );
+        if let Some(t) = cfg.testing.smtp_command_timeout {
+            scfg.command_timeout = t;
+        }
+        let scfg = Arc::new(scfg);
         for l in listeners {
             match l.local_addr() {
                 Ok(a) => tracing::info!("smtpd listening on {a} (SMTP)"),
