@@ -15,7 +15,7 @@ MESSAGES=${2:-5000}
 command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
 command -v smtp-source >/dev/null || { echo "smtp-source not found: apt-get install postfix" >&2; exit 1; }
 
-cargo build --release --workspace --locked >/dev/null
+cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
 DIR=$(mktemp -d /tmp/tambo-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
@@ -54,5 +54,7 @@ awk -v s="$start" -v a="$accepted" -v d="$drained" -v m="$MESSAGES" 'BEGIN {
 }'
 for p in smtpd queued deliverd monitord; do
   pid=$(pgrep -n -f "tambo-$p --config_dir $DIR/config" || true)
-  [ -n "$pid" ] && echo "peak RSS tambo-$p: $(awk '/VmHWM/ {print $2, $3}' /proc/$pid/status)"
+  [ -n "$pid" ] || continue
+  cpu=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' /proc/$pid/stat)
+  echo "tambo-$p: peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$pid/status), CPU ${cpu}s"
 done

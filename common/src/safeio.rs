@@ -8,8 +8,18 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// Writes `data` to `path` atomically with the given mode.
+/// Writes `data` to `path` atomically with the given mode, and makes it
+/// durable (directory included).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    replace(path, data, mode)?;
+    fsync_dir(parent(path))
+}
+
+/// Like [`write_atomic`], but without the directory fsync: the new content
+/// is on disk, yet the rename may not survive a crash until the caller
+/// fsyncs the directory. Lets many writes share one directory fsync (group
+/// commit).
+pub fn replace(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let tmp = temp_path(path)?;
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -19,8 +29,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
             .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        fsync_dir(parent(path))
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

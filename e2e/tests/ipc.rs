@@ -105,6 +105,27 @@ async fn hostile_submit_client() {
         .await,
         SubmitReply::Rcpt(RcptVerdict::TooMany)
     );
+    // Header injection through the envelope is refused here too.
+    assert!(matches!(
+        call(
+            &mut s,
+            SubmitRequest::Mail {
+                from: "a@b.example\r\nBcc: x@y.example".into()
+            }
+        )
+        .await,
+        SubmitReply::BadSequence(_)
+    ));
+    assert!(matches!(
+        call(
+            &mut s,
+            SubmitRequest::Rcpt {
+                to: "ann@example.test\r\nX: y".into()
+            }
+        )
+        .await,
+        SubmitReply::BadSequence(_) | SubmitReply::Rcpt(RcptVerdict::Invalid(_))
+    ));
     // A body chunk outside DATA: the connection is closed.
     write_frame(&mut s, &SubmitRequest::DataChunk(b"smuggled".to_vec()))
         .await

@@ -1,6 +1,7 @@
 //! The first frame on every connection, and who is on the other end.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
@@ -52,14 +53,25 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
+/// How long a peer has to say hello before it is dropped.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Server side: reads the peer's `Hello`, checks version and role, and
 /// answers with ours. `me` is the accepting daemon's role.
 pub async fn accept(stream: &mut UnixStream, me: Role, allowed: &[Role]) -> Result<Peer, Error> {
     let cred = stream.peer_cred()?;
-    let hello: Hello = read_frame(stream).await?.ok_or(Error::Truncated {
-        expected: 4,
-        got: 0,
-    })?;
+    let hello: Hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame(stream))
+        .await
+        .map_err(|_| {
+            Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no hello in time",
+            ))
+        })??
+        .ok_or(Error::Truncated {
+            expected: 4,
+            got: 0,
+        })?;
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(Error::VersionMismatch {
             ours: PROTOCOL_VERSION,

@@ -35,6 +35,7 @@ pub mod names {
     pub const QUEUE_DELIVER_ATTEMPTS: &str = "chasquid/queue/deliverAttempts";
     pub const QUEUE_DSN_QUEUED: &str = "chasquid/queue/dsnQueued";
     pub const IPC_ERRORS: &str = "tambo/ipc/errors";
+    pub const QUEUE_DIR_SYNCS: &str = "tambo/queue/dirSyncs";
     pub const METRICS_DROPPED: &str = "tambo/metrics/dropped";
 }
 

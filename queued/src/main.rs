@@ -7,6 +7,7 @@
 //! answer 250 (through smtpd) before a message is fsync'd.
 #![forbid(unsafe_code)]
 
+mod dirsync;
 mod dispatch;
 mod dsn;
 mod item;

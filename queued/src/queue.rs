@@ -17,6 +17,7 @@ use tambo_common::duration;
 use tambo_proto::deliver::{Job, Outcome, Target};
 use tambo_proto::metrics::{self, names};
 
+use crate::dirsync::DirSync;
 use crate::dispatch::Dispatcher;
 use crate::dsn;
 use crate::item::{self, FORMAT_VERSION, Item, Kind, Status};
@@ -28,6 +29,7 @@ pub struct Queue {
     pub cfg: Arc<Config>,
     domains: RwLock<Arc<Domains>>,
     pub spool: Spool,
+    dirsync: DirSync,
     /// IDs of live items and of puts in progress.
     live: Mutex<HashSet<String>>,
     pub dispatcher: Arc<Dispatcher>,
@@ -46,6 +48,7 @@ pub enum PutError {
 }
 
 impl Queue {
+    /// Must be called inside the runtime (it starts the directory syncer).
     pub fn new(cfg: Arc<Config>, domains: Domains, spool: Spool) -> Self {
         let mut schedule = Schedule::default();
         if let Some(d) = cfg.testing.retry_delays {
@@ -57,6 +60,7 @@ impl Queue {
         Self {
             cfg,
             domains: RwLock::new(Arc::new(domains)),
+            dirsync: DirSync::start(spool.clone()),
             spool,
             live: Mutex::default(),
             dispatcher: Arc::default(),
@@ -126,9 +130,11 @@ impl Queue {
         };
         let spool = self.spool.clone();
         let to_write = item.clone();
-        tokio::task::spawn_blocking(move || spool.write_item(&to_write))
+        tokio::task::spawn_blocking(move || spool.stage_item(&to_write))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
+        // Covers the item's rename and the body's directory entry.
+        self.dirsync.sync().await?;
         metrics::inc(names::QUEUE_ITEMS_WRITTEN);
         metrics::inc(names::QUEUE_PUT_COUNT);
         tracing::info!(
@@ -224,18 +230,29 @@ impl Queue {
                     r.permanent = true;
                 }
             }
-            self.rewrite(item).await;
+            // An item with nothing pending is about to be finished and
+            // deleted: rewriting it first would cost a file and two fsyncs
+            // for nothing, since a crash before the deletion is durable
+            // repeats the same deliveries either way.
+            if item.pending().next().is_some() {
+                self.rewrite(item).await;
+            }
         }
     }
 
     async fn rewrite(&self, item: &Item) {
         let spool = self.spool.clone();
         let copy = item.clone();
-        match tokio::task::spawn_blocking(move || spool.write_item(&copy)).await {
-            Ok(Ok(())) => metrics::inc(names::QUEUE_ITEMS_WRITTEN),
+        let staged = tokio::task::spawn_blocking(move || spool.stage_item(&copy))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match staged {
+            Ok(()) => match self.dirsync.sync().await {
+                Ok(()) => metrics::inc(names::QUEUE_ITEMS_WRITTEN),
+                Err(e) => tracing::error!(id = %item.id, "cannot sync the queue directory: {e}"),
+            },
             // The old state stays on disk: at worst a recipient is tried
             // again after a restart, never lost.
-            Ok(Err(e)) => tracing::error!(id = %item.id, "cannot rewrite queue item: {e}"),
             Err(e) => tracing::error!(id = %item.id, "cannot rewrite queue item: {e}"),
         }
     }
@@ -256,10 +273,13 @@ impl Queue {
         }
         let spool = self.spool.clone();
         let id = item.id.clone();
-        match tokio::task::spawn_blocking(move || spool.remove(&id)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(id = %item.id, "cannot remove finished item: {e}"),
-            Err(e) => tracing::error!(id = %item.id, "cannot remove finished item: {e}"),
+        let removed = tokio::task::spawn_blocking(move || spool.unlink(&id))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = removed {
+            tracing::error!(id = %item.id, "cannot remove finished item: {e}");
+        } else if let Err(e) = self.dirsync.sync().await {
+            tracing::error!(id = %item.id, "cannot sync the queue directory: {e}");
         }
         self.live().remove(&item.id);
         tracing::info!(id = %item.id, "{} from=<{}> all done", item.id, item.from);

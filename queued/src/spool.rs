@@ -9,6 +9,9 @@
 //! - `.m:<ID><random>`: temporary files of atomic writes; never items.
 //!
 //! Every function here blocks; callers run them on the blocking pool.
+//! Functions that add, rename or remove directory entries do not fsync the
+//! directory: the caller makes them durable with one shared
+//! [`crate::dirsync::DirSync`] (group commit) before telling anyone.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -82,10 +85,11 @@ impl Spool {
         })
     }
 
-    /// Writes an item atomically and durably.
-    pub fn write_item(&self, item: &Item) -> io::Result<()> {
+    /// Writes an item atomically (temp, fsync, rename); durable once the
+    /// directory is synced.
+    pub fn stage_item(&self, item: &Item) -> io::Result<()> {
         self.check_writable()?;
-        safeio::write_atomic(&self.item_path(&item.id), &item.to_json(), 0o600)
+        safeio::replace(&self.item_path(&item.id), &item.to_json(), 0o600)
     }
 
     /// Opens a message body read-only, to hand to deliverd.
@@ -95,14 +99,19 @@ impl Spool {
 
     /// Removes an item, then its body; the item goes first so a crash in
     /// between leaves an orphan body (cleaned at startup), never an item
-    /// without its body.
-    pub fn remove(&self, id: &str) -> io::Result<()> {
+    /// without its body. Durable once the directory is synced.
+    pub fn unlink(&self, id: &str) -> io::Result<()> {
         match std::fs::remove_file(self.item_path(id)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
         let _ = std::fs::remove_file(self.body_path(id));
+        Ok(())
+    }
+
+    /// fsyncs the queue directory.
+    pub fn sync_dir(&self) -> io::Result<()> {
         safeio::fsync_dir(&self.dir)
     }
 
@@ -215,10 +224,11 @@ mod tests {
         let mut b = s.create_body("id1").unwrap();
         b.write(b"hello\r\n").unwrap();
         b.finish().unwrap();
-        s.write_item(&item("id1")).unwrap();
+        s.stage_item(&item("id1")).unwrap();
+        s.sync_dir().unwrap();
         let loaded = s.load().unwrap();
         assert_eq!(loaded.items.len(), 1);
-        s.remove("id1").unwrap();
+        s.unlink("id1").unwrap();
         assert_eq!(std::fs::read_dir(s.dir()).unwrap().count(), 0);
     }
 
@@ -249,6 +259,6 @@ mod tests {
             s.create_body("x").err().unwrap().kind(),
             io::ErrorKind::StorageFull
         );
-        assert!(s.write_item(&item("x")).is_err());
+        assert!(s.stage_item(&item("x")).is_err());
     }
 }

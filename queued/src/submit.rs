@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::io::{BufReader, BufWriter};
 use tokio::net::UnixStream;
 
+use tambo_common::address;
 use tambo_proto::frame::{read_frame, write_frame};
 use tambo_proto::metrics::{self, names};
 use tambo_proto::submit::{RcptVerdict, SubmitReply, SubmitRequest};
@@ -101,6 +102,13 @@ impl Session {
             }
             SubmitRequest::Mail { from } => {
                 self.reset();
+                // smtpd checked the syntax already; check again, since the
+                // sender ends up in logs, MDA arguments and DSN headers.
+                if !from.is_empty() && !address::is_plausible(&from) {
+                    return Ok(Some(SubmitReply::BadSequence(
+                        "invalid sender address".into(),
+                    )));
+                }
                 self.from = Some(from);
                 SubmitReply::Ok
             }
@@ -110,6 +118,11 @@ impl Session {
                 }
                 if self.rcpts.len() >= MAX_RCPTS {
                     return Ok(Some(SubmitReply::Rcpt(RcptVerdict::TooMany)));
+                }
+                if !address::is_plausible(&to) {
+                    return Ok(Some(SubmitReply::Rcpt(RcptVerdict::Invalid(
+                        "not an address".into(),
+                    ))));
                 }
                 let domains = self.queue.domains();
                 let verdict = Policy {

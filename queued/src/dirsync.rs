@@ -1,0 +1,92 @@
+//! Group commit for the queue directory.
+//!
+//! Every new, renamed or removed queue file needs a directory fsync before
+//! it is durable. Concurrent sessions share one: a caller asks for a sync
+//! and waits for the next fsync that *starts* after its request, so its own
+//! rename is covered; everything that queued up during one fsync is covered
+//! by the next. Under load this turns one directory fsync per message into
+//! one per batch (DESIGN §4).
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use tambo_proto::metrics::{self, names};
+
+use crate::spool::Spool;
+
+type Waiter = oneshot::Sender<Result<(), Arc<io::Error>>>;
+
+pub struct DirSync {
+    tx: mpsc::UnboundedSender<Waiter>,
+}
+
+impl DirSync {
+    /// Starts the syncing task for `spool`'s directory.
+    pub fn start(spool: Spool) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiters = vec![first];
+                while let Ok(w) = rx.try_recv() {
+                    waiters.push(w);
+                }
+                let spool = spool.clone();
+                let result = tokio::task::spawn_blocking(move || spool.sync_dir())
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+                    .map_err(Arc::new);
+                metrics::inc(names::QUEUE_DIR_SYNCS);
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Returns once every directory change made before this call is
+    /// durable.
+    pub async fn sync(&self) -> io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(tx)
+            .map_err(|_| io::Error::other("directory syncer stopped"))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
+            Err(_) => Err(io::Error::other("directory syncer stopped")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn concurrent_syncs_share_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        let ds = Arc::new(DirSync::start(spool));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let ds = ds.clone();
+            tasks.push(tokio::spawn(async move { ds.sync().await }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let pending: u64 = tambo_proto::metrics::global()
+            .take()
+            .iter()
+            .filter(|d| d.var == names::QUEUE_DIR_SYNCS)
+            .map(|d| d.value)
+            .sum();
+        assert!(
+            (1..50).contains(&pending),
+            "{pending} fsyncs for 50 concurrent requests"
+        );
+    }
+}
