@@ -135,7 +135,12 @@ pub struct PathArg {
 /// Parses `FROM:<addr> params` (`keyword` = `FROM:`) or `TO:<addr>`.
 pub fn parse_path(arg: &[u8], keyword: &str) -> Result<PathArg, PathError> {
     let arg = std::str::from_utf8(arg).map_err(|_| PathError::Malformed("not valid UTF-8"))?;
-    if arg.len() < keyword.len() || !arg[..keyword.len()].eq_ignore_ascii_case(keyword) {
+    // `get` rather than indexing: the cut may fall inside a multi-byte
+    // character (found by fuzzing: `MAIL FRñ…` used to panic).
+    if !arg
+        .get(..keyword.len())
+        .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
+    {
         return Err(PathError::NoKeyword);
     }
     let rest = arg[keyword.len()..].trim_start();
@@ -243,6 +248,25 @@ mod tests {
                 .unwrap()
                 .address,
             "ñandú@bücher.example"
+        );
+    }
+
+    #[test]
+    fn multibyte_characters_never_panic() {
+        for arg in [
+            "FRñ:<a@b>",
+            "ñ",
+            "FROMñ<a@b>",
+            "TñO:",
+            "FROM:<ñ@ñ> SIZE=ñ",
+            "FROM:<a@b> SIZEñ=1",
+        ] {
+            let _ = parse_path(arg.as_bytes(), "FROM:");
+            let _ = parse_path(arg.as_bytes(), "TO:");
+        }
+        assert_eq!(
+            parse_path("FRñ:<a@b>".as_bytes(), "FROM:"),
+            Err(PathError::NoKeyword)
         );
     }
 

@@ -1,18 +1,6 @@
-//! tambo-smtpd: SMTP on 25 (and later 587/465); parses everything the
-//! internet sends.
-//!
-//! Holds: its listening sockets, one submit.sock link per session.
-//! Must never: write a file, read the queue, users or any private key, exec,
-//! or decide by itself whether a recipient is accepted — queued does, for
-//! every RCPT.
+//! tambo-smtpd binary: flags, config, listeners, then [`tambo_smtpd`]'s
+//! sessions. See the library's docs for what smtpd may and may not do.
 #![forbid(unsafe_code)]
-
-mod command;
-mod dotreader;
-mod queue;
-mod received;
-mod server;
-mod session;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,6 +10,7 @@ use tambo_common::config::ListenAddr;
 use tambo_common::daemon::{self, DaemonFlags};
 use tambo_proto::Role;
 use tambo_proto::submit::Mode;
+use tambo_smtpd::{server, session};
 
 #[derive(Parser)]
 #[command(

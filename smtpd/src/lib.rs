@@ -1,0 +1,23 @@
+//! tambo-smtpd: SMTP on 25 (and later 587/465); parses everything the
+//! internet sends.
+//!
+//! Holds: its listening sockets, one submit.sock link per session.
+//! Must never: write a file, read the queue, users or any private key, exec,
+//! or decide by itself whether a recipient is accepted — queued does, for
+//! every RCPT.
+//!
+//! # Layout
+//! - [`server`]: accept loop, one task per connection.
+//! - [`session`]: the SMTP state machine, limits and replies.
+//! - [`command`]: command-line parsing (verbs, MAIL/RCPT paths).
+//! - [`dotreader`]: DATA decoding (dot-unstuffing, strict CRLF).
+//! - [`received`]: the Received header.
+//! - [`queue`]: the per-session link to queued.
+#![forbid(unsafe_code)]
+
+pub mod command;
+pub mod dotreader;
+pub mod queue;
+pub mod received;
+pub mod server;
+pub mod session;
