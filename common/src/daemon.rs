@@ -94,3 +94,53 @@ pub fn prepare_socket(path: &std::path::Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The first steps every daemon takes, in the same order: answer
+/// `--version`, start the debug log, load the config (refusing a bad one
+/// with its one clear line), build the runtime. `Err` is the exit code to
+/// return at once.
+pub fn boot(
+    binary: &str,
+    flags: &DaemonFlags,
+    worker_threads: Option<usize>,
+) -> Result<(Config, tokio::runtime::Runtime), std::process::ExitCode> {
+    if flags.version {
+        println!("{}", crate::build::version_line(binary));
+        return Err(std::process::ExitCode::SUCCESS);
+    }
+    init_logging();
+    let cfg = flags.load_config().map_err(|e| {
+        tracing::error!("{e}");
+        std::process::ExitCode::FAILURE
+    })?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    let rt = builder.enable_all().build().map_err(|e| {
+        tracing::error!("cannot start the runtime: {e}");
+        std::process::ExitCode::FAILURE
+    })?;
+    Ok((cfg, rt))
+}
+
+/// Accepts connections on a Unix socket forever, each served by its own
+/// task. Accept errors (usually EMFILE) back off briefly instead of
+/// spinning.
+pub async fn accept_unix<F, Fut>(listener: tokio::net::UnixListener, what: &'static str, serve: F)
+where
+    F: Fn(tokio::net::UnixStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve(stream));
+            }
+            Err(e) => {
+                tracing::warn!("{what} accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

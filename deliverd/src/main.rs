@@ -32,28 +32,11 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    if flags.daemon.version {
-        println!("{}", tambo_common::build::version_line("tambo-deliverd"));
-        return ExitCode::SUCCESS;
-    }
-    daemon::init_logging();
-    let cfg = match flags.daemon.load_config() {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let (cfg, rt) = match daemon::boot("tambo-deliverd", &flags.daemon, None) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let cfg = Arc::new(cfg);
     rt.block_on(async move {
         tambo_proto::metrics::spawn_pusher(
             cfg.monitor_socket(),

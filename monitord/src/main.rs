@@ -32,28 +32,9 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    if flags.daemon.version {
-        println!("{}", tambo_common::build::version_line("tambo-monitord"));
-        return ExitCode::SUCCESS;
-    }
-    daemon::init_logging();
-    let cfg = match flags.daemon.load_config() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (cfg, rt) = match daemon::boot("tambo-monitord", &flags.daemon, Some(1)) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let totals: collector::Shared = Arc::new(Mutex::new(collector::Totals::new()));
@@ -93,19 +74,9 @@ fn main() -> ExitCode {
         }
         tracing::info!("monitord listening on {}", sock.display());
         let t = totals.clone();
-        tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((s, _)) => {
-                        tokio::spawn(collector::serve(t.clone(), s));
-                    }
-                    Err(e) => {
-                        tracing::warn!("monitor.sock accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        tokio::spawn(daemon::accept_unix(listener, "monitor.sock", move |s| {
+            collector::serve(t.clone(), s)
+        }));
         daemon::wait_for_shutdown().await;
         tracing::info!("monitord stopping");
         ExitCode::SUCCESS

@@ -41,18 +41,11 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    if flags.daemon.version {
-        println!("{}", tambo_common::build::version_line("tambo-queued"));
-        return ExitCode::SUCCESS;
-    }
-    daemon::init_logging();
-    let cfg = match flags.daemon.load_config() {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
+    let (cfg, rt) = match daemon::boot("tambo-queued", &flags.daemon, None) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
+    let cfg = Arc::new(cfg);
     let domains = match Domains::load(&cfg) {
         Ok(d) => d,
         Err(e) => {
@@ -94,16 +87,6 @@ fn main() -> ExitCode {
             path.display()
         );
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     rt.block_on(async move {
         let submit = match bind(&cfg.submit_socket()) {
             Ok(l) => l,
@@ -141,33 +124,13 @@ fn main() -> ExitCode {
             cfg.deliver_socket().display()
         );
         let q = queue.clone();
-        tokio::spawn(async move {
-            loop {
-                match submit.accept().await {
-                    Ok((s, _)) => {
-                        tokio::spawn(submit::serve(q.clone(), s));
-                    }
-                    Err(e) => {
-                        tracing::warn!("submit.sock accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        tokio::spawn(daemon::accept_unix(submit, "submit.sock", move |s| {
+            submit::serve(q.clone(), s)
+        }));
         let dispatcher = queue.dispatcher.clone();
-        tokio::spawn(async move {
-            loop {
-                match deliver.accept().await {
-                    Ok((s, _)) => {
-                        tokio::spawn(dispatch::serve(dispatcher.clone(), s));
-                    }
-                    Err(e) => {
-                        tracing::warn!("deliver.sock accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        tokio::spawn(daemon::accept_unix(deliver, "deliver.sock", move |s| {
+            dispatch::serve(dispatcher.clone(), s)
+        }));
         daemon::wait_for_shutdown().await;
         tracing::info!("queued stopping");
         ExitCode::SUCCESS

@@ -25,27 +25,9 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    if flags.daemon.version {
-        println!("{}", tambo_common::build::version_line("tambo-smtpd"));
-        return ExitCode::SUCCESS;
-    }
-    daemon::init_logging();
-    let cfg = match flags.daemon.load_config() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (cfg, rt) = match daemon::boot("tambo-smtpd", &flags.daemon, None) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
     rt.block_on(async move {
         // Bind first: a port we cannot have is a startup error.
