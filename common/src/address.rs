@@ -107,7 +107,7 @@ pub fn remove_drops(user: &str, drop_characters: &str, suffix_separators: &str) 
 /// domain. Full RFC 5321 quoting is accepted as long as it stays on one
 /// token.
 pub fn is_plausible(addr: &str) -> bool {
-    if addr.is_empty() || addr.len() > MAX_ADDRESS_LEN {
+    if addr.is_empty() || addr.chars().count() > MAX_ADDRESS_LEN {
         return false;
     }
     if addr
@@ -159,5 +159,7 @@ mod tests {
         assert!(!is_plausible("a b@c"));
         assert!(!is_plausible("@c"));
         assert!(!is_plausible(&format!("{}@x", "a".repeat(300))));
+        // The limit counts characters, not bytes.
+        assert!(is_plausible(&format!("{}@example.org", "é".repeat(130))));
     }
 }

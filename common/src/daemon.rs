@@ -109,6 +109,7 @@ pub fn boot(
         return Err(std::process::ExitCode::SUCCESS);
     }
     init_logging();
+    follow_supervisor()?;
     let cfg = flags.load_config().map_err(|e| {
         tracing::error!("{e}");
         std::process::ExitCode::FAILURE
@@ -143,4 +144,27 @@ where
             }
         }
     }
+}
+
+/// Set by `tambo run` in its children's environment.
+pub const SUPERVISOR_ENV: &str = "TAMBO_SUPERVISOR_PID";
+
+/// Under `tambo run`, ask the kernel for SIGTERM when the supervisor dies,
+/// so a killed supervisor never leaves daemons behind holding the sockets.
+/// If it is already gone (it died before this ran), exit now.
+fn follow_supervisor() -> Result<(), std::process::ExitCode> {
+    let Some(pid) = std::env::var(SUPERVISOR_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return Ok(());
+    };
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
+        tracing::warn!("cannot ask to be stopped with the supervisor: {e}");
+    }
+    if nix::unistd::getppid().as_raw() != pid {
+        tracing::error!("the supervisor (pid {pid}) is gone; exiting");
+        return Err(std::process::ExitCode::FAILURE);
+    }
+    Ok(())
 }

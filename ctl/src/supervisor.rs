@@ -17,8 +17,10 @@ use tokio::sync::watch;
 use tambo_common::config::Config;
 use tambo_common::domains::Domains;
 
-/// The daemons, in start order: monitord first so nobody's first counters
-/// wait, queued before its clients.
+/// The daemons, spawned in this order without waiting for each other:
+/// every client retries (smtpd answers 421 until queued is up, deliverd and
+/// the metric pushers reconnect), so no start order is needed for
+/// correctness.
 pub const DAEMONS: [&str; 4] = [
     "tambo-monitord",
     "tambo-queued",
@@ -110,6 +112,10 @@ async fn keep_running(bin: PathBuf, args: Vec<String>, mut stop: watch::Receiver
         let started = Instant::now();
         let mut child = match Command::new(&bin)
             .args(&args)
+            .env(
+                tambo_common::daemon::SUPERVISOR_ENV,
+                std::process::id().to_string(),
+            )
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()

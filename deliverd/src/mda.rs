@@ -82,14 +82,18 @@ pub async fn run(name: &str, bin: &str, args: &[String], stdin: File, cwd: &Path
     let collect = async {
         let mut o = Vec::new();
         let mut e = Vec::new();
+        // Keep the first MAX_OUTPUT bytes, and drain the rest: a program
+        // blocked on a full pipe would otherwise hang until the timeout.
         let ro = async {
             if let Some(s) = out.as_mut() {
                 let _ = s.take(MAX_OUTPUT as u64).read_to_end(&mut o).await;
+                let _ = tokio::io::copy(s, &mut tokio::io::sink()).await;
             }
         };
         let re = async {
             if let Some(s) = err.as_mut() {
                 let _ = s.take(MAX_OUTPUT as u64).read_to_end(&mut e).await;
+                let _ = tokio::io::copy(s, &mut tokio::io::sink()).await;
             }
         };
         tokio::join!(ro, re);
@@ -181,6 +185,19 @@ mod tests {
             run("MDA", "/nonexistent/mda", &[], message(), &dir).await,
             Outcome::TempFail(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn chatty_programs_do_not_hang() {
+        let dir = std::env::temp_dir();
+        // 1 MiB on stdout, far more than a pipe holds.
+        let script = "cat >/dev/null; head -c 1048576 /dev/zero; exit 0".to_string();
+        let start = std::time::Instant::now();
+        assert_eq!(
+            run("MDA", "/bin/sh", &["-c".into(), script], message(), &dir).await,
+            Outcome::Delivered
+        );
+        assert!(start.elapsed() < Duration::from_secs(10));
     }
 
     #[tokio::test]

@@ -153,3 +153,27 @@ fn smtpd_without_queued_answers_421() {
         250
     );
 }
+
+#[test]
+fn a_client_that_never_reads_is_disconnected() {
+    use std::io::Write;
+    let mut t = Tambo::new("", "", "smtp_command_timeout = \"300ms\"\n");
+    t.start_all();
+    let s = std::net::TcpStream::connect(t.smtp_addr()).unwrap();
+    // Without the fix this would block for ever; fail clearly instead.
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    // Pipelined NOOPs, never reading a reply: once the replies fill the
+    // socket buffers, the server must give up rather than wait forever.
+    let chunk = "NOOP\r\n".repeat(10_000);
+    let mut w = s.try_clone().unwrap();
+    let closed = wait_for("the server to drop a client that does not read", || {
+        w.write_all(chunk.as_bytes()).err()
+    });
+    assert!(
+        matches!(
+            closed.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{closed}"
+    );
+}

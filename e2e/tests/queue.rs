@@ -244,3 +244,70 @@ fn disk_write_failure_answers_451_never_250() {
     // The session goes on.
     c.expect("NOOP", 250);
 }
+
+#[test]
+fn clients_stalled_in_data_do_not_fill_the_queue() {
+    let mut t = Tambo::new("max_queue_items = 1", "", "");
+    t.start("monitord");
+    t.start("queued");
+    t.start("smtpd");
+    // A client stops in the middle of DATA, holding a reservation.
+    let mut stalled = t.smtp();
+    stalled.expect("EHLO client.test", 250);
+    stalled.expect("MAIL FROM:<x@remote.example>", 250);
+    stalled.expect("RCPT TO:<ann@example.test>", 250);
+    stalled.expect("DATA", 354);
+    stalled.send_raw(b"Subject: slow\r\n");
+    // Others still get in: reservations do not count toward the limit.
+    assert_eq!(
+        t.send(
+            "y@remote.example",
+            &["bob@example.test"],
+            &message("fast", "x\r\n")
+        )
+        .code,
+        250
+    );
+    // The queue is now full (deliverd is not running): the stalled message
+    // is refused when it completes, and leaves nothing behind.
+    stalled.send_raw(b"\r\nbody\r\n.\r\n");
+    let r = stalled.reply();
+    assert_eq!(r.code, 451, "{r:?}");
+    assert_eq!(
+        t.queue_files().len(),
+        2,
+        "only the fast message is queued: {:?}",
+        t.queue_files()
+    );
+}
+
+#[test]
+fn a_dead_supervisor_takes_its_daemons_with_it() {
+    use std::process::{Command, Stdio};
+    let t = Tambo::default_setup();
+    let log = std::fs::File::create(t.log_path("tambo")).unwrap();
+    let mut sup = Command::new(bin_dir().join("tambo"))
+        .args(["run", "--config_dir"])
+        .arg(&t.config_dir)
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    t.wait_log("tambo", "smtpd listening on");
+    let pid_of = |d: &str| -> i32 {
+        let log = t.log("tambo");
+        let m = format!("started {d} (pid ");
+        let l = log.lines().find(|l| l.contains(&m)).unwrap();
+        l[l.find(&m).unwrap() + m.len()..]
+            .trim_end_matches(')')
+            .parse()
+            .unwrap()
+    };
+    let queued = pid_of("tambo-queued");
+    sup.kill().unwrap();
+    sup.wait().unwrap();
+    wait_for("queued to stop with its supervisor", || {
+        let stat = std::fs::read_to_string(format!("/proc/{queued}/stat")).unwrap_or_default();
+        (stat.is_empty() || stat.contains(") Z ")).then_some(())
+    });
+}

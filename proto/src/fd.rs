@@ -55,9 +55,10 @@ pub struct FdReader<S> {
     fds: VecDeque<OwnedFd>,
 }
 
-/// Most descriptors accepted in one `recvmsg`; more would be truncated by
-/// the kernel, which we treat as a protocol error.
-const MAX_FDS_PER_READ: usize = 16;
+/// Room for as many descriptors as Linux passes in one message
+/// (SCM_MAX_FD), so the kernel never truncates control data — truncated
+/// descriptors would be installed but unreachable, i.e. leaked.
+const MAX_FDS_PER_READ: usize = 253;
 
 impl<S: AsRef<UnixStream>> FdReader<S> {
     pub fn new(stream: S) -> Self {

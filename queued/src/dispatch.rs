@@ -95,7 +95,7 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, mut stream: UnixStream) {
         let Some(mut pending) = pending else { break };
         next_job += 1;
         pending.job.job = next_job;
-        let file = match std::fs::File::open(&pending.body) {
+        let file = match tokio::task::block_in_place(|| std::fs::File::open(&pending.body)) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(id = %pending.job.queue_id, "cannot open the message body {}: {e}", pending.body.display());

@@ -30,10 +30,18 @@ pub struct Queue {
     domains: RwLock<Arc<Domains>>,
     pub spool: Spool,
     dirsync: DirSync,
-    /// IDs of live items and of puts in progress.
-    live: Mutex<HashSet<String>>,
+    /// IDs in use: `items` are queued (they count toward
+    /// `max_queue_items`); `reserved` are puts still receiving their body,
+    /// which do not, so clients stalling in DATA cannot fill the queue.
+    ids: Mutex<Ids>,
     pub dispatcher: Arc<Dispatcher>,
     schedule: Schedule,
+}
+
+#[derive(Default)]
+struct Ids {
+    items: HashSet<String>,
+    reserved: HashSet<String>,
 }
 
 /// Why a put failed; the client sees a 4xx either way.
@@ -62,7 +70,7 @@ impl Queue {
             domains: RwLock::new(Arc::new(domains)),
             dirsync: DirSync::start(spool.clone()),
             spool,
-            live: Mutex::default(),
+            ids: Mutex::default(),
             dispatcher: Arc::default(),
             schedule,
         }
@@ -75,29 +83,31 @@ impl Queue {
             .clone()
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    fn ids(&self) -> std::sync::MutexGuard<'_, Ids> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reserves a fresh ID for a new message; refused when the queue holds
-    /// `max_queue_items` (unless `bypass_limit`, for DSNs).
+    /// `max_queue_items` items (unless `bypass_limit`, for DSNs).
     pub fn reserve_id(&self, bypass_limit: bool) -> Result<String, PutError> {
-        let mut live = self.live();
-        if !bypass_limit && live.len() as u64 >= self.cfg.max_queue_items {
+        let mut ids = self.ids();
+        if !bypass_limit && ids.items.len() as u64 >= self.cfg.max_queue_items {
             return Err(PutError::Full);
         }
         loop {
             let id = item::new_id()?;
-            if live.insert(id.clone()) {
+            if !ids.items.contains(&id) && ids.reserved.insert(id.clone()) {
                 return Ok(id);
             }
         }
     }
 
-    /// Gives back an ID whose put failed, and throws its body away.
+    /// Gives back an ID whose put failed, and throws its files away (the
+    /// item too: its rename may have happened before a failed directory
+    /// fsync).
     pub fn release_id(&self, id: &str) {
-        self.spool.discard_body(id);
-        self.live().remove(id);
+        let _ = self.spool.unlink(id);
+        self.ids().reserved.remove(id);
     }
 
     /// Turns a fully written (fsync'd) body into a queue item: resolves the
@@ -109,7 +119,13 @@ impl Queue {
         from: String,
         rcpts: Vec<String>,
         client: String,
+        bypass_limit: bool,
     ) -> Result<(), PutError> {
+        // Checked again now that the body is in: DATA transfers that ran
+        // concurrently must not push the queue past its limit.
+        if !bypass_limit && self.ids().items.len() as u64 >= self.cfg.max_queue_items {
+            return Err(PutError::Full);
+        }
         let domains = self.domains();
         let policy = Policy {
             cfg: &self.cfg,
@@ -151,7 +167,10 @@ impl Queue {
 
     /// Starts the send loop of an item (new, or loaded at startup).
     pub fn start(self: &Arc<Self>, item: Item) {
-        self.live().insert(item.id.clone());
+        let mut ids = self.ids();
+        ids.reserved.remove(&item.id);
+        ids.items.insert(item.id.clone());
+        drop(ids);
         let q = self.clone();
         tokio::spawn(async move { q.send_loop(item).await });
     }
@@ -265,10 +284,22 @@ impl Queue {
         if needs_dsn {
             // Until the DSN is safely queued, the original stays.
             let mut wait = Duration::from_secs(1);
-            while let Err(e) = self.queue_dsn(&item).await {
-                tracing::error!(id = %item.id, "cannot queue the DSN: {e}; retrying in {}", duration::format(wait));
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(300));
+            loop {
+                match self.queue_dsn(&item).await {
+                    Ok(()) => break,
+                    // The sender address cannot be resolved: no retry will
+                    // change that, so the DSN is dropped, not the queue slot
+                    // held forever.
+                    Err(PutError::Resolve(e)) => {
+                        tracing::error!(id = %item.id, "no DSN possible for sender <{}>: {e}", item.from);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(id = %item.id, "cannot queue the DSN: {e}; retrying in {}", duration::format(wait));
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(300));
+                    }
+                }
             }
         }
         let spool = self.spool.clone();
@@ -281,7 +312,7 @@ impl Queue {
         } else if let Err(e) = self.dirsync.sync().await {
             tracing::error!(id = %item.id, "cannot sync the queue directory: {e}");
         }
-        self.live().remove(&item.id);
+        self.ids().items.remove(&item.id);
         tracing::info!(id = %item.id, "{} from=<{}> all done", item.id, item.from);
     }
 
@@ -326,6 +357,7 @@ impl Queue {
                 String::new(),
                 vec![item.from.clone()],
                 "local".into(),
+                true,
             )
             .await
         {

@@ -115,11 +115,6 @@ impl Spool {
         safeio::fsync_dir(&self.dir)
     }
 
-    /// Removes a body whose put failed.
-    pub fn discard_body(&self, id: &str) {
-        let _ = std::fs::remove_file(self.body_path(id));
-    }
-
     /// Loads every item; removes orphan bodies and temp files.
     pub fn load(&self) -> io::Result<Loaded> {
         let mut loaded = Loaded::default();

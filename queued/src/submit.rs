@@ -104,7 +104,9 @@ impl Session {
                 self.reset();
                 // smtpd checked the syntax already; check again, since the
                 // sender ends up in logs, MDA arguments and DSN headers.
-                if !from.is_empty() && !address::is_plausible(&from) {
+                if !from.is_empty()
+                    && (!address::is_plausible(&from) || address::normalize(&from).is_err())
+                {
                     return Ok(Some(SubmitReply::BadSequence(
                         "invalid sender address".into(),
                     )));
@@ -150,7 +152,8 @@ impl Session {
                 if body.error.is_none() {
                     if body.writer.size() + data.len() as u64 > max {
                         body.error = Some("message too big".into());
-                    } else if let Err(e) = body.writer.write(&data) {
+                    } else if let Err(e) = tokio::task::block_in_place(|| body.writer.write(&data))
+                    {
                         tracing::error!(id = %body.id, "queue write failed: {e}");
                         body.error = Some(format!("queue write failed: {e}"));
                     }
@@ -232,7 +235,7 @@ impl Session {
             });
         }
         let client = self.client.clone().unwrap_or_default();
-        match self.queue.put(id.clone(), from, rcpts, client).await {
+        match self.queue.put(id.clone(), from, rcpts, client, false).await {
             Ok(()) => Ok(SubmitReply::Queued { id }),
             Err(e) => {
                 if let PutError::Io(io) = &e {

@@ -187,6 +187,11 @@ pub fn parse_path(arg: &[u8], keyword: &str) -> Result<PathArg, PathError> {
         return Err(PathError::Malformed("not an address"));
     }
     let (user, domain) = address::split(path);
+    // The user part must normalise (no `@`, spaces or controls inside a
+    // quoted local part), or queued could not resolve or bounce it.
+    if address::normalize_user(user).is_err() {
+        return Err(PathError::Malformed("invalid user part"));
+    }
     if domain.is_empty() {
         if path.contains('@') {
             return Err(PathError::NoDomain);

@@ -29,6 +29,9 @@ pub const MAX_RCPTS: usize = 100;
 pub const MAX_ERRORS: u32 = 3;
 /// More `Received:` headers than this is a mail loop.
 pub const MAX_RECEIVED: u32 = 50;
+/// Reply bytes held before they are written even if the client has more
+/// commands buffered.
+const MAX_PENDING_REPLIES: usize = 4096;
 
 /// What every session on one listener shares.
 #[derive(Debug, Clone)]
@@ -159,7 +162,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.reply(421, "4.4.2", "Connection lifetime exceeded, closing");
                 break;
             }
-            if self.conn.buffer().is_empty() && self.flush().await.is_err() {
+            // Flush when the client has nothing more buffered (so pipelined
+            // replies go out together), or when replies pile up, so a client
+            // that never lets the buffer drain cannot grow them unbounded.
+            let flush_now = self.conn.buffer().is_empty() || self.out.len() > MAX_PENDING_REPLIES;
+            if flush_now && self.flush().await.is_err() {
                 return;
             }
             let line = match tokio::time::timeout(self.cfg.command_timeout, self.read_line()).await
@@ -320,6 +327,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(SubmitReply::Ok) => {
                 self.mail_from = Some(path.address);
                 self.reply(250, "2.1.5", "Ok");
+            }
+            Ok(SubmitReply::BadSequence(why)) => {
+                tracing::info!(peer = %self.peer, "queued refused the sender: {why}");
+                self.reply(501, "5.1.7", "Malformed sender address");
             }
             Ok(other) => {
                 tracing::warn!(peer = %self.peer, "queued answered MAIL with {other:?}");
@@ -680,13 +691,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// Writes the pending replies, under the command timeout: a client
+    /// that stops reading cannot pin the session.
     async fn flush(&mut self) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
+        let timeout = self.cfg.command_timeout;
         let w = self.conn.get_mut();
-        w.write_all(&self.out).await?;
-        w.flush().await?;
+        let write = async {
+            w.write_all(&self.out).await?;
+            w.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client is not reading its replies",
+                ));
+            }
+        }
         self.out.clear();
         Ok(())
     }
