@@ -53,6 +53,23 @@ impl Policy<'_> {
         address::remove_drops(user, &self.cfg.drop_characters, &self.cfg.suffix_separators)
     }
 
+    /// Gives a domain-less RCPT its domain: `postmaster` (any case) is
+    /// ours at the host name if that is a local domain, else at the first
+    /// local domain (RFC 5321 §4.5.1 requires accepting it). Other
+    /// domain-less addresses are left alone (and are unknown).
+    pub fn qualify(&self, to: &str) -> String {
+        if to.contains('@') || !to.eq_ignore_ascii_case("postmaster") {
+            return to.to_string();
+        }
+        let host = address::normalize_domain(&self.cfg.hostname).unwrap_or_default();
+        let domain = if self.domains.get(&host).is_some() {
+            host
+        } else {
+            self.domains.first().unwrap_or("localhost").to_string()
+        };
+        format!("postmaster@{domain}")
+    }
+
     /// Decides one RCPT.
     pub fn check_rcpt(&self, to: &str, auth: Option<&Authenticated>) -> RcptVerdict {
         let (_, raw_domain) = address::split(to);
@@ -271,6 +288,20 @@ self: ann, self
             p.check_rcpt("x@xn--zz", None),
             RcptVerdict::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn bare_postmaster_is_ours() {
+        let (cfg, domains) = setup();
+        let p = Policy {
+            cfg: &cfg,
+            domains: &domains,
+        };
+        let q = p.qualify("PostMaster");
+        assert_eq!(q, "postmaster@example.org", "first local domain");
+        assert_eq!(p.check_rcpt(&q, None), RcptVerdict::Accepted);
+        assert_eq!(p.qualify("bob"), "bob");
+        assert_eq!(p.check_rcpt("bob", None), RcptVerdict::NoSuchUser);
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub async fn serve(queue: Arc<Queue>, mut stream: UnixStream) {
             return;
         }
     };
-    tracing::debug!(uid = peer.uid, pid = ?peer.pid, role = peer.role.name(), "submit.sock: connected");
+    log_new_peer(&peer);
     let (r, w) = stream.into_split();
     let mut reader = BufReader::with_capacity(128 * 1024, r);
     let mut writer = BufWriter::new(w);
@@ -77,6 +77,24 @@ pub async fn serve(queue: Arc<Queue>, mut stream: UnixStream) {
         tracing::warn!(uid = peer.uid, pid = ?peer.pid, "submit.sock: closing connection: {e}");
     }
     s.abort_body();
+}
+
+/// Logs the credentials (SO_PEERCRED) of each process the first time it
+/// connects: one line per smtpd process rather than one per SMTP session.
+fn log_new_peer(peer: &hello::Peer) {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static SEEN: OnceLock<Mutex<HashSet<(u32, Option<i32>)>>> = OnceLock::new();
+    let mut seen = SEEN
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if seen.len() > 1024 {
+        seen.clear();
+    }
+    if seen.insert((peer.uid, peer.pid)) {
+        tracing::info!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "submit.sock: {} connected", peer.role.name());
+    }
 }
 
 impl Session {
@@ -127,11 +145,12 @@ impl Session {
                     ))));
                 }
                 let domains = self.queue.domains();
-                let verdict = Policy {
+                let policy = Policy {
                     cfg: &self.queue.cfg,
                     domains: &domains,
-                }
-                .check_rcpt(&to, self.auth.as_ref());
+                };
+                let to = policy.qualify(&to);
+                let verdict = policy.check_rcpt(&to, self.auth.as_ref());
                 if verdict == RcptVerdict::Accepted {
                     self.rcpts.push(to);
                 } else {
