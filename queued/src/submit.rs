@@ -84,7 +84,8 @@ pub async fn serve(queue: Arc<Queue>, mut stream: UnixStream) {
 fn log_new_peer(peer: &hello::Peer) {
     use std::collections::HashSet;
     use std::sync::{Mutex, OnceLock};
-    static SEEN: OnceLock<Mutex<HashSet<(u32, Option<i32>)>>> = OnceLock::new();
+    type UidPid = (u32, Option<i32>);
+    static SEEN: OnceLock<Mutex<HashSet<UidPid>>> = OnceLock::new();
     let mut seen = SEEN
         .get_or_init(Mutex::default)
         .lock()
