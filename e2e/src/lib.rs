@@ -202,8 +202,13 @@ runtime_dir = \"{run}\"
         wait_for(&format!("{name} to exit"), || c.try_wait().ok().flatten())
     }
 
+    /// The daemon's log, complete lines only (a line being written is not
+    /// returned half-way, so a pid or port is never read truncated).
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+        let mut s = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let end = s.rfind('\n').map_or(0, |i| i + 1);
+        s.truncate(end);
+        s
     }
 
     /// Waits until `needle` is in the daemon's log; returns that line.

@@ -75,7 +75,8 @@ fn temporary_mda_failure_is_retried() {
                 "mkdir -p {root}
 # Fail the first attempt with EX_TEMPFAIL, deliver the second.
 if [ ! -e {root}/tried ]; then touch {root}/tried; echo try later; exit 75; fi
-cat > {root}/$2.delivered\n"
+# Write, then rename: the test may look at any moment.
+cat > {root}/.$2.tmp && mv {root}/.$2.tmp {root}/$2.delivered\n"
             ),
         )
     });
@@ -112,7 +113,7 @@ fn permanent_mda_failure_sends_a_dsn_to_the_sender() {
             &format!(
                 "mkdir -p {root}/$2/new
 if [ \"$2\" = bob ]; then echo 'mailbox disabled by policy' >&2; exit 1; fi
-cat > {root}/$2/new/$$.msg\n"
+cat > {root}/$2/.$$.tmp && mv {root}/$2/.$$.tmp {root}/$2/new/$$.msg\n"
             ),
         )
     });
