@@ -39,6 +39,14 @@ async fn call(s: &mut UnixStream, req: SubmitRequest) -> SubmitReply {
     read_frame(s).await.unwrap().expect("a reply")
 }
 
+async fn mail(s: &mut UnixStream, from: &str) -> SubmitReply {
+    call(s, SubmitRequest::Mail { from: from.into() }).await
+}
+
+async fn rcpt(s: &mut UnixStream, to: &str) -> SubmitReply {
+    call(s, SubmitRequest::Rcpt { to: to.into() }).await
+}
+
 /// True once the peer has closed the connection.
 async fn closed(s: &mut UnixStream) -> bool {
     let mut b = [0u8; 64];
@@ -57,24 +65,9 @@ async fn hostile_submit_client() {
 
     // Relay without authentication: refused by queued itself.
     let mut s = session(&sock).await;
+    assert_eq!(mail(&mut s, "spam@remote.example").await, SubmitReply::Ok);
     assert_eq!(
-        call(
-            &mut s,
-            SubmitRequest::Mail {
-                from: "spam@remote.example".into()
-            }
-        )
-        .await,
-        SubmitReply::Ok
-    );
-    assert_eq!(
-        call(
-            &mut s,
-            SubmitRequest::Rcpt {
-                to: "victim@elsewhere.example".into()
-            }
-        )
-        .await,
+        rcpt(&mut s, "victim@elsewhere.example").await,
         SubmitReply::Rcpt(RcptVerdict::RelayDenied)
     );
     // No recipients accepted, so no DATA.
@@ -85,45 +78,21 @@ async fn hostile_submit_client() {
     // More than 100 recipients are refused even if smtpd forgot to count.
     for _ in 0..100 {
         assert_eq!(
-            call(
-                &mut s,
-                SubmitRequest::Rcpt {
-                    to: "ann@example.test".into()
-                }
-            )
-            .await,
+            rcpt(&mut s, "ann@example.test").await,
             SubmitReply::Rcpt(RcptVerdict::Accepted)
         );
     }
     assert_eq!(
-        call(
-            &mut s,
-            SubmitRequest::Rcpt {
-                to: "ann@example.test".into()
-            }
-        )
-        .await,
+        rcpt(&mut s, "ann@example.test").await,
         SubmitReply::Rcpt(RcptVerdict::TooMany)
     );
     // Header injection through the envelope is refused here too.
     assert!(matches!(
-        call(
-            &mut s,
-            SubmitRequest::Mail {
-                from: "a@b.example\r\nBcc: x@y.example".into()
-            }
-        )
-        .await,
+        mail(&mut s, "a@b.example\r\nBcc: x@y.example").await,
         SubmitReply::BadSequence(_)
     ));
     assert!(matches!(
-        call(
-            &mut s,
-            SubmitRequest::Rcpt {
-                to: "ann@example.test\r\nX: y".into()
-            }
-        )
-        .await,
+        rcpt(&mut s, "ann@example.test\r\nX: y").await,
         SubmitReply::BadSequence(_) | SubmitReply::Rcpt(RcptVerdict::Invalid(_))
     ));
     // A body chunk outside DATA: the connection is closed.
@@ -182,24 +151,9 @@ async fn hostile_submit_client() {
 
     // After all that, queued still serves and still decides correctly.
     let mut s = session(&sock).await;
+    assert_eq!(mail(&mut s, "a@remote.example").await, SubmitReply::Ok);
     assert_eq!(
-        call(
-            &mut s,
-            SubmitRequest::Mail {
-                from: "a@remote.example".into()
-            }
-        )
-        .await,
-        SubmitReply::Ok
-    );
-    assert_eq!(
-        call(
-            &mut s,
-            SubmitRequest::Rcpt {
-                to: "ann@example.test".into()
-            }
-        )
-        .await,
+        rcpt(&mut s, "ann@example.test").await,
         SubmitReply::Rcpt(RcptVerdict::Accepted)
     );
     assert_eq!(
