@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use crate::config::{Config, ConfigError};
 
-/// Flags every daemon takes (REFERENCE §1.1).
-#[derive(Debug, Clone, clap::Args)]
+/// Flags every daemon takes (REFERENCE §1.1); [`boot`] parses them under
+/// the daemon's own name.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(disable_version_flag = true)]
 pub struct DaemonFlags {
     /// Configuration directory.
     #[arg(
@@ -95,15 +97,21 @@ pub fn prepare_socket(path: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The first steps every daemon takes, in the same order: answer
-/// `--version`, start the debug log, load the config (refusing a bad one
+/// The first steps every daemon takes, in the same order: parse the
+/// flags, answer `--version`, start the debug log, load the config (refusing a bad one
 /// with its one clear line), build the runtime. `Err` is the exit code to
 /// return at once.
 pub fn boot(
-    binary: &str,
-    flags: &DaemonFlags,
+    binary: &'static str,
+    about: &'static str,
     worker_threads: Option<usize>,
-) -> Result<(Config, tokio::runtime::Runtime), std::process::ExitCode> {
+) -> Result<(DaemonFlags, Config, tokio::runtime::Runtime), std::process::ExitCode> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = DaemonFlags::command()
+        .name(binary)
+        .about(about)
+        .get_matches();
+    let flags = DaemonFlags::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if flags.version {
         println!("{}", crate::build::version_line(binary));
         return Err(std::process::ExitCode::SUCCESS);
@@ -122,7 +130,7 @@ pub fn boot(
         tracing::error!("cannot start the runtime: {e}");
         std::process::ExitCode::FAILURE
     })?;
-    Ok((cfg, rt))
+    Ok((flags, cfg, rt))
 }
 
 /// Accepts connections on a Unix socket forever, each served by its own

@@ -15,24 +15,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
-use tambo_common::daemon::{self, DaemonFlags};
+use tambo_common::daemon;
 use tambo_proto::{Role, hello};
 
-#[derive(Parser)]
-#[command(
-    name = "tambo-deliverd",
-    about = "tambo's delivery daemon",
-    disable_version_flag = true
-)]
-struct Flags {
-    #[command(flatten)]
-    daemon: DaemonFlags,
-}
-
 fn main() -> ExitCode {
-    let flags = Flags::parse();
-    let (cfg, rt) = match daemon::boot("tambo-deliverd", &flags.daemon, None) {
+    let (flags, cfg, rt) = match daemon::boot("tambo-deliverd", "tambo's delivery daemon", None) {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -41,7 +28,7 @@ fn main() -> ExitCode {
         tambo_proto::metrics::spawn_pusher(
             cfg.monitor_socket(),
             Role::Deliverd,
-            flags.daemon.as_pairs(),
+            flags.as_pairs(),
             tambo_common::build::VERSION.into(),
         );
         tokio::select! {

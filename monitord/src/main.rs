@@ -14,28 +14,16 @@ mod openmetrics;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use clap::Parser;
 use tokio::net::UnixListener;
 
-use tambo_common::daemon::{self, DaemonFlags};
-
-#[derive(Parser)]
-#[command(
-    name = "tambo-monitord",
-    about = "tambo's monitoring daemon",
-    disable_version_flag = true
-)]
-struct Flags {
-    #[command(flatten)]
-    daemon: DaemonFlags,
-}
+use tambo_common::daemon;
 
 fn main() -> ExitCode {
-    let flags = Flags::parse();
-    let (cfg, rt) = match daemon::boot("tambo-monitord", &flags.daemon, Some(1)) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
+    let (_flags, cfg, rt) =
+        match daemon::boot("tambo-monitord", "tambo's monitoring daemon", Some(1)) {
+            Ok(v) => v,
+            Err(code) => return code,
+        };
     rt.block_on(async move {
         let totals: collector::Shared = Arc::new(Mutex::new(collector::Totals::new()));
         let sock = cfg.monitor_socket();

@@ -21,30 +21,18 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use tokio::net::UnixListener;
 
-use tambo_common::daemon::{self, DaemonFlags};
+use tambo_common::daemon;
 use tambo_common::domains::Domains;
 use tambo_proto::Role;
 
-#[derive(Parser)]
-#[command(
-    name = "tambo-queued",
-    about = "tambo's queue and policy daemon",
-    disable_version_flag = true
-)]
-struct Flags {
-    #[command(flatten)]
-    daemon: DaemonFlags,
-}
-
 fn main() -> ExitCode {
-    let flags = Flags::parse();
-    let (cfg, rt) = match daemon::boot("tambo-queued", &flags.daemon, None) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
+    let (flags, cfg, rt) =
+        match daemon::boot("tambo-queued", "tambo's queue and policy daemon", None) {
+            Ok(v) => v,
+            Err(code) => return code,
+        };
     let cfg = Arc::new(cfg);
     let domains = match Domains::load(&cfg) {
         Ok(d) => d,
@@ -105,7 +93,7 @@ fn main() -> ExitCode {
         tambo_proto::metrics::spawn_pusher(
             cfg.monitor_socket(),
             Role::Queued,
-            flags.daemon.as_pairs(),
+            flags.as_pairs(),
             tambo_common::build::VERSION.into(),
         );
         let queue = Arc::new(queue::Queue::new(cfg.clone(), domains, spool));

@@ -5,27 +5,14 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use tambo_common::config::ListenAddr;
-use tambo_common::daemon::{self, DaemonFlags};
+use tambo_common::daemon;
 use tambo_proto::Role;
 use tambo_proto::submit::Mode;
 use tambo_smtpd::{server, session};
 
-#[derive(Parser)]
-#[command(
-    name = "tambo-smtpd",
-    about = "tambo's SMTP server",
-    disable_version_flag = true
-)]
-struct Flags {
-    #[command(flatten)]
-    daemon: DaemonFlags,
-}
-
 fn main() -> ExitCode {
-    let flags = Flags::parse();
-    let (cfg, rt) = match daemon::boot("tambo-smtpd", &flags.daemon, None) {
+    let (flags, cfg, rt) = match daemon::boot("tambo-smtpd", "tambo's SMTP server", None) {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -72,7 +59,7 @@ fn main() -> ExitCode {
         tambo_proto::metrics::spawn_pusher(
             cfg.monitor_socket(),
             Role::Smtpd,
-            flags.daemon.as_pairs(),
+            flags.as_pairs(),
             tambo_common::build::VERSION.into(),
         );
         let mut scfg = session::SessionConfig::new(
