@@ -95,6 +95,13 @@ pub struct TamboConfig {
     pub maildir: Option<String>,
     /// How many deliveries deliverd runs at once.
     pub delivery_slots: u32,
+    /// Most SMTP sessions at once, all clients together.
+    pub max_sessions: u32,
+    /// Most SMTP sessions at once from one client address (IPv4 address,
+    /// or IPv6 /64).
+    pub max_sessions_per_client: u32,
+    /// Most message bytes being received at once, over all sessions.
+    pub max_data_in_flight_mb: u64,
 }
 
 /// Test knobs (chasquid's `testing__*`). Not for production use.
@@ -108,6 +115,16 @@ pub struct Testing {
     pub fail_queue_writes: bool,
     /// Replaces smtpd's 1-minute command timeout.
     pub smtp_command_timeout: Option<Duration>,
+    /// Replaces the deadline queued gives deliverd for each job.
+    pub delivery_job_deadline: Option<Duration>,
+    /// While this file exists, fsyncs of the queue directory fail.
+    pub fail_dir_sync_if_exists: Option<PathBuf>,
+    /// Replaces the idle timeout of queued's and monitord's IPC sockets.
+    pub ipc_idle_timeout: Option<Duration>,
+    /// Replaces the monitoring HTTP server's keep-alive idle timeout.
+    pub http_idle_timeout: Option<Duration>,
+    /// Replaces the 30-second MDA and pipe timeout.
+    pub mda_timeout: Option<Duration>,
 }
 
 /// The effective configuration of one tambo installation.
@@ -173,6 +190,9 @@ impl Config {
                 monitord_user: "tambo-monitor".into(),
                 maildir: None,
                 delivery_slots: 16,
+                max_sessions: 1000,
+                max_sessions_per_client: 50,
+                max_data_in_flight_mb: 512,
             },
             testing: Testing::default(),
         }
@@ -245,6 +265,15 @@ impl Config {
                 _ => return Err(g.err(key, "unknown key")),
             }
         }
+        if self.tambo.max_data_in_flight_mb < self.max_data_size_mb {
+            return Err(g.err(
+                "tambo.max_data_in_flight_mb",
+                format!(
+                    "is {}, smaller than max_data_size_mb ({}): a message of the largest size could never be accepted",
+                    self.tambo.max_data_in_flight_mb, self.max_data_size_mb
+                ),
+            ));
+        }
         if self.mail_delivery_agent_bin.is_empty() && self.tambo.maildir.is_none() {
             return Err(g.err(
                 "mail_delivery_agent_bin",
@@ -275,6 +304,9 @@ impl Config {
                         .filter(|n| *n <= 1024)
                         .ok_or_else(|| g.err(key, "must be between 1 and 1024"))?;
                 }
+                "max_sessions" => self.tambo.max_sessions = g.u32(key, v)?,
+                "max_sessions_per_client" => self.tambo.max_sessions_per_client = g.u32(key, v)?,
+                "max_data_in_flight_mb" => self.tambo.max_data_in_flight_mb = g.positive(key, v)?,
                 _ => return Err(g.err(key, "unknown key")),
             }
         }
@@ -309,6 +341,15 @@ impl Config {
                 "smtp_command_timeout" => {
                     self.testing.smtp_command_timeout = Some(g.duration(key, v)?)
                 }
+                "delivery_job_deadline" => {
+                    self.testing.delivery_job_deadline = Some(g.duration(key, v)?)
+                }
+                "fail_dir_sync_if_exists" => {
+                    self.testing.fail_dir_sync_if_exists = Some(g.path(key, v)?)
+                }
+                "ipc_idle_timeout" => self.testing.ipc_idle_timeout = Some(g.duration(key, v)?),
+                "http_idle_timeout" => self.testing.http_idle_timeout = Some(g.duration(key, v)?),
+                "mda_timeout" => self.testing.mda_timeout = Some(g.duration(key, v)?),
                 _ => return Err(g.err(key, "unknown key")),
             }
         }
@@ -336,6 +377,26 @@ impl Config {
         self.max_data_size_mb.saturating_mul(1024 * 1024)
     }
 
+    /// `[tambo] max_data_in_flight_mb`, in bytes.
+    pub fn max_data_in_flight(&self) -> u64 {
+        self.tambo.max_data_in_flight_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// The user of each daemon role (`[tambo] *_user`).
+    pub fn role_users(&self) -> tambo_proto::identity::RoleUsers<'_> {
+        tambo_proto::identity::RoleUsers {
+            smtpd: &self.tambo.smtpd_user,
+            queued: &self.tambo.queued_user,
+            deliverd: &self.tambo.deliverd_user,
+            monitord: &self.tambo.monitord_user,
+        }
+    }
+
+    /// Where the file named `file` of this config is, for error messages.
+    pub fn file_path(&self) -> PathBuf {
+        self.config_dir.join(FILE_NAME)
+    }
+
     /// Resolves a path from the config against the config directory.
     fn resolve(&self, p: PathBuf) -> PathBuf {
         if p.is_absolute() {
@@ -349,6 +410,9 @@ impl Config {
     pub fn resolve_paths(mut self) -> Self {
         self.data_dir = self.resolve(self.data_dir.clone());
         self.tambo.runtime_dir = self.resolve(self.tambo.runtime_dir.clone());
+        if let Some(p) = self.testing.fail_dir_sync_if_exists.take() {
+            self.testing.fail_dir_sync_if_exists = Some(self.resolve(p));
+        }
         self
     }
 }
@@ -396,6 +460,10 @@ impl Getter<'_> {
     fn bool(&self, key: &str, v: &Value) -> Result<bool, ConfigError> {
         v.as_bool()
             .ok_or_else(|| self.err(key, format!("must be true or false, not {}", v.type_str())))
+    }
+    fn u32(&self, key: &str, v: &Value) -> Result<u32, ConfigError> {
+        let n = self.positive(key, v)?;
+        u32::try_from(n).map_err(|_| self.err(key, format!("must be at most {}", u32::MAX)))
     }
     fn positive(&self, key: &str, v: &Value) -> Result<u64, ConfigError> {
         match v.as_integer() {
@@ -496,6 +564,9 @@ mod tests {
         assert_eq!(c.suffix_separators, "+");
         assert_eq!(c.drop_characters, ".");
         assert_eq!(c.tambo.runtime_dir, PathBuf::from("/run/tambo"));
+        assert_eq!(c.tambo.max_sessions, 1000);
+        assert_eq!(c.tambo.max_sessions_per_client, 50);
+        assert_eq!(c.tambo.max_data_in_flight_mb, 512);
     }
 
     #[test]
@@ -524,6 +595,9 @@ give_up_send_after = "1h30m"
 runtime_dir = "run"
 maildir = "/var/mail/%to_domain%/%to_user%"
 delivery_slots = 4
+max_sessions = 10
+max_sessions_per_client = 2
+max_data_in_flight_mb = 64
 [testing]
 retry_delays = ["1s", "2s", "3s", "4s"]
 retry_jitter = "0s"
@@ -540,6 +614,9 @@ retry_jitter = "0s"
         assert_eq!(c.give_up_send_after, Duration::from_secs(5400));
         assert_eq!(c.testing.retry_jitter, Some(Duration::ZERO));
         assert_eq!(c.tambo.delivery_slots, 4);
+        assert_eq!(c.tambo.max_sessions, 10);
+        assert_eq!(c.tambo.max_sessions_per_client, 2);
+        assert_eq!(c.max_data_in_flight(), 64 << 20);
     }
 
     #[test]
@@ -567,6 +644,14 @@ retry_jitter = "0s"
             (
                 "[tambo]\ndelivery_slots = 5000",
                 "key tambo.delivery_slots:",
+            ),
+            (
+                "[tambo]\nmax_sessions = 0",
+                "key tambo.max_sessions: must be > 0",
+            ),
+            (
+                "max_data_size_mb = 100\n[tambo]\nmax_data_in_flight_mb = 99",
+                "key tambo.max_data_in_flight_mb: is 99, smaller than max_data_size_mb",
             ),
             (
                 "dovecot_auth = \"yes\"",

@@ -1,7 +1,14 @@
-//! What every tambo daemon does the same way at startup: its flags and its
-//! debug log.
+//! What every tambo daemon does the same way: its flags, its debug log,
+//! inherited sockets, the open-files limit, dropping root, readiness and
+//! startup failures reported to the supervisor (sd_notify), SIGHUP, and
+//! its accept loops.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tambo_proto::Role;
+use tambo_proto::activation::Inherited;
+use tambo_proto::identity::Identities;
 
 use crate::config::{Config, ConfigError};
 
@@ -78,34 +85,21 @@ pub async fn wait_for_shutdown() {
     }
 }
 
-/// Makes a Unix socket path ready to bind: creates the runtime directory
-/// if needed, and removes a stale socket file — but refuses if another
-/// process is still listening on it.
-pub fn prepare_socket(path: &std::path::Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another process is listening on it",
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    Ok(())
+/// What [`boot`] hands a daemon: its flags, config, the uid of each role,
+/// and the sockets it inherited (socket activation).
+pub struct Started {
+    pub flags: DaemonFlags,
+    pub cfg: Config,
+    pub ids: Identities,
+    pub sockets: Inherited,
 }
 
-/// The first steps every daemon takes, in the same order: parse the
-/// flags, answer `--version`, start the debug log, load the config (refusing a bad one
-/// with its one clear line), build the runtime. `Err` is the exit code to
-/// return at once.
-pub fn boot(
-    binary: &'static str,
-    about: &'static str,
-    worker_threads: Option<usize>,
-) -> Result<(DaemonFlags, Config, tokio::runtime::Runtime), std::process::ExitCode> {
+/// The first steps every daemon takes, in the same order: parse the flags,
+/// answer `--version`, start the debug log, take inherited sockets (before
+/// anything else opens a descriptor), raise the descriptor limit, load the
+/// config and resolve the users of each role. A failure is logged as one
+/// line, told to the supervisor, and returned as the exit code.
+pub fn boot(role: Role, binary: &'static str, about: &'static str) -> Result<Started, ExitCode> {
     use clap::{CommandFactory, FromArgMatches};
     let matches = DaemonFlags::command()
         .name(binary)
@@ -114,23 +108,168 @@ pub fn boot(
     let flags = DaemonFlags::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if flags.version {
         println!("{}", crate::build::version_line(binary));
-        return Err(std::process::ExitCode::SUCCESS);
+        return Err(ExitCode::SUCCESS);
     }
     init_logging();
+    let sockets = Inherited::take()
+        .map_err(|e| startup_failed(format!("cannot take the sockets passed to {binary}: {e}")))?;
     follow_supervisor()?;
-    let cfg = flags.load_config().map_err(|e| {
-        tracing::error!("{e}");
-        std::process::ExitCode::FAILURE
-    })?;
+    raise_nofile_limit();
+    let cfg = flags.load_config().map_err(startup_failed)?;
+    let ids = Identities::resolve(&cfg.role_users(), role)
+        .map_err(|e| startup_failed(format!("{}: {e}", cfg.file_path().display())))?;
+    // Under `tambo run` the supervisor says this once for everyone.
+    if !under_supervisor() {
+        tracing::info!("{}", ids.describe());
+    }
+    Ok(Started {
+        flags,
+        cfg,
+        ids,
+        sockets,
+    })
+}
+
+/// The daemon's tokio runtime. Built after sockets are bound and
+/// privileges dropped, so its threads start with the final credentials.
+pub fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {
         builder.worker_threads(n);
     }
-    let rt = builder.enable_all().build().map_err(|e| {
-        tracing::error!("cannot start the runtime: {e}");
-        std::process::ExitCode::FAILURE
-    })?;
-    Ok((flags, cfg, rt))
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| startup_failed(format!("cannot start the runtime: {e}")))
+}
+
+/// Logs a fatal startup error as one line, tells the supervisor (systemd
+/// or `tambo run`) why with `STATUS=`, and gives the exit code to return.
+pub fn startup_failed(msg: impl std::fmt::Display) -> ExitCode {
+    let msg = msg.to_string();
+    tracing::error!("{msg}");
+    let one_line: String = msg
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&one_line)]);
+    ExitCode::FAILURE
+}
+
+/// Tells the supervisor (systemd or `tambo run`) the daemon is serving.
+pub fn notify_ready() {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot report readiness to the supervisor: {e}");
+    }
+}
+
+/// Whether `tambo run` started this process.
+pub fn under_supervisor() -> bool {
+    std::env::var_os(SUPERVISOR_ENV).is_some()
+}
+
+/// Raises the soft limit on open descriptors to the hard limit: every SMTP
+/// session and IPC link is a descriptor, and the usual soft limit of 1024
+/// is far below what the daemons are built to hold.
+pub fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!("cannot read the open-files limit: {e}");
+            1024
+        }
+    }
+}
+
+/// The soft limit on open descriptors now.
+pub fn nofile_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024)
+}
+
+/// Gives up root for `role`'s user: supplementary groups (the socket group
+/// if it exists), gid, uid, then no_new_privs, so nothing this process
+/// runs can regain privileges. A no-op when not root. Call it before the
+/// runtime starts its threads.
+pub fn drop_privileges(role: Role, ids: &Identities) -> std::io::Result<()> {
+    use nix::unistd::{Gid, Uid, getresgid, getresuid, setgroups, setresgid, setresuid};
+    if !nix::unistd::geteuid().is_root() || ids.is_development() {
+        return Ok(());
+    }
+    let Some(account) = ids.account(role) else {
+        return Ok(());
+    };
+    if account.uid == 0 {
+        tracing::warn!("{} runs as root: its configured user is root", role.name());
+        return Ok(());
+    }
+    let group =
+        tambo_proto::identity::lookup_group(crate::sockets::SOCKET_GROUP).unwrap_or(account.gid);
+    let (uid, gid) = (Uid::from_raw(account.uid), Gid::from_raw(account.gid));
+    setgroups(&[Gid::from_raw(group)]).map_err(std::io::Error::from)?;
+    setresgid(gid, gid, gid).map_err(std::io::Error::from)?;
+    setresuid(uid, uid, uid).map_err(std::io::Error::from)?;
+    let r = getresuid().map_err(std::io::Error::from)?;
+    let g = getresgid().map_err(std::io::Error::from)?;
+    if [r.real, r.effective, r.saved] != [uid; 3] || [g.real, g.effective, g.saved] != [gid; 3] {
+        return Err(std::io::Error::other("credentials did not change"));
+    }
+    nix::sys::prctl::set_no_new_privs().map_err(std::io::Error::from)?;
+    // A change of credentials clears the parent-death signal: ask again,
+    // or a killed supervisor would leave this daemon running.
+    if follow_supervisor().is_err() {
+        return Err(std::io::Error::other("the supervisor is gone"));
+    }
+    tracing::info!(
+        "{} dropped root: now uid {}, gid {}",
+        role.name(),
+        account.uid,
+        account.gid
+    );
+    Ok(())
+}
+
+/// Serves SIGHUP for the whole life of the daemon: `reload` runs on each
+/// one. Without a handler SIGHUP would kill the process, and an operator's
+/// reload would take mail down. Call it first thing in the runtime.
+pub fn on_sighup<F>(reload: F)
+where
+    F: Fn() + Send + 'static,
+{
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    reload();
+                }
+            });
+        }
+        Err(e) => tracing::error!("cannot install the SIGHUP handler: {e}"),
+    }
+}
+
+/// Converts an inherited or pre-bound std listener for tokio.
+pub fn tokio_unix(
+    l: std::os::unix::net::UnixListener,
+) -> std::io::Result<tokio::net::UnixListener> {
+    l.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(l)
+}
+
+/// Converts an inherited or pre-bound std listener for tokio.
+pub fn tokio_tcp(l: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
 }
 
 /// Accepts connections on a Unix socket forever, each served by its own
@@ -154,13 +293,13 @@ where
     }
 }
 
-/// Set by `tambo run` in its children's environment.
-pub const SUPERVISOR_ENV: &str = "TAMBO_SUPERVISOR_PID";
+/// Set by `tambo run` in its children's environment: its pid.
+pub const SUPERVISOR_ENV: &str = tambo_proto::activation::SUPERVISOR_ENV;
 
 /// Under `tambo run`, ask the kernel for SIGTERM when the supervisor dies,
 /// so a killed supervisor never leaves daemons behind holding the sockets.
 /// If it is already gone (it died before this ran), exit now.
-fn follow_supervisor() -> Result<(), std::process::ExitCode> {
+fn follow_supervisor() -> Result<(), ExitCode> {
     let Some(pid) = std::env::var(SUPERVISOR_ENV)
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
@@ -172,7 +311,7 @@ fn follow_supervisor() -> Result<(), std::process::ExitCode> {
     }
     if nix::unistd::getppid().as_raw() != pid {
         tracing::error!("the supervisor (pid {pid}) is gone; exiting");
-        return Err(std::process::ExitCode::FAILURE);
+        return Err(ExitCode::FAILURE);
     }
     Ok(())
 }

@@ -6,12 +6,15 @@
 //! - [`address`]: address splitting and normalisation (domains, user parts).
 //! - [`users`], [`aliases`]: the per-domain files.
 //! - [`domains`]: loading `domains/` into one read-only snapshot.
-//! - [`safeio`]: atomic file writes (temp + fsync + rename + dir fsync).
-//! - [`build`]: version and build time; [`daemon`]: flags and logging every
-//!   daemon shares.
+//! - [`safeio`]: atomic file writes (temp + fsync + rename + dir fsync), and
+//!   directories created durably.
+//! - [`lockfile`]: exclusive locks held for a process's life.
+//! - [`sockets`]: the IPC sockets, who may connect to each, binding them.
+//! - [`build`]: version and build time; [`daemon`]: the startup sequence,
+//!   signals and accept loops every daemon shares.
 //!
-//! Nothing here opens a socket or runs a program: it is safe to link into
-//! every process, including the internet-facing one.
+//! Nothing here runs a program: it is safe to link into every process,
+//! including the internet-facing one.
 #![forbid(unsafe_code)]
 
 pub mod address;
@@ -21,5 +24,7 @@ pub mod config;
 pub mod daemon;
 pub mod domains;
 pub mod duration;
+pub mod lockfile;
 pub mod safeio;
+pub mod sockets;
 pub mod users;

@@ -51,6 +51,37 @@ pub fn temp_path(path: &Path) -> io::Result<PathBuf> {
     Ok(parent(path).join(format!(".{name}{suffix}")))
 }
 
+/// Creates `dir` and any missing parents with `mode`, fsyncing each new
+/// directory's parent so the new entry survives a crash (a directory that
+/// vanishes after a crash would take the files later written into it with
+/// it). Returns the parents it fsync'd, outermost first.
+pub fn create_dir_all_durable(dir: &Path, mode: u32) -> io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while !cur.as_os_str().is_empty() && !cur.is_dir() {
+        missing.push(cur.to_path_buf());
+        match cur.parent() {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    let mut synced = Vec::new();
+    for d in missing.iter().rev() {
+        match std::fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => {}
+            // Created meanwhile by someone else (another delivery): its
+            // creator syncs it.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => continue,
+            Err(e) => return Err(e),
+        }
+        let p = parent(d).to_path_buf();
+        fsync_dir(&p)?;
+        synced.push(p);
+    }
+    Ok(synced)
+}
+
 /// fsyncs a directory, making renames and new entries in it durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -76,6 +107,29 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn new_directories_are_synced_into_their_parents() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        let synced = create_dir_all_durable(&deep, 0o700).unwrap();
+        assert_eq!(
+            synced,
+            [
+                dir.path().to_path_buf(),
+                dir.path().join("a"),
+                dir.path().join("a/b")
+            ]
+        );
+        let mode = std::fs::metadata(&deep).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // Nothing new: nothing to sync.
+        assert!(create_dir_all_durable(&deep, 0o700).unwrap().is_empty());
+        // A file in the way is an error, not a silent success.
+        std::fs::write(dir.path().join("f"), b"").unwrap();
+        assert!(create_dir_all_durable(&dir.path().join("f/x"), 0o700).is_err());
     }
 
     #[test]

@@ -17,6 +17,13 @@ use tambo_proto::metrics::{self, names};
 
 use crate::{maildir, mda};
 
+/// How often deliverd says something to queued when it has no result to
+/// report (queued's idle timeout on deliver.sock is several times this).
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Largest job frame: addresses, a pipe command line, forward hosts.
+const MAX_JOB_FRAME: usize = tambo_proto::frame::MAX_SMALL_FRAME;
+
 /// Serves one connection to queued until it closes. Deliveries still
 /// running when it closes are abandoned (queued retries them).
 pub async fn serve(cfg: Arc<Config>, stream: UnixStream) -> Result<(), Error> {
@@ -30,16 +37,23 @@ pub async fn serve(cfg: Arc<Config>, stream: UnixStream) -> Result<(), Error> {
     )
     .await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Outcome)>();
+    // Results as they come, and a heartbeat when there is nothing to say,
+    // so queued can tell a quiet deliverd from a dead one.
     let results = tokio::spawn(async move {
-        while let Some((job, outcome)) = rx.recv().await {
-            write_frame(&mut writer, &FromDeliverd::Done { job, outcome }).await?;
+        loop {
+            let msg = match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
+                Ok(Some((job, outcome))) => FromDeliverd::Done { job, outcome },
+                Ok(None) => break,
+                Err(_) => FromDeliverd::Heartbeat,
+            };
+            write_frame(&mut writer, &msg).await?;
         }
         Ok::<(), Error>(())
     });
     let mut reader = FdReader::new(r);
     let mut running = JoinSet::new();
     let result = loop {
-        let msg = match reader.read_frame::<ToDeliverd>().await {
+        let msg = match reader.read_frame::<ToDeliverd>(MAX_JOB_FRAME).await {
             Ok(Some(m)) => m,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),

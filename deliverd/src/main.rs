@@ -16,23 +16,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tambo_common::daemon;
+use tambo_proto::identity::Identities;
 use tambo_proto::{Role, hello};
 
 fn main() -> ExitCode {
-    let (flags, cfg, rt) = match daemon::boot("tambo-deliverd", "tambo's delivery daemon", None) {
+    let started = match daemon::boot(Role::Deliverd, "tambo-deliverd", "tambo's delivery daemon") {
         Ok(v) => v,
+        Err(code) => return code,
+    };
+    let daemon::Started {
+        flags, cfg, ids, ..
+    } = started;
+    if nix::unistd::geteuid().is_root() {
+        tracing::warn!(
+            "deliverd runs as root until privilege separation lands: MDA and pipe commands run as root"
+        );
+    }
+    let rt = match daemon::runtime(None) {
+        Ok(rt) => rt,
         Err(code) => return code,
     };
     let cfg = Arc::new(cfg);
     rt.block_on(async move {
+        daemon::on_sighup(|| tracing::info!("SIGHUP: deliverd has nothing to reload"));
         tambo_proto::metrics::spawn_pusher(
             cfg.monitor_socket(),
             Role::Deliverd,
             flags.as_pairs(),
             tambo_common::build::VERSION.into(),
+            ids.clone(),
         );
+        daemon::notify_ready();
         tokio::select! {
-            _ = pull_forever(cfg) => {},
+            _ = pull_forever(cfg, ids) => {},
             _ = daemon::wait_for_shutdown() => {},
         }
         tracing::info!("deliverd stopping");
@@ -41,12 +57,12 @@ fn main() -> ExitCode {
 }
 
 /// Connects to queued and serves jobs, reconnecting with backoff.
-async fn pull_forever(cfg: Arc<tambo_common::config::Config>) {
+async fn pull_forever(cfg: Arc<tambo_common::config::Config>, ids: Identities) {
     let path = cfg.deliver_socket();
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        match hello::connect(&path, Role::Deliverd, Role::Queued).await {
+        match hello::connect(&path, Role::Deliverd, Role::Queued, &ids).await {
             Ok(stream) => {
                 tracing::info!("connected to queued at {}", path.display());
                 warned = false;

@@ -59,6 +59,42 @@ pub fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
 
 pub const DOMAIN: &str = "example.test";
 
+/// Whether the tests run as root (as in CI). Then the daemons run as real,
+/// separate users where tambo drops privileges (smtpd and monitord become
+/// `nobody`), and the attacker tests run hostile peers as other users.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The `[tambo] *_user` lines every test config gets. As root: users that
+/// every Debian system has (smtpd and monitord as `nobody`, queued and
+/// deliverd as root until privilege separation lands). Otherwise: the
+/// current user for every role (development).
+pub fn role_users() -> String {
+    let (smtpd, queued, deliverd, monitord) = if is_root() {
+        ("nobody", "root", "root", "nobody")
+    } else {
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .expect("the current user has a name");
+        let leaked: &'static str = Box::leak(me.into_boxed_str());
+        (leaked, leaked, leaked, leaked)
+    };
+    format!(
+        "smtpd_user = \"{smtpd}\"\nqueued_user = \"{queued}\"\ndeliverd_user = \"{deliverd}\"\nmonitord_user = \"{monitord}\"\n"
+    )
+}
+
+/// The identities a test client uses to check the daemons it talks to.
+pub fn ids() -> tambo_proto::identity::Identities {
+    tambo_proto::identity::Identities::development(tambo_proto::identity::Account {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+    })
+}
+
 /// One tambo installation under test.
 pub struct Tambo {
     pub dir: tempfile::TempDir,
@@ -82,6 +118,10 @@ impl Tambo {
             .tempdir()
             .expect("tempdir");
         let root = dir.path().to_path_buf();
+        // smtpd and monitord drop to `nobody` when the tests run as root:
+        // they must be able to reach the sockets under this directory.
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let t = Tambo {
             config_dir: root.join("config"),
             data_dir: root.join("data"),
@@ -124,11 +164,12 @@ data_dir = \"{data}\"
 {extra}
 [tambo]
 runtime_dir = \"{run}\"
-{maildir_line}{tambo_extra}
+{users}{maildir_line}{tambo_extra}
 [testing]
 {testing}",
             data = t.data_dir.display(),
             run = t.run_dir.display(),
+            users = role_users(),
         );
         std::fs::write(t.config_dir.join("tambo.conf"), conf).unwrap();
         t
@@ -288,12 +329,13 @@ runtime_dir = \"{run}\"
         })
     }
 
-    /// Names of the files in the queue directory.
+    /// Names of the files in the queue directory (its lock file aside).
     pub fn queue_files(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.data_dir.join("queue"))
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != ".lock")
                     .collect()
             })
             .unwrap_or_default();

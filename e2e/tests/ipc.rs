@@ -15,7 +15,7 @@ use tambo_proto::submit::{Mode, RcptVerdict, SubmitReply, SubmitRequest};
 use tambo_proto::{PROTOCOL_VERSION, Role};
 
 async fn session(path: &Path) -> UnixStream {
-    let mut s = hello::connect(path, Role::Smtpd, Role::Queued)
+    let mut s = hello::connect(path, Role::Smtpd, Role::Queued, &ids())
         .await
         .expect("handshake");
     write_frame(
@@ -102,7 +102,7 @@ async fn hostile_submit_client() {
     assert!(closed(&mut s).await);
 
     // Requests before Session are refused.
-    let mut s = hello::connect(&sock, Role::Smtpd, Role::Queued)
+    let mut s = hello::connect(&sock, Role::Smtpd, Role::Queued, &ids())
         .await
         .unwrap();
     write_frame(
@@ -177,8 +177,9 @@ async fn hostile_submit_client() {
     );
     assert!(log.contains("protocol version mismatch"), "{log}");
     assert!(log.contains("role Deliverd may not connect"), "{log}");
-    t.wait_var("IPC errors counted", |v| {
-        v["tambo/ipc/errors"]["queued"].as_u64() >= Some(6)
+    t.wait_var("IPC errors and refusals counted", |v| {
+        v["tambo/ipc/errors"]["queued"].as_u64() >= Some(2)
+            && v["tambo/ipc/refused"]["submit"].as_u64() >= Some(5)
     });
 }
 
@@ -189,7 +190,7 @@ async fn hostile_deliver_client() {
     t.start("queued");
     let sock = t.run_dir.join("deliver.sock");
     // Results for jobs never handed out close the connection.
-    let mut s = hello::connect(&sock, Role::Deliverd, Role::Queued)
+    let mut s = hello::connect(&sock, Role::Deliverd, Role::Queued, &ids())
         .await
         .unwrap();
     write_frame(&mut s, &FromDeliverd::Ready { slots: 4 })
@@ -206,7 +207,7 @@ async fn hostile_deliver_client() {
     .unwrap();
     assert!(closed(&mut s).await);
     // Skipping Ready closes it too.
-    let mut s = hello::connect(&sock, Role::Deliverd, Role::Queued)
+    let mut s = hello::connect(&sock, Role::Deliverd, Role::Queued, &ids())
         .await
         .unwrap();
     write_frame(
@@ -221,7 +222,7 @@ async fn hostile_deliver_client() {
     assert!(closed(&mut s).await);
     // smtpd may not pull jobs.
     assert!(
-        hello::connect(&sock, Role::Smtpd, Role::Queued)
+        hello::connect(&sock, Role::Smtpd, Role::Queued, &ids())
             .await
             .is_err()
     );

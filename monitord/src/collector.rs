@@ -11,6 +11,7 @@ use tokio::io::BufReader;
 use tokio::net::UnixStream;
 
 use tambo_proto::frame::read_frame;
+use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{Kind, VARIABLES};
 use tambo_proto::monitor::{Delta, MonitorMessage};
 use tambo_proto::{Role, hello};
@@ -98,11 +99,12 @@ pub fn lock(t: &Shared) -> std::sync::MutexGuard<'_, Totals> {
 }
 
 /// Serves one process's connection.
-pub async fn serve(totals: Shared, mut stream: UnixStream) {
+pub async fn serve(totals: Shared, mut stream: UnixStream, ids: Arc<Identities>) {
     let peer = match hello::accept(
         &mut stream,
         Role::Monitord,
         &[Role::Smtpd, Role::Queued, Role::Deliverd, Role::Ctl],
+        &ids,
     )
     .await
     {

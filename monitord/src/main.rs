@@ -14,57 +14,100 @@ mod openmetrics;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use tokio::net::UnixListener;
-
 use tambo_common::daemon;
+use tambo_common::sockets::{self, IpcSocket};
+use tambo_proto::Role;
 
 fn main() -> ExitCode {
-    let (_flags, cfg, rt) =
-        match daemon::boot("tambo-monitord", "tambo's monitoring daemon", Some(1)) {
-            Ok(v) => v,
-            Err(code) => return code,
-        };
-    rt.block_on(async move {
-        let totals: collector::Shared = Arc::new(Mutex::new(collector::Totals::new()));
-        let sock = cfg.monitor_socket();
-        let listener = match daemon::prepare_socket(&sock).and_then(|_| UnixListener::bind(&sock)) {
-            Ok(l) => l,
+    let started = match daemon::boot(
+        Role::Monitord,
+        "tambo-monitord",
+        "tambo's monitoring daemon",
+    ) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let daemon::Started {
+        cfg,
+        ids,
+        mut sockets,
+        ..
+    } = started;
+    // Sockets first (inherited from systemd or `tambo run`, or bound here),
+    // then root is dropped, then the runtime starts.
+    let sock_path = IpcSocket::Monitor.path(&cfg);
+    let mut _lock = None;
+    let unix = match sockets.take_named(IpcSocket::Monitor.name()).pop() {
+        Some(fd) => std::os::unix::net::UnixListener::from(fd),
+        None => match sockets::bind(&sock_path, IpcSocket::Monitor.access(&ids)) {
+            Ok(b) => {
+                _lock = Some(b.lock);
+                b.listener
+            }
             Err(e) => {
-                tracing::error!("cannot listen on {}: {e}", sock.display());
-                return ExitCode::FAILURE;
+                return daemon::startup_failed(format!(
+                    "cannot listen on {}: {e}",
+                    sock_path.display()
+                ));
             }
+        },
+    };
+    let http_listener = match (
+        sockets.take_named("monitoring").pop(),
+        cfg.monitoring_address,
+    ) {
+        (Some(fd), _) => Some(std::net::TcpListener::from(fd)),
+        (None, Some(addr)) => match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return daemon::startup_failed(format!(
+                    "{}: key monitoring_address: cannot listen on {addr}: {e}",
+                    cfg.file_path().display()
+                ));
+            }
+        },
+        (None, None) => None,
+    };
+    if let Err(e) = daemon::drop_privileges(Role::Monitord, &ids) {
+        return daemon::startup_failed(format!("cannot drop privileges: {e}"));
+    }
+    let rt = match daemon::runtime(Some(1)) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        daemon::on_sighup(|| tracing::info!("SIGHUP: monitord has nothing to reload"));
+        let totals: collector::Shared = Arc::new(Mutex::new(collector::Totals::new()));
+        let listener = match daemon::tokio_unix(unix) {
+            Ok(l) => l,
+            Err(e) => return daemon::startup_failed(format!("monitor.sock: {e}")),
         };
-        if let Some(addr) = cfg.monitoring_address {
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => {
-                    match l.local_addr() {
-                        Ok(a) => tracing::info!("monitoring listening on http://{a}/"),
-                        Err(e) => tracing::warn!("monitoring listener without address: {e}"),
-                    }
-                    let site = Arc::new(http::Site {
-                        totals: totals.clone(),
-                        hostname: cfg.hostname.clone(),
-                        cmdline: std::env::args().collect(),
-                        started: chrono::Local::now(),
-                    });
-                    tokio::spawn(http::run(l, site));
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "{}: key monitoring_address: cannot listen on {addr}: {e}",
-                        cfg.config_dir.join("tambo.conf").display()
-                    );
-                    return ExitCode::FAILURE;
-                }
+        if let Some(l) = http_listener {
+            let l = match daemon::tokio_tcp(l) {
+                Ok(l) => l,
+                Err(e) => return daemon::startup_failed(format!("monitoring listener: {e}")),
+            };
+            match l.local_addr() {
+                Ok(a) => tracing::info!("monitoring listening on http://{a}/"),
+                Err(e) => tracing::warn!("monitoring listener without address: {e}"),
             }
+            let site = Arc::new(http::Site {
+                totals: totals.clone(),
+                hostname: cfg.hostname.clone(),
+                cmdline: std::env::args().collect(),
+                started: chrono::Local::now(),
+            });
+            tokio::spawn(http::run(l, site));
         } else {
             tracing::info!("monitoring_address is empty: no monitoring HTTP server");
         }
-        tracing::info!("monitord listening on {}", sock.display());
+        tracing::info!("monitord listening on {}", sock_path.display());
         let t = totals.clone();
+        let ids = Arc::new(ids);
         tokio::spawn(daemon::accept_unix(listener, "monitor.sock", move |s| {
-            collector::serve(t.clone(), s)
+            collector::serve(t.clone(), s, ids.clone())
         }));
+        daemon::notify_ready();
         daemon::wait_for_shutdown().await;
         tracing::info!("monitord stopping");
         ExitCode::SUCCESS

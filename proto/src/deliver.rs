@@ -61,4 +61,7 @@ pub enum FromDeliverd {
     Ready { slots: u32 },
     /// The result of a job.
     Done { job: u64, outcome: Outcome },
+    /// Sent when deliverd has had nothing to say for a while, so queued
+    /// can close a connection whose peer went silent.
+    Heartbeat,
 }

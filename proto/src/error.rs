@@ -7,8 +7,8 @@ pub enum Error {
     /// The socket failed (includes the peer going away mid-write).
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
-    /// A frame announced more than [`crate::frame::MAX_FRAME`] bytes.
-    #[error("frame of {len} bytes is over the {max}-byte limit", max = crate::frame::MAX_FRAME)]
+    /// A frame announced more bytes than the current state allows.
+    #[error("frame of {len} bytes is over the limit for this state")]
     FrameTooLarge { len: usize },
     /// The connection ended in the middle of a frame.
     #[error("truncated frame: connection closed after {got} of {expected} bytes")]
@@ -29,8 +29,11 @@ pub enum Error {
     #[error("role {role:?} may not connect to this socket")]
     RoleNotAllowed { role: Role },
     /// The peer's uid is not the one configured for its role.
-    #[error("peer uid {uid} is not allowed for role {role:?}")]
+    #[error("peer uid {uid} is not allowed to be {role:?}")]
     PeerNotAllowed { uid: u32, role: Role },
+    /// The peer sent nothing for longer than this connection allows.
+    #[error("peer idle for more than {0:?}")]
+    Idle(std::time::Duration),
     /// A message arrived that is not valid in the current state.
     #[error("unexpected message {0} in this state")]
     Unexpected(&'static str),

@@ -1,6 +1,8 @@
-//! Passing a message file descriptor to deliverd (SCM_RIGHTS) on
-//! deliver.sock, so deliverd reads exactly one message and never the queue
-//! directory.
+//! Descriptors handed to us by another process: a message file descriptor
+//! passed to deliverd (SCM_RIGHTS) on deliver.sock, so deliverd reads
+//! exactly one message and never the queue directory; and the listening
+//! sockets a daemon inherits from systemd or `tambo run`
+//! ([`adopt_inherited_socket`], used by [`crate::activation`]).
 //!
 //! This is the only module in tambo with `unsafe`: turning the descriptor
 //! numbers the kernel hands us into owned values. Everything else goes
@@ -13,6 +15,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::de::DeserializeOwned;
@@ -21,6 +24,53 @@ use tokio::net::UnixStream;
 
 use crate::Error;
 use crate::frame::{body_len, decode};
+
+/// Descriptors already adopted by [`adopt_inherited_socket`], so none is
+/// ever owned twice.
+static ADOPTED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+/// Takes ownership of a socket this process inherited at `fd` (socket
+/// activation: systemd or `tambo run` put it there before exec). Refuses a
+/// number that is not open, is not a socket, or was adopted already; marks
+/// it close-on-exec so no child of ours inherits it.
+///
+/// Must be called before the process opens sockets of its own (the daemons
+/// call it first thing, before their runtime exists), so a wrong
+/// `LISTEN_FDS` count cannot make us adopt a socket something else owns.
+pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use nix::sys::stat::{SFlag, fstat};
+    if fd < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is stdin, stdout or stderr"),
+        ));
+    }
+    let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+    if adopted.contains(&fd) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("descriptor {fd} was adopted already"),
+        ));
+    }
+    // SAFETY: borrowing only for the duration of these checks; if `fd` is
+    // not open, the calls fail with EBADF and nothing else happens.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    fcntl(borrowed, FcntlArg::F_GETFD).map_err(io::Error::from)?;
+    let st = fstat(borrowed).map_err(io::Error::from)?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a socket"),
+        ));
+    }
+    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
+    adopted.push(fd);
+    // SAFETY: `fd` is open (F_GETFD succeeded) and is a socket we inherited
+    // across exec; nothing in this process opened it, and ADOPTED makes sure
+    // it is owned at most once, so the OwnedFd is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 /// Sends one whole frame; `fd` travels with its first byte.
 pub async fn send_with_fd(stream: &UnixStream, frame: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -70,8 +120,12 @@ impl<S: AsRef<UnixStream>> FdReader<S> {
         }
     }
 
-    /// Reads one frame. `Ok(None)` is a clean end between frames.
-    pub async fn read_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {
+    /// Reads one frame of at most `max` bytes. `Ok(None)` is a clean end
+    /// between frames.
+    pub async fn read_frame<T: DeserializeOwned>(
+        &mut self,
+        max: usize,
+    ) -> Result<Option<T>, Error> {
         if !self.fill(4).await? {
             let got = self.available();
             return if got == 0 {
@@ -83,7 +137,7 @@ impl<S: AsRef<UnixStream>> FdReader<S> {
         let prefix: [u8; 4] = self.buf[self.pos..self.pos + 4]
             .try_into()
             .unwrap_or([0xFF; 4]);
-        let len = body_len(prefix)?;
+        let len = body_len(prefix, max)?;
         if !self.fill(4 + len).await? {
             return Err(Error::Truncated {
                 expected: len,
@@ -206,7 +260,11 @@ mod tests {
         });
         let mut r = FdReader::new(b);
         for i in 0..3u64 {
-            let msg: ToDeliverd = r.read_frame().await.unwrap().unwrap();
+            let msg: ToDeliverd = r
+                .read_frame(crate::frame::MAX_SMALL_FRAME)
+                .await
+                .unwrap()
+                .unwrap();
             let ToDeliverd::Job(job) = msg;
             assert_eq!(job.job, i);
             let mut f = std::fs::File::from(r.take_fd().expect("fd"));
@@ -215,7 +273,28 @@ mod tests {
             assert_eq!(s, format!("message {i}"));
         }
         drop(sender.await.unwrap());
-        assert!(r.read_frame::<ToDeliverd>().await.unwrap().is_none());
+        assert!(
+            r.read_frame::<ToDeliverd>(crate::frame::MAX_SMALL_FRAME)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn inherited_sockets_are_adopted_once_and_checked() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Hand the descriptor over as an exec would: forget our owner.
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(OwnedFd::from(a));
+        let owned = adopt_inherited_socket(raw).unwrap();
+        assert_eq!(owned.as_raw_fd(), raw);
+        assert!(adopt_inherited_socket(raw).is_err(), "never twice");
+        assert!(adopt_inherited_socket(1).is_err(), "not stdio");
+        // A regular file is not a socket.
+        let f = tempfile::tempfile().unwrap();
+        assert!(adopt_inherited_socket(f.as_raw_fd()).is_err());
+        // A closed number is refused.
+        assert!(adopt_inherited_socket(1_000_000).is_err());
     }
 
     #[tokio::test]
@@ -233,7 +312,8 @@ mod tests {
         drop(a);
         let mut r = FdReader::new(b);
         assert!(matches!(
-            r.read_frame::<ToDeliverd>().await,
+            r.read_frame::<ToDeliverd>(crate::frame::MAX_SMALL_FRAME)
+                .await,
             Err(Error::Truncated { .. })
         ));
     }

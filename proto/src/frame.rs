@@ -4,6 +4,11 @@
 //! can be swapped (postcard is the candidate) without touching a daemon.
 //! Decoding enforces [`MAX_FRAME`], rejects trailing bytes (like OpenSMTPD's
 //! `m_end()`), and never panics on any input.
+//!
+//! Every read names the largest frame the current state allows (a hello is
+//! a few bytes, a body chunk 64 KiB), and the length is checked against it
+//! before anything is allocated. [`FrameReader`] buffers reads without
+//! holding a large buffer while the connection is idle.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -17,6 +22,17 @@ pub const MAX_FRAME: usize = 1 << 20;
 
 /// Size of the message-body chunks smtpd sends to queued.
 pub const CHUNK_SIZE: usize = 64 * 1024;
+
+/// Largest `Hello` frame (it is a few bytes).
+pub const MAX_HELLO_FRAME: usize = 64;
+
+/// Largest frame carrying a body chunk: the chunk plus its few bytes of
+/// framing.
+pub const MAX_CHUNK_FRAME: usize = CHUNK_SIZE + 64;
+
+/// Largest frame of any other request or reply between daemons: addresses
+/// are at most 256 characters, failure texts 1 KiB.
+pub const MAX_SMALL_FRAME: usize = 8 * 1024;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard()
@@ -52,18 +68,29 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
     Ok(msg)
 }
 
-/// Parses a length prefix, refusing oversize frames before any allocation.
-pub fn body_len(prefix: [u8; 4]) -> Result<usize, Error> {
+/// Parses a length prefix, refusing frames over `max` (and over
+/// [`MAX_FRAME`]) before any allocation.
+pub fn body_len(prefix: [u8; 4], max: usize) -> Result<usize, Error> {
     let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
+    if len > max.min(MAX_FRAME) {
         return Err(Error::FrameTooLarge { len });
     }
     Ok(len)
 }
 
-/// Reads one frame. `Ok(None)` is a clean end of stream between frames; an
-/// end in the middle of a frame is [`Error::Truncated`].
+/// Reads one frame of at most [`MAX_FRAME`] bytes; see [`read_frame_max`].
 pub async fn read_frame<R, T>(r: &mut R) -> Result<Option<T>, Error>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    read_frame_max(r, MAX_FRAME).await
+}
+
+/// Reads one frame of at most `max` bytes, unbuffered. `Ok(None)` is a
+/// clean end of stream between frames; an end in the middle of a frame is
+/// [`Error::Truncated`].
+pub async fn read_frame_max<R, T>(r: &mut R, max: usize) -> Result<Option<T>, Error>
 where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
@@ -76,7 +103,7 @@ where
     if got < 4 {
         return Err(Error::Truncated { expected: 4, got });
     }
-    let len = body_len(prefix)?;
+    let len = body_len(prefix, max)?;
     let mut body = vec![0u8; len];
     let got = read_full(r, &mut body).await?;
     if got < len {
@@ -96,6 +123,90 @@ async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<us
         got += n;
     }
     Ok(got)
+}
+
+/// Reads frames through a buffer that grows to the frame being read and is
+/// given back once the connection has nothing buffered, so an idle
+/// connection holds at most [`FrameReader::IDLE_CAPACITY`] bytes.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// Start of unread data in `buf`.
+    start: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Buffer kept between frames; anything larger is freed.
+    pub const IDLE_CAPACITY: usize = 4096;
+
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            start: 0,
+        }
+    }
+
+    /// Reads one frame of at most `max` bytes. `Ok(None)` is a clean end of
+    /// stream between frames.
+    pub async fn read<T: DeserializeOwned>(&mut self, max: usize) -> Result<Option<T>, Error> {
+        if !self.fill(4).await? {
+            let got = self.available();
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(Error::Truncated { expected: 4, got })
+            };
+        }
+        let mut prefix = [0u8; 4];
+        prefix.copy_from_slice(&self.buf[self.start..self.start + 4]);
+        let len = body_len(prefix, max)?;
+        if !self.fill(4 + len).await? {
+            return Err(Error::Truncated {
+                expected: len,
+                got: self.available() - 4,
+            });
+        }
+        let msg = decode(&self.buf[self.start + 4..self.start + 4 + len]);
+        self.start += 4 + len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+            if self.buf.capacity() > Self::IDLE_CAPACITY {
+                self.buf = Vec::new();
+            }
+        }
+        msg.map(Some)
+    }
+
+    /// Whether bytes of a next frame are already buffered.
+    pub fn has_buffered(&self) -> bool {
+        self.available() > 0
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    fn available(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Reads until `n` bytes are buffered; false on EOF before that.
+    async fn fill(&mut self, n: usize) -> Result<bool, Error> {
+        while self.available() < n {
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let want = n - self.buf.len();
+            self.buf.reserve(want.max(Self::IDLE_CAPACITY));
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Writes one frame and flushes it.
@@ -141,8 +252,13 @@ mod tests {
             Err(Error::Encode(_) | Error::FrameTooLarge { .. })
         ));
         assert!(matches!(
-            body_len((MAX_FRAME as u32 + 1).to_be_bytes()),
+            body_len((MAX_FRAME as u32 + 1).to_be_bytes(), usize::MAX),
             Err(Error::FrameTooLarge { .. })
+        ));
+        // The limit of the state wins when it is smaller.
+        assert!(matches!(
+            body_len(65u32.to_be_bytes(), MAX_HELLO_FRAME),
+            Err(Error::FrameTooLarge { len: 65 })
         ));
     }
 
@@ -204,6 +320,37 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+    }
+
+    #[tokio::test]
+    async fn frame_reader_reads_pipelined_frames_and_frees_its_buffer() {
+        let mut wire = Vec::new();
+        for i in 0..5u8 {
+            wire.extend(encode(&SubmitRequest::DataChunk(vec![i; 10_000])).unwrap());
+        }
+        wire.extend(encode(&SubmitRequest::Rset).unwrap());
+        let mut r = FrameReader::new(&wire[..]);
+        for i in 0..5u8 {
+            let msg: SubmitRequest = r.read(MAX_CHUNK_FRAME).await.unwrap().unwrap();
+            assert_eq!(msg, SubmitRequest::DataChunk(vec![i; 10_000]));
+        }
+        let msg: SubmitRequest = r.read(MAX_SMALL_FRAME).await.unwrap().unwrap();
+        assert_eq!(msg, SubmitRequest::Rset);
+        assert!(r.buf.capacity() <= FrameReader::<&[u8]>::IDLE_CAPACITY);
+        assert!(r.read::<SubmitRequest>(16).await.unwrap().is_none());
+        // A frame over the state's limit is refused from its prefix alone.
+        let big = encode(&SubmitRequest::DataChunk(vec![0; 100])).unwrap();
+        let mut r = FrameReader::new(&big[..8]);
+        assert!(matches!(
+            r.read::<SubmitRequest>(MAX_HELLO_FRAME).await,
+            Err(Error::FrameTooLarge { .. })
+        ));
+        // A cut inside a frame is a truncation, not a clean end.
+        let mut r = FrameReader::new(&big[..big.len() - 1]);
+        assert!(matches!(
+            r.read::<SubmitRequest>(MAX_CHUNK_FRAME).await,
+            Err(Error::Truncated { .. })
+        ));
     }
 
     #[tokio::test]

@@ -5,23 +5,28 @@
 //! # Layout
 //! - [`frame`]: 4-byte big-endian length + one bincode message; the one
 //!   encode/decode pair, with a hard size limit. Decoding never panics.
-//! - [`hello`]: the first frame of every connection (version, role) and the
-//!   peer's credentials.
+//! - [`hello`]: the first frame of every connection (version, role), and
+//!   the uid check of the peer in both directions against [`identity`].
+//! - [`identity`]: the uid each role runs as.
+//! - [`activation`]: listening sockets inherited from systemd or `tambo run`.
 //! - [`submit`], [`deliver`], [`monitor`]: one message enum per socket.
 //! - [`fd`]: passing a read-only message file descriptor (SCM_RIGHTS) to
-//!   deliverd; the only module with `unsafe`.
+//!   deliverd, and adopting inherited sockets; the only module with
+//!   `unsafe`.
 //! - [`metrics`]: the counter-delta client every process uses to feed
 //!   monitord, which never blocks mail.
 //!
 //! Any change to a message enum bumps [`hello::PROTOCOL_VERSION`].
 #![deny(unsafe_code)]
 
+pub mod activation;
 pub mod deliver;
 mod error;
 #[allow(unsafe_code)]
 pub mod fd;
 pub mod frame;
 pub mod hello;
+pub mod identity;
 pub mod metrics;
 pub mod monitor;
 pub mod submit;

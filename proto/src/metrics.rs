@@ -18,7 +18,8 @@ use tokio::net::UnixStream;
 use crate::Role;
 use crate::frame::write_frame;
 use crate::hello;
-use crate::monitor::{Delta, MonitorMessage};
+use crate::identity::Identities;
+use crate::monitor::{Delta, MAX_DELTAS_PER_FRAME, MonitorMessage};
 
 /// Variable names: a compatibility contract (../shared/monitoring.md).
 pub mod names {
@@ -35,6 +36,11 @@ pub mod names {
     pub const QUEUE_DELIVER_ATTEMPTS: &str = "chasquid/queue/deliverAttempts";
     pub const QUEUE_DSN_QUEUED: &str = "chasquid/queue/dsnQueued";
     pub const IPC_ERRORS: &str = "tambo/ipc/errors";
+    pub const IPC_REFUSED: &str = "tambo/ipc/refused";
+    pub const SMTP_IN_SESSIONS_REFUSED: &str = "tambo/smtpIn/sessionsRefused";
+    pub const QUEUE_UNREADABLE_ITEMS: &str = "tambo/queue/unreadableItems";
+    pub const QUEUE_JOBS_EXPIRED: &str = "tambo/queue/jobsExpired";
+    pub const QUEUE_DSNS_DROPPED: &str = "tambo/queue/dsnDropped";
     pub const QUEUE_DIR_SYNCS: &str = "tambo/queue/dirSyncs";
     pub const METRICS_DROPPED: &str = "tambo/metrics/dropped";
 }
@@ -225,6 +231,31 @@ pub const VARIABLES: &[(&str, Kind, &str)] = &[
         "IPC connections closed on a protocol error, by process",
     ),
     (
+        "tambo/ipc/refused",
+        Kind::Map,
+        "IPC connections refused (wrong uid or role, or over a cap), by socket",
+    ),
+    (
+        "tambo/queue/dsnDropped",
+        Kind::Counter,
+        "DSNs not queued because the sender does not exist locally",
+    ),
+    (
+        "tambo/queue/jobsExpired",
+        Kind::Counter,
+        "delivery jobs deliverd did not report on before their deadline",
+    ),
+    (
+        "tambo/queue/unreadableItems",
+        Kind::Counter,
+        "queue items found unreadable at startup (left on disk)",
+    ),
+    (
+        "tambo/smtpIn/sessionsRefused",
+        Kind::Map,
+        "SMTP connections refused over a session cap, by cap",
+    ),
+    (
         "tambo/metrics/dropped",
         Kind::Counter,
         "counter increases dropped because the pending map was full",
@@ -315,18 +346,29 @@ impl Metrics {
     }
 }
 
+/// How often a pusher with nothing to send still sends an (empty)
+/// heartbeat, so monitord's idle timeout only closes dead connections.
+pub const HEARTBEAT: Duration = Duration::from_secs(30);
+
 /// Starts the task that pushes this process's counters to monitord. It
 /// reconnects forever, with the pending map as the bounded buffer.
-pub fn spawn_pusher(socket: PathBuf, role: Role, flags: Vec<(String, String)>, version: String) {
+pub fn spawn_pusher(
+    socket: PathBuf,
+    role: Role,
+    flags: Vec<(String, String)>,
+    version: String,
+    ids: Identities,
+) {
     tokio::spawn(async move {
         let mut conn: Option<UnixStream> = None;
         let mut interval = tokio::time::interval(Duration::from_millis(500));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut warned = false;
+        let mut last_sent = tokio::time::Instant::now();
         loop {
             interval.tick().await;
             if conn.is_none() {
-                match connect(&socket, role, &flags, &version).await {
+                match connect(&socket, role, &flags, &version, &ids).await {
                     Ok(s) => {
                         if warned {
                             tracing::info!("reconnected to monitord at {}", socket.display());
@@ -346,22 +388,33 @@ pub fn spawn_pusher(socket: PathBuf, role: Role, flags: Vec<(String, String)>, v
                     }
                 }
             }
-            let deltas = global().take();
-            if deltas.is_empty() {
+            let mut deltas = global().take();
+            if deltas.is_empty() && last_sent.elapsed() < HEARTBEAT {
                 continue;
             }
             let Some(stream) = conn.as_mut() else {
                 continue;
             };
-            let msg = MonitorMessage::Deltas(deltas);
-            let sent =
-                tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &msg)).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                let MonitorMessage::Deltas(deltas) = msg else {
-                    continue;
-                };
-                global().restore(deltas);
-                conn = None;
+            // One frame per batch of at most MAX_DELTAS_PER_FRAME; what
+            // cannot be sent goes back into the map.
+            loop {
+                let rest = deltas.split_off(deltas.len().min(MAX_DELTAS_PER_FRAME));
+                let msg = MonitorMessage::Deltas(deltas);
+                let sent =
+                    tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &msg)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    if let MonitorMessage::Deltas(d) = msg {
+                        global().restore(d);
+                    }
+                    global().restore(rest);
+                    conn = None;
+                    break;
+                }
+                last_sent = tokio::time::Instant::now();
+                if rest.is_empty() {
+                    break;
+                }
+                deltas = rest;
             }
         }
     });
@@ -372,10 +425,11 @@ async fn connect(
     role: Role,
     flags: &[(String, String)],
     version: &str,
+    ids: &Identities,
 ) -> Result<UnixStream, crate::Error> {
     let mut s = tokio::time::timeout(
         Duration::from_secs(2),
-        hello::connect(socket, role, Role::Monitord),
+        hello::connect(socket, role, Role::Monitord, ids),
     )
     .await
     .map_err(|_| crate::Error::Io(std::io::ErrorKind::TimedOut.into()))??;

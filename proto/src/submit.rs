@@ -39,6 +39,9 @@ pub enum SubmitRequest {
     /// The body will not be completed (too big, bad line ending, client
     /// gone): throw it away. No reply.
     DataAbort,
+    /// Keeps an idle link open (queued closes links idle for longer than
+    /// its idle timeout); replied to with `Ok`.
+    Ping,
 }
 
 /// queued's verdict on a recipient.
@@ -70,7 +73,13 @@ pub enum SubmitReply {
         id: String,
     },
     /// The message was not queued; the client gets a 4xx (451 4.3.0).
+    /// `reason` is for smtpd's log, never for the client.
     Failed {
+        reason: String,
+    },
+    /// Too many message bytes are being received at once (queued's
+    /// in-flight budget); the client gets 452 4.3.1 and may retry later.
+    NoSpace {
         reason: String,
     },
 }

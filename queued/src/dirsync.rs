@@ -6,9 +6,16 @@
 //! rename is covered; everything that queued up during one fsync is covered
 //! by the next. Under load this turns one directory fsync per message into
 //! one per batch (DESIGN §4).
+//!
+//! A failed directory fsync is final: after it, the kernel may have dropped
+//! the dirty state it could not write (and report success next time), so
+//! nothing that depends on the directory can be trusted until queued
+//! restarts and re-reads the queue. Every later sync fails at once, and
+//! the queue refuses new mail (451) meanwhile.
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,30 +27,52 @@ type Waiter = oneshot::Sender<Result<(), Arc<io::Error>>>;
 
 pub struct DirSync {
     tx: mpsc::UnboundedSender<Waiter>,
+    failed: Arc<AtomicBool>,
 }
 
 impl DirSync {
     /// Starts the syncing task for `spool`'s directory.
     pub fn start(spool: Spool) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
+        let failed = Arc::new(AtomicBool::new(false));
+        let failed2 = failed.clone();
         tokio::spawn(async move {
+            let mut first_error: Option<Arc<io::Error>> = None;
             while let Some(first) = rx.recv().await {
                 let mut waiters = vec![first];
                 while let Ok(w) = rx.try_recv() {
                     waiters.push(w);
                 }
-                let spool = spool.clone();
-                let result = tokio::task::spawn_blocking(move || spool.sync_dir())
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
-                    .map_err(Arc::new);
-                metrics::inc(names::QUEUE_DIR_SYNCS);
+                let result = match &first_error {
+                    Some(e) => Err(e.clone()),
+                    None => {
+                        let spool = spool.clone();
+                        let r = tokio::task::spawn_blocking(move || spool.sync_dir())
+                            .await
+                            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+                            .map_err(Arc::new);
+                        metrics::inc(names::QUEUE_DIR_SYNCS);
+                        if let Err(e) = &r {
+                            tracing::error!(
+                                "fsync of the queue directory failed: {e}; refusing new mail until queued restarts"
+                            );
+                            failed2.store(true, Ordering::SeqCst);
+                            first_error = Some(e.clone());
+                        }
+                        r
+                    }
+                };
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
             }
         });
-        Self { tx }
+        Self { tx, failed }
+    }
+
+    /// Whether a directory fsync has ever failed in this process.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
     }
 
     /// Returns once every directory change made before this call is
@@ -88,5 +117,23 @@ mod tests {
             (1..50).contains(&pending),
             "{pending} fsyncs for 50 concurrent requests"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let trigger = dir.path().join("fail");
+        let spool = Spool::open(&dir.path().join("q"), false)
+            .unwrap()
+            .fail_sync_if(Some(trigger.clone()));
+        let ds = DirSync::start(spool);
+        ds.sync().await.unwrap();
+        assert!(!ds.has_failed());
+        std::fs::write(&trigger, b"").unwrap();
+        assert!(ds.sync().await.is_err());
+        // The disk is "fine" again, but the failure sticks.
+        std::fs::remove_file(&trigger).unwrap();
+        assert!(ds.sync().await.is_err());
+        assert!(ds.has_failed());
     }
 }

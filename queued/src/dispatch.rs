@@ -5,20 +5,47 @@
 //! descriptor of the message, and routes the results back. If the
 //! connection drops, its jobs in flight end as temporary failures, so they
 //! are retried; no job waits on a dead deliverd.
+//!
+//! Nothing deliverd says is trusted further than it must be: a job that
+//! gets no result within [`JOB_DEADLINE`] fails temporarily (its slot stays
+//! taken until a late result frees it, and a connection whose every slot
+//! is taken that way is closed); failure texts are cut to
+//! [`MAX_FAILURE_TEXT`] and cleaned of control characters; a silent
+//! connection is closed after [`IDLE_TIMEOUT`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::io::BufReader;
 use tokio::net::UnixStream;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::net::unix::OwnedReadHalf;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use tambo_proto::deliver::{FromDeliverd, Job, Outcome, ToDeliverd};
-use tambo_proto::frame::{encode, read_frame};
+use tambo_proto::frame::{FrameReader, MAX_SMALL_FRAME, encode};
+use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
-use tambo_proto::{Role, fd, hello};
+use tambo_proto::{Error, Role, fd, hello};
+
+/// Longest a job may go without a result. Local deliveries time out after
+/// 30 s; remote ones try up to 5 MX hosts for 10 minutes each.
+pub const JOB_DEADLINE: Duration = Duration::from_secs(60 * 60);
+
+/// Longest failure text kept from deliverd (it reaches DSNs and logs).
+pub const MAX_FAILURE_TEXT: usize = 1024;
+
+/// A deliverd connection that sends nothing (not even its heartbeat, every
+/// 30 s) for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+
+/// Most deliver.sock connections at once (deliverd holds one; a restart
+/// may overlap the old one briefly).
+pub const MAX_CONNECTIONS: usize = 4;
+
+/// How long sending one job may take before deliverd counts as gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A job waiting for a deliverd slot.
 pub struct PendingJob {
@@ -30,19 +57,23 @@ pub struct PendingJob {
 pub struct Dispatcher {
     tx: mpsc::UnboundedSender<PendingJob>,
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<PendingJob>>,
+    connections: Arc<Semaphore>,
+    deadline: Duration,
+    idle_timeout: Duration,
 }
 
-impl Default for Dispatcher {
-    fn default() -> Self {
+impl Dispatcher {
+    pub fn new(deadline: Option<Duration>, idle_timeout: Option<Duration>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         Self {
             tx,
             rx: tokio::sync::Mutex::new(rx),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            deadline: deadline.unwrap_or(JOB_DEADLINE),
+            idle_timeout: idle_timeout.unwrap_or(IDLE_TIMEOUT),
         }
     }
-}
 
-impl Dispatcher {
     /// Queues a job; the receiver gets its outcome once deliverd reports.
     pub fn submit(&self, job: Job, body: PathBuf) -> oneshot::Receiver<Outcome> {
         let (reply, rx) = oneshot::channel();
@@ -53,43 +84,136 @@ impl Dispatcher {
     }
 }
 
-type InFlight = Arc<Mutex<HashMap<u64, oneshot::Sender<Outcome>>>>;
+/// The jobs of one connection.
+#[derive(Default)]
+struct Jobs {
+    in_flight: HashMap<u64, oneshot::Sender<Outcome>>,
+    /// Jobs past their deadline: already failed, their slots still taken
+    /// until a late result arrives.
+    expired: HashSet<u64>,
+}
+
+struct Conn {
+    jobs: Mutex<Jobs>,
+    slots: usize,
+    free: Semaphore,
+    /// Woken when the connection must close (every slot expired).
+    close: Notify,
+}
+
+impl Conn {
+    fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A result arrived: deliver it, and free the slot. Err if the job was
+    /// never handed out.
+    fn finish(&self, job: u64, outcome: Outcome) -> Result<(), Error> {
+        let mut jobs = self.jobs();
+        if let Some(reply) = jobs.in_flight.remove(&job) {
+            let _ = reply.send(clean(outcome));
+        } else if jobs.expired.remove(&job) {
+            tracing::warn!(
+                "deliver.sock: late result for job {job} ignored (already failed at its deadline)"
+            );
+        } else {
+            return Err(Error::Unexpected("result for a job never handed out"));
+        }
+        self.free.add_permits(1);
+        Ok(())
+    }
+
+    /// A job's deadline passed without a result.
+    fn expire(&self, job: u64, deadline: Duration) {
+        let mut jobs = self.jobs();
+        let Some(reply) = jobs.in_flight.remove(&job) else {
+            return;
+        };
+        metrics::inc(names::QUEUE_JOBS_EXPIRED);
+        tracing::warn!(
+            "deliver.sock: no result for job {job} within {deadline:?}; it will be retried"
+        );
+        let _ = reply.send(Outcome::TempFail(format!(
+            "deliverd did not report a result within {}s",
+            deadline.as_secs()
+        )));
+        jobs.expired.insert(job);
+        if jobs.expired.len() >= self.slots {
+            self.close.notify_one();
+        }
+    }
+}
+
+/// Cuts a failure text to [`MAX_FAILURE_TEXT`] bytes (at a character
+/// boundary) and replaces control characters with spaces.
+fn clean(outcome: Outcome) -> Outcome {
+    let fix = |t: String| -> String {
+        let mut end = t.len().min(MAX_FAILURE_TEXT);
+        while !t.is_char_boundary(end) {
+            end -= 1;
+        }
+        t[..end]
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect()
+    };
+    match outcome {
+        Outcome::Delivered => Outcome::Delivered,
+        Outcome::TempFail(t) => Outcome::TempFail(fix(t)),
+        Outcome::PermFail(t) => Outcome::PermFail(fix(t)),
+    }
+}
 
 /// Serves one deliverd connection until it closes.
-pub async fn serve(dispatcher: Arc<Dispatcher>, mut stream: UnixStream) {
-    let peer = match hello::accept(&mut stream, Role::Queued, &[Role::Deliverd]).await {
+pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream: UnixStream) {
+    let Ok(_permit) = dispatcher.connections.clone().try_acquire_owned() else {
+        metrics::inc_label(names::IPC_REFUSED, "deliver:max_connections");
+        tracing::warn!("deliver.sock: refusing a connection: {MAX_CONNECTIONS} already open");
+        return;
+    };
+    let peer = match hello::accept(&mut stream, Role::Queued, &[Role::Deliverd], &ids).await {
         Ok(p) => p,
         Err(e) => {
-            metrics::inc_label(names::IPC_ERRORS, "queued");
+            metrics::inc_label(names::IPC_REFUSED, "deliver");
             tracing::warn!("deliver.sock: refused a connection: {e}");
             return;
         }
     };
     tracing::info!(uid = peer.uid, pid = ?peer.pid, "deliver.sock: deliverd connected");
     let (r, w) = stream.into_split();
-    let mut reader = BufReader::new(r);
-    let slots = match read_frame::<_, FromDeliverd>(&mut reader).await {
-        Ok(Some(FromDeliverd::Ready { slots })) => slots.clamp(1, 1024) as usize,
+    let mut reader = FrameReader::new(r);
+    let ready = tokio::time::timeout(hello::HELLO_TIMEOUT, reader.read(MAX_SMALL_FRAME)).await;
+    let slots = match ready {
+        Ok(Ok(Some(FromDeliverd::Ready { slots }))) => slots.clamp(1, 1024) as usize,
         other => {
             metrics::inc_label(names::IPC_ERRORS, "queued");
             tracing::warn!("deliver.sock: expected Ready first, got {other:?}; closing");
             return;
         }
     };
-    let in_flight: InFlight = Arc::default();
-    let sem = Arc::new(Semaphore::new(slots));
-    let mut results = tokio::spawn(read_results(reader, in_flight.clone(), sem.clone()));
+    let conn = Arc::new(Conn {
+        jobs: Mutex::default(),
+        slots,
+        free: Semaphore::new(slots),
+        close: Notify::new(),
+    });
+    let mut results = tokio::spawn(read_results(reader, conn.clone(), dispatcher.idle_timeout));
     let mut next_job = 0u64;
     loop {
         let permit = tokio::select! {
-            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            p = conn.free.acquire() => match p { Ok(p) => p, Err(_) => break },
             _ = &mut results => break,
+            _ = conn.close.notified() => {
+                tracing::warn!("deliver.sock: every slot is held by a job past its deadline; closing");
+                break;
+            }
         };
         let pending = {
             let mut rx = dispatcher.rx.lock().await;
             tokio::select! {
                 j = rx.recv() => j,
                 _ = &mut results => None,
+                _ = conn.close.notified() => None,
             }
         };
         let Some(mut pending) = pending else { break };
@@ -114,19 +238,29 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, mut stream: UnixStream) {
                 continue;
             }
         };
-        lock(&in_flight).insert(next_job, pending.reply);
-        if let Err(e) = fd::send_with_fd(w.as_ref(), &bytes, file.as_fd()).await {
-            tracing::warn!("deliver.sock: sending a job failed: {e}");
-            if let Some(reply) = lock(&in_flight).remove(&next_job) {
+        conn.jobs().in_flight.insert(next_job, pending.reply);
+        let sent = tokio::time::timeout(
+            SEND_TIMEOUT,
+            fd::send_with_fd(w.as_ref(), &bytes, file.as_fd()),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::warn!("deliver.sock: sending a job failed or timed out; closing");
+            if let Some(reply) = conn.jobs().in_flight.remove(&next_job) {
                 let _ = reply.send(Outcome::TempFail("connection to deliverd lost".into()));
             }
             break;
         }
         // The slot comes back when the result arrives.
         permit.forget();
+        let (c, job, deadline) = (conn.clone(), next_job, dispatcher.deadline);
+        tokio::spawn(async move {
+            tokio::time::sleep(deadline).await;
+            c.expire(job, deadline);
+        });
     }
     results.abort();
-    let lost: Vec<_> = lock(&in_flight).drain().collect();
+    let lost: Vec<_> = conn.jobs().in_flight.drain().collect();
     if !lost.is_empty() {
         tracing::warn!(
             "deliverd went away with {} jobs in flight; they will be retried",
@@ -141,39 +275,68 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, mut stream: UnixStream) {
     tracing::info!("deliver.sock: deliverd disconnected");
 }
 
-async fn read_results(
-    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
-    in_flight: InFlight,
-    sem: Arc<Semaphore>,
-) {
+async fn read_results(mut reader: FrameReader<OwnedReadHalf>, conn: Arc<Conn>, idle: Duration) {
     loop {
-        match read_frame::<_, FromDeliverd>(&mut reader).await {
-            Ok(Some(FromDeliverd::Done { job, outcome })) => match lock(&in_flight).remove(&job) {
-                Some(reply) => {
-                    let _ = reply.send(outcome);
-                    sem.add_permits(1);
-                }
-                None => {
-                    metrics::inc_label(names::IPC_ERRORS, "queued");
-                    tracing::warn!("deliver.sock: result for unknown job {job}; closing");
-                    return;
-                }
-            },
-            Ok(Some(FromDeliverd::Ready { .. })) => {
-                metrics::inc_label(names::IPC_ERRORS, "queued");
-                tracing::warn!("deliver.sock: unexpected message Ready; closing");
-                return;
-            }
+        let msg = match tokio::time::timeout(idle, reader.read(MAX_SMALL_FRAME)).await {
+            Err(_) => Err(Error::Idle(idle)),
+            Ok(r) => r,
+        };
+        let result = match msg {
+            Ok(Some(FromDeliverd::Done { job, outcome })) => conn.finish(job, outcome),
+            Ok(Some(FromDeliverd::Heartbeat)) => Ok(()),
+            Ok(Some(FromDeliverd::Ready { .. })) => Err(Error::Unexpected("Ready")),
             Ok(None) => return,
-            Err(e) => {
-                metrics::inc_label(names::IPC_ERRORS, "queued");
-                tracing::warn!("deliver.sock: {e}; closing");
-                return;
-            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            metrics::inc_label(names::IPC_ERRORS, "queued");
+            tracing::warn!("deliver.sock: {e}; closing");
+            return;
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_texts_are_cut_and_cleaned() {
+        let long = format!("550 {}\r\nInjected: yes\u{1b}[31m", "é".repeat(2000));
+        let Outcome::PermFail(t) = clean(Outcome::PermFail(long)) else {
+            panic!()
+        };
+        assert!(t.len() <= MAX_FAILURE_TEXT);
+        assert!(!t.chars().any(char::is_control), "{t:?}");
+        assert!(t.starts_with("550 éé"));
+        assert_eq!(clean(Outcome::Delivered), Outcome::Delivered);
+    }
+
+    #[tokio::test]
+    async fn expired_jobs_fail_and_late_results_free_their_slots() {
+        let conn = Conn {
+            jobs: Mutex::default(),
+            slots: 2,
+            free: Semaphore::new(0),
+            close: Notify::new(),
+        };
+        let (tx1, rx1) = oneshot::channel();
+        let (tx2, _rx2) = oneshot::channel();
+        conn.jobs().in_flight.insert(1, tx1);
+        conn.jobs().in_flight.insert(2, tx2);
+        conn.expire(1, Duration::from_secs(1));
+        assert!(matches!(rx1.await.unwrap(), Outcome::TempFail(_)));
+        // The late result is not an error, and frees the slot.
+        conn.finish(1, Outcome::Delivered).unwrap();
+        assert_eq!(conn.free.available_permits(), 1);
+        // A result for a job never handed out is.
+        assert!(conn.finish(99, Outcome::Delivered).is_err());
+        // Both slots expired: the connection is told to close.
+        let (tx3, _rx3) = oneshot::channel();
+        conn.jobs().in_flight.insert(3, tx3);
+        conn.expire(2, Duration::from_secs(1));
+        conn.expire(3, Duration::from_secs(1));
+        let closed = tokio::time::timeout(Duration::from_millis(100), conn.close.notified()).await;
+        assert!(closed.is_ok());
+    }
 }

@@ -148,14 +148,33 @@ pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
     ));
     h(String::new());
     let mut out = m.into_bytes();
-    let original = &input.original[..input.original.len().min(MAX_ORIGINAL)];
+    let original = truncate_at_line(input.original, MAX_ORIGINAL);
     out.extend_from_slice(original);
-    if !original.ends_with(b"\r\n") {
+    if !original.is_empty() && !original.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     out
 }
+
+/// At most `max` bytes of `msg`, cut after the last whole line (CRLF) in
+/// them, so a cut never leaves a bare CR (or half a multi-byte character)
+/// in the DSN. A message without any CRLF in its first `max` bytes is cut
+/// at `max` and its stray CRs dropped.
+fn truncate_at_line(msg: &[u8], max: usize) -> &[u8] {
+    if msg.len() <= max {
+        return msg;
+    }
+    let head = &msg[..max];
+    match head.windows(2).rposition(|w| w == b"\r\n") {
+        Some(i) => &head[..i + 2],
+        // One enormous line: nothing sensible to keep.
+        None => &[],
+    }
+}
+
+/// Longest header value copied from the original into the DSN.
+const MAX_COPIED_HEADER: usize = 256;
 
 fn one_line(s: &str) -> String {
     let s: String = s
@@ -184,7 +203,9 @@ fn enhanced_code(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The original's Message-ID header value, if present in its headers.
+/// The original's Message-ID, if its header section has one that looks
+/// like one: `<…>`, printable ASCII, at most [`MAX_COPIED_HEADER`] bytes.
+/// Anything else is left out rather than copied into our headers.
 fn message_id(original: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(original);
     for line in text.split("\r\n") {
@@ -195,9 +216,11 @@ fn message_id(original: &[u8]) -> Option<String> {
             && name.eq_ignore_ascii_case("message-id")
         {
             let v = value.trim();
-            if !v.is_empty() {
-                return Some(v.to_string());
-            }
+            let shaped = v.len() <= MAX_COPIED_HEADER
+                && v.starts_with('<')
+                && v.ends_with('>')
+                && v.bytes().all(|b| b.is_ascii_graphic());
+            return shaped.then(|| v.to_string());
         }
     }
     None
@@ -278,6 +301,49 @@ mod tests {
         );
         assert!(s.contains("Subject: hi\r\n\r\nbody\r\n--dsn-boundary-DSNID--\r\n"));
         assert!(!s.replace("\r\n", "").contains('\n'), "CRLF line ends only");
+    }
+
+    #[test]
+    fn truncation_never_leaves_a_bare_cr() {
+        let item = item();
+        // A line ending falls exactly on the cut: CR kept, LF cut off.
+        let mut original = b"Subject: x\r\n\r\n".to_vec();
+        while original.len() < MAX_ORIGINAL - 1 {
+            original.extend_from_slice(b"0123456789\r\n");
+        }
+        original.truncate(MAX_ORIGINAL - 1);
+        original.extend_from_slice(b"\r\nmore after the cut\r\n");
+        assert_eq!(original[MAX_ORIGINAL - 1], b'\r');
+        let dsn = build(&DsnInput {
+            item: &item,
+            dsn_id: "D",
+            hostname: "mx",
+            our_domain: "example.org",
+            original: &original,
+            date: "now",
+        });
+        for (i, w) in dsn.windows(2).enumerate() {
+            assert!(w[0] != b'\r' || w[1] == b'\n', "bare CR at {i}");
+            assert!(w[1] != b'\n' || w[0] == b'\r', "bare LF at {i}");
+        }
+        assert!(!dsn.windows(4).any(|w| w == b"more"));
+        assert!(dsn.len() < MAX_ORIGINAL + 4096);
+    }
+
+    #[test]
+    fn copied_headers_are_bounded() {
+        let long = format!("Message-ID: <{}@x>\r\n\r\n", "a".repeat(5000));
+        assert_eq!(message_id(long.as_bytes()), None);
+        assert_eq!(message_id(b"Message-ID: not-an-id\r\n\r\n"), None);
+        assert_eq!(
+            message_id(b"Message-ID: <a b@x>\r\n\r\n"),
+            None,
+            "no spaces inside"
+        );
+        assert_eq!(
+            message_id(b"message-id:  <ok@x>\r\n\r\n").as_deref(),
+            Some("<ok@x>")
+        );
     }
 
     #[test]

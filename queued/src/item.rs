@@ -82,12 +82,24 @@ impl Item {
     }
 }
 
-/// A new queue ID: 8 random bytes, URL-safe base64 without padding.
+/// A new queue ID: 8 random bytes, URL-safe base64 without padding. Never
+/// starting with `-`, so an ID on a command line (`rm m:…` is fine, but a
+/// bare ID in a tool's arguments) is never taken for an option.
 pub fn new_id() -> std::io::Result<String> {
+    loop {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b)
+            .map_err(|e| std::io::Error::other(format!("no random source: {e}")))?;
+        let id = encode_id(b);
+        if !id.starts_with('-') {
+            return Ok(id);
+        }
+    }
+}
+
+fn encode_id(b: [u8; 8]) -> String {
     use base64::Engine;
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).map_err(|e| std::io::Error::other(format!("no random source: {e}")))?;
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
 #[cfg(test)]
@@ -103,6 +115,15 @@ mod tests {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         );
         assert_ne!(new_id().unwrap(), id);
+    }
+
+    #[test]
+    fn ids_never_start_with_a_dash() {
+        // 0xF8 in the first byte's top six bits encodes as '-'.
+        assert!(encode_id([0xF8, 0, 0, 0, 0, 0, 0, 0]).starts_with('-'));
+        for _ in 0..20_000 {
+            assert!(!new_id().unwrap().starts_with('-'));
+        }
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! tambo-queued: the trusted core. Owns the queue, decides every recipient,
 //! holds users and aliases (and later keys), and schedules deliveries.
 //!
-//! Holds: the queue directory, the config directory (read), submit.sock and
-//! deliver.sock.
+//! Holds: the queue directory (and its lock), the config directory (read),
+//! submit.sock and deliver.sock.
 //! Must never: open a network socket other than AF_UNIX, exec anything, or
 //! answer 250 (through smtpd) before a message is fsync'd.
 #![forbid(unsafe_code)]
@@ -17,29 +17,39 @@ mod retry;
 mod spool;
 mod submit;
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
-
 use tambo_common::daemon;
 use tambo_common::domains::Domains;
+use tambo_common::sockets::{self, IpcSocket};
 use tambo_proto::Role;
+use tambo_proto::activation::Inherited;
+use tambo_proto::identity::Identities;
+use tambo_proto::metrics::{self, names};
 
 fn main() -> ExitCode {
-    let (flags, cfg, rt) =
-        match daemon::boot("tambo-queued", "tambo's queue and policy daemon", None) {
-            Ok(v) => v,
-            Err(code) => return code,
-        };
+    let started = match daemon::boot(
+        Role::Queued,
+        "tambo-queued",
+        "tambo's queue and policy daemon",
+    ) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let daemon::Started {
+        flags,
+        cfg,
+        ids,
+        mut sockets,
+    } = started;
+    if nix::unistd::geteuid().is_root() {
+        tracing::warn!("queued runs as root until privilege separation lands");
+    }
     let cfg = Arc::new(cfg);
     let domains = match Domains::load(&cfg) {
         Ok(d) => d,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return daemon::startup_failed(e),
     };
     for (name, d) in domains.iter() {
         tracing::info!(
@@ -48,55 +58,87 @@ fn main() -> ExitCode {
             d.aliases.len()
         );
     }
-    let spool = match spool::Spool::open(&cfg.queue_dir(), cfg.testing.fail_queue_writes) {
-        Ok(s) => s,
+    // The order matters: lock the queue before looking at it; bind the
+    // sockets before cleaning it. A second queued on the same data dir
+    // stops at the lock, and one that cannot serve never touches a file.
+    let queue_dir = cfg.queue_dir();
+    let spool = match spool::Spool::open(&queue_dir, cfg.testing.fail_queue_writes) {
+        Ok(s) => s.fail_sync_if(cfg.testing.fail_dir_sync_if_exists.clone()),
         Err(e) => {
-            tracing::error!(
+            return daemon::startup_failed(format!(
                 "{}: key data_dir: cannot open the queue directory {}: {e}",
-                cfg.config_dir.join("tambo.conf").display(),
-                cfg.queue_dir().display()
-            );
-            return ExitCode::FAILURE;
+                cfg.file_path().display(),
+                queue_dir.display()
+            ));
         }
+    };
+    let _queue_lock = match spool.lock() {
+        Ok(l) => l,
+        Err(e) => {
+            return daemon::startup_failed(format!(
+                "another queued owns the queue: {e}; refusing to start"
+            ));
+        }
+    };
+    let mut socket_locks = Vec::new();
+    let mut listener = |which: IpcSocket| -> Result<std::os::unix::net::UnixListener, ExitCode> {
+        take_or_bind(&mut sockets, which, &cfg, &ids, &mut socket_locks)
+    };
+    let submit = match listener(IpcSocket::Submit) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let deliver = match listener(IpcSocket::Deliver) {
+        Ok(l) => l,
+        Err(code) => return code,
     };
     let loaded = match spool.load() {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(
+            return daemon::startup_failed(format!(
                 "cannot read the queue directory {}: {e}",
-                cfg.queue_dir().display()
-            );
-            return ExitCode::FAILURE;
+                queue_dir.display()
+            ));
         }
     };
     for (path, why) in &loaded.unreadable {
         tracing::error!(
-            "unreadable queue item {} (left in place): {why}",
+            "unreadable queue item {} (left in place; remove it and its d: file to discard it): {why}",
             path.display()
         );
     }
+    metrics::global().add(
+        names::QUEUE_UNREADABLE_ITEMS,
+        None,
+        loaded.unreadable.len() as u64,
+    );
+    let rt = match daemon::runtime(None) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
     rt.block_on(async move {
-        let submit = match bind(&cfg.submit_socket()) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("cannot listen on {}: {e}", cfg.submit_socket().display());
-                return ExitCode::FAILURE;
+        let queue = Arc::new(queue::Queue::new(cfg.clone(), domains, spool));
+        let (q, c) = (queue.clone(), cfg.clone());
+        daemon::on_sighup(move || match Domains::load(&c) {
+            Ok(d) => {
+                q.set_domains(d);
+                tracing::info!("SIGHUP: users and aliases reloaded");
             }
-        };
-        let deliver = match bind(&cfg.deliver_socket()) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("cannot listen on {}: {e}", cfg.deliver_socket().display());
-                return ExitCode::FAILURE;
-            }
-        };
+            Err(e) => tracing::error!("SIGHUP: reload failed, keeping the last good files: {e}"),
+        });
         tambo_proto::metrics::spawn_pusher(
             cfg.monitor_socket(),
             Role::Queued,
             flags.as_pairs(),
             tambo_common::build::VERSION.into(),
+            ids.clone(),
         );
-        let queue = Arc::new(queue::Queue::new(cfg.clone(), domains, spool));
+        let (submit, deliver) = match (daemon::tokio_unix(submit), daemon::tokio_unix(deliver)) {
+            (Ok(s), Ok(d)) => (s, d),
+            (Err(e), _) | (_, Err(e)) => {
+                return daemon::startup_failed(format!("IPC listener: {e}"));
+            }
+        };
         tracing::info!(
             "queue loaded: {} items, {} unreadable, {} orphan files removed",
             loaded.items.len(),
@@ -108,26 +150,49 @@ fn main() -> ExitCode {
         }
         tracing::info!(
             "queued listening on {} and {}",
-            cfg.submit_socket().display(),
-            cfg.deliver_socket().display()
+            IpcSocket::Submit.path(&cfg).display(),
+            IpcSocket::Deliver.path(&cfg).display()
         );
-        let q = queue.clone();
+        let ids = Arc::new(ids);
+        let l = Arc::new(submit::Listener::new(
+            queue.clone(),
+            (*ids).clone(),
+            daemon::nofile_limit(),
+        ));
         tokio::spawn(daemon::accept_unix(submit, "submit.sock", move |s| {
-            submit::serve(q.clone(), s)
+            submit::serve(l.clone(), s)
         }));
         let dispatcher = queue.dispatcher.clone();
         tokio::spawn(daemon::accept_unix(deliver, "deliver.sock", move |s| {
-            dispatch::serve(dispatcher.clone(), s)
+            dispatch::serve(dispatcher.clone(), ids.clone(), s)
         }));
+        daemon::notify_ready();
         daemon::wait_for_shutdown().await;
         tracing::info!("queued stopping");
         ExitCode::SUCCESS
     })
 }
 
-/// Binds a Unix socket, replacing a stale file but never a live socket of
-/// another running instance.
-fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    tambo_common::daemon::prepare_socket(path)?;
-    UnixListener::bind(path)
+/// The socket `which`, as handed over (systemd, `tambo run`) or bound here.
+fn take_or_bind(
+    inherited: &mut Inherited,
+    which: IpcSocket,
+    cfg: &tambo_common::config::Config,
+    ids: &Identities,
+    locks: &mut Vec<tambo_common::lockfile::LockFile>,
+) -> Result<std::os::unix::net::UnixListener, ExitCode> {
+    if let Some(fd) = inherited.take_named(which.name()).pop() {
+        return Ok(fd.into());
+    }
+    let path = which.path(cfg);
+    match sockets::bind(&path, which.access(ids)) {
+        Ok(b) => {
+            locks.push(b.lock);
+            Ok(b.listener)
+        }
+        Err(e) => Err(daemon::startup_failed(format!(
+            "cannot listen on {}: {e}",
+            path.display()
+        ))),
+    }
 }

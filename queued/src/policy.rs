@@ -95,6 +95,29 @@ impl Policy<'_> {
         }
     }
 
+    /// Whether mail to `addr` may be queued by queued itself (a DSN): the
+    /// RCPT rule for local addresses (an alias, a catch-all or a user),
+    /// and any remote address.
+    pub fn deliverable(&self, addr: &str) -> bool {
+        let (_, raw_domain) = address::split(addr);
+        match address::normalize_domain(raw_domain) {
+            Ok(d) if !self.domains.is_local(&d) => true,
+            Ok(_) => self.parse(addr).is_ok_and(|a| self.exists(&a)),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether a resolved local address is a user of its domain (clean
+    /// form), i.e. has a mailbox.
+    pub fn is_user(&self, addr: &str) -> bool {
+        let Ok(a) = self.parse(addr) else {
+            return false;
+        };
+        self.domains
+            .get(&a.domain)
+            .is_some_and(|d| d.users.contains(&self.clean(&a.user)))
+    }
+
     fn exists(&self, a: &Addr) -> bool {
         let Some(d) = self.domains.get(&a.domain) else {
             return false;
@@ -288,6 +311,28 @@ self: ann, self
             p.check_rcpt("x@xn--zz", None),
             RcptVerdict::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn internal_mail_follows_the_rcpt_rule() {
+        let (cfg, domains) = setup();
+        let p = Policy {
+            cfg: &cfg,
+            domains: &domains,
+        };
+        assert!(p.deliverable("ann@example.org"));
+        assert!(p.deliverable("anyone@example.org"), "catch-all");
+        assert!(p.deliverable("someone@remote.example"));
+        assert!(!p.deliverable("nobody@plain.example"));
+        assert!(!p.deliverable("root@localhost"), "localhost has no users");
+        assert!(!p.deliverable("x@xn--zz"));
+        assert!(p.is_user("ann@example.org"));
+        assert!(p.is_user("Z.E.D+x@plain.example"));
+        assert!(
+            !p.is_user("postmaster@example.org"),
+            "an alias, not a mailbox"
+        );
+        assert!(!p.is_user("root@localhost"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! blocking pool.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +37,9 @@ pub struct Queue {
     ids: Mutex<Ids>,
     pub dispatcher: Arc<Dispatcher>,
     schedule: Schedule,
+    /// Bytes of message bodies being received right now, over all
+    /// sessions ([`Queue::reserve_in_flight`]).
+    in_flight: AtomicU64,
 }
 
 #[derive(Default)]
@@ -49,6 +53,12 @@ struct Ids {
 pub enum PutError {
     #[error("queue is full, try again later")]
     Full,
+    #[error(
+        "an fsync of the queue directory failed earlier; new mail is refused until queued restarts"
+    )]
+    Unsynced,
+    #[error("no recipient of an internal message exists")]
+    NoRecipients,
     #[error("could not resolve recipients: {0}")]
     Resolve(String),
     #[error("could not write to the queue: {0}")]
@@ -65,15 +75,51 @@ impl Queue {
         if let Some(j) = cfg.testing.retry_jitter {
             schedule.jitter = j;
         }
+        let dispatcher = Arc::new(Dispatcher::new(
+            cfg.testing.delivery_job_deadline,
+            cfg.testing.ipc_idle_timeout,
+        ));
         Self {
             cfg,
             domains: RwLock::new(Arc::new(domains)),
             dirsync: DirSync::start(spool.clone()),
             spool,
             ids: Mutex::default(),
-            dispatcher: Arc::default(),
+            dispatcher,
             schedule,
+            in_flight: AtomicU64::new(0),
         }
+    }
+
+    /// Replaces users and aliases (SIGHUP); the old snapshot stays in use
+    /// by whoever holds it.
+    pub fn set_domains(&self, domains: Domains) {
+        *self.domains.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(domains);
+    }
+
+    /// Counts `n` more body bytes in flight; false (and nothing counted)
+    /// if that would pass `[tambo] max_data_in_flight_mb`.
+    pub fn reserve_in_flight(&self, n: u64) -> bool {
+        let max = self.cfg.max_data_in_flight();
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
+                cur.checked_add(n).filter(|total| *total <= max)
+            })
+            .is_ok()
+    }
+
+    /// Whether no more body bytes fit in flight.
+    pub fn in_flight_full(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) >= self.cfg.max_data_in_flight()
+    }
+
+    /// Gives back body bytes counted by [`Queue::reserve_in_flight`].
+    pub fn release_in_flight(&self, n: u64) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
+                Some(cur.saturating_sub(n))
+            });
     }
 
     pub fn domains(&self) -> Arc<Domains> {
@@ -90,6 +136,9 @@ impl Queue {
     /// Reserves a fresh ID for a new message; refused when the queue holds
     /// `max_queue_items` items (unless `bypass_limit`, for DSNs).
     pub fn reserve_id(&self, bypass_limit: bool) -> Result<String, PutError> {
+        if self.dirsync.has_failed() {
+            return Err(PutError::Unsynced);
+        }
         let mut ids = self.ids();
         if !bypass_limit && ids.items.len() as u64 >= self.cfg.max_queue_items {
             return Err(PutError::Full);
@@ -131,6 +180,25 @@ impl Queue {
             cfg: &self.cfg,
             domains: &domains,
         };
+        // Internal mail (DSNs) passes the same existence rule as an RCPT:
+        // it never creates a mailbox for an address nobody configured.
+        let rcpts: Vec<String> = if bypass_limit {
+            rcpts
+                .into_iter()
+                .filter(|r| {
+                    let ok = policy.deliverable(r);
+                    if !ok {
+                        tracing::warn!(%id, "internal message to <{r}> dropped: no such local address");
+                    }
+                    ok
+                })
+                .collect()
+        } else {
+            rcpts
+        };
+        if rcpts.is_empty() {
+            return Err(PutError::NoRecipients);
+        }
         let mut recipients = Vec::new();
         for r in &rcpts {
             recipients.extend(policy.resolve(r).map_err(PutError::Resolve)?);
@@ -203,8 +271,22 @@ impl Queue {
     /// slots; rewrites the item after each attempt.
     async fn round(&self, item: &mut Item) {
         let body = self.spool.body_path(&item.id);
+        let domains = self.domains();
+        let policy = Policy {
+            cfg: &self.cfg,
+            domains: &domains,
+        };
         let mut attempts = JoinSet::new();
         for (idx, r) in item.pending() {
+            // A local address that is no user (unknown after alias
+            // resolution, or in a domain with no users, like `localhost`)
+            // fails here: deliverd never creates a mailbox the config does
+            // not imply.
+            if r.kind == Kind::Email && r.local && !policy.is_user(&r.address) {
+                let text = format!("550 5.1.1 <{}>: no such user here", r.address);
+                attempts.spawn(async move { (idx, Outcome::PermFail(text)) });
+                continue;
+            }
             let target = match &r.kind {
                 Kind::Email if r.local => Target::Local,
                 Kind::Email => Target::Remote,
@@ -318,6 +400,21 @@ impl Queue {
 
     async fn queue_dsn(self: &Arc<Self>, item: &Item) -> Result<(), PutError> {
         let domains = self.domains();
+        let deliverable = Policy {
+            cfg: &self.cfg,
+            domains: &domains,
+        }
+        .deliverable(&item.from);
+        if !deliverable {
+            metrics::inc(names::QUEUE_DSNS_DROPPED);
+            tracing::warn!(
+                id = %item.id,
+                "{} no DSN: the sender <{}> is in a local domain but does not exist",
+                item.id,
+                item.from
+            );
+            return Ok(());
+        }
         let our_domain = dsn::our_domain(item, |d| domains.is_local(d), &self.cfg.hostname);
         let dsn_id = self.reserve_id(true)?;
         let spool = self.spool.clone();

@@ -15,9 +15,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use tambo_common::lockfile::LockFile;
 use tambo_common::safeio;
 
 use crate::item::Item;
@@ -27,7 +28,13 @@ pub struct Spool {
     dir: PathBuf,
     /// Test knob: every write fails as on a full disk.
     fail_writes: bool,
+    /// Test knob: directory fsyncs fail while this file exists.
+    fail_sync_if: Option<PathBuf>,
 }
+
+/// The lock file inside the queue directory; whoever holds it owns the
+/// queue.
+pub const LOCK_FILE: &str = ".lock";
 
 /// What loading the queue directory found.
 #[derive(Debug, Default)]
@@ -40,16 +47,30 @@ pub struct Loaded {
 }
 
 impl Spool {
-    /// Opens (creating, mode 0700) the queue directory.
+    /// Opens the queue directory, creating it (mode 0700, fsync'd into its
+    /// parent) if needed. Nothing in it is read or changed: call
+    /// [`Spool::lock`] first, and [`Spool::load`] once the sockets are
+    /// bound.
     pub fn open(dir: &Path, fail_writes: bool) -> io::Result<Self> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+        safeio::create_dir_all_durable(dir, 0o700)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             fail_writes,
+            fail_sync_if: None,
         })
+    }
+
+    /// Test knob: directory fsyncs fail while `path` exists.
+    pub fn fail_sync_if(mut self, path: Option<PathBuf>) -> Self {
+        self.fail_sync_if = path;
+        self
+    }
+
+    /// Takes the queue's exclusive lock, held until the returned value is
+    /// dropped: a second queued on the same data dir refuses to start
+    /// instead of cleaning up files the first one is writing.
+    pub fn lock(&self) -> io::Result<LockFile> {
+        LockFile::acquire(&self.dir.join(LOCK_FILE))
     }
 
     pub fn item_path(&self, id: &str) -> PathBuf {
@@ -112,12 +133,19 @@ impl Spool {
 
     /// fsyncs the queue directory.
     pub fn sync_dir(&self) -> io::Result<()> {
+        if self.fail_sync_if.as_deref().is_some_and(Path::exists) {
+            return Err(io::Error::other(
+                "input/output error (testing.fail_dir_sync_if_exists)",
+            ));
+        }
         safeio::fsync_dir(&self.dir)
     }
 
     /// Loads every item; removes orphan bodies and temp files.
     pub fn load(&self) -> io::Result<Loaded> {
         let mut loaded = Loaded::default();
+        // Only the lock holder may clean: a second queued must never
+        // delete what the first is writing.
         let mut bodies = Vec::new();
         let mut items = std::collections::HashSet::new();
         for entry in std::fs::read_dir(&self.dir)? {
@@ -244,6 +272,22 @@ mod tests {
             "unreadable items are never deleted"
         );
         assert!(dir.path().join("d:bad").exists());
+    }
+
+    #[test]
+    fn the_queue_has_one_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(&dir.path().join("q"), false).unwrap();
+        let held = s.lock().unwrap();
+        let other = Spool::open(&dir.path().join("q"), false).unwrap();
+        assert!(other.lock().is_err());
+        drop(held);
+        assert!(other.lock().is_ok());
+        // The lock file is not an item, a body or an orphan.
+        let loaded = s.load().unwrap();
+        assert!(loaded.items.is_empty() && loaded.unreadable.is_empty());
+        assert_eq!(loaded.removed_orphans, 0);
+        assert!(dir.path().join("q").join(LOCK_FILE).exists());
     }
 
     #[test]

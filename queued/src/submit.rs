@@ -7,12 +7,14 @@
 //! itself carries on.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::io::{BufReader, BufWriter};
 use tokio::net::UnixStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use tambo_common::address;
-use tambo_proto::frame::{read_frame, write_frame};
+use tambo_proto::frame::{FrameReader, MAX_CHUNK_FRAME, MAX_SMALL_FRAME, write_frame};
+use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
 use tambo_proto::submit::{RcptVerdict, SubmitReply, SubmitRequest};
 use tambo_proto::{Error, Role, hello};
@@ -24,12 +26,53 @@ use crate::spool::BodyWriter;
 /// Most recipients per transaction, enforced again after smtpd.
 const MAX_RCPTS: usize = 100;
 
+/// Most submit.sock connections at once; also never more than half of
+/// queued's descriptor limit, so sessions can never starve the queue's own
+/// files and deliver.sock.
+pub const MAX_SESSIONS: usize = 2048;
+
+/// A submit.sock connection that sends nothing for this long is closed.
+/// smtpd pings a link idle for a minute (`PING_AFTER` there), so only a
+/// dead or hostile peer reaches it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// How long a reply may take to write before the peer counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every submit.sock connection shares.
+pub struct Listener {
+    pub queue: Arc<Queue>,
+    pub ids: Identities,
+    pub sessions: Arc<Semaphore>,
+    pub idle_timeout: Duration,
+}
+
+impl Listener {
+    pub fn new(queue: Arc<Queue>, ids: Identities, nofile: u64) -> Self {
+        let cap = MAX_SESSIONS.min((nofile / 2).max(1) as usize);
+        let idle_timeout = queue.cfg.testing.ipc_idle_timeout.unwrap_or(IDLE_TIMEOUT);
+        Self {
+            queue,
+            ids,
+            sessions: Arc::new(Semaphore::new(cap)),
+            idle_timeout,
+        }
+    }
+}
+
 /// A message being received.
 struct Body {
     id: String,
     writer: BodyWriter,
-    /// First write error, reported at DataEnd.
-    error: Option<String>,
+    /// First error, reported at DataEnd.
+    error: Option<BodyError>,
+}
+
+enum BodyError {
+    /// The in-flight byte budget ran out (452 4.3.1).
+    NoSpace,
+    /// Anything else (451 4.3.0); the text is for the log.
+    Failed(String),
 }
 
 struct Session {
@@ -41,22 +84,29 @@ struct Session {
     body: Option<Body>,
 }
 
-/// Serves one submit.sock connection until it closes.
-pub async fn serve(queue: Arc<Queue>, mut stream: UnixStream) {
-    let peer = match hello::accept(&mut stream, Role::Queued, &[Role::Smtpd, Role::Ctl]).await {
-        Ok(p) => p,
-        Err(e) => {
-            metrics::inc_label(names::IPC_ERRORS, "queued");
-            tracing::warn!("submit.sock: refused a connection: {e}");
-            return;
-        }
+/// Serves one submit.sock connection until it closes. Over the session
+/// cap, the connection is closed at once, before anything is read.
+pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
+    let Ok(_permit): Result<OwnedSemaphorePermit, _> = l.sessions.clone().try_acquire_owned()
+    else {
+        metrics::inc_label(names::IPC_REFUSED, "submit:max_sessions");
+        log_refusal("submit.sock: refusing a connection: too many sessions");
+        return;
     };
+    let peer =
+        match hello::accept(&mut stream, Role::Queued, &[Role::Smtpd, Role::Ctl], &l.ids).await {
+            Ok(p) => p,
+            Err(e) => {
+                metrics::inc_label(names::IPC_REFUSED, "submit");
+                tracing::warn!("submit.sock: refused a connection: {e}");
+                return;
+            }
+        };
     log_new_peer(&peer);
-    let (r, w) = stream.into_split();
-    let mut reader = BufReader::with_capacity(128 * 1024, r);
-    let mut writer = BufWriter::new(w);
+    let (r, mut writer) = stream.into_split();
+    let mut reader = FrameReader::new(r);
     let mut s = Session {
-        queue,
+        queue: l.queue.clone(),
         client: None,
         auth: None,
         from: None,
@@ -64,12 +114,26 @@ pub async fn serve(queue: Arc<Queue>, mut stream: UnixStream) {
         body: None,
     };
     let result: Result<(), Error> = async {
-        while let Some(req) = read_frame::<_, SubmitRequest>(&mut reader).await? {
+        loop {
+            // A body chunk is the only large request, and only inside DATA.
+            let max = if s.body.is_some() {
+                MAX_CHUNK_FRAME
+            } else {
+                MAX_SMALL_FRAME
+            };
+            let req = match tokio::time::timeout(l.idle_timeout, reader.read(max)).await {
+                Err(_) => return Err(Error::Idle(l.idle_timeout)),
+                Ok(r) => match r? {
+                    Some(req) => req,
+                    None => return Ok(()),
+                },
+            };
             if let Some(reply) = s.handle(req).await? {
-                write_frame(&mut writer, &reply).await?;
+                tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut writer, &reply))
+                    .await
+                    .map_err(|_| Error::Io(std::io::ErrorKind::TimedOut.into()))??;
             }
         }
-        Ok(())
     }
     .await;
     if let Err(e) = result {
@@ -77,6 +141,19 @@ pub async fn serve(queue: Arc<Queue>, mut stream: UnixStream) {
         tracing::warn!(uid = peer.uid, pid = ?peer.pid, "submit.sock: closing connection: {e}");
     }
     s.abort_body();
+}
+
+/// Logs a refusal at most once a second, so a flood does not flood the
+/// log too.
+fn log_refusal(msg: &str) {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        *last = Some(Instant::now());
+        tracing::warn!("{msg}");
+    }
 }
 
 /// Logs the credentials (SO_PEERCRED) of each process the first time it
@@ -116,15 +193,23 @@ impl Session {
                 if self.client.is_some() {
                     return Err(Error::Unexpected("second Session"));
                 }
+                // It goes into logs and the queue item: an address, or
+                // nothing.
+                if client.parse::<std::net::SocketAddr>().is_err() && client != "local" {
+                    return Err(Error::Unexpected("Session whose client is not an address"));
+                }
                 self.client = Some(client);
                 SubmitReply::Ok
             }
+            SubmitRequest::Ping => SubmitReply::Ok,
             SubmitRequest::Mail { from } => {
                 self.reset();
                 // smtpd checked the syntax already; check again, since the
                 // sender ends up in logs, MDA arguments and DSN headers.
                 if !from.is_empty()
-                    && (!address::is_plausible(&from) || address::normalize(&from).is_err())
+                    && (!address::is_plausible(&from)
+                        || address::normalize(&from).is_err()
+                        || from.starts_with('-'))
                 {
                     return Ok(Some(SubmitReply::BadSequence(
                         "invalid sender address".into(),
@@ -140,7 +225,7 @@ impl Session {
                 if self.rcpts.len() >= MAX_RCPTS {
                     return Ok(Some(SubmitReply::Rcpt(RcptVerdict::TooMany)));
                 }
-                if !address::is_plausible(&to) {
+                if !address::is_plausible(&to) || to.starts_with('-') {
                     return Ok(Some(SubmitReply::Rcpt(RcptVerdict::Invalid(
                         "not an address".into(),
                     ))));
@@ -169,13 +254,17 @@ impl Session {
                 let Some(body) = self.body.as_mut() else {
                     return Err(Error::Unexpected("DataChunk outside DATA"));
                 };
+                let n = data.len() as u64;
                 if body.error.is_none() {
-                    if body.writer.size() + data.len() as u64 > max {
-                        body.error = Some("message too big".into());
+                    if body.writer.size() + n > max {
+                        body.error = Some(BodyError::Failed("message too big".into()));
+                    } else if !self.queue.reserve_in_flight(n) {
+                        body.error = Some(BodyError::NoSpace);
                     } else if let Err(e) = tokio::task::block_in_place(|| body.writer.write(&data))
                     {
+                        self.queue.release_in_flight(n);
                         tracing::error!(id = %body.id, "queue write failed: {e}");
-                        body.error = Some(format!("queue write failed: {e}"));
+                        body.error = Some(BodyError::Failed(format!("queue write failed: {e}")));
                     }
                 }
                 return Ok(None);
@@ -195,6 +284,14 @@ impl Session {
     async fn data_begin(&mut self) -> SubmitReply {
         if self.from.is_none() || self.rcpts.is_empty() {
             return SubmitReply::BadSequence("DATA without sender or recipients".into());
+        }
+        if self.queue.in_flight_full() {
+            return SubmitReply::NoSpace {
+                reason: format!(
+                    "{} MiB of messages are being received already ([tambo] max_data_in_flight_mb)",
+                    self.queue.cfg.tambo.max_data_in_flight_mb
+                ),
+            };
         }
         let id = match self.queue.reserve_id(false) {
             Ok(id) => id,
@@ -239,9 +336,24 @@ impl Session {
         let from = self.from.take().unwrap_or_default();
         let rcpts = std::mem::take(&mut self.rcpts);
         let Body { id, writer, error } = body;
-        if let Some(reason) = error {
-            self.queue.release_id(&id);
-            return Ok(SubmitReply::Failed { reason });
+        // From here the bytes are either queued or thrown away: no longer
+        // in flight.
+        self.queue.release_in_flight(writer.size());
+        match error {
+            Some(BodyError::Failed(reason)) => {
+                self.queue.release_id(&id);
+                return Ok(SubmitReply::Failed { reason });
+            }
+            Some(BodyError::NoSpace) => {
+                self.queue.release_id(&id);
+                return Ok(SubmitReply::NoSpace {
+                    reason: format!(
+                        "over {} MiB of messages being received at once ([tambo] max_data_in_flight_mb)",
+                        self.queue.cfg.tambo.max_data_in_flight_mb
+                    ),
+                });
+            }
+            None => {}
         }
         let synced = tokio::task::spawn_blocking(move || writer.finish()).await;
         let synced = synced
@@ -277,6 +389,7 @@ impl Session {
 
     fn abort_body(&mut self) {
         if let Some(body) = self.body.take() {
+            self.queue.release_in_flight(body.writer.size());
             drop(body.writer);
             self.queue.release_id(&body.id);
         }

@@ -187,6 +187,11 @@ pub fn parse_path(arg: &[u8], keyword: &str) -> Result<PathArg, PathError> {
         return Err(PathError::Malformed("not an address"));
     }
     let (user, domain) = address::split(path);
+    // A local part that looks like an option could reach an MDA's command
+    // line as one (Postfix refuses these too: allow_min_user = no).
+    if user.starts_with('-') {
+        return Err(PathError::Malformed("user part begins with '-'"));
+    }
     // The user part must normalise (no `@`, spaces or controls inside a
     // quoted local part), or queued could not resolve or bounce it.
     if address::normalize_user(user).is_err() {
@@ -299,5 +304,19 @@ mod tests {
             Err(PathError::BadDomain)
         );
         assert_eq!(parse_path(b"FROM:<a@>", "FROM:"), Err(PathError::NoDomain));
+        for arg in [
+            "TO:<-oQ/tmp@example.org>",
+            "TO:<-f>",
+            "TO:<@r.example:-x@d.example>",
+        ] {
+            assert!(
+                matches!(
+                    parse_path(arg.as_bytes(), "TO:"),
+                    Err(PathError::Malformed(_))
+                ),
+                "{arg}"
+            );
+        }
+        assert!(parse_path(b"TO:<a-b@example.org>", "TO:").is_ok());
     }
 }

@@ -1,34 +1,51 @@
 //! This session's link to queued over submit.sock.
 //!
-//! One connection per SMTP session: queued ties the envelope (and later the
-//! authentication) to it, so smtpd holds no policy state of its own.
+//! One connection per SMTP session, opened at the session's first MAIL (an
+//! idle or greeting-only client costs queued nothing): queued ties the
+//! envelope (and later the authentication) to it, so smtpd holds no policy
+//! state of its own.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
-use tambo_proto::frame::{encode, read_frame};
+use tambo_proto::frame::{FrameReader, MAX_SMALL_FRAME, encode};
 use tambo_proto::hello;
+use tambo_proto::identity::Identities;
 use tambo_proto::submit::{Mode, SubmitReply, SubmitRequest};
 use tambo_proto::{Error, Role};
 
 /// How long queued may take to answer one request, fsync included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// A link unused this long gets a `Ping` before the next command, so it
+/// stays well inside queued's idle timeout (5 minutes) however long the
+/// client dawdles between transactions.
+pub const PING_AFTER: Duration = Duration::from_secs(60);
+
 pub struct QueueLink {
-    reader: BufReader<OwnedReadHalf>,
-    writer: BufWriter<OwnedWriteHalf>,
+    reader: FrameReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    last_used: Instant,
 }
 
 impl QueueLink {
-    pub async fn connect(path: &Path, client: String, mode: Mode) -> Result<Self, Error> {
-        let stream = hello::connect(path, Role::Smtpd, Role::Queued).await?;
+    /// Connects (checking that queued is who answers) and opens the
+    /// session.
+    pub async fn connect(
+        path: &Path,
+        client: String,
+        mode: Mode,
+        ids: &Identities,
+    ) -> Result<Self, Error> {
+        let stream = hello::connect(path, Role::Smtpd, Role::Queued, ids).await?;
         let (r, w) = stream.into_split();
         let mut link = Self {
-            reader: BufReader::new(r),
-            writer: BufWriter::new(w),
+            reader: FrameReader::new(r),
+            writer: w,
+            last_used: Instant::now(),
         };
         match link.call(&SubmitRequest::Session { client, mode }).await? {
             SubmitReply::Ok => Ok(link),
@@ -39,8 +56,7 @@ impl QueueLink {
     /// Sends a request and waits for its one reply.
     pub async fn call(&mut self, req: &SubmitRequest) -> Result<SubmitReply, Error> {
         self.send(req).await?;
-        self.writer.flush().await?;
-        match tokio::time::timeout(CALL_TIMEOUT, read_frame(&mut self.reader)).await {
+        match tokio::time::timeout(CALL_TIMEOUT, self.reader.read(MAX_SMALL_FRAME)).await {
             Ok(Ok(Some(reply))) => Ok(reply),
             Ok(Ok(None)) => Err(Error::Truncated {
                 expected: 4,
@@ -51,16 +67,24 @@ impl QueueLink {
         }
     }
 
-    /// Queues a request that has no reply (body chunks, abort); it goes out
-    /// with the next flush or once the buffer fills.
+    /// Sends a request that has no reply (body chunks, abort).
     pub async fn send(&mut self, req: &SubmitRequest) -> Result<(), Error> {
         let bytes = encode(req)?;
-        self.writer.write_all(&bytes).await?;
+        tokio::time::timeout(CALL_TIMEOUT, self.writer.write_all(&bytes))
+            .await
+            .map_err(|_| Error::Io(std::io::ErrorKind::TimedOut.into()))??;
+        self.last_used = Instant::now();
         Ok(())
     }
 
-    pub async fn flush(&mut self) -> Result<(), Error> {
-        self.writer.flush().await?;
-        Ok(())
+    /// Pings queued if the link has been quiet for [`PING_AFTER`].
+    pub async fn keep_alive(&mut self) -> Result<(), Error> {
+        if self.last_used.elapsed() < PING_AFTER {
+            return Ok(());
+        }
+        match self.call(&SubmitRequest::Ping).await? {
+            SubmitReply::Ok => Ok(()),
+            _ => Err(Error::Unexpected("reply to Ping")),
+        }
     }
 }

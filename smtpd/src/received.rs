@@ -59,11 +59,15 @@ fn sanitize(s: &str) -> String {
     }
 }
 
+/// Quotes the sender for the quoted string inside the header's comment:
+/// `"` and `\\` for the quoted string, and `(` and `)` too, since a
+/// comment's parser counts them (RFC 5322 §3.2.2) and an unbalanced one
+/// would end the comment early.
 fn quote(s: &str) -> String {
     s.chars()
         .filter(|c| !c.is_control())
         .flat_map(|c| match c {
-            '"' | '\\' => vec!['\\', c],
+            '"' | '\\' | '(' | ')' => vec!['\\', c],
             _ => vec![c],
         })
         .collect()
@@ -106,5 +110,38 @@ mod tests {
         );
         assert!(h.contains("envelope from \"a\\\"b@c\""), "{h}");
         assert_eq!(h.matches("\r\n").count(), 4);
+    }
+
+    #[test]
+    fn comment_characters_are_quoted() {
+        let info = ReceivedInfo {
+            ehlo: "c",
+            esmtp: true,
+            client: "127.0.0.1:1".parse().unwrap(),
+            hostname: "mx",
+            mode: Mode::Smtp,
+            from: "\"a)b(c\\\"@d",
+        };
+        let h = header_at(&info, "now");
+        assert!(
+            h.contains("envelope from \"\\\"a\\)b\\(c\\\\\\\"@d\")"),
+            "{h}"
+        );
+        // Every parenthesis in the comment is balanced or quoted.
+        let comment = &h[h.find("(over").unwrap()..h.find("\r\n\t;").unwrap()];
+        let mut depth = 0i32;
+        let mut chars = comment.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            assert!(depth >= 0, "{comment}");
+        }
+        assert_eq!(depth, 0, "{comment}");
     }
 }

@@ -1,0 +1,89 @@
+//! Exclusive locks held for a process's lifetime (flock(2)), so two copies
+//! of one daemon never work on the same queue or socket: the second one
+//! refuses to start, naming the pid of the first.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// A held lock; released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct LockFile {
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl LockFile {
+    /// Takes the exclusive lock on `path` (created 0600 if missing) without
+    /// waiting, and writes our pid into it. Fails with `WouldBlock` and
+    /// the holder's pid if another process has it.
+    pub fn acquire(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut file, errno)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                };
+                let kind = if errno == nix::errno::Errno::EWOULDBLOCK {
+                    io::ErrorKind::WouldBlock
+                } else {
+                    io::ErrorKind::Other
+                };
+                return Err(io::Error::new(
+                    kind,
+                    format!(
+                        "{} is locked by another process{who}: {errno}",
+                        path.display()
+                    ),
+                ));
+            }
+        };
+        lock.set_len(0)?;
+        lock.rewind()?;
+        writeln!(lock, "{}", std::process::id())?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_holder_is_refused_with_the_first_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.lock");
+        let first = LockFile::acquire(&p).unwrap();
+        let e = LockFile::acquire(&p).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(
+            e.to_string()
+                .contains(&format!("(pid {})", std::process::id())),
+            "{e}"
+        );
+        drop(first);
+        LockFile::acquire(&p).unwrap();
+    }
+}

@@ -1,0 +1,246 @@
+//! The Unix sockets between the daemons, and who may connect to each.
+//!
+//! Whoever creates a socket (`tambo run` for all of them, a daemon started
+//! alone for its own, systemd's socket units in packaging) gives it an
+//! owner, group and mode that say who may connect; every accepted
+//! connection is then checked again by uid ([`tambo_proto::identity`]).
+//! A socket is only ever replaced by the holder of its lock file
+//! (`<socket>.lock`), so no process unlinks a socket another live process
+//! serves.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+use tambo_proto::Role;
+use tambo_proto::identity::{Identities, lookup_group};
+
+use crate::config::Config;
+use crate::lockfile::LockFile;
+
+/// The group whose members may reach monitor.sock (every daemon's user).
+pub const SOCKET_GROUP: &str = "tambo";
+
+/// The three IPC sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpcSocket {
+    /// smtpd (and local submission) → queued.
+    Submit,
+    /// deliverd → queued.
+    Deliver,
+    /// every process → monitord.
+    Monitor,
+}
+
+impl IpcSocket {
+    /// The file name in the runtime dir, and the name the socket carries
+    /// when passed by socket activation (`FileDescriptorName=`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IpcSocket::Submit => "submit",
+            IpcSocket::Deliver => "deliver",
+            IpcSocket::Monitor => "monitor",
+        }
+    }
+
+    pub fn path(self, cfg: &Config) -> PathBuf {
+        cfg.tambo.runtime_dir.join(format!("{}.sock", self.name()))
+    }
+
+    /// Who may connect: owner (the serving role), group and mode.
+    pub fn access(self, ids: &Identities) -> Access {
+        if ids.is_development() {
+            return Access {
+                owner: None,
+                group: None,
+                mode: 0o600,
+            };
+        }
+        let uid = |r: Role| ids.account(r).map(|a| a.uid);
+        let gid = |r: Role| ids.account(r).map(|a| a.gid);
+        match self {
+            IpcSocket::Submit => Access {
+                owner: uid(Role::Queued),
+                group: gid(Role::Smtpd),
+                mode: 0o660,
+            },
+            IpcSocket::Deliver => Access {
+                owner: uid(Role::Queued),
+                group: gid(Role::Deliverd),
+                mode: 0o660,
+            },
+            IpcSocket::Monitor => match lookup_group(SOCKET_GROUP) {
+                Some(g) => Access {
+                    owner: uid(Role::Monitord),
+                    group: Some(g),
+                    mode: 0o660,
+                },
+                // Without the group, three users must reach it: let the
+                // mode allow everyone, and the uid check refuse strangers.
+                None => Access {
+                    owner: uid(Role::Monitord),
+                    group: gid(Role::Monitord),
+                    mode: 0o666,
+                },
+            },
+        }
+    }
+}
+
+/// Owner, group and mode of a socket file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    pub mode: u32,
+}
+
+/// A bound socket and the lock that makes it ours.
+#[derive(Debug)]
+pub struct Bound {
+    pub listener: UnixListener,
+    pub lock: LockFile,
+}
+
+/// Creates the runtime directory if needed: 0755 when root (per-socket
+/// modes decide who connects), 0700 otherwise.
+pub fn create_runtime_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mode = if nix::unistd::geteuid().is_root() {
+        0o755
+    } else {
+        0o700
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+}
+
+/// Binds a Unix socket at `path` with the given access. Takes
+/// `<path>.lock` first: with it held, a socket file left at `path` belongs
+/// to a dead process and may be replaced; without it, someone else serves
+/// there and we refuse.
+pub fn bind(path: &Path, access: Access) -> io::Result<Bound> {
+    if let Some(dir) = path.parent() {
+        create_runtime_dir(dir)?;
+    }
+    let mut lock_name = path.as_os_str().to_owned();
+    lock_name.push(".lock");
+    let lock = LockFile::acquire(Path::new(&lock_name)).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another process serves this socket: {e}"),
+        )
+    })?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    // Mode before owner: the socket is never more open than asked.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))?;
+    if access.owner.is_some() || access.group.is_some() {
+        nix::unistd::chown(
+            path,
+            access.owner.map(nix::unistd::Uid::from_raw),
+            access.group.map(nix::unistd::Gid::from_raw),
+        )
+        .map_err(io::Error::from)?;
+    }
+    Ok(Bound { listener, lock })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use tambo_proto::identity::Account;
+
+    fn dev() -> Identities {
+        Identities::development(Account {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        })
+    }
+
+    #[test]
+    fn binds_with_mode_and_refuses_a_live_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/submit.sock");
+        let access = IpcSocket::Submit.access(&dev());
+        assert_eq!(access.mode, 0o600);
+        let first = bind(&path, access).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        // A second binder is refused and leaves the live socket alone.
+        let e = bind(&path, access).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        // Once the first is gone, its stale socket file is replaced.
+        drop(first);
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+        let _second = bind(&path, access).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+    }
+
+    #[test]
+    fn never_removes_a_file_that_is_not_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deliver.sock");
+        std::fs::write(&path, b"precious").unwrap();
+        assert!(bind(&path, IpcSocket::Deliver.access(&dev())).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn production_access_names_the_serving_and_connecting_users() {
+        let system = |name: &str| -> Option<Account> {
+            let n = match name {
+                "s" => 101,
+                "q" => 102,
+                "d" => 103,
+                "m" => 104,
+                _ => return None,
+            };
+            Some(Account {
+                uid: n,
+                gid: n + 1000,
+            })
+        };
+        let users = tambo_proto::identity::RoleUsers {
+            smtpd: "s",
+            queued: "q",
+            deliverd: "d",
+            monitord: "m",
+        };
+        let ids =
+            Identities::decide(&users, Role::Ctl, Account { uid: 0, gid: 0 }, system).unwrap();
+        assert_eq!(
+            IpcSocket::Submit.access(&ids),
+            Access {
+                owner: Some(102),
+                group: Some(1101),
+                mode: 0o660
+            }
+        );
+        assert_eq!(
+            IpcSocket::Deliver.access(&ids),
+            Access {
+                owner: Some(102),
+                group: Some(1103),
+                mode: 0o660
+            }
+        );
+        assert_eq!(IpcSocket::Monitor.access(&ids).owner, Some(104));
+    }
+}

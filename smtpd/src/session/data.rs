@@ -1,0 +1,298 @@
+//! DATA: the body is read to its terminator and streamed to queued in
+//! chunks as it arrives, so smtpd never holds more than one chunk.
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
+
+use tambo_proto::frame::CHUNK_SIZE;
+use tambo_proto::metrics::{self, names};
+use tambo_proto::submit::{SubmitReply, SubmitRequest};
+
+use super::{MAX_RECEIVED, Next, Session};
+use crate::dotreader::{DotDecoder, DotError, Progress};
+use crate::received::{self, ReceivedInfo};
+
+enum BodyOutcome {
+    Complete,
+    TooBig,
+    Loop,
+    BareLineEnding,
+    /// The whole session ran out of time.
+    Lifetime,
+    /// The client sent nothing for a command timeout in the middle of the
+    /// body.
+    Idle,
+    ClientGone,
+    QueueLost,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub(super) async fn data(&mut self) -> Next {
+        if self.ehlo.is_none() {
+            self.reply(503, "5.5.1", "Invalid command: say hello first");
+            return Next::Continue;
+        }
+        let Some(from) = self.mail_from.clone() else {
+            self.reply(503, "5.5.1", "Invalid command: sender not given yet");
+            return Next::Continue;
+        };
+        if self.rcpts == 0 {
+            self.reply(503, "5.5.1", "Invalid command: no valid recipients");
+            return Next::Continue;
+        }
+        let Some(queue) = self.queue.as_mut() else {
+            return self.queue_lost();
+        };
+        match queue.call(&SubmitRequest::DataBegin).await {
+            Ok(SubmitReply::DataReady) => {}
+            Ok(reply) => {
+                self.refused_by_queue(&reply, "DATA");
+                return Next::Continue;
+            }
+            Err(e) => {
+                tracing::error!(peer = %self.peer, "queued link failed at DATA: {e}");
+                return self.queue_lost();
+            }
+        }
+        self.reply(354, "", "Go ahead; end data with <CR><LF>.<CR><LF>");
+        if self.flush().await.is_err() {
+            if let Some(q) = self.queue.as_mut() {
+                let _ = q.send(&SubmitRequest::DataAbort).await;
+            }
+            return Next::Close;
+        }
+        let header = received::header(&ReceivedInfo {
+            ehlo: self.ehlo.as_deref().unwrap_or("unknown"),
+            esmtp: self.esmtp,
+            client: self.peer,
+            hostname: &self.cfg.hostname,
+            mode: self.cfg.mode,
+            from: &from,
+        });
+        let remaining = self.cfg.lifetime.saturating_sub(self.started.elapsed());
+        let outcome =
+            match tokio::time::timeout(remaining, self.stream_body(header.into_bytes())).await {
+                Ok(o) => o,
+                Err(_) => {
+                    if let Some(q) = self.queue.as_mut() {
+                        let _ = q.send(&SubmitRequest::DataAbort).await;
+                    }
+                    BodyOutcome::Lifetime
+                }
+            };
+        // The final reply to message content clears the envelope, whatever
+        // it was (REFERENCE §2.3).
+        self.mail_from = None;
+        self.rcpts = 0;
+        match outcome {
+            BodyOutcome::Complete => {
+                let Some(queue) = self.queue.as_mut() else {
+                    return self.queue_lost();
+                };
+                match queue.call(&SubmitRequest::DataEnd).await {
+                    Ok(SubmitReply::Queued { id }) => {
+                        let text = format!("Queued as {id}");
+                        self.reply(250, "2.0.0", &text);
+                        Next::Continue
+                    }
+                    Ok(reply) => {
+                        self.refused_by_queue(&reply, "end of DATA");
+                        Next::Continue
+                    }
+                    Err(e) => {
+                        tracing::error!(peer = %self.peer, "queued link failed at end of DATA: {e}");
+                        self.queue_lost()
+                    }
+                }
+            }
+            BodyOutcome::TooBig => {
+                self.reply(552, "5.3.4", "Message too big");
+                Next::Continue
+            }
+            BodyOutcome::Loop => {
+                metrics::inc(names::SMTP_IN_LOOPS_DETECTED);
+                self.reply(554, "5.4.6", "Loop detected (too many Received headers)");
+                Next::Continue
+            }
+            BodyOutcome::BareLineEnding => {
+                self.reply(
+                    521,
+                    "5.5.2",
+                    "Invalid line ending: only CRLF is accepted, closing",
+                );
+                Next::Close
+            }
+            BodyOutcome::Lifetime => {
+                self.reply(
+                    421,
+                    "4.4.2",
+                    "Connection lifetime exceeded during DATA, closing",
+                );
+                Next::Close
+            }
+            BodyOutcome::Idle => {
+                self.reply(421, "4.4.2", "Timed out waiting for data, closing");
+                Next::Close
+            }
+            BodyOutcome::ClientGone => Next::Close,
+            BodyOutcome::QueueLost => self.queue_lost(),
+        }
+    }
+
+    /// Answers a queue refusal at DATA or its end. The reason is logged;
+    /// the client gets a fixed text, never queued's internal details.
+    fn refused_by_queue(&mut self, reply: &SubmitReply, stage: &str) {
+        match reply {
+            SubmitReply::NoSpace { reason } => {
+                tracing::warn!(peer = %self.peer, "queue refused the message at {stage}: {reason}");
+                self.reply(
+                    452,
+                    "4.3.1",
+                    "Too much mail being received right now, try again later",
+                );
+            }
+            SubmitReply::Failed { reason } => {
+                tracing::warn!(peer = %self.peer, "queue refused the message at {stage}: {reason}");
+                self.reply(451, "4.3.0", "Could not queue the message, try again later");
+            }
+            other => {
+                tracing::warn!(peer = %self.peer, "queued answered {stage} with {other:?}");
+                self.reply(451, "4.3.0", "Temporary error, try again later");
+            }
+        }
+    }
+
+    /// Reads the message to its terminator, sending it to queued in chunks
+    /// as it arrives; smtpd never holds more than a chunk. Each read must
+    /// make progress within the command timeout.
+    async fn stream_body(&mut self, first: Vec<u8>) -> BodyOutcome {
+        let idle = self.cfg.command_timeout;
+        let mut dec = DotDecoder::new();
+        let mut headers = HeaderScan::default();
+        let mut chunk = first;
+        let mut sending = true;
+        let mut result = None;
+        loop {
+            let buf = match tokio::time::timeout(idle, self.conn.fill_buf()).await {
+                Err(_) => {
+                    result = Some(BodyOutcome::Idle);
+                    break;
+                }
+                Ok(Ok([])) | Ok(Err(_)) => {
+                    result = Some(BodyOutcome::ClientGone);
+                    break;
+                }
+                Ok(Ok(b)) => b,
+            };
+            let before = chunk.len();
+            let progress = dec.feed(buf, &mut chunk);
+            headers.scan(&chunk[before..]);
+            let (consumed, done) = match progress {
+                Ok(Progress::More) => (buf.len(), false),
+                Ok(Progress::End(n)) => (n, true),
+                Err(DotError::BareLineEnding) => {
+                    result = Some(BodyOutcome::BareLineEnding);
+                    break;
+                }
+            };
+            self.conn.consume(consumed);
+            if sending && dec.size() > self.cfg.max_data_size {
+                // Over the limit: stop forwarding but read on to the real
+                // terminator, so the session stays in sync.
+                sending = false;
+                result = Some(BodyOutcome::TooBig);
+            }
+            if sending && headers.received > MAX_RECEIVED {
+                sending = false;
+                result = Some(BodyOutcome::Loop);
+            }
+            if !sending {
+                chunk.clear();
+            }
+            // Chunks of exactly CHUNK_SIZE (the last one shorter): queued
+            // refuses larger frames.
+            while chunk.len() >= CHUNK_SIZE || (done && !chunk.is_empty()) {
+                let rest = if chunk.len() > CHUNK_SIZE {
+                    chunk.split_off(CHUNK_SIZE)
+                } else {
+                    Vec::new()
+                };
+                let data = std::mem::replace(&mut chunk, rest);
+                let Some(q) = self.queue.as_mut() else {
+                    return BodyOutcome::QueueLost;
+                };
+                if q.send(&SubmitRequest::DataChunk(data)).await.is_err() {
+                    return BodyOutcome::QueueLost;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        match result {
+            None => BodyOutcome::Complete,
+            Some(r) => {
+                let Some(q) = self.queue.as_mut() else {
+                    return BodyOutcome::QueueLost;
+                };
+                if q.send(&SubmitRequest::DataAbort).await.is_err() {
+                    return BodyOutcome::QueueLost;
+                }
+                r
+            }
+        }
+    }
+}
+
+/// Counts `Received:` lines in the header section of the (unstuffed)
+/// message as it streams past, for loop detection.
+#[derive(Default)]
+struct HeaderScan {
+    done: bool,
+    /// Bytes of the current line seen so far, up to 9.
+    prefix: Vec<u8>,
+    /// Past the prefix of the current line.
+    line_len: usize,
+    received: u32,
+}
+
+impl HeaderScan {
+    fn scan(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.done {
+                return;
+            }
+            if b == b'\n' {
+                // A line that is just CRLF ends the header section.
+                if self.line_len == 1 && self.prefix.first() == Some(&b'\r') {
+                    self.done = true;
+                }
+                self.prefix.clear();
+                self.line_len = 0;
+                continue;
+            }
+            self.line_len += 1;
+            if self.prefix.len() < 9 {
+                self.prefix.push(b);
+                if self.prefix.len() == 9 && self.prefix.eq_ignore_ascii_case(b"received:") {
+                    self.received += 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_scan_counts_only_headers() {
+        let mut h = HeaderScan::default();
+        let msg = b"Received: a\r\nRECEIVED: b\r\nSubject: x\r\n\r\nReceived: in body\r\n";
+        for piece in msg.chunks(3) {
+            h.scan(piece);
+        }
+        assert_eq!(h.received, 2);
+        assert!(h.done);
+    }
+}

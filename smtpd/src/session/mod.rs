@@ -1,0 +1,354 @@
+//! One SMTP session: reads commands, answers them, streams DATA to queued.
+//!
+//! Everything the client sends is parsed here under fixed limits (line
+//! length, timeouts, recipients, errors); every decision about where mail
+//! may go is asked of queued, over a link opened at the first MAIL.
+//!
+//! # Layout
+//! - this file: the session, its command loop, replies and line reading;
+//! - `hello`: HELO and EHLO;
+//! - `envelope`: MAIL, RCPT, RSET and the link to queued;
+//! - `data`: DATA, streaming the body to queued.
+
+mod data;
+mod envelope;
+mod hello;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+
+use tambo_proto::identity::Identities;
+use tambo_proto::metrics::{self, names};
+use tambo_proto::submit::Mode;
+
+use crate::command::{self, Verb};
+use crate::queue::QueueLink;
+
+/// Longest command line, without its line ending (REFERENCE §2.2).
+pub const MAX_LINE: usize = 1000;
+/// Most recipients per transaction.
+pub const MAX_RCPTS: usize = 100;
+/// Error replies allowed before the session is closed (the third becomes
+/// a 421).
+pub const MAX_ERRORS: u32 = 3;
+/// More `Received:` headers than this is a mail loop.
+pub const MAX_RECEIVED: u32 = 50;
+/// Reply bytes held before they are written even if the client has more
+/// commands buffered.
+const MAX_PENDING_REPLIES: usize = 4096;
+/// Read buffer of a session: a command line fits, and DATA is read in
+/// pieces of this size.
+const READ_BUFFER: usize = 4096;
+
+/// What every session on one listener shares.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub max_data_size: u64,
+    pub submit_socket: PathBuf,
+    pub ids: Identities,
+    pub mode: Mode,
+    /// Covers sending the greeting.
+    pub first_deadline: Duration,
+    /// For each command, and for each read inside DATA.
+    pub command_timeout: Duration,
+    /// Checked before each command; DATA runs under it.
+    pub lifetime: Duration,
+}
+
+impl SessionConfig {
+    pub fn new(
+        hostname: String,
+        max_data_size: u64,
+        submit_socket: PathBuf,
+        ids: Identities,
+        mode: Mode,
+    ) -> Self {
+        Self {
+            hostname,
+            max_data_size,
+            submit_socket,
+            ids,
+            mode,
+            first_deadline: Duration::from_secs(60),
+            command_timeout: Duration::from_secs(60),
+            lifetime: Duration::from_secs(20 * 60),
+        }
+    }
+}
+
+/// How reading a command line can fail.
+enum LineError {
+    Eof,
+    TooLong,
+    Io(std::io::Error),
+}
+
+/// Whether the session goes on after a command.
+#[derive(PartialEq, Eq)]
+enum Next {
+    Continue,
+    Close,
+}
+
+struct Session<S> {
+    conn: BufReader<S>,
+    /// Replies not yet written: flushed when the client has nothing more
+    /// buffered, so pipelined commands get their replies in one write.
+    out: Vec<u8>,
+    peer: SocketAddr,
+    cfg: Arc<SessionConfig>,
+    /// The link to queued, opened at the first MAIL.
+    queue: Option<QueueLink>,
+    started: Instant,
+    errors: u32,
+    /// EHLO/HELO name, once given.
+    ehlo: Option<String>,
+    esmtp: bool,
+    /// The envelope: sender (empty for `<>`) and accepted recipients.
+    mail_from: Option<String>,
+    rcpts: usize,
+}
+
+/// Serves one connection until it ends. Never panics on client input.
+pub async fn serve<S>(stream: S, peer: SocketAddr, cfg: Arc<SessionConfig>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut s = Session {
+        conn: BufReader::with_capacity(READ_BUFFER, stream),
+        out: Vec::new(),
+        peer,
+        cfg,
+        queue: None,
+        started: Instant::now(),
+        errors: 0,
+        ehlo: None,
+        esmtp: false,
+        mail_from: None,
+        rcpts: 0,
+    };
+    s.run().await;
+    metrics::inc_label(names::SMTP_IN_TLS_COUNT, "plain");
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    async fn run(&mut self) {
+        let greeting = format!("{} ESMTP tambo", self.cfg.hostname);
+        self.reply(220, "", &greeting);
+        if tokio::time::timeout(self.cfg.first_deadline, self.flush())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            if self.started.elapsed() > self.cfg.lifetime {
+                self.reply(421, "4.4.2", "Connection lifetime exceeded, closing");
+                break;
+            }
+            // Flush when the client has nothing more buffered (so pipelined
+            // replies go out together), or when replies pile up, so a client
+            // that never lets the buffer drain cannot grow them unbounded.
+            let flush_now = self.conn.buffer().is_empty() || self.out.len() > MAX_PENDING_REPLIES;
+            if flush_now && self.flush().await.is_err() {
+                return;
+            }
+            if flush_now {
+                // Idle sessions hold no reply buffer.
+                self.out = Vec::new();
+            }
+            let line = match tokio::time::timeout(self.cfg.command_timeout, self.read_line()).await
+            {
+                Err(_) => {
+                    self.reply(421, "4.4.2", "Timed out waiting for a command, closing");
+                    break;
+                }
+                Ok(Err(LineError::Eof)) => return,
+                Ok(Err(LineError::Io(e))) => {
+                    tracing::debug!(peer = %self.peer, "read error: {e}");
+                    return;
+                }
+                Ok(Err(LineError::TooLong)) => {
+                    self.reply(554, "5.5.2", "Line too long, closing");
+                    break;
+                }
+                Ok(Ok(line)) => line,
+            };
+            if let Some(q) = self.queue.as_mut()
+                && let Err(e) = q.keep_alive().await
+            {
+                tracing::error!(peer = %self.peer, "queued link failed while idle: {e}");
+                self.queue_lost();
+                break;
+            }
+            let next = self.dispatch(&line).await;
+            if next == Next::Close {
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.flush()).await;
+    }
+
+    async fn dispatch(&mut self, line: &[u8]) -> Next {
+        let cmd = command::parse(line);
+        metrics::inc_label(names::SMTP_IN_COMMAND_COUNT, &command::metric_label(&cmd));
+        let arg = cmd.arg;
+        let next = match cmd.verb {
+            Verb::Helo | Verb::Ehlo => self.hello(cmd.verb == Verb::Ehlo, arg).await,
+            Verb::Mail => self.mail(arg).await,
+            Verb::Rcpt => self.rcpt(arg).await,
+            Verb::Data => self.data().await,
+            Verb::Rset => {
+                if !self.reset_envelope().await {
+                    return self.queue_lost();
+                }
+                self.reply(250, "2.0.0", "Reset");
+                Next::Continue
+            }
+            Verb::Noop => {
+                self.reply(250, "2.0.0", "Ok");
+                Next::Continue
+            }
+            Verb::Help => {
+                self.reply(
+                    214,
+                    "2.0.0",
+                    "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT; see RFC 5321",
+                );
+                Next::Continue
+            }
+            Verb::Quit => {
+                self.reply(221, "2.0.0", "Bye");
+                Next::Close
+            }
+            Verb::Vrfy | Verb::Expn => {
+                self.reply(502, "5.5.1", "Command not implemented");
+                Next::Continue
+            }
+            Verb::StartTls | Verb::Auth => {
+                self.reply(502, "5.5.1", "Command not implemented yet");
+                Next::Continue
+            }
+            Verb::Http => {
+                let verb = String::from_utf8_lossy(cmd.raw_verb).to_ascii_uppercase();
+                metrics::inc_label(names::SMTP_IN_WRONG_PROTO_COUNT, &verb);
+                tracing::info!(peer = %self.peer, "{verb} on the SMTP port: not an HTTP server, closing");
+                self.reply(502, "5.7.0", "This is an SMTP server, not an HTTP server");
+                Next::Close
+            }
+            Verb::Unknown => {
+                self.reply(500, "5.5.1", "Unknown command");
+                Next::Continue
+            }
+        };
+        if self.errors >= MAX_ERRORS {
+            Next::Close
+        } else {
+            next
+        }
+    }
+
+    async fn read_line(&mut self) -> Result<Vec<u8>, LineError> {
+        let mut line = Vec::new();
+        let mut too_long = false;
+        loop {
+            let buf = self.conn.fill_buf().await.map_err(LineError::Io)?;
+            if buf.is_empty() {
+                return Err(LineError::Eof);
+            }
+            let (take, found) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            if !too_long {
+                line.extend_from_slice(&buf[..take]);
+                // +2 leaves room for the CRLF itself.
+                if line.len() > MAX_LINE + 2 {
+                    too_long = true;
+                    line.clear();
+                }
+            }
+            self.conn.consume(take);
+            if found {
+                break;
+            }
+        }
+        if too_long {
+            return Err(LineError::TooLong);
+        }
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if line.len() > MAX_LINE {
+            return Err(LineError::TooLong);
+        }
+        Ok(line)
+    }
+
+    /// Queues a reply. The third error reply becomes a 421 and the session
+    /// ends (REFERENCE §2.2).
+    fn reply(&mut self, code: u16, enhanced: &str, text: &str) {
+        let (code, enhanced, text) = if code >= 400 && code != 421 {
+            self.errors += 1;
+            if self.errors >= MAX_ERRORS {
+                (421, "4.5.0", "Too many errors, closing")
+            } else {
+                (code, enhanced, text)
+            }
+        } else {
+            (code, enhanced, text)
+        };
+        if code == 421 {
+            self.errors = self.errors.max(MAX_ERRORS);
+        }
+        metrics::inc_label(names::SMTP_IN_RESPONSE_CODE_COUNT, &code.to_string());
+        self.out.extend_from_slice(code.to_string().as_bytes());
+        self.out.push(b' ');
+        if !enhanced.is_empty() {
+            self.out.extend_from_slice(enhanced.as_bytes());
+            self.out.push(b' ');
+        }
+        self.out.extend_from_slice(text.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    fn reply_multi(&mut self, code: u16, lines: &[String]) {
+        metrics::inc_label(names::SMTP_IN_RESPONSE_CODE_COUNT, &code.to_string());
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            self.out
+                .extend_from_slice(format!("{code}{sep}{l}\r\n").as_bytes());
+        }
+    }
+
+    /// Writes the pending replies, under the command timeout: a client
+    /// that stops reading cannot pin the session.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.cfg.command_timeout;
+        let w = self.conn.get_mut();
+        let write = async {
+            w.write_all(&self.out).await?;
+            w.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client is not reading its replies",
+                ));
+            }
+        }
+        self.out.clear();
+        Ok(())
+    }
+}
