@@ -33,6 +33,7 @@ pub fn bin_dir() -> PathBuf {
         "tambo-queued",
         "tambo-deliverd",
         "tambo-monitord",
+        "tambo-test-peer",
     ] {
         assert!(
             dir.join(b).is_file(),
@@ -85,6 +86,39 @@ pub fn role_users() -> String {
     format!(
         "smtpd_user = \"{smtpd}\"\nqueued_user = \"{queued}\"\ndeliverd_user = \"{deliverd}\"\nmonitord_user = \"{monitord}\"\n"
     )
+}
+
+/// Runs the hostile test peer (`tambo-test-peer`, see its source) as
+/// `uid`/`gid` and returns what it printed.
+pub fn peer_as(uid: u32, gid: u32, args: &[&str]) -> String {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(bin_dir().join("tambo-test-peer"))
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tambo-test-peer");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts the hostile test peer as `uid`/`gid` in the background; its
+/// output goes to `log`.
+pub fn spawn_peer_as(uid: u32, gid: u32, args: &[&str], log: &Path) -> Child {
+    use std::os::unix::process::CommandExt;
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("peer log");
+    Command::new(bin_dir().join("tambo-test-peer"))
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .spawn()
+        .expect("start tambo-test-peer")
 }
 
 /// The identities a test client uses to check the daemons it talks to.
@@ -184,7 +218,8 @@ runtime_dir = \"{run}\"
         self.log_dir.join(format!("{name}.log"))
     }
 
-    /// Starts one daemon (`smtpd`, `queued`, `deliverd`, `monitord`).
+    /// Starts one daemon (`smtpd`, `queued`, `deliverd`, `monitord`) and
+    /// waits until it serves.
     pub fn start(&mut self, name: &str) {
         let ready = match name {
             "smtpd" => "smtpd listening on",
@@ -193,6 +228,12 @@ runtime_dir = \"{run}\"
             "deliverd" => "connected to queued",
             _ => "",
         };
+        self.start_until(name, ready);
+    }
+
+    /// Starts one daemon and waits for `ready` (a new log line containing
+    /// it); `""` waits for nothing.
+    pub fn start_until(&mut self, name: &str, ready: &str) {
         // A restarted daemon's log already has the line from its last run.
         let seen = self.log(name).matches(ready).count();
         let log = OpenOptions::new()

@@ -1,0 +1,147 @@
+//! A hostile IPC peer for the end-to-end tests, run as another user (the
+//! tests start it with `Command::uid`/`gid`), so the kernel reports a
+//! different uid than the role it claims.
+//!
+//! ```text
+//! tambo-test-peer client <socket> <claimed role> <expected server role>
+//!     Connects, says hello as <claimed role>. Prints one line:
+//!     "accepted", or "refused: <why>". If accepted as deliverd, also
+//!     sends Ready and waits up to 3 s for a job: "job received" or
+//!     "no job".
+//! tambo-test-peer serve <socket> <role> <marker path>
+//!     Binds <socket> (mode 0777) and answers every connection as <role>
+//!     without waiting to be checked: Hello, then (to a deliverd) a pipe
+//!     job `touch <marker path>`. Prints one line per connection:
+//!     "client hung up" if the client left without a word.
+//! ```
+#![forbid(unsafe_code)]
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use tambo_proto::deliver::{FromDeliverd, Job, Target, ToDeliverd};
+use tambo_proto::frame::{encode, read_frame, write_frame};
+use tambo_proto::hello::Hello;
+use tambo_proto::{PROTOCOL_VERSION, Role};
+
+fn role(name: &str) -> Role {
+    match name {
+        "smtpd" => Role::Smtpd,
+        "queued" => Role::Queued,
+        "deliverd" => Role::Deliverd,
+        "monitord" => Role::Monitord,
+        "ctl" => Role::Ctl,
+        other => panic!("unknown role {other}"),
+    }
+}
+
+/// Says hello as `me` without checking who answers: the attacker does not
+/// care.
+async fn client(socket: &Path, me: Role, expect: Role) {
+    let mut s = match tokio::net::UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(e) => {
+            println!("refused: {e}");
+            return;
+        }
+    };
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        role: me,
+    };
+    if let Err(e) = write_frame(&mut s, &hello).await {
+        println!("refused: {e}");
+        return;
+    }
+    match tokio::time::timeout(Duration::from_secs(10), read_frame::<_, Hello>(&mut s)).await {
+        Ok(Ok(Some(h))) if h.role == expect => println!("accepted"),
+        Ok(Ok(Some(h))) => println!("refused: answered as {:?}", h.role),
+        Ok(Ok(None)) => println!("refused: closed"),
+        Ok(Err(e)) => println!("refused: {e}"),
+        Err(_) => println!("refused: no answer"),
+    }
+    if me != Role::Deliverd {
+        return;
+    }
+    if write_frame(&mut s, &FromDeliverd::Ready { slots: 1 })
+        .await
+        .is_err()
+    {
+        println!("no job");
+        return;
+    }
+    let mut r = tambo_proto::fd::FdReader::new(s);
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        r.read_frame::<ToDeliverd>(tambo_proto::frame::MAX_SMALL_FRAME),
+    )
+    .await
+    {
+        Ok(Ok(Some(_))) => println!("job received"),
+        _ => println!("no job"),
+    }
+}
+
+async fn serve(socket: &Path, me: Role, marker: &Path) {
+    let _ = std::fs::remove_file(socket);
+    let l = tokio::net::UnixListener::bind(socket).expect("bind");
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    println!("listening");
+    let job_body = tempfile::tempfile().expect("a temp file for the job's fd");
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        // Answer at once, as an impostor would, and push a job.
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: me,
+        };
+        let _ = write_frame(&mut s, &hello).await;
+        let job = ToDeliverd::Job(Job {
+            job: 1,
+            queue_id: "pwned".into(),
+            from: String::new(),
+            to: "x@example.test".into(),
+            target: Target::Pipe(format!("/usr/bin/touch {}", marker.display())),
+        });
+        if let Ok(bytes) = encode(&job) {
+            let _ = tambo_proto::fd::send_with_fd(&s, &bytes, job_body.as_fd()).await;
+        }
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+        )
+        .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => println!("client hung up"),
+            Ok(Ok(_)) => println!("client spoke"),
+            Err(_) => println!("client silent"),
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match args.get(1).map(String::as_str) {
+        Some("client") if args.len() == 5 => {
+            rt.block_on(client(Path::new(&args[2]), role(&args[3]), role(&args[4])))
+        }
+        Some("serve") if args.len() == 5 => rt.block_on(serve(
+            Path::new(&args[2]),
+            role(&args[3]),
+            Path::new(&args[4]),
+        )),
+        _ => {
+            eprintln!("usage: see the top of e2e/src/bin/tambo-test-peer.rs");
+            std::process::exit(2);
+        }
+    }
+}
