@@ -10,6 +10,7 @@
 mod jobs;
 mod maildir;
 mod mda;
+mod template;
 
 use std::process::ExitCode;
 use std::sync::Arc;
