@@ -98,17 +98,19 @@ pub async fn deliver(cfg: &Config, job: &Job, message: File) -> Outcome {
                 }
                 Err(e) => Outcome::PermFail(e),
             },
-            None => {
-                let args = mda::expand_args(&cfg.mail_delivery_agent_args, &job.from, &job.to);
-                mda::run(
-                    "MDA",
-                    &cfg.mail_delivery_agent_bin,
-                    &args,
-                    message,
-                    &cfg.config_dir,
-                )
-                .await
-            }
+            None => match mda::expand_args(&cfg.mail_delivery_agent_args, &job.from, &job.to) {
+                Ok(args) => {
+                    mda::run(
+                        "MDA",
+                        &cfg.mail_delivery_agent_bin,
+                        &args,
+                        message,
+                        &cfg.config_dir,
+                    )
+                    .await
+                }
+                Err(e) => Outcome::PermFail(e),
+            },
         },
         Target::Pipe(cmdline) => {
             let mut parts = cmdline.split_whitespace().map(str::to_string);

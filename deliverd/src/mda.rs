@@ -12,6 +12,8 @@ use tokio::process::Command;
 
 use tambo_proto::deliver::Outcome;
 
+use crate::template;
+
 /// How long an MDA or pipe may run (REFERENCE §4.2, §4.4).
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Most output kept for the failure text.
@@ -31,8 +33,11 @@ pub fn sanitize(addr: &str) -> String {
 }
 
 /// Substitutes `%from%`, `%from_user%`, `%from_domain%`, `%to%`,
-/// `%to_user%`, `%to_domain%` inside each argument.
-pub fn expand_args(args: &[String], from: &str, to: &str) -> Vec<String> {
+/// `%to_user%`, `%to_domain%` inside each argument, in one pass. An
+/// argument that only an address made start with `-` is refused: the MDA
+/// would read it as an option (`-oQ…`, `-C…`), so the sender would choose
+/// its options. Arguments written with a leading `-` are the operator's.
+pub fn expand_args(args: &[String], from: &str, to: &str) -> Result<Vec<String>, String> {
     let from = sanitize(from);
     let to = sanitize(to);
     let split = |a: &str| -> (String, String) {
@@ -43,14 +48,23 @@ pub fn expand_args(args: &[String], from: &str, to: &str) -> Vec<String> {
     };
     let (fu, fd) = split(&from);
     let (tu, td) = split(&to);
+    let vars = [
+        ("from", from.as_str()),
+        ("from_user", fu.as_str()),
+        ("from_domain", fd.as_str()),
+        ("to", to.as_str()),
+        ("to_user", tu.as_str()),
+        ("to_domain", td.as_str()),
+    ];
     args.iter()
         .map(|a| {
-            a.replace("%from_user%", &fu)
-                .replace("%from_domain%", &fd)
-                .replace("%from%", &from)
-                .replace("%to_user%", &tu)
-                .replace("%to_domain%", &td)
-                .replace("%to%", &to)
+            let expanded = template::expand(a, &vars);
+            if expanded.starts_with('-') && !a.starts_with('-') {
+                return Err(format!(
+                    "the MDA was not run: an address would be read as its option {expanded:?}"
+                ));
+            }
+            Ok(expanded)
         })
         .collect()
 }
@@ -123,20 +137,22 @@ mod tests {
     use super::*;
     use std::io::{Seek, Write};
 
+    fn strings(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
     fn placeholders_and_sanitising() {
-        let args: Vec<String> = [
+        let args = strings(&[
             "-f",
             "%from%",
             "-d",
             "%to_user%",
             "%to_domain%",
             "x%from_user%",
-        ]
-        .map(String::from)
-        .to_vec();
+        ]);
         assert_eq!(
-            expand_args(&args, "ann@mars.example", "bob@venus.example"),
+            expand_args(&args, "ann@mars.example", "bob@venus.example").unwrap(),
             [
                 "-f",
                 "ann@mars.example",
@@ -148,6 +164,40 @@ mod tests {
         );
         assert_eq!(sanitize("a;rm -rf /$(x)@d"), "arm-rfx@d");
         assert_eq!(sanitize(""), "<>");
+    }
+
+    #[test]
+    fn expansion_is_one_pass() {
+        // sanitize() strips `%` already; the expansion must not depend on
+        // it: %from_user% and %to% side by side, each expanded once.
+        let args = strings(&["%from_user%%to%", "%to_user%@%from_domain%", "%%to%%"]);
+        assert_eq!(
+            expand_args(&args, "ann@mars", "bob@venus").unwrap(),
+            ["annbob@venus", "bob@mars", "%bob@venus%"]
+        );
+        assert_eq!(
+            expand_args(&strings(&["%to_user%"]), "x@y", "%to_domain%@venus").unwrap(),
+            ["to_domain"],
+            "the `%` are stripped and nothing is expanded twice"
+        );
+    }
+
+    #[test]
+    fn addresses_cannot_become_options() {
+        for (from, to) in [
+            ("ann@mars", "-oQ/tmp/x@venus"),
+            ("-C/etc/evil@mars", "bob@venus"),
+            ("ann@-x", "bob@venus"),
+        ] {
+            let args = strings(&["-f", "%from%", "%from_domain%", "-d", "%to_user%"]);
+            let err = expand_args(&args, from, to).unwrap_err();
+            assert!(err.contains("option"), "{err}");
+        }
+        // The operator's own options, and a `-` inside an argument, are fine.
+        assert_eq!(
+            expand_args(&strings(&["-d%to_user%", "x%to_user%"]), "a@b", "-c@d").unwrap(),
+            ["-d-c", "x-c"]
+        );
     }
 
     fn message() -> File {
