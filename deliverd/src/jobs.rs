@@ -85,6 +85,7 @@ pub async fn deliver(cfg: &Config, job: &Job, message: File) -> Outcome {
         Target::Forward(_) => "forward",
     };
     metrics::inc_label(names::QUEUE_DELIVER_ATTEMPTS, label);
+    let timeout = cfg.testing.mda_timeout.unwrap_or(mda::TIMEOUT);
     let outcome = match &job.target {
         Target::Local => match &cfg.tambo.maildir {
             Some(template) => match maildir::expand(template, &job.to) {
@@ -98,17 +99,12 @@ pub async fn deliver(cfg: &Config, job: &Job, message: File) -> Outcome {
                 }
                 Err(e) => Outcome::PermFail(e),
             },
-            None => {
-                let args = mda::expand_args(&cfg.mail_delivery_agent_args, &job.from, &job.to);
-                mda::run(
-                    "MDA",
-                    &cfg.mail_delivery_agent_bin,
-                    &args,
-                    message,
-                    &cfg.config_dir,
-                )
-                .await
-            }
+            None => match mda::expand_args(&cfg.mail_delivery_agent_args, &job.from, &job.to) {
+                Ok(args) => {
+                    mda::run("MDA", &cfg.mail_delivery_agent_bin, &args, message, timeout).await
+                }
+                Err(e) => Outcome::PermFail(e),
+            },
         },
         Target::Pipe(cmdline) => {
             let mut parts = cmdline.split_whitespace().map(str::to_string);
@@ -119,7 +115,7 @@ pub async fn deliver(cfg: &Config, job: &Job, message: File) -> Outcome {
                         &bin,
                         &parts.collect::<Vec<_>>(),
                         message,
-                        &cfg.config_dir,
+                        timeout,
                     )
                     .await
                 }

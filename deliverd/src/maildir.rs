@@ -5,31 +5,33 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tambo_common::safeio;
 use tambo_proto::deliver::Outcome;
 
-/// Expands the path template for a recipient. User and domain must not be
-/// able to climb out of it.
+use crate::template;
+
+/// Expands the path template for a recipient, in one pass (a user part
+/// holding `%to_domain%` stays that text). User and domain must not be
+/// able to climb out of the template, nor look like a placeholder.
 pub fn expand(template: &str, to: &str) -> Result<PathBuf, String> {
     let (user, domain) = to.rsplit_once('@').unwrap_or((to, ""));
     for part in [user, domain] {
-        if part.contains('/') || part == "." || part == ".." || part.contains('\0') {
+        if part.contains(['/', '%', '\0']) || part == "." || part == ".." {
             return Err(format!("address {to:?} cannot be used as a Maildir path"));
         }
     }
     if user.is_empty() {
         return Err("empty user".into());
     }
-    Ok(PathBuf::from(
-        template
-            .replace("%to_user%", user)
-            .replace("%to_domain%", domain)
-            .replace("%to%", to),
-    ))
+    Ok(PathBuf::from(template::expand(
+        template,
+        &[("to_user", user), ("to_domain", domain), ("to", to)],
+    )))
 }
 
 /// Delivers the message in `src` into the Maildir at `dir`, creating it.
@@ -42,12 +44,24 @@ pub fn deliver(dir: &Path, src: &mut File) -> Outcome {
     }
 }
 
-fn deliver_inner(dir: &Path, src: &mut File) -> io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true).mode(0o700);
+/// Creates whatever is missing of the Maildir and its `tmp`, `new` and
+/// `cur`, each new directory fsync'd into its parent: otherwise a crash
+/// could take a new mailbox, and the message reported delivered into it,
+/// away. Returns the directories it fsync'd.
+fn create(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut synced = safeio::create_dir_all_durable(dir, 0o700)?;
     for sub in ["tmp", "new", "cur"] {
-        builder.create(dir.join(sub))?;
+        for p in safeio::create_dir_all_durable(&dir.join(sub), 0o700)? {
+            if !synced.contains(&p) {
+                synced.push(p);
+            }
+        }
     }
+    Ok(synced)
+}
+
+fn deliver_inner(dir: &Path, src: &mut File) -> io::Result<()> {
+    create(dir)?;
     let name = unique_name();
     let tmp = dir.join("tmp").join(&name);
     let result = (|| {
@@ -103,6 +117,44 @@ mod tests {
         assert!(expand("/m/%to_user%", "../x@d").is_err());
         assert!(expand("/m/%to_user%", "a/b@d").is_err());
         assert!(expand("/m/%to_domain%/%to_user%", "a@..").is_err());
+        assert!(expand("/m/%to_user%", ".@d").is_err());
+        assert!(expand("/m/%to_user%", "a\0b@d").is_err());
+        assert!(expand("/m/%to_user%", "@d").is_err());
+        assert_eq!(
+            expand("/m/%to%", "ann@d").unwrap(),
+            PathBuf::from("/m/ann@d")
+        );
+    }
+
+    #[test]
+    fn placeholders_in_addresses_are_refused() {
+        // One pass already keeps them literal; refusing them as well means
+        // no address ever reads as a placeholder, whatever the template.
+        for to in ["%to_domain%@d", "a@%to_user%", "100%@d", "a@d%"] {
+            assert!(expand("/m/%to_domain%/%to_user%", to).is_err(), "{to}");
+        }
+    }
+
+    #[test]
+    fn new_directories_are_made_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("d/ann");
+        let synced = create(&md).unwrap();
+        assert_eq!(
+            synced,
+            [dir.path().to_path_buf(), dir.path().join("d"), md.clone()],
+            "each new directory's parent is fsync'd, the Maildir's for tmp/new/cur"
+        );
+        for sub in ["tmp", "new", "cur"] {
+            assert!(md.join(sub).is_dir());
+        }
+        assert!(
+            create(&md).unwrap().is_empty(),
+            "nothing new, nothing synced"
+        );
+        // A Maildir missing only cur/ (made by hand) gets it, durably.
+        std::fs::remove_dir(md.join("cur")).unwrap();
+        assert_eq!(create(&md).unwrap(), vec![md]);
     }
 
     #[test]

@@ -7,9 +7,13 @@
 //! network connections.
 #![forbid(unsafe_code)]
 
+mod children;
 mod jobs;
 mod maildir;
 mod mda;
+mod template;
+#[cfg(test)]
+mod testutil;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -36,6 +40,9 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
+    // The user lookup behind USER and LOGNAME may block (NSS): done once,
+    // before any delivery waits on it.
+    let _ = mda::environment();
     let cfg = Arc::new(cfg);
     rt.block_on(async move {
         daemon::on_sighup(|| tracing::info!("SIGHUP: deliverd has nothing to reload"));
@@ -51,7 +58,10 @@ fn main() -> ExitCode {
             _ = pull_forever(cfg, ids) => {},
             _ = daemon::wait_for_shutdown() => {},
         }
-        tracing::info!("deliverd stopping");
+        // Killed before exiting: an MDA left running would go on
+        // delivering a message queued hands out again after the restart.
+        let killed = children::LIVE.kill_all();
+        tracing::info!("deliverd stopping; killed {killed} process group(s) still running");
         ExitCode::SUCCESS
     })
 }

@@ -1,23 +1,81 @@
 //! Running local programs: the MDA (`mail_delivery_agent_bin`) and pipe
 //! aliases. No shell is involved; the message goes in on stdin straight
 //! from the descriptor queued sent, CRLF line ends as stored.
+//!
+//! Each program starts clean: an environment of its own (see
+//! [`environment`]), `/` as working directory, and its own process group,
+//! killed whole on a timeout. deliverd waits for the program's exit, not
+//! for the end of its output, which anything it left running may hold
+//! open forever.
 
 use std::fs::File;
-use std::path::Path;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
-use tokio::process::Command;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
 
+use tambo_common::duration;
 use tambo_proto::deliver::Outcome;
 
+use crate::{children, template};
+
 /// How long an MDA or pipe may run (REFERENCE §4.2, §4.4).
+/// `[testing] mda_timeout` replaces it.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long output is still read once the program has exited. What is in
+/// the pipe by then takes microseconds to read; a pipe still open after
+/// this is held by something the program left in the background (`cmd &`
+/// inheriting stdout), and waiting for its end would hold the delivery
+/// hostage to that process.
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 /// Most output kept for the failure text.
 const MAX_OUTPUT: usize = 4096;
 /// EX_TEMPFAIL: the program asks to be retried.
 const EX_TEMPFAIL: i32 = 75;
+/// The only PATH a program sees: system directories, none of them from
+/// deliverd's own environment.
+pub const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The whole environment of an MDA or pipe command. Nothing is inherited:
+/// deliverd's own environment holds NOTIFY_SOCKET (through which a child
+/// could speak to the supervisor for deliverd), socket-activation and
+/// `TAMBO_*` variables, and whatever the shell that started it had; a
+/// program run on behalf of a stranger's message sees only this:
+///
+/// - `PATH`: fixed, so a command given by name is found in the system
+///   directories and nowhere else.
+/// - `HOME=/`: MDAs find the recipient's own files (`.mailfilter`,
+///   `.procmailrc`) by looking the recipient up; the home of deliverd's
+///   account would point them at the wrong ones. `/` is neutral, and
+///   writable by no one but root.
+/// - `SHELL=/bin/sh`: what MDAs (procmail, maildrop) run their recipes'
+///   commands with; the account's login shell is often nologin.
+/// - `USER`, `LOGNAME`: the account the program really runs as (deliverd's,
+///   not the recipient's, who is on the command line), for programs that
+///   log or pick their configuration by name.
+/// - `LANG=C`: unlocalised ASCII messages, since the output goes into logs
+///   and into DSNs to strangers, and byte handling that does not depend on
+///   the locales installed.
+pub fn environment() -> &'static [(&'static str, String)] {
+    static ENV: LazyLock<Vec<(&'static str, String)>> = LazyLock::new(|| {
+        let uid = nix::unistd::geteuid();
+        let user = match nix::unistd::User::from_uid(uid) {
+            Ok(Some(u)) => u.name,
+            _ => uid.to_string(),
+        };
+        vec![
+            ("PATH", PATH.to_string()),
+            ("HOME", "/".to_string()),
+            ("SHELL", "/bin/sh".to_string()),
+            ("USER", user.clone()),
+            ("LOGNAME", user),
+            ("LANG", "C".to_string()),
+        ]
+    });
+    &ENV
+}
 
 /// Removes what must never reach an MDA's argument list from an address:
 /// whitespace, control characters and shell/path metacharacters.
@@ -31,8 +89,11 @@ pub fn sanitize(addr: &str) -> String {
 }
 
 /// Substitutes `%from%`, `%from_user%`, `%from_domain%`, `%to%`,
-/// `%to_user%`, `%to_domain%` inside each argument.
-pub fn expand_args(args: &[String], from: &str, to: &str) -> Vec<String> {
+/// `%to_user%`, `%to_domain%` inside each argument, in one pass. An
+/// argument that only an address made start with `-` is refused: the MDA
+/// would read it as an option (`-oQ…`, `-C…`), so the sender would choose
+/// its options. Arguments written with a leading `-` are the operator's.
+pub fn expand_args(args: &[String], from: &str, to: &str) -> Result<Vec<String>, String> {
     let from = sanitize(from);
     let to = sanitize(to);
     let split = |a: &str| -> (String, String) {
@@ -43,14 +104,23 @@ pub fn expand_args(args: &[String], from: &str, to: &str) -> Vec<String> {
     };
     let (fu, fd) = split(&from);
     let (tu, td) = split(&to);
+    let vars = [
+        ("from", from.as_str()),
+        ("from_user", fu.as_str()),
+        ("from_domain", fd.as_str()),
+        ("to", to.as_str()),
+        ("to_user", tu.as_str()),
+        ("to_domain", td.as_str()),
+    ];
     args.iter()
         .map(|a| {
-            a.replace("%from_user%", &fu)
-                .replace("%from_domain%", &fd)
-                .replace("%from%", &from)
-                .replace("%to_user%", &tu)
-                .replace("%to_domain%", &td)
-                .replace("%to%", &to)
+            let expanded = template::expand(a, &vars);
+            if expanded.starts_with('-') && !a.starts_with('-') {
+                return Err(format!(
+                    "the MDA was not run: an address would be read as its option {expanded:?}"
+                ));
+            }
+            Ok(expanded)
         })
         .collect()
 }
@@ -59,16 +129,29 @@ pub fn expand_args(args: &[String], from: &str, to: &str) -> Vec<String> {
 /// exit 0 delivered, 75 or a timeout temporary, anything else permanent
 /// with the program's output. `name` is how failure texts (which reach the
 /// sender in a DSN) call the program: pipe commands are never shown.
-pub async fn run(name: &str, bin: &str, args: &[String], stdin: File, cwd: &Path) -> Outcome {
+pub async fn run(
+    name: &str,
+    bin: &str,
+    args: &[String],
+    stdin: File,
+    timeout: Duration,
+) -> Outcome {
     if bin.is_empty() {
         return Outcome::PermFail("empty command".into());
     }
     let mut cmd = Command::new(bin);
     cmd.args(args)
+        .env_clear()
+        .envs(environment().iter().map(|(k, v)| (k, v)))
+        // Not the config directory REFERENCE §4.4 names: it holds private
+        // keys and the users' password hashes, and a program's relative
+        // paths must not reach them. Pipe commands are given with absolute
+        // paths.
+        .current_dir("/")
+        .process_group(0)
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .current_dir(cwd)
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -77,66 +160,125 @@ pub async fn run(name: &str, bin: &str, args: &[String], stdin: File, cwd: &Path
             return Outcome::TempFail(format!("cannot run the {name}: {e}"));
         }
     };
-    let mut out = child.stdout.take();
-    let mut err = child.stderr.take();
-    let collect = async {
-        let mut o = Vec::new();
-        let mut e = Vec::new();
-        // Keep the first MAX_OUTPUT bytes, and drain the rest: a program
-        // blocked on a full pipe would otherwise hang until the timeout.
-        let ro = async {
-            if let Some(s) = out.as_mut() {
-                let _ = s.take(MAX_OUTPUT as u64).read_to_end(&mut o).await;
-                let _ = tokio::io::copy(s, &mut tokio::io::sink()).await;
-            }
-        };
-        let re = async {
-            if let Some(s) = err.as_mut() {
-                let _ = s.take(MAX_OUTPUT as u64).read_to_end(&mut e).await;
-                let _ = tokio::io::copy(s, &mut tokio::io::sink()).await;
-            }
-        };
-        tokio::join!(ro, re);
-        let status = child.wait().await;
-        o.extend_from_slice(&e);
-        (status, o)
-    };
-    match tokio::time::timeout(TIMEOUT, collect).await {
-        Err(_) => Outcome::TempFail(format!("the {name} timed out after {}s", TIMEOUT.as_secs())),
-        Ok((Err(e), _)) => Outcome::TempFail(format!("waiting for the {name}: {e}")),
-        Ok((Ok(status), output)) => {
-            let text = String::from_utf8_lossy(&output).trim().to_string();
-            match status.code() {
-                Some(0) => Outcome::Delivered,
-                Some(EX_TEMPFAIL) => Outcome::TempFail(format!(
-                    "the {name} exited with 75 (temporary failure): {text}"
-                )),
-                Some(code) => Outcome::PermFail(format!("the {name} exited with {code}: {text}")),
-                None => Outcome::TempFail(format!("the {name} was killed by a signal: {text}")),
-            }
-        }
+    // The message descriptor: the child has its own copy now.
+    drop(cmd);
+    let mut group = children::LIVE.register(child.id());
+    let waited = wait(&mut child, &mut group, timeout).await;
+    // A group whose leader has exited stays listed while anything it left
+    // behind lives, so deliverd's exit still kills that.
+    drop(group);
+    match waited {
+        Waited::Exited(status, output) => classify(name, status, &output),
+        Waited::TimedOut => Outcome::TempFail(format!(
+            "the {name} timed out after {}",
+            duration::format(timeout)
+        )),
+        Waited::Failed(e) => Outcome::TempFail(format!("waiting for the {name}: {e}")),
     }
+}
+
+enum Waited {
+    /// The exit status, and stdout then stderr as far as they were read.
+    Exited(ExitStatus, Vec<u8>),
+    TimedOut,
+    Failed(std::io::Error),
+}
+
+/// Waits for the child's exit, reading its output meanwhile (a chatty
+/// program would otherwise block on a full pipe), then for at most
+/// [`OUTPUT_GRACE`] more output. On a timeout the whole group is killed.
+async fn wait(child: &mut Child, group: &mut children::Group, timeout: Duration) -> Waited {
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let exited = {
+        let mut reading = std::pin::pin!(async {
+            tokio::join!(read_capped(out, &mut o), read_capped(err, &mut e))
+        });
+        let mut read_all = false;
+        let waited = {
+            let mut exit = std::pin::pin!(tokio::time::timeout(timeout, child.wait()));
+            loop {
+                tokio::select! {
+                    r = &mut exit => break r,
+                    _ = &mut reading, if !read_all => read_all = true,
+                }
+            }
+        };
+        let exited = match waited {
+            Ok(Ok(status)) => {
+                group.leader_reaped();
+                Ok(status)
+            }
+            // The group is killed when it is dropped, leader unreaped.
+            Ok(Err(e)) => Err(Waited::Failed(e)),
+            Err(_) => {
+                group.kill();
+                if child.wait().await.is_ok() {
+                    group.leader_reaped();
+                }
+                Err(Waited::TimedOut)
+            }
+        };
+        if !read_all {
+            let _ = tokio::time::timeout(OUTPUT_GRACE, &mut reading).await;
+        }
+        exited
+    };
+    match exited {
+        Ok(status) => {
+            o.extend_from_slice(&e);
+            Waited::Exited(status, o)
+        }
+        Err(w) => w,
+    }
+}
+
+/// Exit 0 delivered, 75 temporary, a signal temporary, anything else
+/// permanent; the output goes into the failure text.
+fn classify(name: &str, status: ExitStatus, output: &[u8]) -> Outcome {
+    let text = String::from_utf8_lossy(output).trim().to_string();
+    match status.code() {
+        Some(0) => Outcome::Delivered,
+        Some(EX_TEMPFAIL) => Outcome::TempFail(format!(
+            "the {name} exited with 75 (temporary failure): {text}"
+        )),
+        Some(code) => Outcome::PermFail(format!("the {name} exited with {code}: {text}")),
+        None => Outcome::TempFail(format!("the {name} was killed by a signal: {text}")),
+    }
+}
+
+/// Keeps the first [`MAX_OUTPUT`] bytes in `buf` and drains the rest: a
+/// program blocked on a full pipe would otherwise never exit. Bytes read
+/// stay in `buf` if this is abandoned half-way.
+async fn read_capped<R: AsyncRead + Unpin>(src: Option<R>, buf: &mut Vec<u8>) {
+    let Some(mut src) = src else { return };
+    let _ = (&mut src).take(MAX_OUTPUT as u64).read_to_end(buf).await;
+    let _ = tokio::io::copy(&mut src, &mut tokio::io::sink()).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{WAIT, read_pid, wait_dead};
     use std::io::{Seek, Write};
+    use std::time::Instant;
+
+    fn strings(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
 
     #[test]
     fn placeholders_and_sanitising() {
-        let args: Vec<String> = [
+        let args = strings(&[
             "-f",
             "%from%",
             "-d",
             "%to_user%",
             "%to_domain%",
             "x%from_user%",
-        ]
-        .map(String::from)
-        .to_vec();
+        ]);
         assert_eq!(
-            expand_args(&args, "ann@mars.example", "bob@venus.example"),
+            expand_args(&args, "ann@mars.example", "bob@venus.example").unwrap(),
             [
                 "-f",
                 "ann@mars.example",
@@ -150,6 +292,40 @@ mod tests {
         assert_eq!(sanitize(""), "<>");
     }
 
+    #[test]
+    fn expansion_is_one_pass() {
+        // sanitize() strips `%` already; the expansion must not depend on
+        // it: %from_user% and %to% side by side, each expanded once.
+        let args = strings(&["%from_user%%to%", "%to_user%@%from_domain%", "%%to%%"]);
+        assert_eq!(
+            expand_args(&args, "ann@mars", "bob@venus").unwrap(),
+            ["annbob@venus", "bob@mars", "%bob@venus%"]
+        );
+        assert_eq!(
+            expand_args(&strings(&["%to_user%"]), "x@y", "%to_domain%@venus").unwrap(),
+            ["to_domain"],
+            "the `%` are stripped and nothing is expanded twice"
+        );
+    }
+
+    #[test]
+    fn addresses_cannot_become_options() {
+        for (from, to) in [
+            ("ann@mars", "-oQ/tmp/x@venus"),
+            ("-C/etc/evil@mars", "bob@venus"),
+            ("ann@-x", "bob@venus"),
+        ] {
+            let args = strings(&["-f", "%from%", "%from_domain%", "-d", "%to_user%"]);
+            let err = expand_args(&args, from, to).unwrap_err();
+            assert!(err.contains("option"), "{err}");
+        }
+        // The operator's own options, and a `-` inside an argument, are fine.
+        assert_eq!(
+            expand_args(&strings(&["-d%to_user%", "x%to_user%"]), "a@b", "-c@d").unwrap(),
+            ["-d-c", "x-c"]
+        );
+    }
+
     fn message() -> File {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(b"Subject: t\r\n\r\nbody\r\n").unwrap();
@@ -157,46 +333,37 @@ mod tests {
         f
     }
 
+    fn sh(script: &str) -> Vec<String> {
+        vec!["-c".to_string(), script.to_string()]
+    }
+
+    async fn run_sh(script: &str, timeout: Duration) -> Outcome {
+        run("MDA", "/bin/sh", &sh(script), message(), timeout).await
+    }
+
     #[tokio::test]
     async fn exit_codes_classify() {
-        let dir = std::env::temp_dir();
-        let sh = |script: &str| vec!["-c".to_string(), script.to_string()];
-        assert_eq!(
-            run("MDA", "/bin/sh", &sh("cat >/dev/null"), message(), &dir).await,
-            Outcome::Delivered
-        );
+        assert_eq!(run_sh("cat >/dev/null", TIMEOUT).await, Outcome::Delivered);
         assert!(matches!(
-            run("MDA", "/bin/sh", &sh("exit 75"), message(), &dir).await,
+            run_sh("exit 75", TIMEOUT).await,
             Outcome::TempFail(_)
         ));
-        match run(
-            "MDA",
-            "/bin/sh",
-            &sh("echo no such mailbox >&2; exit 1"),
-            message(),
-            &dir,
-        )
-        .await
-        {
+        match run_sh("echo no such mailbox >&2; exit 1", TIMEOUT).await {
             Outcome::PermFail(t) => assert!(t.contains("no such mailbox"), "{t}"),
             o => panic!("{o:?}"),
         }
         assert!(matches!(
-            run("MDA", "/nonexistent/mda", &[], message(), &dir).await,
+            run("MDA", "/nonexistent/mda", &[], message(), TIMEOUT).await,
             Outcome::TempFail(_)
         ));
     }
 
     #[tokio::test]
     async fn chatty_programs_do_not_hang() {
-        let dir = std::env::temp_dir();
         // 1 MiB on stdout, far more than a pipe holds.
-        let script = "cat >/dev/null; head -c 1048576 /dev/zero; exit 0".to_string();
-        let start = std::time::Instant::now();
-        assert_eq!(
-            run("MDA", "/bin/sh", &["-c".into(), script], message(), &dir).await,
-            Outcome::Delivered
-        );
+        let script = "cat >/dev/null; head -c 1048576 /dev/zero; exit 0";
+        let start = Instant::now();
+        assert_eq!(run_sh(script, TIMEOUT).await, Outcome::Delivered);
         assert!(start.elapsed() < Duration::from_secs(10));
     }
 
@@ -205,17 +372,121 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("got");
         let script = format!("cat > {}", out.display());
+        assert_eq!(run_sh(&script, TIMEOUT).await, Outcome::Delivered);
+        assert_eq!(std::fs::read(out).unwrap(), b"Subject: t\r\n\r\nbody\r\n");
+    }
+
+    #[tokio::test]
+    async fn environment_and_directory_are_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let (env, cwd) = (dir.path().join("env"), dir.path().join("cwd"));
+        // /proc/$$/environ is what the shell was given, before it adds PWD
+        // and the like of its own.
+        let script = format!(
+            "tr '\\0' '\\n' < /proc/$$/environ > {}; pwd -P > {}",
+            env.display(),
+            cwd.display()
+        );
+        assert_eq!(run_sh(&script, TIMEOUT).await, Outcome::Delivered);
+        let mut got: Vec<String> = std::fs::read_to_string(&env)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        got.sort();
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .unwrap()
+            .unwrap()
+            .name;
+        let mut want = vec![
+            "PATH=/usr/local/bin:/usr/bin:/bin".to_string(),
+            "HOME=/".to_string(),
+            "SHELL=/bin/sh".to_string(),
+            format!("USER={me}"),
+            format!("LOGNAME={me}"),
+            "LANG=C".to_string(),
+        ];
+        want.sort();
         assert_eq!(
-            run(
-                "MDA",
-                "/bin/sh",
-                &["-c".into(), script],
-                message(),
-                dir.path()
-            )
-            .await,
+            got, want,
+            "only the documented variables, nothing inherited"
+        );
+        assert_eq!(std::fs::read_to_string(&cwd).unwrap(), "/\n");
+    }
+
+    #[tokio::test]
+    async fn exit_is_not_held_up_by_background_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let bg = dir.path().join("bg");
+        // The background sleep inherits stdout and stderr and keeps both
+        // pipes open for 30 s after the script exits.
+        let script = format!(
+            "cat >/dev/null; echo on the way out; sleep 30 & echo $! > {bg}.tmp; mv {bg}.tmp {bg}; exit {{}}",
+            bg = bg.display()
+        );
+        let start = Instant::now();
+        assert_eq!(
+            run_sh(&script.replace("{}", "0"), TIMEOUT).await,
             Outcome::Delivered
         );
-        assert_eq!(std::fs::read(out).unwrap(), b"Subject: t\r\n\r\nbody\r\n");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "took {:?}: waited for the pipe's end, not the exit",
+            start.elapsed()
+        );
+        let first = read_pid(&bg).await;
+        // What was written before the exit still makes the failure text.
+        std::fs::remove_file(&bg).unwrap();
+        match run_sh(&script.replace("{}", "1"), TIMEOUT).await {
+            Outcome::PermFail(t) => assert!(t.contains("on the way out"), "{t}"),
+            o => panic!("{o:?}"),
+        }
+        let second = read_pid(&bg).await;
+        for pid in [first, second] {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// A script that leaves a background child and then hangs, both of
+    /// which write their pids to files in `dir`.
+    fn hanging_script(dir: &std::path::Path) -> String {
+        let d = dir.display();
+        format!(
+            "sh -c 'echo $$ > {d}/bg.tmp; mv {d}/bg.tmp {d}/bg; exec sleep 60' &
+             echo $$ > {d}/leader.tmp; mv {d}/leader.tmp {d}/leader; sleep 60"
+        )
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let timeout = Duration::from_secs(2);
+        let start = Instant::now();
+        match run_sh(&hanging_script(dir.path()), timeout).await {
+            Outcome::TempFail(t) => assert!(t.contains("timed out after 2s"), "{t}"),
+            o => panic!("{o:?}"),
+        }
+        assert!(start.elapsed() < timeout + OUTPUT_GRACE + Duration::from_secs(3));
+        let leader = read_pid(&dir.path().join("leader")).await;
+        let bg = read_pid(&dir.path().join("bg")).await;
+        wait_dead("the timed-out MDA", leader).await;
+        wait_dead("its background child", bg).await;
+    }
+
+    #[tokio::test]
+    async fn abandoned_delivery_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = hanging_script(dir.path());
+        let task = tokio::spawn(async move { run_sh(&script, WAIT * 2).await });
+        let leader = read_pid(&dir.path().join("leader")).await;
+        let bg = read_pid(&dir.path().join("bg")).await;
+        // What jobs::serve does when queued goes away.
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        wait_dead("the abandoned MDA", leader).await;
+        wait_dead("its background child", bg).await;
     }
 }
