@@ -152,3 +152,471 @@ fn index_metrics_and_not_found() {
     t.wait_log("monitord", "smtpd registered");
     assert!(flags.contains("-config_dir="), "{flags}");
 }
+
+// A hostile peer on monitor.sock (what a compromised smtpd could send),
+// and idle or greedy clients of both of monitord's sockets: each budget is
+// exceeded while a well-behaved peer is still served.
+
+mod budgets {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    use tambo_e2e::*;
+    use tambo_proto::Role;
+    use tambo_proto::frame::write_frame;
+    use tambo_proto::hello;
+    use tambo_proto::monitor::{
+        Delta, MAX_DELTAS_PER_FRAME, MAX_FLAG_VALUE, MAX_FLAGS, MAX_MONITOR_CONNECTIONS,
+        MAX_MONITOR_FRAME, MAX_NAME, MAX_NEW_KEYS_PER_CONNECTION, MAX_REGISTER_FRAME,
+        MonitorMessage,
+    };
+
+    /// monitord's `http::MAX_CONNECTIONS` (monitord is a binary crate).
+    const HTTP_MAX_CONNECTIONS: usize = 64;
+
+    fn registration(version: &str, flags: Vec<(String, String)>) -> MonitorMessage {
+        MonitorMessage::Register {
+            role: Role::Smtpd,
+            pid: 4242,
+            version: version.into(),
+            flags,
+        }
+    }
+
+    async fn connect(sock: &Path) -> UnixStream {
+        hello::connect(sock, Role::Smtpd, Role::Monitord, &ids())
+            .await
+            .expect("handshake")
+    }
+
+    async fn register(sock: &Path) -> UnixStream {
+        let mut s = connect(sock).await;
+        write_frame(&mut s, &registration("hostile", vec![]))
+            .await
+            .unwrap();
+        s
+    }
+
+    async fn push(s: &mut UnixStream, deltas: Vec<Delta>) {
+        write_frame(s, &MonitorMessage::Deltas(deltas))
+            .await
+            .unwrap();
+    }
+
+    fn delta(var: &str, label: Option<&str>, value: u64) -> Delta {
+        Delta {
+            var: var.into(),
+            label: label.map(String::from),
+            value,
+        }
+    }
+
+    /// True once monitord has closed the connection (it never writes
+    /// after the hello, so any read ends only then).
+    async fn closed(s: &mut UnixStream) -> bool {
+        let mut b = [0u8; 64];
+        matches!(
+            tokio::time::timeout(WAIT, s.read(&mut b)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// Reads until the server closes the connection (whatever it sends
+    /// first), failing after `limit`.
+    fn wait_closed(s: &mut TcpStream, limit: Duration) {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut b = [0u8; 4096];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("the server did not close the connection in {limit:?}: {e}"),
+            }
+        }
+    }
+
+    /// Reads one response with a Content-Length body; returns its status.
+    fn read_response(s: &mut TcpStream) -> u16 {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).unwrap(), 1, "closed mid-response");
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .expect("content-length");
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        head.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// A GET that may fail (the server closed the connection at once).
+    fn try_get(t: &Tambo, path: &str) -> Option<u16> {
+        let mut s = TcpStream::connect(t.http_addr()).ok()?;
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).ok()?;
+        std::str::from_utf8(&first[9..12]).ok()?.parse().ok()
+    }
+
+    fn send_one(t: &Tambo, subject: &str) {
+        let r = t.send(
+            "x@remote.example",
+            &["ann@example.test"],
+            &message(subject, "x\r\n"),
+        );
+        assert_eq!(r.code, 250, "{r:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn hostile_monitor_client_is_bounded() {
+        let mut t = Tambo::default_setup();
+        t.start_all();
+        let sock = t.run_dir.join("monitor.sock");
+        let mut s = register(&sock).await;
+
+        // Bad names, a reserved one and a kind mismatch are dropped and
+        // counted; the good delta of the same batch applies.
+        let long = "x".repeat(MAX_NAME + 1);
+        push(
+            &mut s,
+            vec![
+                delta(&long, None, 1),
+                delta("tambo/e2e/labels", Some(&long), 1),
+                delta("", None, 1),
+                delta("tambo/monitord/droppedKeys", None, 1000),
+                delta("chasquid/queue/putCount", Some("x"), 1),
+                delta("tambo/e2e/ok", None, 1),
+            ],
+        )
+        .await;
+        let v = t.wait_var("the good delta applied, the bad ones counted", |v| {
+            let d = &v["tambo/monitord/droppedDeltas"];
+            v["tambo/e2e/ok"] == 1
+                && d["bad_name"] == 3
+                && d["reserved"] == 1
+                && d["kind_mismatch"] == 1
+        });
+        assert_eq!(v["tambo/monitord/droppedKeys"], 5, "not forged by the peer");
+        assert!(v[&long].is_null());
+        assert!(v["tambo/e2e/labels"].is_null());
+        assert_eq!(v["chasquid/queue/putCount"], 0);
+
+        // Key budget: `tambo/e2e/ok` was this connection's first new key.
+        let labels: Vec<String> = (0..MAX_NEW_KEYS_PER_CONNECTION + 9)
+            .map(|i| i.to_string())
+            .collect();
+        for chunk in labels.chunks(MAX_DELTAS_PER_FRAME) {
+            let batch = chunk
+                .iter()
+                .map(|l| delta("tambo/e2e/keys", Some(l), 1))
+                .collect();
+            push(&mut s, batch).await;
+        }
+        // Increases to keys that exist still apply.
+        push(
+            &mut s,
+            vec![
+                delta("tambo/e2e/ok", None, 5),
+                delta("tambo/e2e/keys", Some("0"), 1),
+            ],
+        )
+        .await;
+        let v = t.wait_var("the key budget enforced", |v| {
+            v["tambo/e2e/ok"] == 6 && v["tambo/e2e/keys"]["0"] == 2
+        });
+        let keys = v["tambo/e2e/keys"].as_object().unwrap();
+        assert_eq!(keys.len(), MAX_NEW_KEYS_PER_CONNECTION - 1);
+        assert_eq!(v["tambo/monitord/droppedDeltas"]["connection_keys"], 10);
+
+        // Other peers still add their keys: the real daemons' counters.
+        send_one(&t, "budget");
+        t.wait_maildir("ann", 1);
+        t.wait_var("the real daemons' counters", |v| {
+            v["chasquid/queue/putCount"] == 1
+                && v["chasquid/smtpIn/commandCount"]["EHLO"] == 1
+                && v["chasquid/queue/deliverAttempts"]["email:local"] == 1
+        });
+
+        // A frame over MAX_MONITOR_FRAME closes the connection, from its
+        // length alone.
+        s.write_all(&(MAX_MONITOR_FRAME as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        assert!(closed(&mut s).await);
+
+        // More deltas than MAX_DELTAS_PER_FRAME in one frame: closed, and
+        // none applied.
+        let mut s = register(&sock).await;
+        let batch = (0..=MAX_DELTAS_PER_FRAME)
+            .map(|_| delta("tambo/e2e/many", None, 1))
+            .collect();
+        push(&mut s, batch).await;
+        assert!(closed(&mut s).await);
+
+        // A registration over MAX_REGISTER_FRAME: closed.
+        let mut s = connect(&sock).await;
+        let flags = vec![("f".to_string(), "v".repeat(MAX_REGISTER_FRAME))];
+        // monitord may close before the whole frame is written.
+        let _ = write_frame(&mut s, &registration("big", flags)).await;
+        assert!(closed(&mut s).await);
+
+        // Deltas before the registration, and a second registration.
+        let mut s = connect(&sock).await;
+        push(&mut s, vec![delta("tambo/e2e/early", None, 1)]).await;
+        assert!(closed(&mut s).await);
+        let mut s = register(&sock).await;
+        write_frame(&mut s, &registration("again", vec![]))
+            .await
+            .unwrap();
+        assert!(closed(&mut s).await);
+
+        // Over-long and too many registration fields are dropped, not the
+        // connection.
+        let mut s = connect(&sock).await;
+        let mut flags: Vec<(String, String)> = (0..MAX_FLAGS + 5)
+            .map(|i| (format!("flag{i}"), "v".into()))
+            .collect();
+        flags.insert(0, ("long".into(), "v".repeat(MAX_FLAG_VALUE + 1)));
+        write_frame(&mut s, &registration(&"9".repeat(MAX_NAME + 1), flags))
+            .await
+            .unwrap();
+        push(&mut s, vec![delta("tambo/e2e/registered", None, 1)]).await;
+        let v = t.wait_var("the bounded registration", |v| {
+            v["tambo/e2e/registered"] == 1
+        });
+        // The version, the long flag and the five past MAX_FLAGS.
+        assert_eq!(v["tambo/monitord/droppedRegisterFields"], 7);
+        let (_, _, flags) = t.http_get("/debug/flags");
+        assert!(flags.contains("-flag0=v\n"), "{flags}");
+        assert!(!flags.contains(&format!("-flag{MAX_FLAGS}=")), "{flags}");
+        assert!(!flags.contains("-long="), "{flags}");
+
+        // Each closing was counted and logged; the well-behaved daemons
+        // are still served.
+        let v = t.wait_var("the closings counted", |v| {
+            v["tambo/ipc/errors"]["monitord"].as_u64() >= Some(5)
+        });
+        assert!(v["tambo/e2e/many"].is_null());
+        assert!(v["tambo/e2e/early"].is_null());
+        let log = t.log("monitord");
+        assert!(log.contains("is over the limit for this state"), "{log}");
+        assert!(log.contains("Deltas over MAX_DELTAS_PER_FRAME"), "{log}");
+        assert!(log.contains("second Register"), "{log}");
+        send_one(&t, "after");
+        t.wait_maildir("ann", 2);
+        t.wait_var("the real daemons' counters, again", |v| {
+            v["chasquid/queue/putCount"] == 2 && v["chasquid/smtpIn/commandCount"]["EHLO"] == 2
+        });
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn monitor_sock_connection_cap() {
+        let mut t = Tambo::default_setup();
+        t.start("monitord");
+        let sock = t.run_dir.join("monitor.sock");
+        let mut hogs = Vec::new();
+        for _ in 0..MAX_MONITOR_CONNECTIONS {
+            hogs.push(register(&sock).await);
+        }
+        // The next one is closed before its hello is answered.
+        assert!(
+            hello::connect(&sock, Role::Smtpd, Role::Monitord, &ids())
+                .await
+                .is_err()
+        );
+        t.wait_var("the refusal counted", |v| {
+            v["tambo/ipc/refused"]["monitor:max_connections"].as_u64() >= Some(1)
+        });
+        t.wait_log("monitord", "refusing a connection: 64 already open");
+        // Once they go, real daemons connect and are counted.
+        drop(hogs);
+        t.start("queued");
+        t.start("deliverd");
+        t.start("smtpd");
+        send_one(&t, "cap");
+        t.wait_maildir("ann", 1);
+        t.wait_var("the real daemons' counters", |v| {
+            v["chasquid/queue/putCount"] == 1 && v["chasquid/smtpIn/commandCount"]["EHLO"] == 1
+        });
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn idle_monitor_connections_are_closed() {
+        let mut t = Tambo::new("", "", "ipc_idle_timeout = \"1s\"\n");
+        t.start("monitord");
+        let sock = t.run_dir.join("monitor.sock");
+        let mut idle = register(&sock).await;
+        let mut live = register(&sock).await;
+        let start = Instant::now();
+        // The live peer sends a heartbeat every 200 ms meanwhile.
+        let mut b = [0u8; 16];
+        loop {
+            tokio::select! {
+                r = idle.read(&mut b) => {
+                    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    push(&mut live, vec![]).await;
+                    assert!(start.elapsed() < WAIT, "the idle connection stayed open");
+                }
+            }
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(500),
+            "closed after {:?}, before the idle timeout",
+            start.elapsed()
+        );
+        push(&mut live, vec![delta("tambo/e2e/alive", None, 1)]).await;
+        t.wait_var("the live peer still served", |v| {
+            v["tambo/e2e/alive"] == 1 && v["tambo/ipc/errors"]["monitord"].as_u64() >= Some(1)
+        });
+        t.wait_log("monitord", "peer idle for more than 1s; closing connection");
+    }
+
+    #[test]
+    fn idle_http_connections_are_closed() {
+        let mut t = Tambo::new("", "", "http_idle_timeout = \"1s\"\n");
+        t.start("monitord");
+        let addr = t.http_addr();
+        // A connection that never sends a request.
+        let mut silent = TcpStream::connect(addr).unwrap();
+        let start = Instant::now();
+        wait_closed(&mut silent, WAIT);
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        // A kept-alive connection: served twice, then closed once idle.
+        let mut kept = TcpStream::connect(addr).unwrap();
+        kept.set_read_timeout(Some(WAIT)).unwrap();
+        for path in ["/debug/vars", "/metrics"] {
+            write!(kept, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+            assert_eq!(read_response(&mut kept), 200);
+        }
+        let start = Instant::now();
+        wait_closed(&mut kept, WAIT);
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        // Normal requests are still served, and the closings counted.
+        let v = t.wait_var("idle closings counted", |v| {
+            v["tambo/monitord/httpClosed"]["idle"].as_u64() >= Some(2)
+        });
+        assert!(v["tambo/monitord/httpClosed"]["write_stalled"].is_null());
+        assert_eq!(t.http_get("/").0, 200);
+    }
+
+    #[test]
+    fn http_client_that_stops_reading_is_closed() {
+        let mut t = Tambo::new("", "", "http_idle_timeout = \"1s\"\n");
+        t.start("monitord");
+        let (_, _, vars) = t.http_get("/debug/vars");
+        // Pipelined requests whose responses add up to more than any
+        // loopback socket buffers, never read.
+        let requests = 64 * 1024 * 1024 / vars.len();
+        let mut greedy = TcpStream::connect(t.http_addr()).unwrap();
+        greedy.set_write_timeout(Some(WAIT)).unwrap();
+        let request = b"GET /debug/vars HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        // Once monitord gives up, the rest of the writes fail.
+        let _ = greedy.write_all(&request.repeat(requests));
+        let v = t.wait_var("the stalled connection closed", |v| {
+            v["tambo/monitord/httpClosed"]["write_stalled"].as_u64() >= Some(1)
+        });
+        assert!(v["tambo/monitord/httpClosed"]["idle"].is_null());
+        wait_closed(&mut greedy, WAIT);
+    }
+
+    #[test]
+    fn http_connection_cap() {
+        let mut t = Tambo::default_setup();
+        t.start("monitord");
+        let addr = t.http_addr();
+        let hogs: Vec<TcpStream> = (0..HTTP_MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // The next one is closed at once, long before the 30 s idle
+        // timeout that would close it otherwise.
+        let mut over = TcpStream::connect(addr).unwrap();
+        wait_closed(&mut over, Duration::from_secs(10));
+        drop(hogs);
+        wait_for("a GET to be served again", || {
+            (try_get(&t, "/") == Some(200)).then_some(())
+        });
+        t.wait_var("the refusal counted", |v| {
+            v["tambo/monitord/httpClosed"]["max_connections"].as_u64() >= Some(1)
+        });
+    }
+
+    /// Whatever names peers push, /metrics stays valid OpenMetrics; checked
+    /// with promtool when it is installed (REFERENCE §7.3).
+    #[tokio::test(flavor = "current_thread")]
+    async fn metrics_stay_valid_whatever_peers_push() {
+        let mut t = Tambo::default_setup();
+        t.start("monitord");
+        let sock = t.run_dir.join("monitor.sock");
+        let mut s = register(&sock).await;
+        push(
+            &mut s,
+            vec![
+                delta("tambo/e2e/q\"uo\\te\nd", None, 1),
+                delta("tambo/e2e/map", Some("a \"b\" \\c\nd"), 1),
+                delta("tambo_e2e_map", Some("same name"), 1),
+                delta("9/leading/digit", None, 1),
+                delta("chasquid_queue_putCount", None, 1),
+            ],
+        )
+        .await;
+        t.wait_var("the pushed names", |v| v["tambo/e2e/map"].is_object());
+        let (status, _, body) = t.http_get("/metrics");
+        assert_eq!(status, 200);
+        assert!(body.ends_with("\n# EOF\n"), "{body}");
+        assert!(!body.contains("\n\n"), "{body}");
+        assert!(!body.contains("# TYPE"), "{body}");
+        assert!(!body.contains("non-numeric"), "{body}");
+        assert!(body.contains("\nchasquid_queue_putCount 0\n"), "{body}");
+        assert!(
+            body.contains("tambo_e2e_map{result=\"a \\\"b\\\" \\\\c\\nd\"} 1\n"),
+            "{body}"
+        );
+        assert!(body.contains("\ni9_leading_digit 1\n"), "{body}");
+        let promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let Ok(mut child) = promtool else {
+            eprintln!("promtool is not installed: skipping its check");
+            return;
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("promtool check metrics: {}\n{text}", out.status);
+        // Its lints (exit status 3) are expected; a parse error (1) is not.
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)) && !text.contains("error while linting"),
+            "promtool: {text}"
+        );
+    }
+}

@@ -33,7 +33,6 @@ pub fn render(t: &Totals, cmdline: &[String]) -> String {
                 .collect(),
         ),
     );
-    m.insert("tambo/monitord/droppedKeys".into(), json!(t.dropped));
     // serde_json's map is sorted, so the output is stable.
     serde_json::to_string_pretty(&Value::Object(m)).unwrap_or_else(|_| "{}".into())
 }

@@ -1,18 +1,44 @@
 //! The monitoring HTTP server (only when `monitoring_address` is set;
 //! never to be exposed publicly). Read-only: nothing here can change mail
 //! flow.
+//!
+//! Budgets: at most [`MAX_CONNECTIONS`] connections at once (over it a new
+//! one is closed at once); a connection that does not send a whole request
+//! head within the idle timeout ([`IDLE_TIMEOUT`]) after connecting or
+//! after its last response is closed; so is one whose client stops reading
+//! a response for that long. Each closing is counted in
+//! `tambo/monitord/httpClosed`.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Sleep;
+
+use tambo_proto::metrics::names;
 
 use crate::collector::{Shared, lock};
 use crate::{expvar, openmetrics};
+
+/// Most monitoring connections at once: a scraper or two and a few
+/// browsers need far fewer.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection may wait before sending its (next) request head,
+/// and a response may wait for the client to read it. Prometheus scrapes
+/// every 15 s by default, so its kept-alive connection stays open.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Site {
     pub totals: Shared,
@@ -21,30 +47,152 @@ pub struct Site {
     pub started: chrono::DateTime<chrono::Local>,
 }
 
-pub async fn run(listener: TcpListener, site: Arc<Site>) {
+/// Serves the monitoring listener forever. `idle` is [`IDLE_TIMEOUT`] or
+/// its test knob.
+pub async fn run(listener: TcpListener, site: Arc<Site>, idle: Duration) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("monitoring accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        // Taken here, in accept order, so the cap is exact.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            lock(&site.totals).count(names::MONITORD_HTTP_CLOSED, Some("max_connections"));
+            tracing::debug!("monitoring: refusing a connection: {MAX_CONNECTIONS} already open");
+            continue;
+        };
         let site = site.clone();
         tokio::spawn(async move {
+            let totals = site.totals.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let site = site.clone();
                 async move { Ok::<_, Infallible>(route(&site, &req)) }
             });
+            // hyper starts the header read timeout whenever it waits for a
+            // request head: right after connecting and after each response
+            // on a kept-alive connection, so it is also the idle timeout
+            // (e2e/tests/monitoring.rs checks both).
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), svc);
+                .header_read_timeout(idle)
+                .serve_connection(TokioIo::new(WriteDeadline::new(stream, idle)), svc);
             if let Err(e) = conn.await {
+                let why = if is_write_stall(&e) {
+                    Some("write_stalled")
+                } else if e.is_timeout() {
+                    Some("idle")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    lock(&totals).count(names::MONITORD_HTTP_CLOSED, Some(why));
+                }
                 tracing::debug!("monitoring connection: {e}");
             }
+            drop(permit);
         });
+    }
+}
+
+fn is_write_stall(e: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            return io.kind() == io::ErrorKind::TimedOut;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// A stream whose writes fail once they have made no progress for `limit`:
+/// a client that asks for a large `/metrics` and never reads it would
+/// otherwise hold its connection, and the response, for ever.
+struct WriteDeadline<T> {
+    inner: T,
+    limit: Duration,
+    /// Armed while a write is pending.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    fn guard<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.guard(cx, r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.guard(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.guard(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.guard(cx, r)
     }
 }
 
@@ -147,4 +295,47 @@ fn html(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_write_the_client_does_not_read_fails_after_the_limit() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut w = WriteDeadline::new(ours, Duration::from_millis(200));
+        let start = std::time::Instant::now();
+        let err = w.write_all(&[0; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        // Reads go straight through.
+        theirs.write_all(b"GET").await.unwrap();
+        let mut b = [0u8; 3];
+        w.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"GET");
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_is_not_cut_off() {
+        // Each bit of progress restarts the clock.
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut w = WriteDeadline::new(ours, Duration::from_millis(500));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut b = [0u8; 64];
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match theirs.read(&mut b).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got += n,
+                }
+            }
+        });
+        w.write_all(&[1; 1024]).await.unwrap();
+        w.shutdown().await.unwrap();
+        drop(w);
+        assert_eq!(reader.await.unwrap(), 1024);
+    }
 }

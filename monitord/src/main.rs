@@ -9,6 +9,7 @@
 mod collector;
 mod expvar;
 mod http;
+mod monitor_sock;
 mod openmetrics;
 
 use std::process::ExitCode;
@@ -97,15 +98,19 @@ fn main() -> ExitCode {
                 cmdline: std::env::args().collect(),
                 started: chrono::Local::now(),
             });
-            tokio::spawn(http::run(l, site));
+            let idle = cfg.testing.http_idle_timeout.unwrap_or(http::IDLE_TIMEOUT);
+            tokio::spawn(http::run(l, site, idle));
         } else {
             tracing::info!("monitoring_address is empty: no monitoring HTTP server");
         }
         tracing::info!("monitord listening on {}", sock_path.display());
-        let t = totals.clone();
-        let ids = Arc::new(ids);
+        let monitor = Arc::new(monitor_sock::Listener::new(
+            totals.clone(),
+            ids,
+            cfg.testing.ipc_idle_timeout,
+        ));
         tokio::spawn(daemon::accept_unix(listener, "monitor.sock", move |s| {
-            collector::serve(t.clone(), s, ids.clone())
+            monitor_sock::serve(monitor.clone(), s)
         }));
         daemon::notify_ready();
         daemon::wait_for_shutdown().await;

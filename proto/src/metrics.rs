@@ -43,6 +43,13 @@ pub mod names {
     pub const QUEUE_DSNS_DROPPED: &str = "tambo/queue/dsnDropped";
     pub const QUEUE_DIR_SYNCS: &str = "tambo/queue/dirSyncs";
     pub const METRICS_DROPPED: &str = "tambo/metrics/dropped";
+    pub const MONITORD_DROPPED_KEYS: &str = "tambo/monitord/droppedKeys";
+    pub const MONITORD_DROPPED_DELTAS: &str = "tambo/monitord/droppedDeltas";
+    pub const MONITORD_DROPPED_REGISTER_FIELDS: &str = "tambo/monitord/droppedRegisterFields";
+    pub const MONITORD_HTTP_CLOSED: &str = "tambo/monitord/httpClosed";
+    /// Variables under this prefix are monitord's own; pushed increases to
+    /// them are dropped.
+    pub const MONITORD_PREFIX: &str = "tambo/monitord/";
 }
 
 /// Whether a variable is one counter or a map of label → counter.
@@ -260,6 +267,26 @@ pub const VARIABLES: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "counter increases dropped because the pending map was full",
     ),
+    (
+        "tambo/monitord/droppedKeys",
+        Kind::Counter,
+        "counter increases monitord dropped, for any reason (see droppedDeltas)",
+    ),
+    (
+        "tambo/monitord/droppedDeltas",
+        Kind::Map,
+        "counter increases monitord dropped, by reason",
+    ),
+    (
+        "tambo/monitord/droppedRegisterFields",
+        Kind::Counter,
+        "registration fields (version, flags) monitord dropped as too long or too many",
+    ),
+    (
+        "tambo/monitord/httpClosed",
+        Kind::Map,
+        "monitoring HTTP connections monitord closed, by reason",
+    ),
 ];
 
 /// Most distinct (variable, label) pairs kept while monitord is away.
@@ -437,7 +464,7 @@ async fn connect(
         role,
         pid: std::process::id(),
         version: version.to_string(),
-        flags: flags.to_vec(),
+        flags: crate::monitor::bounded_flags(flags),
     };
     write_frame(&mut s, &reg).await?;
     Ok(s)
@@ -479,6 +506,19 @@ mod tests {
         assert_eq!(d.len(), MAX_KEYS + 1);
         let dropped = d.iter().find(|d| d.var == names::METRICS_DROPPED).unwrap();
         assert_eq!(dropped.value, 10);
+    }
+
+    #[test]
+    fn monitord_variables_are_exported() {
+        for name in [
+            names::MONITORD_DROPPED_KEYS,
+            names::MONITORD_DROPPED_DELTAS,
+            names::MONITORD_DROPPED_REGISTER_FIELDS,
+            names::MONITORD_HTTP_CLOSED,
+        ] {
+            assert!(name.starts_with(names::MONITORD_PREFIX), "{name}");
+            assert!(VARIABLES.iter().any(|(n, _, _)| *n == name), "{name}");
+        }
     }
 
     #[test]

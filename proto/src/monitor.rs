@@ -1,6 +1,8 @@
 //! monitor.sock: every process → monitord, one way. monitord never answers
 //! after the hello, so it can never slow or steer mail.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::Role;
@@ -12,9 +14,59 @@ pub const MAX_NAME: usize = 128;
 /// Most deltas in one frame; a pusher splits larger batches.
 pub const MAX_DELTAS_PER_FRAME: usize = 512;
 
-/// Largest frame on monitor.sock: a full batch of deltas with names at the
-/// limit, or a registration with its flags.
+/// Largest frame on monitor.sock after the registration: a full batch of
+/// deltas with names at the limit. A larger frame closes the connection.
 pub const MAX_MONITOR_FRAME: usize = 160 * 1024;
+
+/// Largest `Register` frame. A registration is a version and a couple of
+/// flags, far under it; a larger frame closes the connection.
+pub const MAX_REGISTER_FRAME: usize = 16 * 1024;
+
+/// Most flags monitord keeps from one registration; the rest are dropped
+/// and counted. Each flag name, and the version, is at most [`MAX_NAME`]
+/// bytes, each flag value at most [`MAX_FLAG_VALUE`]: at the limits, a
+/// registration still fits in [`MAX_REGISTER_FRAME`].
+pub const MAX_FLAGS: usize = 12;
+
+/// Longest flag value monitord keeps (`config_overrides` is the long one).
+pub const MAX_FLAG_VALUE: usize = 1024;
+
+/// Most new keys (variable, or map label) one monitor.sock connection may
+/// add to monitord's totals. Past it, that connection's new keys are
+/// dropped and counted; its increases to existing keys still apply.
+pub const MAX_NEW_KEYS_PER_CONNECTION: usize = 1024;
+
+/// Most keys all connections of one role may add to monitord's totals, over
+/// monitord's lifetime: with four roles able to push, one role (say a
+/// compromised smtpd opening many connections) can never take the room of
+/// the others.
+pub const MAX_KEYS_PER_ROLE: usize = 4096;
+
+/// Most monitor.sock connections monitord serves at once (each process
+/// holds one); over it a new connection is closed before its hello.
+pub const MAX_MONITOR_CONNECTIONS: usize = 64;
+
+/// A registered monitor.sock connection that sends nothing, not even a
+/// heartbeat, for this long is closed.
+pub const MONITOR_IDLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+
+// Only a dead or stuck pusher may reach the idle timeout: a live one sends
+// a heartbeat every HEARTBEAT, so a few can be late or lost.
+const _: () = assert!(MONITOR_IDLE_TIMEOUT.as_secs() >= 3 * crate::metrics::HEARTBEAT.as_secs());
+
+/// The flags monitord keeps from a registration: the first [`MAX_FLAGS`]
+/// whose name is 1 to [`MAX_NAME`] bytes and value at most
+/// [`MAX_FLAG_VALUE`]. Pushers send only these, so an overlong
+/// `--config_overrides` costs its line in `/debug/flags`, not every
+/// counter of the process.
+pub fn bounded_flags(flags: &[(String, String)]) -> Vec<(String, String)> {
+    flags
+        .iter()
+        .filter(|(k, v)| !k.is_empty() && k.len() <= MAX_NAME && v.len() <= MAX_FLAG_VALUE)
+        .take(MAX_FLAGS)
+        .cloned()
+        .collect()
+}
 
 /// One counter increase: `var` (e.g. `chasquid/smtpIn/commandCount`), the
 /// map key for map variables, and how much to add.
@@ -39,4 +91,44 @@ pub enum MonitorMessage {
     /// heartbeat: pushers send one when idle, so monitord can close
     /// connections whose peer went silent.
     Deltas(Vec<Delta>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode;
+
+    #[test]
+    fn frames_at_the_limits_fit() {
+        let name = "n".repeat(MAX_NAME);
+        let reg = MonitorMessage::Register {
+            role: Role::Smtpd,
+            pid: u32::MAX,
+            version: name.clone(),
+            flags: vec![(name.clone(), "v".repeat(MAX_FLAG_VALUE)); MAX_FLAGS],
+        };
+        assert!(encode(&reg).unwrap().len() - 4 <= MAX_REGISTER_FRAME);
+        let batch = MonitorMessage::Deltas(vec![
+            Delta {
+                var: name.clone(),
+                label: Some(name.clone()),
+                value: u64::MAX,
+            };
+            MAX_DELTAS_PER_FRAME
+        ]);
+        assert!(encode(&batch).unwrap().len() - 4 <= MAX_MONITOR_FRAME);
+    }
+
+    #[test]
+    fn flags_are_bounded() {
+        let mut flags = vec![
+            ("long".to_string(), "v".repeat(MAX_FLAG_VALUE + 1)),
+            (String::new(), "v".into()),
+            ("k".repeat(MAX_NAME + 1), "v".into()),
+        ];
+        flags.extend((0..MAX_FLAGS + 1).map(|i| (format!("f{i}"), "v".repeat(MAX_FLAG_VALUE))));
+        let kept = bounded_flags(&flags);
+        assert_eq!(kept.len(), MAX_FLAGS);
+        assert_eq!(kept[0].0, "f0");
+    }
 }
