@@ -6,14 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use password_hash::{PasswordHasher, SaltString};
+use tambo_proto::activation::Inherited;
 
 pub const DOMAIN: &str = "tambo.test";
 pub const USER: &str = "user";
 pub const PASSWORD: &str = "tambo-dev-password";
+/// The ports written into a new dev config; `tambo dev` prints what it
+/// actually bound, since the config may have been edited since.
 pub const SMTP_PORT: u16 = 2525;
 pub const MONITORING: &str = "127.0.0.1:1099";
 
-pub async fn run(state_dir: &Path) -> ExitCode {
+pub async fn run(state_dir: &Path, inherited: Inherited) -> ExitCode {
     let state = match absolute(state_dir) {
         Ok(p) => p,
         Err(e) => {
@@ -27,21 +30,44 @@ pub async fn run(state_dir: &Path) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let maildir = state.join("mail").join(DOMAIN).join(USER);
+    // Bind first, then print what was bound: the config may have been
+    // edited since it was written.
+    let prepared = match crate::supervisor::prepare(&config_dir, None, inherited) {
+        Ok(p) => p,
+        Err(e) => return tambo_common::daemon::startup_failed(e),
+    };
+    let smtp = prepared.smtp_addrs();
+    let smtp_list = if smtp.is_empty() {
+        "none (smtp_address is empty)".to_string()
+    } else {
+        smtp.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let monitoring = match prepared.monitoring_addr() {
+        Some(a) => format!("http://{a}/  (counters: http://{a}/debug/vars)"),
+        None => "none (monitoring_address is empty)".to_string(),
+    };
+    let try_it = match smtp.first() {
+        Some(a) => format!(
+            "send a test message:\n  swaks --server {a} --from you@example.net --to {USER}@{DOMAIN}\n"
+        ),
+        None => String::new(),
+    };
     println!(
         "\ntambo dev: everything runs as you, state in {state}
-  SMTP:        127.0.0.1:{SMTP_PORT} (submission and TLS ports come with STARTTLS/AUTH)
-  monitoring:  http://{MONITORING}/  (counters: http://{MONITORING}/debug/vars)
+  SMTP:        {smtp_list} (submission and TLS ports come with STARTTLS/AUTH)
+  monitoring:  {monitoring}
   config:      {config}
   test user:   {USER}@{DOMAIN} (password {PASSWORD})
   Maildir:     {maildir}
-send a test message:
-  swaks --server 127.0.0.1:{SMTP_PORT} --from you@example.net --to {USER}@{DOMAIN}
-stop with Ctrl-C.\n",
+{try_it}stop with Ctrl-C.\n",
         state = state.display(),
         config = config_dir.display(),
         maildir = maildir.display(),
     );
-    crate::supervisor::run(&config_dir, None).await
+    crate::supervisor::serve(prepared).await
 }
 
 fn absolute(p: &Path) -> std::io::Result<PathBuf> {

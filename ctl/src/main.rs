@@ -1,8 +1,8 @@
 //! tambo: runs the whole system (`tambo run`, `tambo dev`) as the
 //! supervisor of its four daemons; admin commands come later.
 //!
-//! Holds: nothing of the mail itself; it starts the daemons and restarts
-//! any that dies.
+//! Holds: nothing of the mail itself; it creates the daemons' sockets,
+//! starts the daemons and restarts any that dies.
 //! Must never: read the queue or keys, or speak SMTP.
 #![forbid(unsafe_code)]
 
@@ -50,6 +50,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tambo_common::daemon::init_logging();
+    // Sockets systemd passed (for smtp_address = ["systemd"]) are taken
+    // before the runtime opens descriptors of its own, so a wrong
+    // LISTEN_FDS can never make us adopt one of those.
+    let inherited = match tambo_proto::activation::Inherited::take() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("tambo: cannot take the sockets passed to tambo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -66,8 +76,8 @@ fn main() -> ExitCode {
             Command::Run {
                 config_dir,
                 config_overrides,
-            } => supervisor::run(&config_dir, config_overrides).await,
-            Command::Dev { state_dir } => dev::run(&state_dir).await,
+            } => supervisor::run(&config_dir, config_overrides, inherited).await,
+            Command::Dev { state_dir } => dev::run(&state_dir, inherited).await,
         }
     })
 }
