@@ -1,0 +1,126 @@
+//! The queue has one owner, and a disk that misbehaves stops new mail
+//! rather than losing it.
+
+use std::process::{Command, Stdio};
+
+use tambo_e2e::*;
+
+#[test]
+fn a_second_queued_refuses_to_start_and_loses_nothing() {
+    let mut t = Tambo::default_setup();
+    t.start_all();
+    // A message in the middle of DATA: its body file exists, its item not
+    // yet. A second queued that cleaned "orphans" would delete it.
+    let mut c = t.smtp();
+    c.expect("EHLO client.test", 250);
+    c.expect("MAIL FROM:<x@remote.example>", 250);
+    c.expect("RCPT TO:<ann@example.test>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(&message("in flight", "first half\r\n"));
+    wait_for("the body file", || {
+        t.queue_files()
+            .iter()
+            .any(|f| f.starts_with("d:"))
+            .then_some(())
+    });
+    let out = Command::new(bin_dir().join("tambo-queued"))
+        .arg("--config_dir")
+        .arg(&t.config_dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a second queued must not run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another queued owns the queue"), "{err}");
+    assert!(
+        err.contains(&format!("(pid {})", t.pid("queued"))),
+        "names the owner: {err}"
+    );
+    assert!(
+        t.queue_files().iter().any(|f| f.starts_with("d:")),
+        "the body in flight is still there"
+    );
+    c.send_raw(b"second half\r\n.\r\n");
+    assert_eq!(c.reply().code, 250);
+    let msgs = t.wait_maildir("ann", 1);
+    let s = String::from_utf8_lossy(&msgs[0]);
+    assert!(s.contains("first half\r\nsecond half"), "{s}");
+}
+
+#[test]
+fn a_failed_directory_fsync_stops_new_mail_until_restart() {
+    let mut t = Tambo::new("", "", "fail_dir_sync_if_exists = \"failsync\"\n");
+    t.start_all();
+    // The knob is relative to the config dir.
+    let trigger = t.config_dir.join("failsync");
+    std::fs::write(&trigger, b"").unwrap();
+    let r = t.send(
+        "x@remote.example",
+        &["ann@example.test"],
+        &message("one", "x\r\n"),
+    );
+    assert_eq!(r.code, 451, "{r:?}");
+    assert!(r.text().starts_with("4.3.0 "), "{r:?}");
+    // The client learns nothing of the internals.
+    assert!(
+        !r.text().contains("fsync") && !r.text().contains("testing"),
+        "{r:?}"
+    );
+    t.wait_log("queued", "refusing new mail until queued restarts");
+    // The disk looks fine again, but what the kernel lost is unknown: still
+    // refused.
+    std::fs::remove_file(&trigger).unwrap();
+    let mut c = t.smtp();
+    c.expect("EHLO client.test", 250);
+    c.expect("MAIL FROM:<x@remote.example>", 250);
+    c.expect("RCPT TO:<ann@example.test>", 250);
+    // Refused before the body is even sent.
+    let r = c.expect("DATA", 451);
+    assert!(r.text().starts_with("4.3.0 "), "{r:?}");
+    drop(c);
+    // A restart re-reads the queue from disk and takes mail again.
+    t.stop("queued");
+    t.start("queued");
+    wait_for("mail to be taken again", || {
+        let r = t.send(
+            "x@remote.example",
+            &["ann@example.test"],
+            &message("three", "x\r\n"),
+        );
+        (r.code == 250).then_some(())
+    });
+    let msgs = t.wait_maildir("ann", 1);
+    assert!(String::from_utf8_lossy(&msgs[0]).contains("Subject: three"));
+    assert_eq!(t.maildir("ann").len(), 1, "the refused ones never arrive");
+}
+
+#[test]
+fn unreadable_items_are_counted_kept_and_removable() {
+    let mut t = Tambo::default_setup();
+    let queue = t.data_dir.join("queue");
+    std::fs::create_dir_all(&queue).unwrap();
+    std::fs::write(queue.join("m:brokenitem1"), b"{ not json").unwrap();
+    std::fs::write(queue.join("d:brokenitem1"), b"Subject: x\r\n\r\nbody\r\n").unwrap();
+    t.start_all();
+    t.wait_log("queued", "unreadable queue item");
+    t.wait_var("the unreadable item counted", |v| {
+        v["tambo/queue/unreadableItems"] == 1
+    });
+    assert_eq!(t.queue_files(), ["d:brokenitem1", "m:brokenitem1"]);
+    // Mail still flows.
+    let r = t.send(
+        "x@remote.example",
+        &["ann@example.test"],
+        &message("ok", "x\r\n"),
+    );
+    assert_eq!(r.code, 250, "{r:?}");
+    t.wait_maildir("ann", 1);
+    // The operator removes it (docs/operations.md); a restart finds
+    // nothing more to report.
+    std::fs::remove_file(queue.join("m:brokenitem1")).unwrap();
+    std::fs::remove_file(queue.join("d:brokenitem1")).unwrap();
+    t.stop("queued");
+    t.start("queued");
+    t.wait_log("queued", "queue loaded: 0 items, 0 unreadable");
+    t.wait_queue_empty();
+}
