@@ -104,10 +104,18 @@ mail_log_path = \"<stderr>\"
 [tambo]
 runtime_dir = \"{run}\"
 maildir = \"{mail}/%to_domain%/%to_user%\"
+# Development: every daemon runs as you, so the IPC uid check cannot tell
+# them apart (tambo says so at startup). A real installation gives each
+# its own user (docs/architecture.md).
+smtpd_user = \"{me}\"
+queued_user = \"{me}\"
+deliverd_user = \"{me}\"
+monitord_user = \"{me}\"
 ",
         data = state.join("data").display(),
         run = state.join("run").display(),
         mail = state.join("mail").display(),
+        me = current_user()?,
     );
     let hash = hash_password(PASSWORD)?;
     std::fs::write(
@@ -121,6 +129,15 @@ maildir = \"{mail}/%to_domain%/%to_user%\"
     )
     .map_err(|e| e.to_string())?;
     std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))
+}
+
+/// The name of the user running `tambo dev`.
+fn current_user() -> Result<String, String> {
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => Ok(u.name),
+        _ => Err(format!("uid {uid} has no user name; tambo dev needs one")),
+    }
 }
 
 /// A PHC scrypt hash with chasquid's parameters (N=2^14, r=8, p=1, 32-byte
