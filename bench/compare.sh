@@ -25,6 +25,7 @@ systemctl stop chasquid 2>/dev/null || true
 cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
 ROOT=$(mktemp -d /tmp/tambo-compare.XXXXXX)
+chmod 755 "$ROOT"
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 
 cat > "$ROOT/mda.sh" <<'MDA'
@@ -58,6 +59,16 @@ run() {
   echo "$(printf '%-22s' "$name") peak RSS (sum of processes) $((rss / 1024)) MiB, CPU ${cpu}s"
 }
 
+# As root, tambo run drops smtpd and monitord to their users; use ones
+# every Debian system has.
+USERS=""
+if [ "$(id -u)" = 0 ]; then
+  USERS='smtpd_user = "nobody"
+monitord_user = "nobody"
+queued_user = "root"
+deliverd_user = "root"'
+fi
+
 tambo() { # name port delivery-lines
   local name=$1 port=$2 dir="$ROOT/$1"
   mkdir -p "$dir/config/domains/example.test" "$dir/out"
@@ -73,6 +84,7 @@ mail_delivery_agent_bin = "$ROOT/mda.sh"
 mail_delivery_agent_args = ["$dir/out"]
 [tambo]
 runtime_dir = "$dir/run"
+$USERS
 $3
 CONF
   "$BIN/tambo" run --config_dir "$dir/config" 2>"$dir/log" &
