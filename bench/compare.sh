@@ -59,15 +59,7 @@ run() {
   echo "$(printf '%-22s' "$name") peak RSS (sum of processes) $((rss / 1024)) MiB, CPU ${cpu}s"
 }
 
-# As root, tambo run drops smtpd and monitord to their users; use ones
-# every Debian system has.
-USERS=""
-if [ "$(id -u)" = 0 ]; then
-  USERS='smtpd_user = "nobody"
-monitord_user = "nobody"
-queued_user = "root"
-deliverd_user = "root"'
-fi
+. bench/users.sh
 
 tambo() { # name port delivery-lines
   local name=$1 port=$2 dir="$ROOT/$1"
@@ -84,7 +76,7 @@ mail_delivery_agent_bin = "$ROOT/mda.sh"
 mail_delivery_agent_args = ["$dir/out"]
 [tambo]
 runtime_dir = "$dir/run"
-$USERS
+$TAMBO_USERS
 $3
 CONF
   "$BIN/tambo" run --config_dir "$dir/config" 2>"$dir/log" &

@@ -19,6 +19,7 @@ ROOT=$(mktemp -d /tmp/tambo-idle.XXXXXX)
 chmod 755 "$ROOT"
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 ulimit -n "$(ulimit -Hn)"
+. bench/users.sh
 
 # PSS in KiB, summed over the pids given.
 pss() {
@@ -49,17 +50,9 @@ measure() {
 }
 
 tambo_run() {
-  local port=32526 dir="$ROOT/tambo" users=""
+  local port=32526 dir="$ROOT/tambo"
   mkdir -p "$dir/config/domains/example.test"
   echo 'ann !' > "$dir/config/domains/example.test/users"
-  if [ "$(id -u)" = 0 ]; then
-    # As root, tambo run drops smtpd and monitord to their users; use ones
-    # every Debian system has.
-    users='smtpd_user = "nobody"
-monitord_user = "nobody"
-queued_user = "root"
-deliverd_user = "root"'
-  fi
   cat > "$dir/config/tambo.conf" <<CONF
 hostname = "bench.example.test"
 smtp_address = ["127.0.0.1:$port"]
@@ -72,7 +65,7 @@ maildir = "$dir/mail/%to_domain%/%to_user%"
 # All the connections come from one address.
 max_sessions = $((N + 100))
 max_sessions_per_client = $((N + 100))
-$users
+$TAMBO_USERS
 CONF
   "$BIN/tambo" run --config_dir "$dir/config" 2>"$dir/log" &
   until grep -q "smtpd listening" "$dir/log" && grep -q "connected to queued" "$dir/log"; do sleep 0.05; done

@@ -19,15 +19,7 @@ cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
 DIR=$(mktemp -d /tmp/tambo-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
-# As root, tambo run drops smtpd and monitord to their users; use ones
-# every Debian system has.
-USERS=""
-if [ "$(id -u)" = 0 ]; then
-  USERS='smtpd_user = "nobody"
-monitord_user = "nobody"
-queued_user = "root"
-deliverd_user = "root"'
-fi
+. bench/users.sh
 chmod 755 "$DIR"
 mkdir -p "$DIR/config/domains/example.test" "$DIR/logs"
 echo 'ann !' > "$DIR/config/domains/example.test/users"
@@ -42,7 +34,7 @@ max_queue_items = 100000
 [tambo]
 runtime_dir = "$DIR/run"
 maildir = "$DIR/mail/%to_domain%/%to_user%"
-$USERS
+$TAMBO_USERS
 CONF
 
 "$BIN/tambo" run --config_dir "$DIR/config" 2>"$DIR/logs/tambo.log" &

@@ -136,17 +136,7 @@ pub fn bind(path: &Path, access: Access) -> io::Result<Bound> {
             format!("another process serves this socket: {e}"),
         )
     })?;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way",
-            ));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    remove_stale_socket(path)?;
     let listener = UnixListener::bind(path)?;
     // Mode before owner: the socket is never more open than asked.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))?;
@@ -159,6 +149,22 @@ pub fn bind(path: &Path, access: Access) -> io::Result<Bound> {
         .map_err(io::Error::from)?;
     }
     Ok(Bound { listener, lock })
+}
+
+/// Removes a socket file left at `path` by a process that is gone; the
+/// caller proves it is gone by holding the lock that guards the path.
+/// Anything else in the way (a regular file, a directory) is an error,
+/// never deleted.
+pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "a file that is not a socket is in the way",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

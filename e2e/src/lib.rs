@@ -121,6 +121,44 @@ pub fn spawn_peer_as(uid: u32, gid: u32, args: &[&str], log: &Path) -> Child {
         .expect("start tambo-test-peer")
 }
 
+/// Opens a submit.sock session as smtpd would (hello, then `Session`).
+pub async fn submit_session(sock: &Path) -> tokio::net::UnixStream {
+    use tambo_proto::frame::{read_frame, write_frame};
+    use tambo_proto::submit::{Mode, SubmitReply, SubmitRequest};
+    let mut s = tambo_proto::hello::connect(
+        sock,
+        tambo_proto::Role::Smtpd,
+        tambo_proto::Role::Queued,
+        &ids(),
+    )
+    .await
+    .expect("handshake");
+    write_frame(
+        &mut s,
+        &SubmitRequest::Session {
+            client: "203.0.113.9:4242".into(),
+            mode: Mode::Smtp,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        read_frame::<_, SubmitReply>(&mut s).await.unwrap(),
+        Some(SubmitReply::Ok)
+    );
+    s
+}
+
+/// True once the peer has closed the connection (within [`WAIT`]).
+pub async fn closed_by_peer(s: &mut tokio::net::UnixStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(WAIT, s.read(&mut b)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
 /// The identities a test client uses to check the daemons it talks to.
 pub fn ids() -> tambo_proto::identity::Identities {
     tambo_proto::identity::Identities::development(tambo_proto::identity::Account {

@@ -4,10 +4,9 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use tambo_e2e::*;
@@ -212,34 +211,6 @@ fn bytes_in_flight_over_the_budget_get_452() {
     t.wait_maildir("bob", 1);
 }
 
-async fn submit_session(sock: &Path) -> UnixStream {
-    let mut s = hello::connect(sock, Role::Smtpd, Role::Queued, &ids())
-        .await
-        .expect("handshake");
-    write_frame(
-        &mut s,
-        &SubmitRequest::Session {
-            client: "192.0.2.1:2525".into(),
-            mode: Mode::Smtp,
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        read_frame::<_, SubmitReply>(&mut s).await.unwrap(),
-        Some(SubmitReply::Ok)
-    );
-    s
-}
-
-async fn is_closed_by_peer(s: &mut UnixStream) -> bool {
-    let mut b = [0u8; 64];
-    matches!(
-        tokio::time::timeout(WAIT, s.read(&mut b)).await,
-        Ok(Ok(0) | Err(_))
-    )
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn submit_sock_session_cap() {
     let mut t = Tambo::default_setup();
@@ -266,10 +237,7 @@ async fn submit_sock_session_cap() {
         );
     }
     let mut extra = UnixStream::connect(&sock).await.unwrap();
-    assert!(
-        is_closed_by_peer(&mut extra).await,
-        "over the cap is closed"
-    );
+    assert!(closed_by_peer(&mut extra).await, "over the cap is closed");
     t.wait_var("the refusal counted", |v| {
         v["tambo/ipc/refused"]["submit:max_sessions"].as_u64() >= Some(1)
     });
@@ -296,7 +264,7 @@ async fn silent_and_oversize_ipc_peers_are_closed() {
     let submit = t.run_dir.join("submit.sock");
     // Silent after its Session: closed after the idle timeout.
     let mut s = submit_session(&submit).await;
-    assert!(is_closed_by_peer(&mut s).await);
+    assert!(closed_by_peer(&mut s).await);
     t.wait_log(
         "queued",
         "submit.sock: closing connection: peer idle for more than 500ms",
@@ -305,7 +273,7 @@ async fn silent_and_oversize_ipc_peers_are_closed() {
     // read.
     let mut s = submit_session(&submit).await;
     s.write_all(&(100_000u32).to_be_bytes()).await.unwrap();
-    assert!(is_closed_by_peer(&mut s).await);
+    assert!(closed_by_peer(&mut s).await);
     t.wait_log(
         "queued",
         "frame of 100000 bytes is over the limit for this state",
@@ -323,7 +291,7 @@ async fn silent_and_oversize_ipc_peers_are_closed() {
     )
     .await
     .unwrap();
-    assert!(is_closed_by_peer(&mut s).await);
+    assert!(closed_by_peer(&mut s).await);
     t.wait_log("queued", "Session whose client is not an address");
     // A deliverd that says Ready and then nothing, not even heartbeats.
     let deliver = t.run_dir.join("deliver.sock");
@@ -333,7 +301,7 @@ async fn silent_and_oversize_ipc_peers_are_closed() {
     write_frame(&mut d, &FromDeliverd::Ready { slots: 1 })
         .await
         .unwrap();
-    assert!(is_closed_by_peer(&mut d).await);
+    assert!(closed_by_peer(&mut d).await);
     t.wait_log("queued", "deliver.sock: peer idle for more than 500ms");
     // A well-behaved session still works.
     let mut s = submit_session(&submit).await;

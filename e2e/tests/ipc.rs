@@ -2,37 +2,15 @@
 //! deliverd could send. Each bad input closes only that connection, is
 //! logged and counted, and queued keeps serving.
 
-use std::path::Path;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use tambo_e2e::*;
 use tambo_proto::deliver::{FromDeliverd, Outcome};
 use tambo_proto::frame::{encode, read_frame, write_frame};
 use tambo_proto::hello::{self, Hello};
-use tambo_proto::submit::{Mode, RcptVerdict, SubmitReply, SubmitRequest};
+use tambo_proto::submit::{RcptVerdict, SubmitReply, SubmitRequest};
 use tambo_proto::{PROTOCOL_VERSION, Role};
-
-async fn session(path: &Path) -> UnixStream {
-    let mut s = hello::connect(path, Role::Smtpd, Role::Queued, &ids())
-        .await
-        .expect("handshake");
-    write_frame(
-        &mut s,
-        &SubmitRequest::Session {
-            client: "203.0.113.9:4242".into(),
-            mode: Mode::Smtp,
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        read_frame::<_, SubmitReply>(&mut s).await.unwrap(),
-        Some(SubmitReply::Ok)
-    );
-    s
-}
 
 async fn call(s: &mut UnixStream, req: SubmitRequest) -> SubmitReply {
     write_frame(s, &req).await.unwrap();
@@ -47,15 +25,6 @@ async fn rcpt(s: &mut UnixStream, to: &str) -> SubmitReply {
     call(s, SubmitRequest::Rcpt { to: to.into() }).await
 }
 
-/// True once the peer has closed the connection.
-async fn closed(s: &mut UnixStream) -> bool {
-    let mut b = [0u8; 64];
-    matches!(
-        tokio::time::timeout(WAIT, s.read(&mut b)).await,
-        Ok(Ok(0) | Err(_))
-    )
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn hostile_submit_client() {
     let mut t = Tambo::default_setup();
@@ -64,7 +33,7 @@ async fn hostile_submit_client() {
     let sock = t.run_dir.join("submit.sock");
 
     // Relay without authentication: refused by queued itself.
-    let mut s = session(&sock).await;
+    let mut s = submit_session(&sock).await;
     assert_eq!(mail(&mut s, "spam@remote.example").await, SubmitReply::Ok);
     assert_eq!(
         rcpt(&mut s, "victim@elsewhere.example").await,
@@ -99,7 +68,7 @@ async fn hostile_submit_client() {
     write_frame(&mut s, &SubmitRequest::DataChunk(b"smuggled".to_vec()))
         .await
         .unwrap();
-    assert!(closed(&mut s).await);
+    assert!(closed_by_peer(&mut s).await);
 
     // Requests before Session are refused.
     let mut s = hello::connect(&sock, Role::Smtpd, Role::Queued, &ids())
@@ -113,7 +82,7 @@ async fn hostile_submit_client() {
     )
     .await
     .unwrap();
-    assert!(closed(&mut s).await);
+    assert!(closed_by_peer(&mut s).await);
 
     // Raw garbage, a truncated frame, an oversize length, a wrong version
     // and a wrong role: each is closed.
@@ -144,13 +113,13 @@ async fn hostile_submit_client() {
         // The truncated frame needs the writer to finish.
         s.shutdown().await.unwrap();
         assert!(
-            closed(&mut s).await,
+            closed_by_peer(&mut s).await,
             "{bytes:?} did not close the connection"
         );
     }
 
     // After all that, queued still serves and still decides correctly.
-    let mut s = session(&sock).await;
+    let mut s = submit_session(&sock).await;
     assert_eq!(mail(&mut s, "a@remote.example").await, SubmitReply::Ok);
     assert_eq!(
         rcpt(&mut s, "ann@example.test").await,
@@ -205,7 +174,7 @@ async fn hostile_deliver_client() {
     )
     .await
     .unwrap();
-    assert!(closed(&mut s).await);
+    assert!(closed_by_peer(&mut s).await);
     // Skipping Ready closes it too.
     let mut s = hello::connect(&sock, Role::Deliverd, Role::Queued, &ids())
         .await
@@ -219,7 +188,7 @@ async fn hostile_deliver_client() {
     )
     .await
     .unwrap();
-    assert!(closed(&mut s).await);
+    assert!(closed_by_peer(&mut s).await);
     // smtpd may not pull jobs.
     assert!(
         hello::connect(&sock, Role::Smtpd, Role::Queued, &ids())

@@ -9,7 +9,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
@@ -54,17 +54,7 @@ impl NotifySocket {
     /// after dropping root, and the sender-pid check, not the mode, decides
     /// whose messages count. Must run inside the tokio runtime.
     pub fn bind(path: &Path) -> io::Result<Self> {
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "a file that is not a socket is in the way",
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        tambo_common::sockets::remove_stale_socket(path)?;
         let sock = UnixDatagram::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
         setsockopt(&sock, sockopt::PassCred, &true).map_err(io::Error::from)?;
