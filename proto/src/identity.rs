@@ -154,6 +154,13 @@ impl Identities {
         }
     }
 
+    /// Whether a peer running as `uid` may play any of `roles`: checked
+    /// at accept, before the connection takes a slot or a hello timeout,
+    /// so a stranger costs a server nothing.
+    pub fn allows_any(&self, roles: &[Role], uid: u32) -> bool {
+        roles.iter().any(|r| self.allows(*r, uid))
+    }
+
     pub fn is_development(&self) -> bool {
         self.development.is_some()
     }
@@ -260,6 +267,8 @@ mod tests {
         assert!(!ids.allows(Role::Deliverd, 101), "smtpd is not deliverd");
         assert!(ids.allows(Role::Deliverd, 0), "root may be anyone");
         assert!(!ids.allows(Role::Ctl, 1000), "the CLI must be root");
+        assert!(ids.allows_any(&[Role::Smtpd, Role::Ctl], 101));
+        assert!(!ids.allows_any(&[Role::Smtpd, Role::Ctl], 103));
         assert!(ids.shared().is_empty());
         assert!(
             ids.describe().contains("smtpd=uid 101"),
