@@ -111,6 +111,7 @@ pub fn boot(role: Role, binary: &'static str, about: &'static str) -> Result<Sta
         return Err(ExitCode::SUCCESS);
     }
     init_logging();
+    restrict_umask();
     let sockets = Inherited::take()
         .map_err(|e| startup_failed(format!("cannot take the sockets passed to {binary}: {e}")))?;
     follow_supervisor()?;
@@ -128,6 +129,12 @@ pub fn boot(role: Role, binary: &'static str, about: &'static str) -> Result<Sta
         ids,
         sockets,
     })
+}
+
+/// Files a daemon (or a program it runs) creates are private unless it
+/// says otherwise: every file tambo means to share gets an explicit mode.
+pub fn restrict_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 }
 
 /// The daemon's tokio runtime. Built after sockets are bound and
@@ -256,6 +263,23 @@ where
         }
         Err(e) => tracing::error!("cannot install the SIGHUP handler: {e}"),
     }
+}
+
+/// Starts pushing this daemon's counters to monitord (see
+/// [`tambo_proto::metrics`]); call it inside the runtime.
+pub fn push_metrics(role: Role, flags: &DaemonFlags, cfg: &Config, ids: &Identities) {
+    let heartbeat = match cfg.testing.ipc_idle_timeout {
+        Some(idle) => tambo_proto::keepalive_every(idle),
+        None => tambo_proto::metrics::HEARTBEAT,
+    };
+    tambo_proto::metrics::spawn_pusher(
+        crate::sockets::IpcSocket::Monitor.path(cfg),
+        role,
+        flags.as_pairs(),
+        crate::build::VERSION.into(),
+        ids.clone(),
+        heartbeat,
+    );
 }
 
 /// Converts an inherited or pre-bound std listener for tokio.

@@ -27,6 +27,8 @@ impl LockFile {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            // Never follow a link someone planted in our place.
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(path)?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
@@ -70,6 +72,17 @@ impl LockFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symlink_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("precious");
+        std::fs::write(&target, b"keep me").unwrap();
+        let link = dir.path().join("x.lock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(LockFile::acquire(&link).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    }
 
     #[test]
     fn second_holder_is_refused_with_the_first_pid() {

@@ -9,7 +9,7 @@
 //! serves.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -103,30 +103,63 @@ pub struct Bound {
     pub lock: LockFile,
 }
 
-/// Creates the runtime directory if needed: 0755 when root (per-socket
-/// modes decide who connects), 0700 otherwise.
-pub fn create_runtime_dir(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
+/// Creates the runtime directory if needed, mode 0700 in development
+/// (`private`: one user) and 0755 otherwise (the sockets' own modes decide
+/// who connects). Run as root, an existing directory must be root's and
+/// writable by nobody else: root creates, chowns and replaces files in it,
+/// and a directory someone else can write to would let them point those
+/// operations elsewhere with a symlink.
+pub fn create_runtime_dir(dir: &Path, private: bool) -> io::Result<()> {
+    let mode = if private { 0o700 } else { 0o755 };
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            if nix::unistd::geteuid().is_root() {
+                check_root_owned(dir, &m)?;
+            }
+            Ok(())
+        }
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a directory", dir.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new().recursive(true).create(dir)?;
+            // Set after creation: the daemons' umask (077) must not narrow it.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        }
+        Err(e) => Err(e),
     }
-    let mode = if nix::unistd::geteuid().is_root() {
-        0o755
-    } else {
-        0o700
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(dir)
+}
+
+fn check_root_owned(dir: &Path, m: &std::fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is owned by uid {} with mode {:o}: running as root, tambo only creates sockets in a directory that is root's and writable by nobody else",
+                dir.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Binds a Unix socket at `path` with the given access. Takes
 /// `<path>.lock` first: with it held, a socket file left at `path` belongs
 /// to a dead process and may be replaced; without it, someone else serves
 /// there and we refuse.
+///
+/// A daemon started alone as its own user may not belong to the group that
+/// should reach its socket (only root can give a file to any group); then
+/// the socket is left open to all (0666) and the uid check alone refuses
+/// strangers, which is logged. systemd socket units set owner, group and
+/// mode themselves.
 pub fn bind(path: &Path, access: Access) -> io::Result<Bound> {
     if let Some(dir) = path.parent() {
-        create_runtime_dir(dir)?;
+        create_runtime_dir(dir, access.owner.is_none() && access.group.is_none())?;
     }
     let mut lock_name = path.as_os_str().to_owned();
     lock_name.push(".lock");
@@ -141,12 +174,29 @@ pub fn bind(path: &Path, access: Access) -> io::Result<Bound> {
     // Mode before owner: the socket is never more open than asked.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))?;
     if access.owner.is_some() || access.group.is_some() {
-        nix::unistd::chown(
+        let owner = access
+            .owner
+            .filter(|uid| *uid != nix::unistd::geteuid().as_raw());
+        let changed = nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
             path,
-            access.owner.map(nix::unistd::Uid::from_raw),
+            owner.map(nix::unistd::Uid::from_raw),
             access.group.map(nix::unistd::Gid::from_raw),
-        )
-        .map_err(io::Error::from)?;
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        );
+        match changed {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EPERM) if !nix::unistd::geteuid().is_root() => {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+                tracing::warn!(
+                    "cannot give {} to uid {:?}, gid {:?} (not root, not a member): it is mode 0666 and the uid check alone refuses strangers; a systemd socket unit can set its group",
+                    path.display(),
+                    access.owner,
+                    access.group
+                );
+            }
+            Err(e) => return Err(io::Error::from(e)),
+        }
     }
     Ok(Bound { listener, lock })
 }
@@ -197,6 +247,32 @@ mod tests {
         assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
         let _second = bind(&path, access).unwrap();
         assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+    }
+
+    #[test]
+    fn runtime_dir_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("a/private");
+        create_runtime_dir(&private, true).unwrap();
+        assert_eq!(std::fs::metadata(&private).unwrap().mode() & 0o777, 0o700);
+        let shared = dir.path().join("shared");
+        create_runtime_dir(&shared, false).unwrap();
+        assert_eq!(std::fs::metadata(&shared).unwrap().mode() & 0o777, 0o755);
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        assert!(create_runtime_dir(&dir.path().join("file"), false).is_err());
+        if nix::unistd::geteuid().is_root() {
+            // As root, a directory others can write to is refused.
+            let open = dir.path().join("open");
+            std::fs::create_dir(&open).unwrap();
+            std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+            let e = create_runtime_dir(&open, false).unwrap_err();
+            assert!(e.to_string().contains("writable by nobody else"), "{e}");
+            // So is one owned by another user.
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(1)), None).unwrap();
+            assert!(create_runtime_dir(&theirs, false).is_err());
+        }
     }
 
     #[test]

@@ -50,6 +50,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tambo_common::daemon::init_logging();
+    tambo_common::daemon::restrict_umask();
     // Sockets systemd passed (for smtp_address = ["systemd"]) are taken
     // before the runtime opens descriptors of its own, so a wrong
     // LISTEN_FDS can never make us adopt one of those.

@@ -17,10 +17,6 @@ use tambo_proto::metrics::{self, names};
 
 use crate::{maildir, mda};
 
-/// How often deliverd says something to queued when it has no result to
-/// report (queued's idle timeout on deliver.sock is several times this).
-const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Largest job frame: addresses, a pipe command line, forward hosts.
 const MAX_JOB_FRAME: usize = tambo_proto::frame::MAX_SMALL_FRAME;
 
@@ -39,9 +35,14 @@ pub async fn serve(cfg: Arc<Config>, stream: UnixStream) -> Result<(), Error> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Outcome)>();
     // Results as they come, and a heartbeat when there is nothing to say,
     // so queued can tell a quiet deliverd from a dead one.
+    let heartbeat = tambo_proto::keepalive_every(
+        cfg.testing
+            .ipc_idle_timeout
+            .unwrap_or(tambo_proto::deliver::IDLE_TIMEOUT),
+    );
     let results = tokio::spawn(async move {
         loop {
-            let msg = match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
+            let msg = match tokio::time::timeout(heartbeat, rx.recv()).await {
                 Ok(Some((job, outcome))) => FromDeliverd::Done { job, outcome },
                 Ok(None) => break,
                 Err(_) => FromDeliverd::Heartbeat,

@@ -46,13 +46,7 @@ fn main() -> ExitCode {
     let cfg = Arc::new(cfg);
     rt.block_on(async move {
         daemon::on_sighup(|| tracing::info!("SIGHUP: deliverd has nothing to reload"));
-        tambo_proto::metrics::spawn_pusher(
-            cfg.monitor_socket(),
-            Role::Deliverd,
-            flags.as_pairs(),
-            tambo_common::build::VERSION.into(),
-            ids.clone(),
-        );
+        daemon::push_metrics(Role::Deliverd, &flags, &cfg, &ids);
         daemon::notify_ready();
         tokio::select! {
             _ = pull_forever(cfg, ids) => {},

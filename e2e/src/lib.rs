@@ -159,6 +159,14 @@ pub async fn closed_by_peer(s: &mut tokio::net::UnixStream) -> bool {
     )
 }
 
+/// Raises this test process's open-files soft limit to its hard limit, for
+/// tests that hold thousands of connections.
+pub fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+}
+
 /// The identities a test client uses to check the daemons it talks to.
 pub fn ids() -> tambo_proto::identity::Identities {
     tambo_proto::identity::Identities::development(tambo_proto::identity::Account {

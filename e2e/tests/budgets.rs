@@ -209,6 +209,24 @@ fn bytes_in_flight_over_the_budget_get_452() {
     assert_eq!(r.code, 250, "{r:?}");
     t.wait_maildir("ann", 1);
     t.wait_maildir("bob", 1);
+    // A message of exactly the largest size fits the budget, even with
+    // the header smtpd adds.
+    let mut exact = message("exact", "");
+    let mut rem = 1024 * 1024 - exact.len();
+    while rem > 0 {
+        let mut line = rem.min(1000);
+        // Never leave a single byte, which no line can be.
+        if rem - line == 1 {
+            line -= 1;
+        }
+        exact.extend(std::iter::repeat_n(b'y', line - 2));
+        exact.extend_from_slice(b"\r\n");
+        rem -= line;
+    }
+    assert_eq!(exact.len(), 1024 * 1024);
+    let r = t.send("d@remote.example", &["ann@example.test"], &exact);
+    assert_eq!(r.code, 250, "{r:?}");
+    t.wait_maildir("ann", 2);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -225,7 +243,9 @@ async fn submit_sock_session_cap() {
     );
     assert_eq!(r.code, 250, "{r:?}");
     let (soft, _) = nofile(t.pid("queued"));
-    let cap = 2048.min(soft.parse::<usize>().unwrap() / 2);
+    let cap = 2048.min(soft.parse::<usize>().unwrap() / 4);
+    // This test holds that many sockets itself.
+    raise_nofile_limit();
     let sock = t.run_dir.join("submit.sock");
     // A hostile (or runaway) smtpd holds every session queued allows.
     let mut held = Vec::new();
@@ -373,4 +393,34 @@ impl AsRef<UnixStream> for ReadHalf {
     fn as_ref(&self) -> &UnixStream {
         self.0.as_ref()
     }
+}
+
+#[test]
+fn a_slow_but_live_client_keeps_its_transaction() {
+    // queued closes quiet links after 1 s here; smtpd must keep this one
+    // alive while the client dawdles between commands and inside DATA,
+    // each pause well within its own 10 s command timeout.
+    let mut t = Tambo::new(
+        "",
+        "",
+        "ipc_idle_timeout = \"1s\"\nsmtp_command_timeout = \"10s\"\n",
+    );
+    t.start_all();
+    let pause = Duration::from_secs(3);
+    let mut c = t.smtp();
+    c.expect("EHLO slow.example", 250);
+    c.expect("MAIL FROM:<x@remote.example>", 250);
+    // The pauses are the slow client under test, not a wait for a result.
+    std::thread::sleep(pause);
+    c.expect("RCPT TO:<ann@example.test>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: slow\r\n\r\nfirst line\r\n");
+    std::thread::sleep(pause);
+    c.send_raw(b"second line\r\n.\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 250, "{r:?}");
+    let msgs = t.wait_maildir("ann", 1);
+    let s = String::from_utf8_lossy(&msgs[0]);
+    assert!(s.contains("first line\r\nsecond line\r\n"), "{s}");
+    assert!(!t.log("queued").contains("peer idle"), "no link was closed");
 }

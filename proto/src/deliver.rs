@@ -7,7 +7,13 @@
 //! connection drops, queued treats its in-flight jobs as temporary
 //! failures, so they are retried.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+
+/// queued closes a deliver.sock connection that sends nothing (not even a
+/// heartbeat) for this long; deliverd heartbeats well within it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 
 /// What a recipient is, after alias resolution.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

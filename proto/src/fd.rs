@@ -31,13 +31,17 @@ static ADOPTED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 
 /// Takes ownership of a socket this process inherited at `fd` (socket
 /// activation: systemd or `tambo run` put it there before exec). Refuses a
-/// number that is not open, is not a socket, or was adopted already; marks
-/// it close-on-exec so no child of ours inherits it.
+/// number that is not open, is not a socket, is already close-on-exec, or
+/// was adopted already; marks it close-on-exec so no child of ours
+/// inherits it.
 ///
-/// Must be called before the process opens sockets of its own (the daemons
-/// call it first thing, before their runtime exists), so a wrong
-/// `LISTEN_FDS` count cannot make us adopt a socket something else owns.
-pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+/// The close-on-exec test is what keeps this sound: a descriptor that
+/// survived an exec cannot have had the flag, and everything Rust's
+/// standard library, tokio and nix open in this process has it, so an
+/// inherited number is never one something here already owns. The daemons
+/// also call it first thing, before their runtime exists. Only
+/// [`crate::activation`] calls it.
+pub(crate) fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     use nix::sys::stat::{SFlag, fstat};
     if fd < 3 {
@@ -56,7 +60,13 @@ pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: borrowing only for the duration of these checks; if `fd` is
     // not open, the calls fail with EBADF and nothing else happens.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    fcntl(borrowed, FcntlArg::F_GETFD).map_err(io::Error::from)?;
+    let flags = fcntl(borrowed, FcntlArg::F_GETFD).map_err(io::Error::from)?;
+    if FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is close-on-exec: it was opened here, not inherited"),
+        ));
+    }
     let st = fstat(borrowed).map_err(io::Error::from)?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
         return Err(io::Error::new(
@@ -66,9 +76,10 @@ pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
     }
     fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
     adopted.push(fd);
-    // SAFETY: `fd` is open (F_GETFD succeeded) and is a socket we inherited
-    // across exec; nothing in this process opened it, and ADOPTED makes sure
-    // it is owned at most once, so the OwnedFd is its only owner.
+    // SAFETY: `fd` is open (F_GETFD succeeded), is a socket, and was not
+    // close-on-exec, so it came across exec and nothing in this process
+    // opened (and owns) it; ADOPTED makes sure it is owned at most once, so
+    // the OwnedFd is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -283,8 +294,13 @@ mod tests {
 
     #[test]
     fn inherited_sockets_are_adopted_once_and_checked() {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        // Hand the descriptor over as an exec would: forget our owner.
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Opened here, close-on-exec: never taken for an inherited one.
+        assert!(adopt_inherited_socket(b.as_raw_fd()).is_err());
+        // Hand the descriptor over as an exec would: no close-on-exec, and
+        // nobody else owns it.
+        fcntl(&a, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
         let raw = std::os::fd::IntoRawFd::into_raw_fd(OwnedFd::from(a));
         let owned = adopt_inherited_socket(raw).unwrap();
         assert_eq!(owned.as_raw_fd(), raw);

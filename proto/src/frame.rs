@@ -169,12 +169,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let msg = decode(&self.buf[self.start + 4..self.start + 4 + len]);
         self.start += 4 + len;
-        if self.start == self.buf.len() {
+        // Give a large buffer back once what is left fits a small one, so
+        // a peer that always leaves part of a frame buffered cannot keep
+        // the large one.
+        let left = self.available();
+        if self.buf.capacity() > Self::IDLE_CAPACITY && left <= Self::IDLE_CAPACITY {
+            let rest = self.buf[self.start..].to_vec();
+            self.buf = rest;
+            self.start = 0;
+        } else if left == 0 {
             self.buf.clear();
             self.start = 0;
-            if self.buf.capacity() > Self::IDLE_CAPACITY {
-                self.buf = Vec::new();
-            }
         }
         msg.map(Some)
     }
@@ -351,6 +356,20 @@ mod tests {
             r.read::<SubmitRequest>(MAX_CHUNK_FRAME).await,
             Err(Error::Truncated { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_partial_frame_left_buffered_does_not_keep_a_large_buffer() {
+        let mut wire = encode(&SubmitRequest::DataChunk(vec![7; 60_000])).unwrap();
+        // The start of another frame arrives with the big one.
+        wire.extend_from_slice(&encode(&SubmitRequest::Rset).unwrap()[..3]);
+        let mut r = FrameReader::new(&wire[..]);
+        // As after an earlier large frame: room for more than one frame,
+        // so the read takes the start of the next one too.
+        r.buf.reserve(100_000);
+        let _: SubmitRequest = r.read(MAX_CHUNK_FRAME).await.unwrap().unwrap();
+        assert!(r.has_buffered());
+        assert!(r.buf.capacity() <= FrameReader::<&[u8]>::IDLE_CAPACITY);
     }
 
     #[tokio::test]

@@ -33,3 +33,10 @@ pub mod submit;
 
 pub use error::Error;
 pub use hello::{PROTOCOL_VERSION, Role};
+
+/// How often a client says something on a connection that would otherwise
+/// be quiet, when its server closes connections quiet for `idle`: a third
+/// of it (so two keepalives may be late), at most every 30 s.
+pub fn keepalive_every(idle: std::time::Duration) -> std::time::Duration {
+    (idle / 3).min(std::time::Duration::from_secs(30))
+}

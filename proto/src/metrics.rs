@@ -379,16 +379,19 @@ pub const HEARTBEAT: Duration = Duration::from_secs(30);
 
 /// Starts the task that pushes this process's counters to monitord. It
 /// reconnects forever, with the pending map as the bounded buffer.
+/// `heartbeat` is how often an empty batch goes out when there is nothing
+/// to send ([`HEARTBEAT`] unless monitord's idle timeout is shortened).
 pub fn spawn_pusher(
     socket: PathBuf,
     role: Role,
     flags: Vec<(String, String)>,
     version: String,
     ids: Identities,
+    heartbeat: Duration,
 ) {
     tokio::spawn(async move {
         let mut conn: Option<UnixStream> = None;
-        let mut interval = tokio::time::interval(Duration::from_millis(500));
+        let mut interval = tokio::time::interval(heartbeat.min(Duration::from_millis(500)));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut warned = false;
         let mut last_sent = tokio::time::Instant::now();
@@ -416,7 +419,7 @@ pub fn spawn_pusher(
                 }
             }
             let mut deltas = global().take();
-            if deltas.is_empty() && last_sent.elapsed() < HEARTBEAT {
+            if deltas.is_empty() && last_sent.elapsed() < heartbeat {
                 continue;
             }
             let Some(stream) = conn.as_mut() else {

@@ -6,7 +6,13 @@
 //! exactly one reply, except `DataChunk` and `DataAbort`, which get none so
 //! the body streams without round trips.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+
+/// queued closes a submit.sock connection that sends nothing for this
+/// long; smtpd keeps its links alive well within it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// How the SMTP client reached us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -36,9 +36,9 @@ pub const JOB_DEADLINE: Duration = Duration::from_secs(60 * 60);
 /// Longest failure text kept from deliverd (it reaches DSNs and logs).
 pub const MAX_FAILURE_TEXT: usize = 1024;
 
-/// A deliverd connection that sends nothing (not even its heartbeat, every
-/// 30 s) for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+/// A deliverd connection that sends nothing (not even its heartbeat) for
+/// this long is closed.
+pub use tambo_proto::deliver::IDLE_TIMEOUT;
 
 /// Most deliver.sock connections at once (deliverd holds one; a restart
 /// may overlap the old one briefly).
@@ -84,10 +84,17 @@ impl Dispatcher {
     }
 }
 
+/// A job handed to deliverd: where its result goes, and the timer of its
+/// deadline (stopped when the result arrives, so timers never pile up).
+struct InFlight {
+    reply: oneshot::Sender<Outcome>,
+    deadline: Option<tokio::task::AbortHandle>,
+}
+
 /// The jobs of one connection.
 #[derive(Default)]
 struct Jobs {
-    in_flight: HashMap<u64, oneshot::Sender<Outcome>>,
+    in_flight: HashMap<u64, InFlight>,
     /// Jobs past their deadline: already failed, their slots still taken
     /// until a late result arrives.
     expired: HashSet<u64>,
@@ -110,8 +117,11 @@ impl Conn {
     /// never handed out.
     fn finish(&self, job: u64, outcome: Outcome) -> Result<(), Error> {
         let mut jobs = self.jobs();
-        if let Some(reply) = jobs.in_flight.remove(&job) {
-            let _ = reply.send(clean(outcome));
+        if let Some(f) = jobs.in_flight.remove(&job) {
+            if let Some(t) = f.deadline {
+                t.abort();
+            }
+            let _ = f.reply.send(clean(outcome));
         } else if jobs.expired.remove(&job) {
             tracing::warn!(
                 "deliver.sock: late result for job {job} ignored (already failed at its deadline)"
@@ -126,14 +136,14 @@ impl Conn {
     /// A job's deadline passed without a result.
     fn expire(&self, job: u64, deadline: Duration) {
         let mut jobs = self.jobs();
-        let Some(reply) = jobs.in_flight.remove(&job) else {
+        let Some(f) = jobs.in_flight.remove(&job) else {
             return;
         };
         metrics::inc(names::QUEUE_JOBS_EXPIRED);
         tracing::warn!(
             "deliver.sock: no result for job {job} within {deadline:?}; it will be retried"
         );
-        let _ = reply.send(Outcome::TempFail(format!(
+        let _ = f.reply.send(Outcome::TempFail(format!(
             "deliverd did not report a result within {}s",
             deadline.as_secs()
         )));
@@ -230,7 +240,17 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
             }
         };
         let bytes = match encode(&ToDeliverd::Job(pending.job.clone())) {
-            Ok(b) => b,
+            // deliverd refuses (and drops the connection on) job frames
+            // over its limit: such a job could never be delivered, and
+            // would take the jobs in flight with it on every retry.
+            Ok(b) if b.len() - 4 <= MAX_SMALL_FRAME => b,
+            Ok(b) => {
+                tracing::error!(id = %pending.job.queue_id, "a delivery job of {} bytes is over the {MAX_SMALL_FRAME}-byte limit", b.len());
+                let _ = pending.reply.send(Outcome::PermFail(
+                    "the recipient (a pipe command or forward list) is too long to deliver".into(),
+                ));
+                continue;
+            }
             Err(e) => {
                 let _ = pending
                     .reply
@@ -238,7 +258,13 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
                 continue;
             }
         };
-        conn.jobs().in_flight.insert(next_job, pending.reply);
+        conn.jobs().in_flight.insert(
+            next_job,
+            InFlight {
+                reply: pending.reply,
+                deadline: None,
+            },
+        );
         let sent = tokio::time::timeout(
             SEND_TIMEOUT,
             fd::send_with_fd(w.as_ref(), &bytes, file.as_fd()),
@@ -246,29 +272,41 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
         .await;
         if !matches!(sent, Ok(Ok(()))) {
             tracing::warn!("deliver.sock: sending a job failed or timed out; closing");
-            if let Some(reply) = conn.jobs().in_flight.remove(&next_job) {
-                let _ = reply.send(Outcome::TempFail("connection to deliverd lost".into()));
+            if let Some(f) = conn.jobs().in_flight.remove(&next_job) {
+                let _ = f
+                    .reply
+                    .send(Outcome::TempFail("connection to deliverd lost".into()));
             }
             break;
         }
         // The slot comes back when the result arrives.
         permit.forget();
         let (c, job, deadline) = (conn.clone(), next_job, dispatcher.deadline);
-        tokio::spawn(async move {
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(deadline).await;
             c.expire(job, deadline);
         });
+        match conn.jobs().in_flight.get_mut(&next_job) {
+            Some(f) => f.deadline = Some(timer.abort_handle()),
+            // The result came first.
+            None => timer.abort(),
+        }
     }
     results.abort();
     let lost: Vec<_> = conn.jobs().in_flight.drain().collect();
+    for (_, f) in &lost {
+        if let Some(t) = &f.deadline {
+            t.abort();
+        }
+    }
     if !lost.is_empty() {
         tracing::warn!(
             "deliverd went away with {} jobs in flight; they will be retried",
             lost.len()
         );
     }
-    for (_, reply) in lost {
-        let _ = reply.send(Outcome::TempFail(
+    for (_, f) in lost {
+        let _ = f.reply.send(Outcome::TempFail(
             "connection to deliverd lost during delivery".into(),
         ));
     }
@@ -313,6 +351,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_result_stops_its_deadline_timer() {
+        let conn = Arc::new(Conn {
+            jobs: Mutex::default(),
+            slots: 1,
+            free: Semaphore::new(0),
+            close: Notify::new(),
+        });
+        let (tx, _rx) = oneshot::channel();
+        let c = conn.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            c.expire(1, Duration::from_secs(3600));
+        });
+        conn.jobs().in_flight.insert(
+            1,
+            InFlight {
+                reply: tx,
+                deadline: Some(timer.abort_handle()),
+            },
+        );
+        assert_eq!(
+            Arc::strong_count(&conn),
+            2,
+            "the timer holds the connection"
+        );
+        conn.finish(1, Outcome::Delivered).unwrap();
+        assert!(timer.await.unwrap_err().is_cancelled());
+        assert_eq!(Arc::strong_count(&conn), 1, "and lets it go");
+    }
+
+    #[tokio::test]
     async fn expired_jobs_fail_and_late_results_free_their_slots() {
         let conn = Conn {
             jobs: Mutex::default(),
@@ -320,10 +389,14 @@ mod tests {
             free: Semaphore::new(0),
             close: Notify::new(),
         };
+        let job = |reply| InFlight {
+            reply,
+            deadline: None,
+        };
         let (tx1, rx1) = oneshot::channel();
         let (tx2, _rx2) = oneshot::channel();
-        conn.jobs().in_flight.insert(1, tx1);
-        conn.jobs().in_flight.insert(2, tx2);
+        conn.jobs().in_flight.insert(1, job(tx1));
+        conn.jobs().in_flight.insert(2, job(tx2));
         conn.expire(1, Duration::from_secs(1));
         assert!(matches!(rx1.await.unwrap(), Outcome::TempFail(_)));
         // The late result is not an error, and frees the slot.
@@ -333,7 +406,7 @@ mod tests {
         assert!(conn.finish(99, Outcome::Delivered).is_err());
         // Both slots expired: the connection is told to close.
         let (tx3, _rx3) = oneshot::channel();
-        conn.jobs().in_flight.insert(3, tx3);
+        conn.jobs().in_flight.insert(3, job(tx3));
         conn.expire(2, Duration::from_secs(1));
         conn.expire(3, Duration::from_secs(1));
         let closed = tokio::time::timeout(Duration::from_millis(100), conn.close.notified()).await;

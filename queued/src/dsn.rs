@@ -157,6 +157,18 @@ pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
     out
 }
 
+/// Reads the start of the original for a DSN: at most [`MAX_ORIGINAL`]
+/// bytes, cut after a whole line. One byte more than that is read, so a
+/// message longer than the limit is always cut by [`truncate_at_line`].
+pub fn read_original(r: impl std::io::Read) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    r.take(MAX_ORIGINAL as u64 + 1).read_to_end(&mut buf)?;
+    let keep = truncate_at_line(&buf, MAX_ORIGINAL).len();
+    buf.truncate(keep);
+    Ok(buf)
+}
+
 /// At most `max` bytes of `msg`, cut after the last whole line (CRLF) in
 /// them, so a cut never leaves a bare CR (or half a multi-byte character)
 /// in the DSN. A message without any CRLF in its first `max` bytes is cut
@@ -306,7 +318,8 @@ mod tests {
     #[test]
     fn truncation_never_leaves_a_bare_cr() {
         let item = item();
-        // A line ending falls exactly on the cut: CR kept, LF cut off.
+        // A line ending straddles the cut: CR at the last byte kept, LF
+        // just past it.
         let mut original = b"Subject: x\r\n\r\n".to_vec();
         while original.len() < MAX_ORIGINAL - 1 {
             original.extend_from_slice(b"0123456789\r\n");
@@ -314,12 +327,16 @@ mod tests {
         original.truncate(MAX_ORIGINAL - 1);
         original.extend_from_slice(b"\r\nmore after the cut\r\n");
         assert_eq!(original[MAX_ORIGINAL - 1], b'\r');
+        // As queued reads it from the queue file.
+        let read = read_original(&original[..]).unwrap();
+        assert!(read.len() <= MAX_ORIGINAL);
+        assert!(read.ends_with(b"\r\n"));
         let dsn = build(&DsnInput {
             item: &item,
             dsn_id: "D",
             hostname: "mx",
             our_domain: "example.org",
-            original: &original,
+            original: &read,
             date: "now",
         });
         for (i, w) in dsn.windows(2).enumerate() {
@@ -327,7 +344,8 @@ mod tests {
             assert!(w[1] != b'\n' || w[0] == b'\r', "bare LF at {i}");
         }
         assert!(!dsn.windows(4).any(|w| w == b"more"));
-        assert!(dsn.len() < MAX_ORIGINAL + 4096);
+        // A short message is taken whole.
+        assert_eq!(read_original(&b"a\r\nb"[..]).unwrap(), b"a\r\nb");
     }
 
     #[test]

@@ -119,20 +119,20 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         let queue = Arc::new(queue::Queue::new(cfg.clone(), domains, spool));
         let (q, c) = (queue.clone(), cfg.clone());
-        daemon::on_sighup(move || match Domains::load(&c) {
-            Ok(d) => {
-                q.set_domains(d);
-                tracing::info!("SIGHUP: users and aliases reloaded");
-            }
-            Err(e) => tracing::error!("SIGHUP: reload failed, keeping the last good files: {e}"),
+        daemon::on_sighup(move || {
+            let (q, c) = (q.clone(), c.clone());
+            // Reading the files blocks: off the runtime's threads.
+            tokio::task::spawn_blocking(move || match Domains::load(&c) {
+                Ok(d) => {
+                    q.set_domains(d);
+                    tracing::info!("SIGHUP: users and aliases reloaded");
+                }
+                Err(e) => {
+                    tracing::error!("SIGHUP: reload failed, keeping the last good files: {e}")
+                }
+            });
         });
-        tambo_proto::metrics::spawn_pusher(
-            cfg.monitor_socket(),
-            Role::Queued,
-            flags.as_pairs(),
-            tambo_common::build::VERSION.into(),
-            ids.clone(),
-        );
+        daemon::push_metrics(Role::Queued, &flags, &cfg, &ids);
         let (submit, deliver) = match (daemon::tokio_unix(submit), daemon::tokio_unix(deliver)) {
             (Ok(s), Ok(d)) => (s, d),
             (Err(e), _) | (_, Err(e)) => {

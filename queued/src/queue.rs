@@ -100,7 +100,7 @@ impl Queue {
     /// Counts `n` more body bytes in flight; false (and nothing counted)
     /// if that would pass `[tambo] max_data_in_flight_mb`.
     pub fn reserve_in_flight(&self, n: u64) -> bool {
-        let max = self.cfg.max_data_in_flight();
+        let max = self.max_in_flight();
         self.in_flight
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
                 cur.checked_add(n).filter(|total| *total <= max)
@@ -110,7 +110,14 @@ impl Queue {
 
     /// Whether no more body bytes fit in flight.
     pub fn in_flight_full(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) >= self.cfg.max_data_in_flight()
+        self.in_flight.load(Ordering::SeqCst) >= self.max_in_flight()
+    }
+
+    /// `[tambo] max_data_in_flight_mb`, plus room for the headers smtpd
+    /// adds: the config only requires it to be at least
+    /// `max_data_size_mb`, and a message of exactly that size must fit.
+    fn max_in_flight(&self) -> u64 {
+        self.cfg.max_data_in_flight() + crate::submit::HEADER_ROOM
     }
 
     /// Gives back body bytes counted by [`Queue::reserve_in_flight`].
@@ -376,6 +383,13 @@ impl Queue {
                         tracing::error!(id = %item.id, "no DSN possible for sender <{}>: {e}", item.from);
                         break;
                     }
+                    // The sender stopped existing (a reload) between the
+                    // check in queue_dsn and the put: same as never there.
+                    Err(PutError::NoRecipients) => {
+                        metrics::inc(names::QUEUE_DSNS_DROPPED);
+                        tracing::warn!(id = %item.id, "no DSN: the sender <{}> does not exist", item.from);
+                        break;
+                    }
                     Err(e) => {
                         tracing::error!(id = %item.id, "cannot queue the DSN: {e}; retrying in {}", duration::format(wait));
                         tokio::time::sleep(wait).await;
@@ -424,12 +438,10 @@ impl Queue {
             .to_string();
         let (id2, item2) = (dsn_id.clone(), item.clone());
         let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Read;
-            let mut original = Vec::new();
-            if let Ok(f) = spool.open_body(&item2.id) {
-                f.take(dsn::MAX_ORIGINAL as u64)
-                    .read_to_end(&mut original)?;
-            }
+            let original = match spool.open_body(&item2.id) {
+                Ok(f) => dsn::read_original(f)?,
+                Err(_) => Vec::new(),
+            };
             let msg = dsn::build(&dsn::DsnInput {
                 item: &item2,
                 dsn_id: &id2,

@@ -14,7 +14,7 @@
 //! [`crate::dirsync::DirSync`] (group commit) before telling anyone.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -100,10 +100,7 @@ impl Spool {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        Ok(BodyWriter {
-            file: BufWriter::with_capacity(128 * 1024, file),
-            size: 0,
-        })
+        Ok(BodyWriter { file, size: 0 })
     }
 
     /// Writes an item atomically (temp, fsync, rename); durable once the
@@ -198,9 +195,12 @@ impl Spool {
     }
 }
 
-/// A body being written.
+/// A body being written. Unbuffered: smtpd sends it in 64 KiB chunks, each
+/// one write, and a session in DATA holds no buffer of its own here (a
+/// buffer per session would be memory a hostile smtpd could pin outside
+/// the in-flight byte budget).
 pub struct BodyWriter {
-    file: BufWriter<File>,
+    file: File,
     size: u64,
 }
 
@@ -215,11 +215,10 @@ impl BodyWriter {
         self.size
     }
 
-    /// Flushes and fsyncs the body. After this it is durable, but still not
-    /// an item until `write_item`.
+    /// fsyncs the body. After this it is durable, but still not an item
+    /// until `write_item`.
     pub fn finish(self) -> io::Result<()> {
-        let file = self.file.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()
+        self.file.sync_all()
     }
 }
 

@@ -26,15 +26,20 @@ use crate::spool::BodyWriter;
 /// Most recipients per transaction, enforced again after smtpd.
 const MAX_RCPTS: usize = 100;
 
-/// Most submit.sock connections at once; also never more than half of
-/// queued's descriptor limit, so sessions can never starve the queue's own
-/// files and deliver.sock.
+/// What a body may hold beyond `max_data_size_mb`: the headers smtpd adds
+/// (Received now; later Authentication-Results and DKIM signatures).
+pub const HEADER_ROOM: u64 = 64 * 1024;
+
+/// Most submit.sock connections at once; also never more than a quarter
+/// of queued's descriptor limit (a session in DATA holds two: its socket
+/// and its body file), so sessions can never starve the queue's own files
+/// and deliver.sock.
 pub const MAX_SESSIONS: usize = 2048;
 
-/// A submit.sock connection that sends nothing for this long is closed.
-/// smtpd pings a link idle for a minute (`PING_AFTER` there), so only a
-/// dead or hostile peer reaches it.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// A submit.sock connection that sends nothing for this long is closed;
+/// smtpd keeps its links alive well within it, between commands and
+/// inside DATA, so only a dead or hostile peer reaches it.
+pub use tambo_proto::submit::IDLE_TIMEOUT;
 
 /// How long a reply may take to write before the peer counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,7 +54,7 @@ pub struct Listener {
 
 impl Listener {
     pub fn new(queue: Arc<Queue>, ids: Identities, nofile: u64) -> Self {
-        let cap = MAX_SESSIONS.min((nofile / 2).max(1) as usize);
+        let cap = MAX_SESSIONS.min((nofile / 4).max(1) as usize);
         let idle_timeout = queue.cfg.testing.ipc_idle_timeout.unwrap_or(IDLE_TIMEOUT);
         Self {
             queue,
@@ -250,7 +255,7 @@ impl Session {
             }
             SubmitRequest::DataBegin => self.data_begin().await,
             SubmitRequest::DataChunk(data) => {
-                let max = self.queue.cfg.max_data_size() + 64 * 1024;
+                let max = self.queue.cfg.max_data_size() + HEADER_ROOM;
                 let Some(body) = self.body.as_mut() else {
                     return Err(Error::Unexpected("DataChunk outside DATA"));
                 };

@@ -77,17 +77,40 @@ fn trim(b: &[u8]) -> &[u8] {
     &b[start..end.max(start)]
 }
 
+/// Most distinct `unknown"…"` labels one smtpd process reports; past it,
+/// new unknown verbs count as plain `unknown`. Clients choose these labels,
+/// and monitord's key budget must not be spent by them, or real counters
+/// (a first 502, a refused session) would be dropped.
+pub const MAX_UNKNOWN_LABELS: usize = 64;
+
 /// The metrics label of a command: its upper-case verb, or for unknown
 /// verbs `unknown"XXXXXX"` with at most 6 bytes, quoted as Go's
-/// `strconv.Quote` does (REFERENCE §7.2).
+/// `strconv.Quote` does (REFERENCE §7.2), for the first
+/// [`MAX_UNKNOWN_LABELS`] distinct ones.
 pub fn metric_label(cmd: &Command<'_>) -> String {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     match cmd.verb {
-        Verb::Unknown => format!(
-            "unknown{}",
-            go_quote(&cmd.raw_verb[..cmd.raw_verb.len().min(6)])
-        ),
+        Verb::Unknown => {
+            let label = format!(
+                "unknown{}",
+                go_quote(&cmd.raw_verb[..cmd.raw_verb.len().min(6)])
+            );
+            bounded_label(&mut SEEN.lock().unwrap_or_else(|e| e.into_inner()), label)
+        }
         _ => String::from_utf8_lossy(cmd.raw_verb).to_ascii_uppercase(),
     }
+}
+
+/// `label` if it was seen before or there is room for it; else `unknown`.
+fn bounded_label(seen: &mut Vec<String>, label: String) -> String {
+    if seen.contains(&label) {
+        return label;
+    }
+    if seen.len() < MAX_UNKNOWN_LABELS {
+        seen.push(label.clone());
+        return label;
+    }
+    "unknown".into()
 }
 
 fn go_quote(b: &[u8]) -> String {
@@ -231,6 +254,23 @@ mod tests {
         assert_eq!(metric_label(&parse(b"ehlo x")), "EHLO");
         assert_eq!(metric_label(&parse(b"XYZZYPLUGH x")), "unknown\"XYZZYP\"");
         assert_eq!(metric_label(&parse(b"A\"\x01")), "unknown\"A\\\"\\x01\"");
+    }
+
+    #[test]
+    fn unknown_labels_are_bounded() {
+        let mut seen = Vec::new();
+        for i in 0..MAX_UNKNOWN_LABELS {
+            assert_eq!(
+                bounded_label(&mut seen, format!("unknown\"{i}\"")),
+                format!("unknown\"{i}\"")
+            );
+        }
+        assert_eq!(bounded_label(&mut seen, "unknown\"NEW\"".into()), "unknown");
+        assert_eq!(
+            bounded_label(&mut seen, "unknown\"3\"".into()),
+            "unknown\"3\""
+        );
+        assert_eq!(seen.len(), MAX_UNKNOWN_LABELS);
     }
 
     #[test]

@@ -85,13 +85,7 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         daemon::on_sighup(|| tracing::info!("SIGHUP: smtpd has nothing to reload"));
-        tambo_proto::metrics::spawn_pusher(
-            cfg.monitor_socket(),
-            Role::Smtpd,
-            flags.as_pairs(),
-            tambo_common::build::VERSION.into(),
-            ids.clone(),
-        );
+        daemon::push_metrics(Role::Smtpd, &flags, &cfg, &ids);
         let mut scfg = session::SessionConfig::new(
             cfg.hostname.clone(),
             cfg.max_data_size(),
@@ -102,6 +96,13 @@ fn main() -> ExitCode {
         if let Some(t) = cfg.testing.smtp_command_timeout {
             scfg.command_timeout = t;
         }
+        // A client that dawdles between commands or inside DATA must never
+        // have its link (and its transaction) closed by queued.
+        scfg.link_keepalive = tambo_proto::keepalive_every(
+            cfg.testing
+                .ipc_idle_timeout
+                .unwrap_or(tambo_proto::submit::IDLE_TIMEOUT),
+        );
         let scfg = Arc::new(scfg);
         let sessions = server::Sessions::new(server::Caps {
             total: cfg.tambo.max_sessions,

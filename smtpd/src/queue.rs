@@ -20,11 +20,6 @@ use tambo_proto::{Error, Role};
 /// How long queued may take to answer one request, fsync included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A link unused this long gets a `Ping` before the next command, so it
-/// stays well inside queued's idle timeout (5 minutes) however long the
-/// client dawdles between transactions.
-pub const PING_AFTER: Duration = Duration::from_secs(60);
-
 pub struct QueueLink {
     reader: FrameReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
@@ -77,9 +72,15 @@ impl QueueLink {
         Ok(())
     }
 
-    /// Pings queued if the link has been quiet for [`PING_AFTER`].
-    pub async fn keep_alive(&mut self) -> Result<(), Error> {
-        if self.last_used.elapsed() < PING_AFTER {
+    /// How long since anything was sent to queued.
+    pub fn quiet_for(&self) -> Duration {
+        self.last_used.elapsed()
+    }
+
+    /// Pings queued if the link has been quiet for `every`, between
+    /// commands (inside DATA, an empty body chunk does the same).
+    pub async fn keep_alive(&mut self, every: Duration) -> Result<(), Error> {
+        if self.quiet_for() < every {
             return Ok(());
         }
         match self.call(&SubmitRequest::Ping).await? {

@@ -47,9 +47,11 @@ impl Sockets {
         inherited: &mut Inherited,
     ) -> Result<Self, SetupError> {
         let dir = &cfg.tambo.runtime_dir;
-        sockets::create_runtime_dir(dir).map_err(|e| SetupError::RuntimeDir {
-            path: dir.clone(),
-            source: e,
+        sockets::create_runtime_dir(dir, ids.is_development()).map_err(|e| {
+            SetupError::RuntimeDir {
+                path: dir.clone(),
+                source: e,
+            }
         })?;
         let lock_path = dir.join(LOCK_FILE);
         let runtime_lock = LockFile::acquire(&lock_path).map_err(|e| SetupError::Locked {

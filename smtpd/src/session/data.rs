@@ -1,6 +1,8 @@
 //! DATA: the body is read to its terminator and streamed to queued in
 //! chunks as it arrives, so smtpd never holds more than one chunk.
 
+use std::time::Instant;
+
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 
 use tambo_proto::frame::CHUNK_SIZE;
@@ -68,17 +70,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             mode: self.cfg.mode,
             from: &from,
         });
-        let remaining = self.cfg.lifetime.saturating_sub(self.started.elapsed());
-        let outcome =
-            match tokio::time::timeout(remaining, self.stream_body(header.into_bytes())).await {
-                Ok(o) => o,
-                Err(_) => {
-                    if let Some(q) = self.queue.as_mut() {
-                        let _ = q.send(&SubmitRequest::DataAbort).await;
-                    }
-                    BodyOutcome::Lifetime
-                }
-            };
+        let deadline = self.started + self.cfg.lifetime;
+        let outcome = self.stream_body(header.into_bytes(), deadline).await;
         // The final reply to message content clears the envelope, whatever
         // it was (REFERENCE §2.3).
         self.mail_from = None;
@@ -163,18 +156,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Reads the message to its terminator, sending it to queued in chunks
     /// as it arrives; smtpd never holds more than a chunk. Each read must
-    /// make progress within the command timeout.
-    async fn stream_body(&mut self, first: Vec<u8>) -> BodyOutcome {
+    /// make progress within the command timeout, and the whole body
+    /// arrive before the session's `deadline`. Only reads are timed, never
+    /// a write to queued, so a frame is never cut in half.
+    async fn stream_body(&mut self, first: Vec<u8>, deadline: Instant) -> BodyOutcome {
         let idle = self.cfg.command_timeout;
+        let every = self.cfg.link_keepalive;
         let mut dec = DotDecoder::new();
         let mut headers = HeaderScan::default();
         let mut chunk = first;
         let mut sending = true;
         let mut result = None;
         loop {
-            let buf = match tokio::time::timeout(idle, self.conn.fill_buf()).await {
+            let now = Instant::now();
+            if now >= deadline {
+                result = Some(BodyOutcome::Lifetime);
+                break;
+            }
+            let limit = now + idle.min(deadline - now);
+            // While the client is slow, keep the link alive with what has
+            // been decoded so far (possibly nothing): queued closes links
+            // that stay quiet for long.
+            let queue = &mut self.queue;
+            let read = tokio::time::timeout_at(limit.into(), self.conn.fill_buf());
+            tokio::pin!(read);
+            let got = loop {
+                tokio::select! {
+                    r = &mut read => break r,
+                    _ = tokio::time::sleep(every) => {
+                        let Some(q) = queue.as_mut() else { continue };
+                        if q.quiet_for() >= every {
+                            let data = if sending { std::mem::take(&mut chunk) } else { Vec::new() };
+                            if q.send(&SubmitRequest::DataChunk(data)).await.is_err() {
+                                return BodyOutcome::QueueLost;
+                            }
+                        }
+                    }
+                }
+            };
+            let buf = match got {
                 Err(_) => {
-                    result = Some(BodyOutcome::Idle);
+                    result = Some(if Instant::now() >= deadline {
+                        BodyOutcome::Lifetime
+                    } else {
+                        BodyOutcome::Idle
+                    });
                     break;
                 }
                 Ok(Ok([])) | Ok(Err(_)) => {

@@ -58,6 +58,8 @@ pub struct SessionConfig {
     pub command_timeout: Duration,
     /// Checked before each command; DATA runs under it.
     pub lifetime: Duration,
+    /// How often a quiet link to queued is kept alive.
+    pub link_keepalive: Duration,
 }
 
 impl SessionConfig {
@@ -77,6 +79,7 @@ impl SessionConfig {
             first_deadline: Duration::from_secs(60),
             command_timeout: Duration::from_secs(60),
             lifetime: Duration::from_secs(20 * 60),
+            link_keepalive: Duration::from_secs(60),
         }
     }
 }
@@ -86,6 +89,10 @@ enum LineError {
     Eof,
     TooLong,
     Io(std::io::Error),
+    /// No whole line within the command timeout.
+    Timeout,
+    /// Keeping the link to queued alive failed.
+    QueueLost(tambo_proto::Error),
 }
 
 /// Whether the session goes on after a command.
@@ -162,30 +169,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // Idle sessions hold no reply buffer.
                 self.out = Vec::new();
             }
-            let line = match tokio::time::timeout(self.cfg.command_timeout, self.read_line()).await
-            {
-                Err(_) => {
+            let line = match self.next_line().await {
+                Err(LineError::Timeout) => {
                     self.reply(421, "4.4.2", "Timed out waiting for a command, closing");
                     break;
                 }
-                Ok(Err(LineError::Eof)) => return,
-                Ok(Err(LineError::Io(e))) => {
+                Err(LineError::Eof) => return,
+                Err(LineError::Io(e)) => {
                     tracing::debug!(peer = %self.peer, "read error: {e}");
                     return;
                 }
-                Ok(Err(LineError::TooLong)) => {
+                Err(LineError::TooLong) => {
                     self.reply(554, "5.5.2", "Line too long, closing");
                     break;
                 }
-                Ok(Ok(line)) => line,
+                Err(LineError::QueueLost(e)) => {
+                    tracing::error!(peer = %self.peer, "queued link failed while idle: {e}");
+                    self.queue_lost();
+                    break;
+                }
+                Ok(line) => line,
             };
-            if let Some(q) = self.queue.as_mut()
-                && let Err(e) = q.keep_alive().await
-            {
-                tracing::error!(peer = %self.peer, "queued link failed while idle: {e}");
-                self.queue_lost();
-                break;
-            }
             let next = self.dispatch(&line).await;
             if next == Next::Close {
                 break;
@@ -253,42 +257,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn read_line(&mut self) -> Result<Vec<u8>, LineError> {
-        let mut line = Vec::new();
-        let mut too_long = false;
+    /// Reads the next command line within the command timeout, keeping
+    /// the link to queued (if any) alive meanwhile.
+    async fn next_line(&mut self) -> Result<Vec<u8>, LineError> {
+        let every = self.cfg.link_keepalive;
+        let queue = &mut self.queue;
+        let read = tokio::time::timeout(self.cfg.command_timeout, read_line(&mut self.conn));
+        tokio::pin!(read);
         loop {
-            let buf = self.conn.fill_buf().await.map_err(LineError::Io)?;
-            if buf.is_empty() {
-                return Err(LineError::Eof);
-            }
-            let (take, found) = match buf.iter().position(|&b| b == b'\n') {
-                Some(i) => (i + 1, true),
-                None => (buf.len(), false),
-            };
-            if !too_long {
-                line.extend_from_slice(&buf[..take]);
-                // +2 leaves room for the CRLF itself.
-                if line.len() > MAX_LINE + 2 {
-                    too_long = true;
-                    line.clear();
+            tokio::select! {
+                r = &mut read => return r.map_err(|_| LineError::Timeout)?,
+                _ = tokio::time::sleep(every), if queue.is_some() => {
+                    if let Some(q) = queue.as_mut() {
+                        q.keep_alive(every).await.map_err(LineError::QueueLost)?;
+                    }
                 }
             }
-            self.conn.consume(take);
-            if found {
-                break;
-            }
         }
-        if too_long {
-            return Err(LineError::TooLong);
-        }
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        if line.len() > MAX_LINE {
-            return Err(LineError::TooLong);
-        }
-        Ok(line)
     }
 
     /// Queues a reply. The third error reply becomes a 421 and the session
@@ -351,4 +336,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.out.clear();
         Ok(())
     }
+}
+
+/// Reads one command line (LF or CRLF ended, the ending removed), draining
+/// and refusing lines over [`MAX_LINE`].
+async fn read_line<S: AsyncRead + Unpin>(conn: &mut BufReader<S>) -> Result<Vec<u8>, LineError> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    loop {
+        let buf = conn.fill_buf().await.map_err(LineError::Io)?;
+        if buf.is_empty() {
+            return Err(LineError::Eof);
+        }
+        let (take, found) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if !too_long {
+            line.extend_from_slice(&buf[..take]);
+            // +2 leaves room for the CRLF itself.
+            if line.len() > MAX_LINE + 2 {
+                too_long = true;
+                line.clear();
+            }
+        }
+        conn.consume(take);
+        if found {
+            break;
+        }
+    }
+    if too_long {
+        return Err(LineError::TooLong);
+    }
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    if line.len() > MAX_LINE {
+        return Err(LineError::TooLong);
+    }
+    Ok(line)
 }
