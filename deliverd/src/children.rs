@@ -5,8 +5,18 @@
 //!
 //! A program that calls setsid() or setpgid() leaves its group and escapes
 //! this; only a cgroup (a systemd unit) would hold it.
+//!
+//! A group id is a pid, and the kernel hands it out again once the group
+//! is empty; killing a listed id then reaches a stranger. So a group is
+//! forgotten as soon as it is found empty (whenever any delivery ends),
+//! and before a late kill the id is checked: if a process holds the
+//! leader's pid but not its start time, the id was given out again and is
+//! left alone. What remains: the id given out again to a new group whose
+//! leader already exited too, between two checks. That takes the pid
+//! space to wrap around while a group deliverd started sits empty, and
+//! closing it for good would take a cgroup.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use nix::errno::Errno;
@@ -22,7 +32,9 @@ pub static LIVE: Registry = Registry::new();
 pub struct Registry(Mutex<Inner>);
 
 struct Inner {
-    live: BTreeSet<i32>,
+    /// Group id → its leader's start time (`/proc/<pid>/stat` field 22),
+    /// when it could be read.
+    live: BTreeMap<i32, Option<u64>>,
     /// Set once deliverd stops: a group started after that is killed at
     /// once rather than left behind.
     closing: bool,
@@ -31,7 +43,7 @@ struct Inner {
 impl Registry {
     pub const fn new() -> Self {
         Registry(Mutex::new(Inner {
-            live: BTreeSet::new(),
+            live: BTreeMap::new(),
             closing: false,
         }))
     }
@@ -54,15 +66,17 @@ impl Registry {
                 reaped: true,
             };
         };
+        // Read while the leader is unreaped, so the pid is still its own.
+        self.insert(pgid, start_time(pgid))
+    }
+
+    fn insert(&'static self, pgid: i32, started: Option<u64>) -> Group {
         let mut inner = self.lock();
-        // Dead groups are forgotten at every new one: a stale id may be
-        // given by the kernel to a group deliverd did not start, and
-        // kill_all must not reach it.
-        inner.live.retain(|&g| !is_gone(g));
+        inner.prune();
         if inner.closing {
             kill(pgid);
         }
-        inner.live.insert(pgid);
+        inner.live.insert(pgid, started);
         Group {
             registry: self,
             pgid: Some(pgid),
@@ -76,11 +90,20 @@ impl Registry {
     pub fn kill_all(&self) -> usize {
         let mut inner = self.lock();
         inner.closing = true;
-        inner.live.retain(|&g| !is_gone(g));
-        for &pgid in &inner.live {
+        inner.prune();
+        let mut killed = 0;
+        for (&pgid, &started) in &inner.live {
+            if let (Some(ours), Some(now)) = (started, start_time(pgid))
+                && ours != now
+            {
+                // Our group ended and its id went to someone else.
+                tracing::debug!("process group {pgid} is no longer deliverd's: not killed");
+                continue;
+            }
             kill(pgid);
+            killed += 1;
         }
-        inner.live.len()
+        killed
     }
 
     /// How many groups are listed.
@@ -120,11 +143,34 @@ impl Drop for Group {
         if !self.reaped {
             kill(pgid);
         }
-        let mut inner = self.registry.lock();
-        if is_gone(pgid) {
-            inner.live.remove(&pgid);
-        }
+        // This group, if it is empty, and any other that emptied since
+        // (a background process that ended): the sooner an empty group is
+        // forgotten, the smaller the chance its id is given out again
+        // while listed.
+        self.registry.lock().prune();
     }
+}
+
+impl Inner {
+    /// Forgets every group with no member left.
+    fn prune(&mut self) {
+        self.live.retain(|&g, _| !is_gone(g));
+    }
+}
+
+/// When the process `pid` started, in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`); `None` if there is no such process. With the pid,
+/// it names one process for good: a pid given out again comes with a later
+/// start time.
+fn start_time(pid: i32) -> Option<u64> {
+    start_time_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn start_time_in(stat: &str) -> Option<u64> {
+    // The command name, in parentheses, may hold anything: count the
+    // fields from its last closing parenthesis, where field 3 starts.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// Whether the group has no member left. EPERM (a member changed its
@@ -193,6 +239,72 @@ mod tests {
         group.leader_reaped();
         drop(group);
         assert_eq!(REG.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_emptied_group_is_forgotten_when_any_delivery_ends() {
+        static REG: Registry = Registry::new();
+        let mut leader = spawn("exec sleep 60");
+        let pgid = leader.id() as i32;
+        // A second member, which the test can reap itself (an orphan of
+        // the leader would go to an init that may never reap it, and a
+        // zombie still holds the group).
+        let mut member = Command::new("/bin/sh")
+            .args(["-c", "exec sleep 60"])
+            .process_group(pgid)
+            .spawn()
+            .unwrap();
+        let mut group = REG.register(Some(leader.id()));
+        leader.kill().unwrap();
+        leader.wait().unwrap();
+        group.leader_reaped();
+        drop(group);
+        assert_eq!(REG.len(), 1, "the member keeps the group listed");
+        // Another delivery starts, the member ends, the delivery ends.
+        let mut other = spawn("exit 0");
+        let mut second = REG.register(Some(other.id()));
+        member.kill().unwrap();
+        member.wait().unwrap();
+        assert!(other.wait().unwrap().success());
+        second.leader_reaped();
+        drop(second);
+        assert_eq!(REG.len(), 0, "both empty groups are forgotten at once");
+    }
+
+    #[test]
+    fn a_group_id_given_out_again_is_not_killed() {
+        static REG: Registry = Registry::new();
+        // A stranger leading a group whose id deliverd once listed: the
+        // start time recorded then was another process's.
+        let mut stranger = spawn("exec sleep 60");
+        let pid = stranger.id() as i32;
+        let then = start_time(pid).unwrap().checked_sub(1).unwrap();
+        let mut group = REG.insert(pid, Some(then));
+        group.leader_reaped();
+        drop(group);
+        assert_eq!(REG.len(), 1);
+        assert_eq!(REG.kill_all(), 0);
+        assert_eq!(stranger.try_wait().unwrap(), None, "the stranger lives");
+        stranger.kill().unwrap();
+        stranger.wait().unwrap();
+
+        // A live leader, its start time recorded at registration: killed.
+        static MINE: Registry = Registry::new();
+        let mut leader = spawn("exec sleep 60");
+        let group = MINE.register(Some(leader.id()));
+        assert_eq!(MINE.kill_all(), 1);
+        assert_eq!(leader.wait().unwrap().signal(), Some(libc_sigkill()));
+        drop(group);
+    }
+
+    #[test]
+    fn start_times_are_read_past_odd_command_names() {
+        let fields: Vec<String> = (3..=22).map(|n| n.to_string()).collect();
+        let stat = format!("4242 (a) b) (c 9) {}\n", fields.join(" "));
+        assert_eq!(start_time_in(&stat), Some(22));
+        assert_eq!(start_time_in("4242 (sh) S 1 2"), None);
+        assert!(start_time(std::process::id() as i32).is_some());
+        assert_eq!(start_time(i32::MAX), None);
     }
 
     fn libc_sigkill() -> i32 {

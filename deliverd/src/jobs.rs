@@ -91,8 +91,8 @@ pub async fn deliver(cfg: &Config, job: &Job, message: File) -> Outcome {
         Target::Local => match &cfg.tambo.maildir {
             Some(template) => match maildir::expand(template, &job.to) {
                 Ok(dir) => {
-                    let mut message = message;
-                    tokio::task::spawn_blocking(move || maildir::deliver(&dir, &mut message))
+                    let (mut message, id) = (message, job.queue_id.clone());
+                    tokio::task::spawn_blocking(move || maildir::deliver(&dir, &mut message, &id))
                         .await
                         .unwrap_or_else(|e| {
                             Outcome::TempFail(format!("Maildir delivery task failed: {e}"))

@@ -35,13 +35,27 @@ pub fn expand(template: &str, to: &str) -> Result<PathBuf, String> {
 }
 
 /// Delivers the message in `src` into the Maildir at `dir`, creating it.
-pub fn deliver(dir: &Path, src: &mut File) -> Outcome {
+/// `id` is the message's queue id, for the log.
+pub fn deliver(dir: &Path, src: &mut File, id: &str) -> Outcome {
     match deliver_inner(dir, src) {
         Ok(()) => Outcome::Delivered,
-        // A full disk or a permission problem may be fixed by the operator:
-        // try again rather than bounce.
-        Err(e) => Outcome::TempFail(format!("Maildir {}: {e}", dir.display())),
+        Err(e) => {
+            // The path and the full error are for the operator only: the
+            // failure text may end up in a DSN to an outside sender, who
+            // has no business learning the server's directory layout.
+            tracing::warn!(id = %id, "Maildir {}: {e}", dir.display());
+            // A full disk or a permission problem may be fixed by the
+            // operator: try again rather than bounce.
+            Outcome::TempFail(failure_text(&e))
+        }
     }
+}
+
+/// What the sender may learn of a failed Maildir delivery: the kind of
+/// error only (`permission denied`, `no storage space`), never a path nor
+/// an error message that could hold one.
+fn failure_text(e: &io::Error) -> String {
+    format!("Maildir delivery failed: {}", e.kind())
 }
 
 /// Creates whatever is missing of the Maildir and its `tmp`, `new` and
@@ -164,7 +178,7 @@ mod tests {
         let mut src = tempfile::tempfile().unwrap();
         src.write_all(b"Subject: x\r\n\r\nhi\r\n").unwrap();
         src.rewind().unwrap();
-        assert_eq!(deliver(&md, &mut src), Outcome::Delivered);
+        assert_eq!(deliver(&md, &mut src, "q1"), Outcome::Delivered);
         let new: Vec<_> = std::fs::read_dir(md.join("new")).unwrap().collect();
         assert_eq!(new.len(), 1);
         let path = new[0].as_ref().unwrap().path();
@@ -173,13 +187,31 @@ mod tests {
     }
 
     #[test]
-    fn unwritable_maildir_is_temporary() {
+    fn unwritable_maildir_is_temporary_and_names_no_path() {
         let mut src = tempfile::tempfile().unwrap();
         let file = tempfile::NamedTempFile::new().unwrap();
         // A regular file where the Maildir should be.
-        assert!(matches!(
-            deliver(file.path(), &mut src),
-            Outcome::TempFail(_)
-        ));
+        match deliver(file.path(), &mut src, "q1") {
+            Outcome::TempFail(t) => {
+                assert!(t.starts_with("Maildir delivery failed: "), "{t}");
+                assert!(!t.contains('/'), "no path reaches the sender: {t}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn failure_texts_carry_the_kind_only() {
+        let e = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            failure_text(&e),
+            "Maildir delivery failed: permission denied"
+        );
+        // An error whose message holds a path, as safeio's may.
+        let e = io::Error::new(io::ErrorKind::StorageFull, "/var/mail/secret/ann: full");
+        assert_eq!(
+            failure_text(&e),
+            "Maildir delivery failed: no storage space"
+        );
     }
 }

@@ -9,6 +9,8 @@
 //! open forever.
 
 use std::fs::File;
+use std::future::Future;
+use std::io;
 use std::process::{ExitStatus, Stdio};
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -30,6 +32,12 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// inheriting stdout), and waiting for its end would hold the delivery
 /// hostage to that process.
 pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+/// How long a program killed on a timeout gets to be reaped. SIGKILL
+/// takes effect at once unless it cannot reach the program: it runs setuid
+/// under another user (EPERM), it left its process group, or it is stuck
+/// in the kernel (D state). Waiting longer for those would hold the
+/// delivery until queued's job deadline, an hour away.
+pub const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Most output kept for the failure text.
 const MAX_OUTPUT: usize = 4096;
 /// EX_TEMPFAIL: the program asks to be retried.
@@ -167,10 +175,19 @@ pub async fn run(
     // A group whose leader has exited stays listed while anything it left
     // behind lives, so deliverd's exit still kills that.
     drop(group);
+    outcome(name, waited, timeout)
+}
+
+/// The outcome of a run, from how the wait for it ended.
+fn outcome(name: &str, waited: Waited, timeout: Duration) -> Outcome {
     match waited {
         Waited::Exited(status, output) => classify(name, status, &output),
         Waited::TimedOut => Outcome::TempFail(format!(
             "the {name} timed out after {}",
+            duration::format(timeout)
+        )),
+        Waited::Unstoppable => Outcome::TempFail(format!(
+            "the {name} timed out after {} and could not be stopped",
             duration::format(timeout)
         )),
         Waited::Failed(e) => Outcome::TempFail(format!("waiting for the {name}: {e}")),
@@ -180,8 +197,33 @@ pub async fn run(
 enum Waited {
     /// The exit status, and stdout then stderr as far as they were read.
     Exited(ExitStatus, Vec<u8>),
+    /// Timed out, killed and reaped.
     TimedOut,
-    Failed(std::io::Error),
+    /// Timed out, and still not reaped [`KILL_WAIT`] after the kill.
+    Unstoppable,
+    Failed(io::Error),
+}
+
+/// How the wait for a killed program ended.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterKill {
+    Reaped,
+    /// waitpid failed: nothing is known of the program.
+    WaitFailed,
+    /// Not reaped within the limit.
+    StillThere,
+}
+
+/// Waits at most `limit` for `exit`, the exit of a program just killed.
+async fn after_kill(
+    exit: impl Future<Output = io::Result<ExitStatus>>,
+    limit: Duration,
+) -> AfterKill {
+    match tokio::time::timeout(limit, exit).await {
+        Ok(Ok(_)) => AfterKill::Reaped,
+        Ok(Err(_)) => AfterKill::WaitFailed,
+        Err(_) => AfterKill::StillThere,
+    }
 }
 
 /// Waits for the child's exit, reading its output meanwhile (a chatty
@@ -213,10 +255,27 @@ async fn wait(child: &mut Child, group: &mut children::Group, timeout: Duration)
             Ok(Err(e)) => Err(Waited::Failed(e)),
             Err(_) => {
                 group.kill();
-                if child.wait().await.is_ok() {
-                    group.leader_reaped();
+                match after_kill(child.wait(), KILL_WAIT).await {
+                    AfterKill::Reaped => {
+                        group.leader_reaped();
+                        Err(Waited::TimedOut)
+                    }
+                    AfterKill::WaitFailed => Err(Waited::TimedOut),
+                    // Left unreaped: the group stays registered while it
+                    // has a member, so deliverd's stop tries to kill it
+                    // again, and tokio reaps the leader whenever it exits.
+                    AfterKill::StillThere => {
+                        let pid = child
+                            .id()
+                            .map(|p| format!(" (pid {p})"))
+                            .unwrap_or_default();
+                        tracing::warn!(
+                            "a timed-out program{pid} still runs {}s after SIGKILL; giving up on it",
+                            KILL_WAIT.as_secs()
+                        );
+                        Err(Waited::Unstoppable)
+                    }
                 }
-                Err(Waited::TimedOut)
             }
         };
         if !read_all {
@@ -448,6 +507,65 @@ mod tests {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+
+    #[tokio::test]
+    async fn the_wait_after_a_kill_is_bounded() {
+        // A program SIGKILL cannot reach (setuid, D state) never exits: a
+        // wait that never ends stands in for it.
+        let limit = Duration::from_millis(200);
+        let start = Instant::now();
+        assert_eq!(
+            after_kill(std::future::pending(), limit).await,
+            AfterKill::StillThere
+        );
+        assert!(start.elapsed() >= limit && start.elapsed() < WAIT);
+        let exited = async { Ok(ExitStatus::default()) };
+        assert_eq!(after_kill(exited, limit).await, AfterKill::Reaped);
+        let failed = async { Err(io::Error::from(io::ErrorKind::Other)) };
+        assert_eq!(after_kill(failed, limit).await, AfterKill::WaitFailed);
+        // Given up on, the delivery is retried later, and says why.
+        match outcome("MDA", Waited::Unstoppable, Duration::from_secs(30)) {
+            Outcome::TempFail(t) => {
+                assert_eq!(t, "the MDA timed out after 30s and could not be stopped")
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_program_that_leaves_its_group_is_given_up_on() {
+        // The program moves into the test's own process group, where the
+        // kill on a timeout (sent to the group deliverd gave it) misses
+        // it: the wait for it would last until it ends by itself.
+        if !std::path::Path::new("/usr/bin/perl").exists() {
+            eprintln!("skipped: no /usr/bin/perl to call setpgid with");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pid");
+        let script = format!(
+            "setpgrp(0, getpgrp(getppid())) or die $!; \
+             open(my $f, '>', '{f}.tmp') or die $!; print $f $$; close $f; \
+             rename('{f}.tmp', '{f}') or die $!; exec('sleep', '60')",
+            f = f.display()
+        );
+        let timeout = Duration::from_secs(1);
+        let start = Instant::now();
+        let args = strings(&["-e", &script]);
+        match run("MDA", "/usr/bin/perl", &args, message(), timeout).await {
+            Outcome::TempFail(t) => {
+                assert_eq!(t, "the MDA timed out after 1s and could not be stopped")
+            }
+            o => panic!("{o:?}"),
+        }
+        let took = start.elapsed();
+        assert!(
+            took < timeout + KILL_WAIT + OUTPUT_GRACE + Duration::from_secs(3),
+            "took {took:?}"
+        );
+        // Dropping the child killed it by pid, which does reach it.
+        wait_dead("the escaped program", read_pid(&f).await).await;
     }
 
     /// A script that leaves a background child and then hangs, both of

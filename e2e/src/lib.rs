@@ -58,6 +58,35 @@ pub fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Waits for a pid written (then renamed into place) by a script.
+pub fn read_pid(path: &Path) -> i32 {
+    wait_for(&format!("a pid in {}", path.display()), || {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    })
+}
+
+/// Whether `pid` has stopped running: no such process, or a zombie. A
+/// killed orphan stays a zombie until init reaps it, and some container
+/// inits never do.
+pub fn is_dead(pid: i32) -> bool {
+    if kill(Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH) {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// Waits until `pid` is dead (see [`is_dead`]).
+pub fn wait_dead(what: &str, pid: i32) {
+    wait_for(&format!("{what} (pid {pid}) to die"), || {
+        is_dead(pid).then_some(())
+    });
+}
+
 pub const DOMAIN: &str = "example.test";
 
 /// Whether the tests run as root (as in CI). Then the daemons run as real,

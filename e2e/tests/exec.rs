@@ -5,9 +5,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::sys::signal::kill;
-use nix::unistd::Pid;
 use tambo_e2e::*;
 
 /// Writes an executable shell script into the config dir.
@@ -25,34 +22,6 @@ fn pipe_alias(t: &Tambo, alias: &str, cmd: &Path) {
         format!("{alias}: | {}\n", cmd.display()),
     )
     .unwrap();
-}
-
-/// Waits for a pid written (then renamed into place) by a script.
-fn read_pid(path: &Path) -> i32 {
-    wait_for(&format!("a pid in {}", path.display()), || {
-        std::fs::read_to_string(path).ok()?.trim().parse().ok()
-    })
-}
-
-/// Whether `pid` has stopped running: no such process, or a zombie. A
-/// killed orphan stays a zombie until init reaps it, and some container
-/// inits never do.
-fn is_dead(pid: i32) -> bool {
-    if kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH) {
-        return true;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
-}
-
-fn wait_dead(what: &str, pid: i32) {
-    wait_for(&format!("{what} (pid {pid}) to die"), || {
-        is_dead(pid).then_some(())
-    });
 }
 
 #[test]

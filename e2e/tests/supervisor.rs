@@ -445,6 +445,74 @@ fn processes_orphaned_by_deliverd_are_reaped() {
 }
 
 #[test]
+fn programs_a_crashed_deliverd_left_running_are_killed_before_the_next_one_starts() {
+    let t = Tambo::new("", "maildir = \"\"", "");
+    let d = t.dir.path().join("mda");
+    std::fs::create_dir_all(&d).unwrap();
+    // The first run hangs with a background child, as an MDA stuck on a
+    // slow disk would; left alive, it would deliver when its sleep ends, a
+    // second copy after the new deliverd's. The second run delivers at once.
+    let mda = t.config_dir.join("mda.sh");
+    std::fs::write(
+        &mda,
+        format!(
+            "#!/bin/sh
+if [ -e {d}/first ]; then cat >> {d}/delivered; echo . >> {d}/runs; exit 0; fi
+touch {d}/first
+sleep 300 &
+echo $! > {d}/bg.tmp; mv {d}/bg.tmp {d}/bg
+echo $$ > {d}/mda.tmp; mv {d}/mda.tmp {d}/mda
+sleep 300
+cat >> {d}/delivered\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&mda, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let conf = t.config_dir.join("tambo.conf");
+    let text = std::fs::read_to_string(&conf).unwrap().replacen(
+        "[tambo]",
+        &format!(
+            "mail_delivery_agent_bin = \"{}\"\nmail_delivery_agent_args = [\"%to_user%\"]\n[tambo]",
+            mda.display()
+        ),
+        1,
+    );
+    std::fs::write(&conf, text).unwrap();
+    let sup = Supervisor::start_ready(&t);
+    assert_eq!(send(smtp_addr(&t), "ann@example.test", "stuck"), 250);
+    let (leader, bg) = (read_pid(&d.join("mda")), read_pid(&d.join("bg")));
+    let deliverd = ready_pid(&t.log("tambo"), "tambo-deliverd").unwrap();
+    kill(Pid::from_raw(deliverd), Signal::SIGKILL).unwrap();
+
+    wait_dead("the MDA", leader);
+    wait_dead("its background child", bg);
+    // Counted once: the MDA is the supervisor's child, its background
+    // child is the MDA's, killed with its group.
+    t.wait_log(
+        "tambo",
+        "killed 1 process(es) that tambo-deliverd left running",
+    );
+    // Killed before the new deliverd started, not merely at some point.
+    let log = wait_for("a new deliverd", || {
+        let log = t.log("tambo");
+        (log.matches("started tambo-deliverd").count() == 2).then_some(log)
+    });
+    let killed = log.find("tambo-deliverd left running").unwrap();
+    let restarted = log.rfind("started tambo-deliverd").unwrap();
+    assert!(killed < restarted, "{log}");
+    // The new deliverd gets the message again and delivers it, once.
+    t.wait_queue_empty();
+    assert_eq!(std::fs::read_to_string(d.join("runs")).unwrap(), ".\n");
+    let delivered = std::fs::read_to_string(d.join("delivered")).unwrap();
+    assert_eq!(delivered.matches("Subject: stuck").count(), 1);
+    // Every killed process was reaped: only the daemons are left.
+    wait_for("only the daemons as the supervisor's children", || {
+        (children_of(sup.pid()).len() == 4).then_some(())
+    });
+}
+
+#[test]
 fn ctrl_c_in_a_terminal_reaches_only_the_supervisor_which_stops_everyone() {
     let t = Tambo::default_setup();
     let mut sup = Supervisor::start_ready(&t);

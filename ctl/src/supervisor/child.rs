@@ -170,7 +170,9 @@ impl Watcher {
         let name = self.daemon.binary();
         let mut policy = Policy::default();
         loop {
-            let Some(ended) = self.start_and_follow().await else {
+            let ended = self.start_and_follow().await;
+            self.kill_what_deliverd_left();
+            let Some(ended) = ended else {
                 return;
             };
             let system_up = *self.system_up.borrow();
@@ -291,6 +293,21 @@ impl Watcher {
                     return None;
                 }
             }
+        }
+    }
+
+    /// After deliverd exited, for whatever reason: kills the programs it
+    /// ran that are still running (see [`super::orphans`]), before a new
+    /// deliverd gets the jobs they were running again.
+    fn kill_what_deliverd_left(&self) {
+        if self.daemon != Daemon::Deliverd {
+            return;
+        }
+        let killed = self.launcher.registry.kill_orphans();
+        if killed > 0 {
+            tracing::warn!(
+                "killed {killed} process(es) that tambo-deliverd left running, each with its process group"
+            );
         }
     }
 

@@ -7,8 +7,8 @@
 //! The pieces: [`sockets`] creates what the daemons inherit, [`notify`]
 //! receives their readiness and failure reasons, [`reaper`] collects every
 //! exited process (daemons and orphans alike) and routes what it learns,
-//! and [`child`] runs one daemon's lifecycle; this module ties them
-//! together.
+//! [`orphans`] kills what deliverd leaves running when it dies, and
+//! [`child`] runs one daemon's lifecycle; this module ties them together.
 //!
 //! Started as a normal user, every daemon runs as that user (development).
 //! Started as root, smtpd and monitord drop to their users themselves;
@@ -16,6 +16,7 @@
 
 mod child;
 mod notify;
+mod orphans;
 mod reaper;
 mod sockets;
 

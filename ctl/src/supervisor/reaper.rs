@@ -95,6 +95,18 @@ impl Registry {
         }
     }
 
+    /// Kills every child that is not a daemon, each with its process group
+    /// (see [`super::orphans`]); returns how many were still running.
+    /// Holds the lock [`Registry::reap`] takes, so no child is reaped
+    /// meanwhile and every pid and group id found stays the one it was, and
+    /// [`Registry::spawn`] takes, so a daemon being started is already
+    /// listed as one.
+    pub fn kill_orphans(&self) -> usize {
+        let children = self.lock();
+        let daemons: Vec<i32> = children.keys().copied().collect();
+        super::orphans::kill_all_but(&daemons)
+    }
+
     /// Reaps every process that has exited, without blocking.
     pub fn reap(&self) {
         let mut children = self.lock();
