@@ -455,6 +455,99 @@ mod budgets {
         });
     }
 
+    /// Kills a test peer however the test ends.
+    struct Peer(std::process::Child);
+
+    impl Drop for Peer {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// monitor.sock is 0666 where the group `tambo` does not exist (as
+    /// here): any local user can connect. A stranger (uid 1, `daemon`)
+    /// saying hello over and over must not get one log line per attempt;
+    /// one keeping twice the connection cap open must take none of the
+    /// slots, so the daemons' counters still arrive.
+    #[test]
+    fn strangers_take_no_monitor_sock_slot_and_do_not_flood_the_log() {
+        if !is_root() {
+            eprintln!("skipped: the stranger must run as another user, which needs root");
+            return;
+        }
+        const STRANGER: u32 = 1;
+        let mut t = Tambo::default_setup();
+        t.start("monitord");
+        let started = Instant::now();
+        let sock = t.run_dir.join("monitor.sock");
+        let sock = sock.to_str().unwrap();
+        let stranger = |name: &str, args: &[&str]| {
+            let log = t.log_dir.join(format!("{name}.log"));
+            let mut all = vec!["hold", sock];
+            all.extend_from_slice(args);
+            let p = Peer(spawn_peer_as(STRANGER, STRANGER, &all, &log));
+            wait_for(&format!("the {name} to be refused 1000 times"), || {
+                std::fs::read_to_string(&log)
+                    .ok()
+                    .filter(|l| l.contains("reopened"))
+            });
+            p
+        };
+        // Every refusal is counted, but logged at most once a second (each
+        // kind of refusal has its own limit).
+        fn refusal_lines(t: &Tambo, started: Instant) -> String {
+            let log = t.log("monitord");
+            let secs = started.elapsed().as_secs() + 1;
+            let n = log
+                .lines()
+                .filter(|l| l.contains("monitor.sock: refus"))
+                .count() as u64;
+            assert!(n >= 1, "{log}");
+            assert!(n <= 3 * (secs + 1), "{n} refusal lines in {secs} s: {log}");
+            log
+        }
+
+        let _knocker = stranger("knocker", &["16", "queued"]);
+        refusal_lines(&t, started);
+        let silent = (2 * MAX_MONITOR_CONNECTIONS).to_string();
+        let _holder = stranger("holder", &[&silent]);
+
+        // The daemons register and push while the strangers keep at it.
+        t.start("queued");
+        t.start("deliverd");
+        t.start("smtpd");
+        send_one(&t, "strangers");
+        t.wait_maildir("ann", 1);
+        let v = t.wait_var("the daemons' counters", |v| {
+            v["chasquid/queue/putCount"] == 1
+                && v["chasquid/smtpIn/commandCount"]["EHLO"] == 1
+                && v["chasquid/queue/deliverAttempts"]["email:local"] == 1
+        });
+        let roles: Vec<&str> = v["tambo/processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["role"].as_str())
+            .collect();
+        for role in ["smtpd", "queued", "deliverd"] {
+            assert!(roles.contains(&role), "{role} not registered: {v}");
+        }
+        // Not one stranger got a slot, so the cap was never reached.
+        let refused = &v["tambo/ipc/refused"];
+        assert!(refused["monitor:max_connections"].is_null(), "{refused}");
+        assert!(refused["monitor"].as_u64() >= Some(2000), "{refused}");
+
+        // The next line says how many were left out.
+        t.wait_log("monitord", "more since the last such line");
+        let log = refusal_lines(&t, started);
+        assert!(
+            log.contains("monitor.sock: refused a connection at once: uid 1 "),
+            "{log}"
+        );
+        assert!(!log.contains("is not allowed to be Queued"), "{log}");
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn idle_monitor_connections_are_closed() {
         let mut t = Tambo::new("", "", "ipc_idle_timeout = \"1s\"\n");
@@ -558,6 +651,69 @@ mod budgets {
         });
     }
 
+    /// A peer's names and registration cannot rewrite what monitord
+    /// writes itself, nor forge lines: pushed variables live under
+    /// `chasquid/` or `tambo/` and never take a fixed entry's name, and
+    /// registered flags are escaped in /debug/flags.
+    #[tokio::test(flavor = "current_thread")]
+    async fn pushed_text_cannot_forge_output() {
+        let mut t = Tambo::default_setup();
+        t.start("monitord");
+        let sock = t.run_dir.join("monitor.sock");
+        let mut s = connect(&sock).await;
+        let flags = vec![
+            (
+                "config_dir".to_string(),
+                "/etc/tambo\n-forged=1\n# queued (pid 1)\r".to_string(),
+            ),
+            ("a\nb".to_string(), "\x1b[2J\u{2028}".to_string()),
+        ];
+        write_frame(&mut s, &registration("1.0\nforged", flags))
+            .await
+            .unwrap();
+        let mut pushed: Vec<Delta> = [
+            "cmdline",
+            "chasquid/version",
+            "chasquid/sourceDateStr",
+            "chasquid/sourceDateTimestamp",
+            "tambo/processes",
+            "other/top",
+            "tambo",
+        ]
+        .iter()
+        .map(|n| delta(n, None, 7))
+        .collect();
+        pushed.push(delta("tambo/e2e/ok", None, 1));
+        push(&mut s, pushed).await;
+        let v = t.wait_var("the good delta applied", |v| v["tambo/e2e/ok"] == 1);
+        let dropped = &v["tambo/monitord/droppedDeltas"];
+        assert_eq!(dropped["reserved"], 4, "{dropped}");
+        assert_eq!(dropped["bad_prefix"], 3, "{dropped}");
+        assert!(
+            v["cmdline"][0]
+                .as_str()
+                .unwrap()
+                .ends_with("tambo-monitord"),
+            "{v}"
+        );
+        assert_eq!(v["chasquid/version"], env!("CARGO_PKG_VERSION"));
+        assert!(v["chasquid/sourceDateStr"].is_string(), "{v}");
+        assert!(v["chasquid/sourceDateTimestamp"].as_i64() > Some(1_600_000_000));
+        assert_eq!(v["tambo/processes"][0]["role"], "smtpd", "{v}");
+        assert!(v["other/top"].is_null() && v["tambo"].is_null(), "{v}");
+
+        let (_, _, flags) = t.http_get("/debug/flags");
+        assert_eq!(
+            flags,
+            "# smtpd (pid 4242)\n\
+             -config_dir=/etc/tambo\\n-forged=1\\n# queued (pid 1)\\r\n\
+             -a\\nb=\\x1b[2J\\u{2028}\n\n"
+        );
+        let (_, _, index) = t.http_get("/");
+        assert!(index.contains("version 1.0\\nforged)"), "{index}");
+        t.wait_log("monitord", "registered (version 1.0\\nforged)");
+    }
+
     /// Whatever names peers push, /metrics stays valid OpenMetrics; checked
     /// with promtool when it is installed (REFERENCE §7.3).
     #[tokio::test(flavor = "current_thread")]
@@ -571,9 +727,9 @@ mod budgets {
             vec![
                 delta("tambo/e2e/q\"uo\\te\nd", None, 1),
                 delta("tambo/e2e/map", Some("a \"b\" \\c\nd"), 1),
-                delta("tambo_e2e_map", Some("same name"), 1),
-                delta("9/leading/digit", None, 1),
-                delta("chasquid_queue_putCount", None, 1),
+                delta("tambo/e2e:map", Some("same name"), 1),
+                delta("tambo/9/leading/digit", None, 1),
+                delta("chasquid/queue:putCount", None, 1),
             ],
         )
         .await;
@@ -589,7 +745,7 @@ mod budgets {
             body.contains("tambo_e2e_map{result=\"a \\\"b\\\" \\\\c\\nd\"} 1\n"),
             "{body}"
         );
-        assert!(body.contains("\ni9_leading_digit 1\n"), "{body}");
+        assert!(body.contains("\ntambo_9_leading_digit 1\n"), "{body}");
         let promtool = std::process::Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(std::process::Stdio::piped())

@@ -3,7 +3,9 @@
 //! Counters only go up and are summed over all processes, so a process that
 //! restarts simply keeps adding. What a peer can make monitord hold is
 //! bounded, so a misbehaving one cannot make monitord grow without limit or
-//! crowd out the others: names and labels of at most
+//! crowd out the others: names under `chasquid/` or `tambo/` (never one of
+//! monitord's own: its `tambo/monitord/…` counters and the entries of
+//! [`crate::expvar::FIXED`]), names and labels of at most
 //! [`MAX_NAME`] bytes, at most [`MAX_NEW_KEYS_PER_CONNECTION`] new keys per
 //! connection, [`MAX_KEYS_PER_ROLE`] per role and [`MAX_KEYS`] in all. An
 //! increase over a budget is dropped and counted
@@ -47,7 +49,11 @@ pub struct Process {
 pub enum Dropped {
     /// An empty variable name, or a name or label over [`MAX_NAME`] bytes.
     BadName,
-    /// A variable under `tambo/monitord/`, which only monitord counts.
+    /// A name under neither `chasquid/` nor `tambo/`
+    /// ([`names::PUSHED_PREFIXES`]).
+    BadPrefix,
+    /// A variable under `tambo/monitord/`, which only monitord counts, or
+    /// an entry monitord writes itself ([`crate::expvar::FIXED`]).
     Reserved,
     /// A label on a plain counter, or none on a map.
     KindMismatch,
@@ -63,6 +69,7 @@ impl Dropped {
     pub fn label(self) -> &'static str {
         match self {
             Dropped::BadName => "bad_name",
+            Dropped::BadPrefix => "bad_prefix",
             Dropped::Reserved => "reserved",
             Dropped::KindMismatch => "kind_mismatch",
             Dropped::ConnectionKeys => "connection_keys",
@@ -129,7 +136,10 @@ impl Totals {
         {
             return Err(Dropped::BadName);
         }
-        if d.var.starts_with(names::MONITORD_PREFIX) {
+        if !names::is_pushable(&d.var) {
+            return Err(Dropped::BadPrefix);
+        }
+        if d.var.starts_with(names::MONITORD_PREFIX) || crate::expvar::FIXED.contains(&&*d.var) {
             return Err(Dropped::Reserved);
         }
         match &d.label {
@@ -309,7 +319,7 @@ mod tests {
         let mut t = Totals::new();
         let mut b = Budget::new(Role::Smtpd);
         let long = "x".repeat(MAX_NAME + 1);
-        let limit = "y".repeat(MAX_NAME);
+        let limit = format!("tambo/{}", "y".repeat(MAX_NAME - "tambo/".len()));
         for delta in [
             d(&long, None, 1),
             d("tambo/e", Some(&long), 1),
@@ -336,6 +346,44 @@ mod tests {
         assert_eq!(t.dropped(Dropped::Reserved), 2);
         assert_eq!(t.counters[names::MONITORD_DROPPED_KEYS], 2);
         assert!(!t.maps.contains_key("tambo/monitord/new"));
+    }
+
+    #[test]
+    fn fixed_entries_cannot_be_pushed() {
+        let mut t = Totals::new();
+        let mut b = Budget::new(Role::Smtpd);
+        for name in crate::expvar::FIXED {
+            t.apply(&mut b, &d(name, None, 1));
+            t.apply(&mut b, &d(name, Some("x"), 1));
+        }
+        // `cmdline` is under no pushed prefix; the others are reserved.
+        assert_eq!(t.dropped(Dropped::BadPrefix), 2);
+        assert_eq!(
+            t.dropped(Dropped::Reserved),
+            2 * (crate::expvar::FIXED.len() as u64 - 1)
+        );
+        for name in crate::expvar::FIXED {
+            assert!(!t.counters.contains_key(name), "{name}");
+            assert!(!t.maps.contains_key(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn names_outside_chasquid_and_tambo_are_dropped() {
+        let mut t = Totals::new();
+        let mut b = Budget::new(Role::Smtpd);
+        for var in [
+            "other/x", "tambo", "tambo/", "chasquid", "tambo_x", "/tambo/x", "Tambo/x",
+        ] {
+            t.apply(&mut b, &d(var, None, 1));
+            t.apply(&mut b, &d(var, Some("l"), 1));
+        }
+        assert_eq!(t.dropped(Dropped::BadPrefix), 14);
+        assert_eq!(t.counters[names::MONITORD_DROPPED_KEYS], 14);
+        t.apply(&mut b, &d("tambo/x", None, 1));
+        t.apply(&mut b, &d("chasquid/x", Some("l"), 1));
+        assert_eq!(t.counters["tambo/x"], 1);
+        assert_eq!(t.maps["chasquid/x"]["l"], 1);
     }
 
     #[test]

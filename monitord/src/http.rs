@@ -28,7 +28,8 @@ use tokio::time::Sleep;
 
 use tambo_proto::metrics::names;
 
-use crate::collector::{Shared, lock};
+use crate::collector::{Shared, Totals, lock};
+use crate::text::escape;
 use crate::{expvar, openmetrics};
 
 /// Most monitoring connections at once: a scraper or two and a few
@@ -215,7 +216,11 @@ fn route(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             openmetrics::CONTENT_TYPE,
             openmetrics::render(&lock(&site.totals)),
         ),
-        "/debug/flags" => reply(StatusCode::OK, "text/plain; charset=utf-8", flags(site)),
+        "/debug/flags" => reply(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            flags(&lock(&site.totals)),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
@@ -245,7 +250,7 @@ fn index(site: &Site) -> String {
                 "<li>{} (pid {}, version {})</li>\n",
                 p.role.name(),
                 p.pid,
-                html(&p.version)
+                html(&escape(&p.version))
             )
         })
         .collect();
@@ -278,12 +283,14 @@ started {started}, up {uptime}</p>
 }
 
 /// Each connected process's explicitly set flags, `-name=value` per line.
-fn flags(site: &Site) -> String {
+/// Names and values are the peer's text: escaped, so each flag stays on
+/// its one line.
+fn flags(t: &Totals) -> String {
     let mut out = String::new();
-    for p in lock(&site.totals).processes.iter().filter(|p| p.connected) {
+    for p in t.processes.iter().filter(|p| p.connected) {
         out.push_str(&format!("# {} (pid {})\n", p.role.name(), p.pid));
         for (k, v) in &p.flags {
-            out.push_str(&format!("-{k}={v}\n"));
+            out.push_str(&format!("-{}={}\n", escape(k), escape(v)));
         }
         out.push('\n');
     }
@@ -300,7 +307,37 @@ fn html(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tambo_proto::Role;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn flags_cannot_forge_lines() {
+        let mut t = Totals::new();
+        t.register(
+            Role::Smtpd,
+            7,
+            "v".into(),
+            vec![
+                (
+                    "config_dir".into(),
+                    "/etc/tambo\n-forged=1\n# ctl (pid 1)".into(),
+                ),
+                (
+                    "evil\r\nname".into(),
+                    "tab\there\x1b[2J\u{2028}back\\n".into(),
+                ),
+            ],
+        );
+        let out = flags(&t);
+        assert_eq!(
+            out,
+            "# smtpd (pid 7)\n\
+             -config_dir=/etc/tambo\\n-forged=1\\n# ctl (pid 1)\n\
+             -evil\\r\\nname=tab\\there\\x1b[2J\\u{2028}back\\\\n\n\n"
+        );
+        assert_eq!(out.lines().filter(|l| l.starts_with('-')).count(), 2);
+        assert_eq!(out.lines().filter(|l| l.starts_with('#')).count(), 1);
+    }
 
     #[tokio::test]
     async fn a_write_the_client_does_not_read_fails_after_the_limit() {

@@ -9,8 +9,10 @@
 mod collector;
 mod expvar;
 mod http;
+mod loglimit;
 mod monitor_sock;
 mod openmetrics;
+mod text;
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};

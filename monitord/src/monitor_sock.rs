@@ -1,7 +1,15 @@
 //! monitor.sock: one connection per process, which registers and then
 //! pushes counter increases (an empty batch is a heartbeat).
 //!
-//! Every peer is treated as possibly hostile: at most
+//! monitor.sock may be open to every local user (mode 0666 when the group
+//! `tambo` does not exist), so a connection whose uid (SO_PEERCRED) could
+//! play none of the pushing roles is closed as soon as it is accepted,
+//! before it takes one of the connection slots or gets a hello timeout:
+//! strangers cannot crowd out the daemons. Those refusals, and the ones
+//! over the cap or at the hello, are counted each but logged at most once
+//! a second per kind ([`LogLimiter`]).
+//!
+//! Every other peer is still treated as possibly hostile: at most
 //! [`MAX_MONITOR_CONNECTIONS`] at once, frames of at most
 //! [`MAX_REGISTER_FRAME`] then [`MAX_MONITOR_FRAME`] bytes and
 //! [`MAX_DELTAS_PER_FRAME`] deltas, and silence for the idle timeout
@@ -26,6 +34,11 @@ use tambo_proto::monitor::{
 use tambo_proto::{Error, Role, hello};
 
 use crate::collector::{Budget, Shared, lock};
+use crate::loglimit::{LogLimiter, skipped};
+use crate::text::escape;
+
+/// The roles that push counters to monitord.
+const PUSHERS: [Role; 4] = [Role::Smtpd, Role::Queued, Role::Deliverd, Role::Ctl];
 
 /// What every monitor.sock connection shares.
 pub struct Listener {
@@ -33,6 +46,11 @@ pub struct Listener {
     ids: Identities,
     connections: Arc<Semaphore>,
     idle_timeout: Duration,
+    /// One per kind of refusal, so a flood of one kind (strangers) does
+    /// not hide the first line of another.
+    strangers_log: LogLimiter,
+    over_cap_log: LogLimiter,
+    hello_log: LogLimiter,
 }
 
 impl Listener {
@@ -43,30 +61,60 @@ impl Listener {
             ids,
             connections: Arc::new(Semaphore::new(MAX_MONITOR_CONNECTIONS)),
             idle_timeout: idle_timeout.unwrap_or(MONITOR_IDLE_TIMEOUT),
+            strangers_log: LogLimiter::new(),
+            over_cap_log: LogLimiter::new(),
+            hello_log: LogLimiter::new(),
         }
     }
 }
 
-/// Serves one process's connection until it closes. Over the connection
-/// cap, the connection is closed at once, before anything is read.
+/// Serves one process's connection until it closes. A peer whose uid
+/// may push nothing, and any connection over the cap, is closed at once,
+/// before anything is read.
 pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
+    // Before the permit: a stranger must not hold a slot, even for the
+    // hello timeout.
+    let stranger = match stream.peer_cred() {
+        Ok(c) if l.ids.allows_any(&PUSHERS, c.uid()) => None,
+        Ok(c) => Some(format!(
+            "uid {} (pid {}) may play none of {}",
+            c.uid(),
+            c.pid().map_or_else(|| "unknown".into(), |p| p.to_string()),
+            PUSHERS.map(Role::name).join(", ")
+        )),
+        Err(e) => Some(format!("no peer credentials: {e}")),
+    };
+    if let Some(why) = stranger {
+        lock(&l.totals).count(names::IPC_REFUSED, Some("monitor"));
+        if let Some(n) = l.strangers_log.allow() {
+            tracing::warn!(
+                "monitor.sock: refused a connection at once: {why}{}",
+                skipped(n)
+            );
+        }
+        return;
+    }
     let Ok(_permit) = l.connections.clone().try_acquire_owned() else {
         lock(&l.totals).count(names::IPC_REFUSED, Some("monitor:max_connections"));
-        log_refusal();
+        if let Some(n) = l.over_cap_log.allow() {
+            tracing::warn!(
+                "monitor.sock: refusing a connection: {MAX_MONITOR_CONNECTIONS} already open{}",
+                skipped(n)
+            );
+        }
         return;
     };
-    let peer = match hello::accept(
-        &mut stream,
-        Role::Monitord,
-        &[Role::Smtpd, Role::Queued, Role::Deliverd, Role::Ctl],
-        &l.ids,
-    )
-    .await
-    {
+    let peer = match hello::accept(&mut stream, Role::Monitord, &PUSHERS, &l.ids).await {
         Ok(p) => p,
         Err(e) => {
             lock(&l.totals).count(names::IPC_REFUSED, Some("monitor"));
-            tracing::warn!("monitor.sock: refused a connection: {e}");
+            if let Some(n) = l.hello_log.allow() {
+                tracing::warn!(
+                    "monitor.sock: refused a connection: {}{}",
+                    escape(&e.to_string()),
+                    skipped(n)
+                );
+            }
             return;
         }
     };
@@ -89,7 +137,7 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                 pid,
                 "monitor.sock: {} registered (version {})",
                 role.name(),
-                version.escape_debug()
+                escape(&version)
             );
             lock(&l.totals).register(role, pid, version, flags)
         }
@@ -107,8 +155,9 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             tracing::warn!(
                 uid = peer.uid,
                 pid = ?peer.pid,
-                "monitor.sock: expected a registration from {}: {why}; closing",
-                peer.role.name()
+                "monitor.sock: expected a registration from {}: {}; closing",
+                peer.role.name(),
+                escape(&why.to_string())
             );
             return;
         }
@@ -147,24 +196,95 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
         tracing::warn!(
             uid = peer.uid,
             pid = ?peer.pid,
-            "monitor.sock: {e}; closing connection from {}",
+            "monitor.sock: {}; closing connection from {}",
+            escape(&e.to_string()),
             peer.role.name()
         );
     }
     t.unregister(id);
 }
 
-/// Logs a refusal over the cap at most once a second, so a flood does not
-/// flood the log too.
-fn log_refusal() {
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collector::Totals;
     use std::sync::Mutex;
-    use std::time::Instant;
-    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-        *last = Some(Instant::now());
-        tracing::warn!(
-            "monitor.sock: refusing a connection: {MAX_MONITOR_CONNECTIONS} already open"
+    use tambo_proto::frame::{read_frame, write_frame};
+    use tambo_proto::hello::Hello;
+    use tambo_proto::identity::Account;
+    use tokio::io::AsyncReadExt;
+
+    fn listener(ids: Identities) -> (Arc<Listener>, Shared) {
+        let totals: Shared = Arc::new(Mutex::new(Totals::new()));
+        (Arc::new(Listener::new(totals.clone(), ids, None)), totals)
+    }
+
+    /// Every role runs as another user, and root is no one: this process
+    /// (root or not) is a stranger.
+    fn others() -> Identities {
+        Identities::development(Account {
+            uid: 4_000_000,
+            gid: 4_000_000,
+        })
+        .without_root_exception()
+    }
+
+    fn me() -> Identities {
+        Identities::development(Account {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        })
+    }
+
+    #[tokio::test]
+    async fn strangers_are_closed_at_once_and_take_no_slot() {
+        let (l, totals) = listener(others());
+        // Twice the cap, all open at once, none saying a word.
+        let mut clients = Vec::new();
+        for _ in 0..2 * MAX_MONITOR_CONNECTIONS {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            tokio::spawn(serve(l.clone(), ours));
+            clients.push(theirs);
+        }
+        // Each is closed well before the hello timeout would close it.
+        tokio::time::timeout(hello::HELLO_TIMEOUT / 2, async {
+            for c in &mut clients {
+                let mut b = [0u8; 1];
+                assert_eq!(c.read(&mut b).await.unwrap(), 0);
+            }
+        })
+        .await
+        .expect("strangers held their connections");
+        assert_eq!(l.connections.available_permits(), MAX_MONITOR_CONNECTIONS);
+        let t = lock(&totals);
+        let refused = &t.maps[names::IPC_REFUSED];
+        assert_eq!(
+            refused.get("monitor"),
+            Some(&(2 * MAX_MONITOR_CONNECTIONS as u64))
         );
+        assert_eq!(refused.get("monitor:max_connections"), None, "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn a_pusher_passes_the_check() {
+        let (l, totals) = listener(me());
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve(l.clone(), ours));
+        write_frame(
+            &mut theirs,
+            &Hello {
+                protocol_version: tambo_proto::PROTOCOL_VERSION,
+                role: Role::Smtpd,
+            },
+        )
+        .await
+        .unwrap();
+        let answer: Option<Hello> = read_frame(&mut theirs).await.unwrap();
+        assert_eq!(answer.map(|h| h.role), Some(Role::Monitord));
+        assert_eq!(
+            l.connections.available_permits(),
+            MAX_MONITOR_CONNECTIONS - 1
+        );
+        assert!(lock(&totals).maps[names::IPC_REFUSED].is_empty());
     }
 }

@@ -50,6 +50,17 @@ pub mod names {
     /// Variables under this prefix are monitord's own; pushed increases to
     /// them are dropped.
     pub const MONITORD_PREFIX: &str = "tambo/monitord/";
+    /// Every pushed variable is named under one of these (and is more
+    /// than the prefix); monitord drops the rest, so a peer cannot add
+    /// names beside the entries monitord writes itself (`cmdline`).
+    pub const PUSHED_PREFIXES: [&str; 2] = ["chasquid/", "tambo/"];
+
+    /// Whether `var` is under one of [`PUSHED_PREFIXES`].
+    pub fn is_pushable(var: &str) -> bool {
+        PUSHED_PREFIXES
+            .iter()
+            .any(|p| var.strip_prefix(p).is_some_and(|rest| !rest.is_empty()))
+    }
 }
 
 /// Whether a variable is one counter or a map of label → counter.
@@ -522,6 +533,17 @@ mod tests {
             assert!(name.starts_with(names::MONITORD_PREFIX), "{name}");
             assert!(VARIABLES.iter().any(|(n, _, _)| *n == name), "{name}");
         }
+    }
+
+    #[test]
+    fn every_variable_can_be_pushed() {
+        for (name, _, _) in VARIABLES {
+            assert!(names::is_pushable(name), "{name}");
+        }
+        assert!(!names::is_pushable("cmdline"));
+        assert!(!names::is_pushable("tambo/"));
+        assert!(!names::is_pushable("tambo_x"));
+        assert!(names::is_pushable("tambo/x"));
     }
 
     #[test]

@@ -13,6 +13,12 @@
 //!     without waiting to be checked: Hello, then (to a deliverd) a pipe
 //!     job `touch <marker path>`. Prints one line per connection:
 //!     "client hung up" if the client left without a word.
+//! tambo-test-peer hold <socket> <count> [<claimed role>]
+//!     Keeps <count> connections to <socket> open: each one the server
+//!     closes is opened again within 100 ms, until killed. Says nothing on
+//!     them, or, given a role, a hello as that role. Prints "holding
+//!     <count>" once all are open at the same time, then "reopened <n>"
+//!     for every 1000 reopened.
 //! ```
 #![forbid(unsafe_code)]
 
@@ -84,6 +90,53 @@ async fn client(socket: &Path, me: Role, expect: Role) {
     }
 }
 
+/// A stranger trying to take every connection slot of a server: silent
+/// connections, put back as soon as the server drops them.
+async fn hold(socket: &Path, count: usize, claim: Option<Role>) {
+    use tokio::net::UnixStream;
+    async fn open(socket: &Path, claim: Option<Role>) -> UnixStream {
+        loop {
+            // A full backlog (EAGAIN) or a server restarting: try again.
+            let Ok(mut s) = UnixStream::connect(socket).await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            if let Some(role) = claim {
+                let hello = Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    role,
+                };
+                // Already closed: noticed on the next sweep.
+                let _ = write_frame(&mut s, &hello).await;
+            }
+            return s;
+        }
+    }
+    let mut conns = Vec::with_capacity(count);
+    for _ in 0..count {
+        conns.push(open(socket, claim).await);
+    }
+    println!("holding {count}");
+    let mut reopened: u64 = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for c in &mut conns {
+            let mut b = [0u8; 16];
+            // A stranger gets no answer: a read that does not wait means
+            // the server closed the connection.
+            match c.try_read(&mut b) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                _ => {}
+            }
+            *c = open(socket, claim).await;
+            reopened += 1;
+            if reopened.is_multiple_of(1000) {
+                println!("reopened {reopened}");
+            }
+        }
+    }
+}
+
 async fn serve(socket: &Path, me: Role, marker: &Path) {
     let _ = std::fs::remove_file(socket);
     let l = tokio::net::UnixListener::bind(socket).expect("bind");
@@ -134,6 +187,17 @@ fn main() {
         Some("client") if args.len() == 5 => {
             rt.block_on(client(Path::new(&args[2]), role(&args[3]), role(&args[4])))
         }
+        Some("hold") if args.len() == 4 || args.len() == 5 => match args[3].parse() {
+            Ok(count) => rt.block_on(hold(
+                Path::new(&args[2]),
+                count,
+                args.get(4).map(|r| role(r)),
+            )),
+            Err(e) => {
+                eprintln!("hold: bad count {:?}: {e}", args[3]);
+                std::process::exit(2);
+            }
+        },
         Some("serve") if args.len() == 5 => rt.block_on(serve(
             Path::new(&args[2]),
             role(&args[3]),
