@@ -9,6 +9,8 @@
 //! - [`safeio`]: atomic file writes (temp + fsync + rename + dir fsync), and
 //!   directories created durably.
 //! - [`lockfile`]: exclusive locks held for a process's life.
+//! - [`loglimit`]: at most one log line a second per kind of event a peer
+//!   can cause.
 //! - [`sockets`]: the IPC sockets, who may connect to each, binding them.
 //! - [`build`]: version and build time; [`daemon`]: the startup sequence,
 //!   signals and accept loops every daemon shares.
@@ -25,6 +27,7 @@ pub mod daemon;
 pub mod domains;
 pub mod duration;
 pub mod lockfile;
+pub mod loglimit;
 pub mod safeio;
 pub mod sockets;
 pub mod users;

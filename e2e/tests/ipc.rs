@@ -144,8 +144,9 @@ async fn hostile_submit_client() {
         log.contains("submit.sock: closing connection: unexpected message DataChunk outside DATA"),
         "{log}"
     );
-    assert!(log.contains("protocol version mismatch"), "{log}");
-    assert!(log.contains("role Deliverd may not connect"), "{log}");
+    // The bad hellos are refused and counted; the log gets one line a
+    // second of them (a peer cannot flood it), the first one here.
+    assert!(log.contains("submit.sock: refused a connection: "), "{log}");
     t.wait_var("IPC errors and refusals counted", |v| {
         v["tambo/ipc/errors"]["queued"].as_u64() >= Some(2)
             && v["tambo/ipc/refused"]["submit"].as_u64() >= Some(5)

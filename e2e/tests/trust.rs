@@ -55,7 +55,7 @@ fn an_impostor_deliverd_gets_no_job_and_loses_no_mail() {
     assert!(out.contains("no job"), "{out}");
     t.wait_log(
         "queued",
-        "deliver.sock: refused a connection: peer uid 65534 is not allowed to be Deliverd",
+        "deliver.sock: refused a connection: peer uid 65534 may not use this socket",
     );
     t.wait_var("the refusal counted", |v| {
         v["tambo/ipc/refused"]["deliver"].as_u64() >= Some(1)
@@ -84,7 +84,7 @@ fn impostors_on_submit_and_monitor_sockets_are_refused() {
     assert!(out.starts_with("refused"), "{out}");
     t.wait_log(
         "queued",
-        "submit.sock: refused a connection: peer uid 1 is not allowed to be Smtpd",
+        "submit.sock: refused a connection: peer uid 1 may not use this socket",
     );
     // smtpd's user may be smtpd (a compromised smtpd: queued still decides
     // every recipient, see ipc.rs), but not the admin CLI.

@@ -9,7 +9,6 @@
 mod collector;
 mod expvar;
 mod http;
-mod loglimit;
 mod monitor_sock;
 mod openmetrics;
 mod text;

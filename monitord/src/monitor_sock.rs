@@ -34,8 +34,8 @@ use tambo_proto::monitor::{
 use tambo_proto::{Error, Role, hello};
 
 use crate::collector::{Budget, Shared, lock};
-use crate::loglimit::{LogLimiter, skipped};
 use crate::text::escape;
+use tambo_common::loglimit::{LogLimiter, skipped};
 
 /// The roles that push counters to monitord.
 const PUSHERS: [Role; 4] = [Role::Smtpd, Role::Queued, Role::Deliverd, Role::Ctl];

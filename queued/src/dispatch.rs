@@ -23,6 +23,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
+use tambo_common::loglimit::{LogLimiter, skipped};
 use tambo_proto::deliver::{FromDeliverd, Job, Outcome, ToDeliverd};
 use tambo_proto::frame::{FrameReader, MAX_SMALL_FRAME, encode};
 use tambo_proto::identity::Identities;
@@ -60,6 +61,10 @@ pub struct Dispatcher {
     connections: Arc<Semaphore>,
     deadline: Duration,
     idle_timeout: Duration,
+    /// One per kind of refusal a peer can cause, so none floods the log.
+    refused_stranger: LogLimiter,
+    refused_full: LogLimiter,
+    refused_hello: LogLimiter,
 }
 
 impl Dispatcher {
@@ -71,6 +76,9 @@ impl Dispatcher {
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             deadline: deadline.unwrap_or(JOB_DEADLINE),
             idle_timeout: idle_timeout.unwrap_or(IDLE_TIMEOUT),
+            refused_stranger: LogLimiter::new(),
+            refused_full: LogLimiter::new(),
+            refused_hello: LogLimiter::new(),
         }
     }
 
@@ -176,16 +184,37 @@ fn clean(outcome: Outcome) -> Outcome {
 
 /// Serves one deliverd connection until it closes.
 pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream: UnixStream) {
-    let Ok(_permit) = dispatcher.connections.clone().try_acquire_owned() else {
+    let d = &dispatcher;
+    // A stranger is turned away before it costs a slot or a hello timeout.
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    if !uid.is_some_and(|u| ids.allows(Role::Deliverd, u)) {
+        metrics::inc_label(names::IPC_REFUSED, "deliver");
+        if let Some(n) = d.refused_stranger.allow() {
+            tracing::warn!(
+                "deliver.sock: refused a connection: peer uid {} may not use this socket{}",
+                uid.map_or("unknown".into(), |u| u.to_string()),
+                skipped(n)
+            );
+        }
+        return;
+    }
+    let Ok(_permit) = d.connections.clone().try_acquire_owned() else {
         metrics::inc_label(names::IPC_REFUSED, "deliver:max_connections");
-        tracing::warn!("deliver.sock: refusing a connection: {MAX_CONNECTIONS} already open");
+        if let Some(n) = d.refused_full.allow() {
+            tracing::warn!(
+                "deliver.sock: refusing a connection: {MAX_CONNECTIONS} already open{}",
+                skipped(n)
+            );
+        }
         return;
     };
     let peer = match hello::accept(&mut stream, Role::Queued, &[Role::Deliverd], &ids).await {
         Ok(p) => p,
         Err(e) => {
             metrics::inc_label(names::IPC_REFUSED, "deliver");
-            tracing::warn!("deliver.sock: refused a connection: {e}");
+            if let Some(n) = d.refused_hello.allow() {
+                tracing::warn!("deliver.sock: refused a connection: {e}{}", skipped(n));
+            }
             return;
         }
     };

@@ -13,6 +13,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use tambo_common::address;
+use tambo_common::loglimit::{LogLimiter, skipped};
 use tambo_proto::frame::{FrameReader, MAX_CHUNK_FRAME, MAX_SMALL_FRAME, write_frame};
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
@@ -50,6 +51,10 @@ pub struct Listener {
     pub ids: Identities,
     pub sessions: Arc<Semaphore>,
     pub idle_timeout: Duration,
+    /// One per kind of refusal a peer can cause, so none floods the log.
+    refused_stranger: LogLimiter,
+    refused_full: LogLimiter,
+    refused_hello: LogLimiter,
 }
 
 impl Listener {
@@ -61,6 +66,9 @@ impl Listener {
             ids,
             sessions: Arc::new(Semaphore::new(cap)),
             idle_timeout,
+            refused_stranger: LogLimiter::new(),
+            refused_full: LogLimiter::new(),
+            refused_hello: LogLimiter::new(),
         }
     }
 }
@@ -92,21 +100,41 @@ struct Session {
 /// Serves one submit.sock connection until it closes. Over the session
 /// cap, the connection is closed at once, before anything is read.
 pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
+    const ROLES: &[Role] = &[Role::Smtpd, Role::Ctl];
+    // A stranger is turned away before it costs a slot or a hello timeout.
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    if !uid.is_some_and(|u| l.ids.allows_any(ROLES, u)) {
+        metrics::inc_label(names::IPC_REFUSED, "submit");
+        if let Some(n) = l.refused_stranger.allow() {
+            tracing::warn!(
+                "submit.sock: refused a connection: peer uid {} may not use this socket{}",
+                uid.map_or("unknown".into(), |u| u.to_string()),
+                skipped(n)
+            );
+        }
+        return;
+    }
     let Ok(_permit): Result<OwnedSemaphorePermit, _> = l.sessions.clone().try_acquire_owned()
     else {
         metrics::inc_label(names::IPC_REFUSED, "submit:max_sessions");
-        log_refusal("submit.sock: refusing a connection: too many sessions");
+        if let Some(n) = l.refused_full.allow() {
+            tracing::warn!(
+                "submit.sock: refusing a connection: too many sessions{}",
+                skipped(n)
+            );
+        }
         return;
     };
-    let peer =
-        match hello::accept(&mut stream, Role::Queued, &[Role::Smtpd, Role::Ctl], &l.ids).await {
-            Ok(p) => p,
-            Err(e) => {
-                metrics::inc_label(names::IPC_REFUSED, "submit");
-                tracing::warn!("submit.sock: refused a connection: {e}");
-                return;
+    let peer = match hello::accept(&mut stream, Role::Queued, ROLES, &l.ids).await {
+        Ok(p) => p,
+        Err(e) => {
+            metrics::inc_label(names::IPC_REFUSED, "submit");
+            if let Some(n) = l.refused_hello.allow() {
+                tracing::warn!("submit.sock: refused a connection: {e}{}", skipped(n));
             }
-        };
+            return;
+        }
+    };
     log_new_peer(&peer);
     let (r, mut writer) = stream.into_split();
     let mut reader = FrameReader::new(r);
@@ -146,19 +174,6 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
         tracing::warn!(uid = peer.uid, pid = ?peer.pid, "submit.sock: closing connection: {e}");
     }
     s.abort_body();
-}
-
-/// Logs a refusal at most once a second, so a flood does not flood the
-/// log too.
-fn log_refusal(msg: &str) {
-    use std::sync::Mutex;
-    use std::time::Instant;
-    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-        *last = Some(Instant::now());
-        tracing::warn!("{msg}");
-    }
 }
 
 /// Logs the credentials (SO_PEERCRED) of each process the first time it
