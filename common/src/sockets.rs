@@ -105,39 +105,67 @@ pub struct Bound {
 
 /// Creates the runtime directory if needed, mode 0700 in development
 /// (`private`: one user) and 0755 otherwise (the sockets' own modes decide
-/// who connects). Run as root, an existing directory must be root's and
-/// writable by nobody else: root creates, chowns and replaces files in it,
-/// and a directory someone else can write to would let them point those
-/// operations elsewhere with a symlink.
+/// who connects); every directory it creates gets that mode explicitly,
+/// whatever the umask. The directory must then be owned by root or by us
+/// and writable by nobody else: a daemon creates, chowns and replaces files
+/// in it, and a directory someone else can write to would let them point
+/// those operations elsewhere with a symlink. No symlink is followed on
+/// the way: a component that turns out to be one is refused.
+///
+/// (Under systemd, `RuntimeDirectory=` gives the directory to the unit's
+/// user, which passes; a root daemon sharing a directory owned by a
+/// service user does not, and should get its sockets from socket units.)
 pub fn create_runtime_dir(dir: &Path, private: bool) -> io::Result<()> {
     let mode = if private { 0o700 } else { 0o755 };
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => {
-            if nix::unistd::geteuid().is_root() {
-                check_root_owned(dir, &m)?;
-            }
-            Ok(())
-        }
-        Ok(_) => Err(io::Error::new(
+    let not_a_dir = |d: &Path| {
+        io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a directory", dir.display()),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new().recursive(true).create(dir)?;
-            // Set after creation: the daemons' umask (077) must not narrow it.
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            format!("{} exists and is not a directory", d.display()),
+        )
+    };
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    loop {
+        match std::fs::symlink_metadata(cur) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(not_a_dir(cur)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                missing.push(cur.to_path_buf());
+                match cur.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => cur = p,
+                    _ => break,
+                }
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) => Err(e),
     }
+    for d in missing.iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?,
+            // Someone made it meanwhile: it must at least be a directory.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if !std::fs::symlink_metadata(d)?.is_dir() {
+                    return Err(not_a_dir(d));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.is_dir() {
+        return Err(not_a_dir(dir));
+    }
+    check_ours(dir, &m)
 }
 
-fn check_root_owned(dir: &Path, m: &std::fs::Metadata) -> io::Result<()> {
+fn check_ours(dir: &Path, m: &std::fs::Metadata) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    if m.uid() != 0 || m.mode() & 0o022 != 0 {
+    let me = nix::unistd::geteuid().as_raw();
+    if (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "{} is owned by uid {} with mode {:o}: running as root, tambo only creates sockets in a directory that is root's and writable by nobody else",
+                "{} is owned by uid {} with mode {:o}: tambo only creates sockets in a directory that is root's or its own and writable by nobody else",
                 dir.display(),
                 m.uid(),
                 m.mode() & 0o7777
@@ -252,22 +280,31 @@ mod tests {
     #[test]
     fn runtime_dir_modes() {
         let dir = tempfile::tempdir().unwrap();
-        let private = dir.path().join("a/private");
+        // Whatever the umask (the daemons run with 077), every directory
+        // created gets the mode, parents included.
+        let shared = dir.path().join("new/parent/run");
+        create_runtime_dir(&shared, false).unwrap();
+        for d in ["new", "new/parent", "new/parent/run"] {
+            let m = std::fs::metadata(dir.path().join(d)).unwrap().mode() & 0o777;
+            assert_eq!(m, 0o755, "{d}");
+        }
+        let private = dir.path().join("private");
         create_runtime_dir(&private, true).unwrap();
         assert_eq!(std::fs::metadata(&private).unwrap().mode() & 0o777, 0o700);
-        let shared = dir.path().join("shared");
-        create_runtime_dir(&shared, false).unwrap();
-        assert_eq!(std::fs::metadata(&shared).unwrap().mode() & 0o777, 0o755);
         std::fs::write(dir.path().join("file"), b"").unwrap();
         assert!(create_runtime_dir(&dir.path().join("file"), false).is_err());
+        // A directory others can write to is refused.
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = create_runtime_dir(&open, false).unwrap_err();
+        assert!(e.to_string().contains("writable by nobody else"), "{e}");
+        // A symlink, even to a good directory, is refused.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&private, &link).unwrap();
+        assert!(create_runtime_dir(&link, false).is_err());
         if nix::unistd::geteuid().is_root() {
-            // As root, a directory others can write to is refused.
-            let open = dir.path().join("open");
-            std::fs::create_dir(&open).unwrap();
-            std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-            let e = create_runtime_dir(&open, false).unwrap_err();
-            assert!(e.to_string().contains("writable by nobody else"), "{e}");
-            // So is one owned by another user.
+            // So is a directory of another (non-root) user.
             let theirs = dir.path().join("theirs");
             std::fs::create_dir(&theirs).unwrap();
             nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(1)), None).unwrap();

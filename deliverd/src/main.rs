@@ -24,6 +24,11 @@ use tambo_proto::identity::Identities;
 use tambo_proto::{Role, hello};
 
 fn main() -> ExitCode {
+    // A session of its own, first thing: every program deliverd runs is
+    // then in it (a program cannot join another session's process group),
+    // so a supervisor can find and kill exactly what deliverd left behind
+    // if deliverd dies; and no terminal's signals reach deliverd directly.
+    let own_session = nix::unistd::setsid();
     let started = match daemon::boot(Role::Deliverd, "tambo-deliverd", "tambo's delivery daemon") {
         Ok(v) => v,
         Err(code) => return code,
@@ -31,6 +36,11 @@ fn main() -> ExitCode {
     let daemon::Started {
         flags, cfg, ids, ..
     } = started;
+    if let Err(e) = own_session {
+        tracing::warn!(
+            "cannot start a session of its own ({e}); the supervisor may not find what deliverd leaves behind if it dies"
+        );
+    }
     if nix::unistd::geteuid().is_root() {
         tracing::warn!(
             "deliverd runs as root until privilege separation lands: MDA and pipe commands run as root"

@@ -424,3 +424,39 @@ fn a_slow_but_live_client_keeps_its_transaction() {
     assert!(s.contains("first line\r\nsecond line\r\n"), "{s}");
     assert!(!t.log("queued").contains("peer idle"), "no link was closed");
 }
+
+#[test]
+fn a_client_that_trickles_keeps_its_transaction() {
+    // Never silent for long, so no smtpd timeout applies; but between its
+    // NOOPs, and between its bytes inside DATA, nothing would reach
+    // queued for longer than queued's idle timeout (1 s here) unless smtpd
+    // keeps the link alive on the link's own clock.
+    let mut t = Tambo::new(
+        "",
+        "",
+        "ipc_idle_timeout = \"1s\"\nsmtp_command_timeout = \"10s\"\n",
+    );
+    t.start_all();
+    let step = Duration::from_millis(200);
+    let mut c = t.smtp();
+    c.expect("EHLO trickle.example", 250);
+    c.expect("MAIL FROM:<x@remote.example>", 250);
+    // The pacing is the client under test, not a wait for a result.
+    for _ in 0..20 {
+        c.expect("NOOP", 250);
+        std::thread::sleep(step);
+    }
+    c.expect("RCPT TO:<ann@example.test>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: trickle\r\n\r\n");
+    for b in b"one byte at a time\r\n" {
+        c.send_raw(&[*b]);
+        std::thread::sleep(step);
+    }
+    c.send_raw(b".\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 250, "{r:?}");
+    let msgs = t.wait_maildir("ann", 1);
+    assert!(String::from_utf8_lossy(&msgs[0]).contains("one byte at a time\r\n"));
+    assert!(!t.log("queued").contains("peer idle"), "no link was closed");
+}

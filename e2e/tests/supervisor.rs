@@ -670,3 +670,48 @@ fn as_root_a_configured_user_that_does_not_exist_is_named() {
     );
     assert!(!log.contains("started tambo-"), "no daemon was started");
 }
+
+#[test]
+fn only_what_deliverd_started_dies_with_it() {
+    // tambo run started by a wrapper script that left a sidecar behind:
+    // the sidecar is the supervisor's child too (the shell execs into tambo
+    // run), but it is not deliverd's, and must survive deliverd's death.
+    let t = Tambo::default_setup();
+    let sidecar_pid = t.dir.path().join("sidecar");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(t.log_path("tambo"))
+        .unwrap();
+    let script = format!(
+        "sleep 300 & echo $! > {p}.tmp; mv {p}.tmp {p}; exec {tambo} run --config_dir {c}",
+        p = sidecar_pid.display(),
+        tambo = bin_dir().join("tambo").display(),
+        c = t.config_dir.display(),
+    );
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .env_remove("NOTIFY_SOCKET")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let _sup = Supervisor { child };
+    t.wait_log("tambo", "all daemons are ready");
+    let sidecar = read_pid(&sidecar_pid);
+    let deliverd = ready_pid(&t.log("tambo"), "tambo-deliverd").unwrap();
+    kill(Pid::from_raw(deliverd), Signal::SIGKILL).unwrap();
+    wait_for("a new deliverd", || {
+        (t.log("tambo").matches("started tambo-deliverd").count() == 2).then_some(())
+    });
+    assert!(alive(sidecar), "the sidecar was killed with deliverd");
+    assert!(
+        !t.log("tambo").contains("left running"),
+        "{}",
+        t.log("tambo")
+    );
+    let _ = kill(Pid::from_raw(sidecar), Signal::SIGKILL);
+}

@@ -119,16 +119,22 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         let queue = Arc::new(queue::Queue::new(cfg.clone(), domains, spool));
         let (q, c) = (queue.clone(), cfg.clone());
+        // One reload at a time, so an older read can never finish last and
+        // put back files older than the newest.
+        let one_at_a_time = Arc::new(std::sync::Mutex::new(()));
         daemon::on_sighup(move || {
-            let (q, c) = (q.clone(), c.clone());
+            let (q, c, lock) = (q.clone(), c.clone(), one_at_a_time.clone());
             // Reading the files blocks: off the runtime's threads.
-            tokio::task::spawn_blocking(move || match Domains::load(&c) {
-                Ok(d) => {
-                    q.set_domains(d);
-                    tracing::info!("SIGHUP: users and aliases reloaded");
-                }
-                Err(e) => {
-                    tracing::error!("SIGHUP: reload failed, keeping the last good files: {e}")
+            tokio::task::spawn_blocking(move || {
+                let _one = lock.lock().unwrap_or_else(|e| e.into_inner());
+                match Domains::load(&c) {
+                    Ok(d) => {
+                        q.set_domains(d);
+                        tracing::info!("SIGHUP: users and aliases reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!("SIGHUP: reload failed, keeping the last good files: {e}")
+                    }
                 }
             });
         });

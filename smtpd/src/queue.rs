@@ -77,6 +77,13 @@ impl QueueLink {
         self.last_used.elapsed()
     }
 
+    /// When the link will have been quiet for `every`, and needs a
+    /// keepalive: a timer on the link itself, never reset by a client
+    /// that keeps sending a little at a time.
+    pub fn keepalive_due(&self, every: Duration) -> tokio::time::Instant {
+        (self.last_used + every).into()
+    }
+
     /// Pings queued if the link has been quiet for `every`, between
     /// commands (inside DATA, an empty body chunk does the same).
     pub async fn keep_alive(&mut self, every: Duration) -> Result<(), Error> {

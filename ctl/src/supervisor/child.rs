@@ -171,7 +171,7 @@ impl Watcher {
         let mut policy = Policy::default();
         loop {
             let ended = self.start_and_follow().await;
-            self.kill_what_deliverd_left();
+            self.kill_what_deliverd_left(ended.as_ref().and_then(|e| e.pid));
             let Some(ended) = ended else {
                 return;
             };
@@ -299,11 +299,11 @@ impl Watcher {
     /// After deliverd exited, for whatever reason: kills the programs it
     /// ran that are still running (see [`super::orphans`]), before a new
     /// deliverd gets the jobs they were running again.
-    fn kill_what_deliverd_left(&self) {
-        if self.daemon != Daemon::Deliverd {
+    fn kill_what_deliverd_left(&self, deliverd: Option<i32>) {
+        let (Daemon::Deliverd, Some(session)) = (self.daemon, deliverd) else {
             return;
-        }
-        let killed = self.launcher.registry.kill_orphans();
+        };
+        let killed = self.launcher.registry.kill_orphans(session);
         if killed > 0 {
             tracing::warn!(
                 "killed {killed} process(es) that tambo-deliverd left running, each with its process group"
@@ -314,13 +314,17 @@ impl Watcher {
     /// Spawns the daemon with its sockets at fds 3… and the supervisor's
     /// notify socket, in a process group of its own (a terminal's Ctrl-C
     /// goes to the supervisor alone, which then stops everyone in order).
+    /// deliverd instead starts a session of its own (it cannot while it
+    /// leads a group), which also marks every program it runs.
     fn start(&self) -> io::Result<i32> {
         let l = &self.launcher;
         let fds = l.sockets.for_daemon(self.daemon)?;
         let mut cmd = Command::new(l.bin_dir.join(self.daemon.binary()));
+        if self.daemon != Daemon::Deliverd {
+            cmd.process_group(0);
+        }
         cmd.args(&l.args)
             .stdin(Stdio::null())
-            .process_group(0)
             .env(SUPERVISOR_ENV, std::process::id().to_string())
             .env("NOTIFY_SOCKET", &l.notify_path);
         // What systemd gave the supervisor itself is not the daemons'.

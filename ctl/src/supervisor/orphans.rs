@@ -6,10 +6,14 @@
 //! process the supervisor adopted is killed with its process group, before
 //! the next deliverd starts.
 //!
-//! Only deliverd runs programs, so every child of the supervisor that is
-//! not a daemon is one of them or something one left behind. A program
-//! that moved into another process group or session escapes the group
-//! kill, as it escapes deliverd's own.
+//! deliverd makes itself a session leader at startup, so every program it
+//! runs, and whatever those leave behind, is in deliverd's session (its
+//! session id is deliverd's pid), and only those are killed: the
+//! supervisor may have other children (a wrapper script's sidecar, or
+//! anything a container hands its PID 1), and those are not deliverd's.
+//! Within the session, process groups are deliverd's too: setpgid() cannot
+//! move a process into another session's group. A program that starts a
+//! session of its own escapes, as it escapes deliverd's own group kill.
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -21,11 +25,13 @@ pub struct Stat {
     pub pid: i32,
     pub ppid: i32,
     pub pgid: i32,
+    /// The session id (the pid of the session's leader).
+    pub session: i32,
     /// Exited, not yet reaped.
     pub zombie: bool,
 }
 
-/// Reads `pid (comm) state ppid pgrp …`. The command name may hold spaces
+/// Reads `pid (comm) state ppid pgrp session …`. The command name may hold spaces
 /// and parentheses: the fields are counted from its last `)`.
 pub fn parse_stat(text: &str) -> Option<Stat> {
     let (head, rest) = text.rsplit_once(')')?;
@@ -34,10 +40,12 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     let state = fields.next()?;
     let ppid = fields.next()?.parse().ok()?;
     let pgid = fields.next()?.parse().ok()?;
+    let session = fields.next()?.parse().ok()?;
     Some(Stat {
         pid,
         ppid,
         pgid,
+        session,
         zombie: state == "Z",
     })
 }
@@ -59,16 +67,21 @@ fn children_of(parent: i32) -> Vec<Stat> {
         .collect()
 }
 
-/// Which of `children` to kill, and which of their groups: every child not
-/// in `daemons`, and its group unless that is the supervisor's own group
-/// (`own_pgid`) or a daemon's (each daemon leads its own group). A program
-/// may join either with setpgid(); a group kill would then take down the
-/// supervisor or a daemon rather than the program. Ids 0 and 1 are never
+/// Which of `children` to kill, and which of their groups: every child in
+/// deliverd's `session` that is not a daemon, and its group unless that is
+/// the supervisor's own group (`own_pgid`) or a daemon's (neither can be
+/// in deliverd's session, but a wrong group kill would take down the
+/// supervisor or a daemon, so it is checked anyway). Ids 0 and 1 are never
 /// groups to kill: killpg(0) means the caller's own group.
-pub fn targets(children: &[Stat], daemons: &[i32], own_pgid: i32) -> Vec<(i32, Option<i32>)> {
+pub fn targets(
+    children: &[Stat],
+    daemons: &[i32],
+    own_pgid: i32,
+    session: i32,
+) -> Vec<(i32, Option<i32>)> {
     children
         .iter()
-        .filter(|c| !daemons.contains(&c.pid))
+        .filter(|c| c.session == session && session > 1 && !daemons.contains(&c.pid))
         .map(|c| {
             let spared = c.pgid == own_pgid || daemons.contains(&c.pgid) || c.pgid <= 1;
             (c.pid, (!spared).then_some(c.pgid))
@@ -76,17 +89,18 @@ pub fn targets(children: &[Stat], daemons: &[i32], own_pgid: i32) -> Vec<(i32, O
         .collect()
 }
 
-/// Kills every child of this process not in `daemons`, and its process
-/// group; returns how many were still running (zombies have exited, but
-/// their groups may hold live processes, so those are killed too). The
-/// caller must keep every child unreaped meanwhile: then no pid or group
-/// id found here can be given to another process before it is signalled.
-pub fn kill_all_but(daemons: &[i32]) -> usize {
+/// Kills every child of this process in `session` (deliverd's) not in
+/// `daemons`, and its process group; returns how many were still running
+/// (zombies have exited, but their groups may hold live processes, so
+/// those are killed too). The caller must keep every child unreaped
+/// meanwhile: then no pid or group id found here can be given to another
+/// process before it is signalled.
+pub fn kill_session_but(session: i32, daemons: &[i32]) -> usize {
     let me = nix::unistd::getpid().as_raw();
     let own_pgid = nix::unistd::getpgrp().as_raw();
     let children = children_of(me);
     let mut running = 0;
-    for (pid, pgid) in targets(&children, daemons, own_pgid) {
+    for (pid, pgid) in targets(&children, daemons, own_pgid, session) {
         if let Some(g) = pgid {
             signal(
                 killpg(Pid::from_raw(g), Signal::SIGKILL),
@@ -118,14 +132,17 @@ mod tests {
             pid,
             ppid,
             pgid,
+            session: DELIVERD,
             zombie: false,
         }
     }
 
+    const DELIVERD: i32 = 300;
+
     #[test]
     fn parses_stat_lines_whatever_the_command_name() {
         assert_eq!(
-            parse_stat("812 (sh) S 1 812 812 0 -1 4194560 1\n"),
+            parse_stat("812 (sh) S 1 812 300 0 -1 4194560 1\n"),
             Some(stat(812, 1, 812))
         );
         assert_eq!(
@@ -134,6 +151,7 @@ mod tests {
                 pid: 9,
                 ppid: 7,
                 pgid: 5,
+                session: 5,
                 zombie: true
             })
         );
@@ -152,10 +170,16 @@ mod tests {
             stat(500, me, 400),      // something it left, same group
             stat(600, me, own_pgid), // moved into the supervisor's group
             stat(700, me, 300),      // moved into a daemon's group
+            Stat {
+                session: 42, // not deliverd's: a sidecar of a wrapper script
+                ..stat(800, me, 800)
+            },
         ];
         assert_eq!(
-            targets(&children, &daemons, own_pgid),
+            targets(&children, &daemons, own_pgid, DELIVERD),
             [(400, Some(400)), (500, Some(400)), (600, None), (700, None)]
         );
+        // Without a session to go by, nothing is killed.
+        assert!(targets(&children, &daemons, own_pgid, 0).is_empty());
     }
 }

@@ -101,10 +101,10 @@ impl Registry {
     /// meanwhile and every pid and group id found stays the one it was, and
     /// [`Registry::spawn`] takes, so a daemon being started is already
     /// listed as one.
-    pub fn kill_orphans(&self) -> usize {
+    pub fn kill_orphans(&self, session: i32) -> usize {
         let children = self.lock();
         let daemons: Vec<i32> = children.keys().copied().collect();
-        super::orphans::kill_all_but(&daemons)
+        super::orphans::kill_session_but(session, &daemons)
     }
 
     /// Reaps every process that has exited, without blocking.

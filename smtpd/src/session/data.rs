@@ -178,18 +178,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // been decoded so far (possibly nothing): queued closes links
             // that stay quiet for long.
             let queue = &mut self.queue;
+            let Some(q) = queue.as_mut() else {
+                return BodyOutcome::QueueLost;
+            };
+            // A client that trickles a few bytes at a time keeps smtpd
+            // reading but may leave the link to queued quiet for long: what
+            // was decoded so far goes out whenever the link is due, and the
+            // timer is the link's, not reset by each read.
+            if q.quiet_for() >= every {
+                let data = if sending {
+                    std::mem::take(&mut chunk)
+                } else {
+                    Vec::new()
+                };
+                if q.send(&SubmitRequest::DataChunk(data)).await.is_err() {
+                    return BodyOutcome::QueueLost;
+                }
+            }
             let read = tokio::time::timeout_at(limit.into(), self.conn.fill_buf());
             tokio::pin!(read);
             let got = loop {
                 tokio::select! {
                     r = &mut read => break r,
-                    _ = tokio::time::sleep(every) => {
-                        let Some(q) = queue.as_mut() else { continue };
-                        if q.quiet_for() >= every {
-                            let data = if sending { std::mem::take(&mut chunk) } else { Vec::new() };
-                            if q.send(&SubmitRequest::DataChunk(data)).await.is_err() {
-                                return BodyOutcome::QueueLost;
-                            }
+                    _ = tokio::time::sleep_until(q.keepalive_due(every)) => {
+                        let data = if sending { std::mem::take(&mut chunk) } else { Vec::new() };
+                        if q.send(&SubmitRequest::DataChunk(data)).await.is_err() {
+                            return BodyOutcome::QueueLost;
                         }
                     }
                 }

@@ -265,9 +265,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let read = tokio::time::timeout(self.cfg.command_timeout, read_line(&mut self.conn));
         tokio::pin!(read);
         loop {
+            // Due when the link has been quiet for `every`, however often
+            // the client itself speaks (a NOOP every few seconds talks to
+            // smtpd, not to queued).
+            let due = queue
+                .as_ref()
+                .map(|q| q.keepalive_due(every))
+                .unwrap_or_else(|| tokio::time::Instant::now() + self.cfg.command_timeout);
             tokio::select! {
                 r = &mut read => return r.map_err(|_| LineError::Timeout)?,
-                _ = tokio::time::sleep(every), if queue.is_some() => {
+                _ = tokio::time::sleep_until(due), if queue.is_some() => {
                     if let Some(q) = queue.as_mut() {
                         q.keep_alive(every).await.map_err(LineError::QueueLost)?;
                     }
