@@ -59,11 +59,12 @@ run() {
   echo "$(printf '%-22s' "$name") peak RSS (sum of processes) $((rss / 1024)) MiB, CPU ${cpu}s"
 }
 
-. bench/users.sh
+. bench/lib.sh
 
 tambo() { # name port delivery-lines
   local name=$1 port=$2 dir="$ROOT/$1"
   mkdir -p "$dir/config/domains/example.test" "$dir/out"
+  tambo_cert "$dir/config" bench.example.test
   echo 'ann !' > "$dir/config/domains/example.test/users"
   cat > "$dir/config/tambo.conf" <<CONF
 hostname = "bench.example.test"

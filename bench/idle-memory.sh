@@ -19,7 +19,7 @@ ROOT=$(mktemp -d /tmp/tambo-idle.XXXXXX)
 chmod 755 "$ROOT"
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 ulimit -n "$(ulimit -Hn)"
-. bench/users.sh
+. bench/lib.sh
 
 # PSS in KiB, summed over the pids given.
 pss() {
@@ -53,6 +53,7 @@ tambo_run() {
   local port=32526 dir="$ROOT/tambo"
   mkdir -p "$dir/config/domains/example.test"
   echo 'ann !' > "$dir/config/domains/example.test/users"
+  tambo_cert "$dir/config" bench.example.test
   cat > "$dir/config/tambo.conf" <<CONF
 hostname = "bench.example.test"
 smtp_address = ["127.0.0.1:$port"]

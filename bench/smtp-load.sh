@@ -19,9 +19,10 @@ cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
 DIR=$(mktemp -d /tmp/tambo-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
-. bench/users.sh
+. bench/lib.sh
 chmod 755 "$DIR"
 mkdir -p "$DIR/config/domains/example.test" "$DIR/logs"
+tambo_cert "$DIR/config" bench.example.test
 echo 'ann !' > "$DIR/config/domains/example.test/users"
 PORT=${PORT:-32525}
 cat > "$DIR/config/tambo.conf" <<CONF

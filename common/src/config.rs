@@ -81,6 +81,15 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// Where one SMTP mode listens (see [`Config::smtp_modes`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SmtpListen<'a> {
+    pub mode: tambo_proto::submit::Mode,
+    pub key: &'static str,
+    pub fd_name: &'static str,
+    pub addrs: &'a [ListenAddr],
+}
+
 /// tambo-only settings (`[tambo]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TamboConfig {
@@ -354,6 +363,33 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The three SMTP modes: each with its listen addresses, its config
+    /// key, and the name its sockets carry when passed by socket
+    /// activation (`FileDescriptorName=`, as chasquid's units name them).
+    pub fn smtp_modes(&self) -> [SmtpListen<'_>; 3] {
+        use tambo_proto::submit::Mode;
+        [
+            SmtpListen {
+                mode: Mode::Smtp,
+                key: "smtp_address",
+                fd_name: "smtp",
+                addrs: &self.smtp_address,
+            },
+            SmtpListen {
+                mode: Mode::Submission,
+                key: "submission_address",
+                fd_name: "submission",
+                addrs: &self.submission_address,
+            },
+            SmtpListen {
+                mode: Mode::SubmissionTls,
+                key: "submission_over_tls_address",
+                fd_name: "submission_tls",
+                addrs: &self.submission_over_tls_address,
+            },
+        ]
     }
 
     /// `data_dir/queue`.

@@ -14,6 +14,8 @@ pub const PASSWORD: &str = "tambo-dev-password";
 /// The ports written into a new dev config; `tambo dev` prints what it
 /// actually bound, since the config may have been edited since.
 pub const SMTP_PORT: u16 = 2525;
+pub const SUBMISSION_PORT: u16 = 2587;
+pub const SUBMISSION_TLS_PORT: u16 = 2465;
 pub const MONITORING: &str = "127.0.0.1:1099";
 
 pub async fn run(state_dir: &Path, inherited: Inherited) -> ExitCode {
@@ -29,6 +31,10 @@ pub async fn run(state_dir: &Path, inherited: Inherited) -> ExitCode {
         tracing::error!("cannot create the dev state in {}: {e}", state.display());
         return ExitCode::FAILURE;
     }
+    if let Err(e) = ensure_certificate(&config_dir) {
+        tracing::error!("cannot create the dev certificate: {e}");
+        return ExitCode::FAILURE;
+    }
     let maildir = state.join("mail").join(DOMAIN).join(USER);
     // Bind first, then print what was bound: the config may have been
     // edited since it was written.
@@ -36,33 +42,45 @@ pub async fn run(state_dir: &Path, inherited: Inherited) -> ExitCode {
         Ok(p) => p,
         Err(e) => return tambo_common::daemon::startup_failed(e),
     };
-    let smtp = prepared.smtp_addrs();
-    let smtp_list = if smtp.is_empty() {
-        "none (smtp_address is empty)".to_string()
-    } else {
-        smtp.iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+    let bound = prepared.smtp_addrs();
+    let of = |mode: &str| -> Vec<std::net::SocketAddr> {
+        bound.iter().filter(|(m, _)| *m == mode).map(|(_, a)| *a).collect()
     };
+    let list = |addrs: &[std::net::SocketAddr]| -> String {
+        if addrs.is_empty() {
+            "none".to_string()
+        } else {
+            addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        }
+    };
+    let (smtp, submission, tls) = (of("smtp"), of("submission"), of("submission_tls"));
     let monitoring = match prepared.monitoring_addr() {
         Some(a) => format!("http://{a}/  (counters: http://{a}/debug/vars)"),
         None => "none (monitoring_address is empty)".to_string(),
     };
-    let try_it = match smtp.first() {
-        Some(a) => format!(
+    let mut try_it = String::new();
+    if let Some(a) = smtp.first() {
+        try_it.push_str(&format!(
             "send a test message:\n  swaks --server {a} --from you@example.net --to {USER}@{DOMAIN}\n"
-        ),
-        None => String::new(),
-    };
+        ));
+    }
+    if let Some(a) = submission.first() {
+        try_it.push_str(&format!(
+            "submit one as the test user (STARTTLS, AUTH; the certificate is self-signed):\n  swaks --server {a} --tls --auth PLAIN --auth-user {USER}@{DOMAIN} --auth-password {PASSWORD} --from {USER}@{DOMAIN} --to someone@example.com\n"
+        ));
+    }
     println!(
         "\ntambo dev: everything runs as you, state in {state}
-  SMTP:        {smtp_list} (submission and TLS ports come with STARTTLS/AUTH)
+  SMTP:        {smtp}
+  submission:  {submission} (STARTTLS), {tls} (TLS)
   monitoring:  {monitoring}
   config:      {config}
   test user:   {USER}@{DOMAIN} (password {PASSWORD})
   Maildir:     {maildir}
 {try_it}stop with Ctrl-C.\n",
+        smtp = list(&smtp),
+        submission = list(&submission),
+        tls = list(&tls),
         state = state.display(),
         config = config_dir.display(),
         maildir = maildir.display(),
@@ -94,9 +112,8 @@ fn create(state: &Path, config_dir: &Path) -> Result<(), String> {
 # kept across runs. Reference: docs/config.md.
 hostname = \"localhost\"
 smtp_address = [\"127.0.0.1:{SMTP_PORT}\"]
-# Submission (587/465) needs STARTTLS and AUTH, which come later.
-submission_address = []
-submission_over_tls_address = []
+submission_address = [\"127.0.0.1:{SUBMISSION_PORT}\"]
+submission_over_tls_address = [\"127.0.0.1:{SUBMISSION_TLS_PORT}\"]
 monitoring_address = \"{MONITORING}\"
 data_dir = \"{data}\"
 mail_log_path = \"<stderr>\"
@@ -129,6 +146,25 @@ monitord_user = \"{me}\"
     )
     .map_err(|e| e.to_string())?;
     std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))
+}
+
+/// A self-signed certificate for `localhost` (the dev host name), made at
+/// the first start, or whenever `certs/` is gone.
+fn ensure_certificate(config_dir: &Path) -> Result<(), String> {
+    let dir = config_dir.join("certs").join("localhost");
+    if config_dir.join("certs").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| e.to_string())?;
+    // The key first, private (umask 077), so the pair is never half there.
+    std::fs::write(dir.join("privkey.pem"), key.serialize_pem())
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(dir.join("fullchain.pem"), cert.pem())
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 /// The name of the user running `tambo dev`.

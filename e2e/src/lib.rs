@@ -167,6 +167,7 @@ pub async fn submit_session(sock: &Path) -> tokio::net::UnixStream {
         &SubmitRequest::Session {
             client: "203.0.113.9:4242".into(),
             mode: Mode::Smtp,
+            tls: false,
         },
     )
     .await
@@ -186,6 +187,22 @@ pub async fn closed_by_peer(s: &mut tokio::net::UnixStream) -> bool {
         tokio::time::timeout(WAIT, s.read(&mut b)).await,
         Ok(Ok(0) | Err(_))
     )
+}
+
+/// Writes a self-signed certificate for `names` into `certs/<name>/`
+/// (`fullchain.pem`, `privkey.pem`), as certbot lays them out. Returns the
+/// certificate's DER, for clients that should trust it.
+pub fn write_cert(config_dir: &Path, name: &str, names: &[&str]) -> Vec<u8> {
+    let dir = config_dir.join("certs").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("fullchain.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("privkey.pem"), key.serialize_pem()).unwrap();
+    cert.der().to_vec()
 }
 
 /// Raises this test process's open-files soft limit to its hard limit, for
@@ -248,6 +265,7 @@ impl Tambo {
             "$scrypt$ln=14,r=8,p=1$c2FsdHNhbHRzYWx0$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4";
         std::fs::write(domain.join("users"), format!("ann {hash}\nbob {hash}\n")).unwrap();
         std::fs::write(domain.join("aliases"), "postmaster: ann\nteam: ann, bob\n").unwrap();
+        write_cert(&t.config_dir, "mx", &["mx.example.test"]);
         let maildir_line = if tambo_extra.contains("maildir") {
             String::new()
         } else {

@@ -247,9 +247,11 @@ async fn submit_sock_session_cap() {
     // This test holds that many sockets itself.
     raise_nofile_limit();
     let sock = t.run_dir.join("submit.sock");
+    // smtpd's key link is one of the sessions.
+    t.wait_log("smtpd", "TLS ready with");
     // A hostile (or runaway) smtpd holds every session queued allows.
     let mut held = Vec::new();
-    for _ in 0..cap {
+    for _ in 0..cap - 1 {
         held.push(
             hello::connect(&sock, Role::Smtpd, Role::Queued, &ids())
                 .await
@@ -307,6 +309,7 @@ async fn silent_and_oversize_ipc_peers_are_closed() {
         &SubmitRequest::Session {
             client: "evil\r\nX-Injected: 1".into(),
             mode: Mode::Smtp,
+            tls: false,
         },
     )
     .await

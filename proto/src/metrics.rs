@@ -41,6 +41,8 @@ pub mod names {
     pub const QUEUE_UNREADABLE_ITEMS: &str = "tambo/queue/unreadableItems";
     pub const QUEUE_JOBS_EXPIRED: &str = "tambo/queue/jobsExpired";
     pub const QUEUE_DSNS_DROPPED: &str = "tambo/queue/dsnDropped";
+    pub const TLS_SIGNATURES: &str = "tambo/tls/signatures";
+    pub const TLS_SIGN_REFUSED: &str = "tambo/tls/signRefused";
     pub const QUEUE_DIR_SYNCS: &str = "tambo/queue/dirSyncs";
     pub const METRICS_DROPPED: &str = "tambo/metrics/dropped";
     pub const MONITORD_DROPPED_KEYS: &str = "tambo/monitord/droppedKeys";
@@ -267,6 +269,16 @@ pub const VARIABLES: &[(&str, Kind, &str)] = &[
         "tambo/queue/unreadableItems",
         Kind::Counter,
         "queue items found unreadable at startup (left on disk)",
+    ),
+    (
+        "tambo/tls/signRefused",
+        Kind::Map,
+        "TLS handshake signatures queued refused, by reason (input, rate)",
+    ),
+    (
+        "tambo/tls/signatures",
+        Kind::Counter,
+        "TLS handshake signatures queued made for smtpd",
     ),
     (
         "tambo/smtpIn/sessionsRefused",

@@ -25,10 +25,62 @@ pub enum Mode {
     SubmissionTls,
 }
 
+/// Names a certificate (and so its private key, which stays in queued):
+/// the SHA-256 of its leaf certificate.
+pub type CertId = [u8; 32];
+
+/// A certificate as smtpd sees it: the chain, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertEntry {
+    pub id: CertId,
+    /// The `certs/` directory it came from.
+    pub name: String,
+    /// DER certificates, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// TLS signature schemes its key can make (IANA code points).
+    pub schemes: Vec<u16>,
+    /// The key's algorithm (rustls `SignatureAlgorithm` code point).
+    pub algorithm: u8,
+}
+
+/// queued's answer to an AUTH attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthVerdict {
+    /// 235 2.7.0; the session may now relay.
+    Accepted,
+    /// 535 5.7.8.
+    Invalid,
+    /// The client's failure budget is spent: 454 4.7.0, nothing checked.
+    Blocked,
+    /// The backend failed: 454 4.7.0.
+    TempError,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SubmitRequest {
-    /// Once, first after the hello: who the client is.
-    Session { client: String, mode: Mode },
+    /// Once, first after the hello: who the client is, and whether the
+    /// SMTP session is on TLS (a link opened before STARTTLS is closed).
+    Session { client: String, mode: Mode, tls: bool },
+    /// Instead of `Session`, first after the hello: this connection is
+    /// smtpd's key link, for certificates and TLS handshake signatures.
+    KeyLink,
+    /// On a key link: the certificates (chains only).
+    Certificates,
+    /// On a key link: a handshake signature with `cert`'s key. queued signs
+    /// only inputs shaped like a TLS 1.2 ServerKeyExchange or a TLS 1.3
+    /// CertificateVerify.
+    Sign {
+        cert: CertId,
+        scheme: u16,
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+    },
+    /// A SASL identity and password to check (AUTH PLAIN or LOGIN).
+    Auth {
+        identity: String,
+        #[serde(with = "serde_bytes")]
+        password: Vec<u8>,
+    },
     /// Starts a new envelope. `from` is empty for the null sender `<>`.
     Mail { from: String },
     /// One recipient, as the client gave it.
@@ -88,4 +140,15 @@ pub enum SubmitReply {
     NoSpace {
         reason: String,
     },
+    /// MAIL refused: this mode needs AUTH first (550 5.7.9).
+    AuthRequired,
+    /// MAIL refused: the authenticated user may not send as this address
+    /// (550 5.7.1).
+    SenderNotAllowed,
+    Auth(AuthVerdict),
+    Certificates(Vec<CertEntry>),
+    Signature(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// queued would not sign (not a handshake input, over the rate, no
+    /// such key); the handshake fails.
+    SignRefused(String),
 }

@@ -7,13 +7,18 @@
 //! answer 250 (through smtpd) before a message is fsync'd.
 #![forbid(unsafe_code)]
 
+mod certs;
 mod dirsync;
 mod dispatch;
 mod dsn;
+mod handshake;
 mod item;
+mod keylink;
 mod policy;
+mod pool;
 mod queue;
 mod retry;
+mod session;
 mod spool;
 mod submit;
 
@@ -58,6 +63,11 @@ fn main() -> ExitCode {
             d.aliases.len()
         );
     }
+    // The TLS keys: read here, and nowhere else.
+    let certs = match certs::Certs::load(&cfg.config_dir) {
+        Ok(c) => c,
+        Err(e) => return daemon::startup_failed(e),
+    };
     // The order matters: lock the queue before looking at it; bind the
     // sockets before cleaning it. A second queued on the same data dir
     // stops at the lock, and one that cannot serve never touches a file.
@@ -160,8 +170,13 @@ fn main() -> ExitCode {
             IpcSocket::Deliver.path(&cfg).display()
         );
         let ids = Arc::new(ids);
+        let keys = Arc::new(keylink::KeyService {
+            certs: std::sync::RwLock::new(Arc::new(certs)),
+            pool: Arc::new(pool::CpuPool::for_this_machine()),
+        });
         let l = Arc::new(submit::Listener::new(
             queue.clone(),
+            keys,
             (*ids).clone(),
             daemon::nofile_limit(),
         ));

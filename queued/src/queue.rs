@@ -117,7 +117,7 @@ impl Queue {
     /// adds: the config only requires it to be at least
     /// `max_data_size_mb`, and a message of exactly that size must fit.
     fn max_in_flight(&self) -> u64 {
-        self.cfg.max_data_in_flight() + crate::submit::HEADER_ROOM
+        self.cfg.max_data_in_flight() + crate::session::HEADER_ROOM
     }
 
     /// Gives back body bytes counted by [`Queue::reserve_in_flight`].

@@ -1,7 +1,9 @@
-//! tambo-smtpd: SMTP on 25 (and later 587/465); parses everything the
-//! internet sends.
+//! tambo-smtpd: SMTP on 25, submission on 587 and 465; parses everything
+//! the internet sends.
 //!
-//! Holds: its listening sockets, one submit.sock link per session.
+//! Holds: its listening sockets, one submit.sock link per session (opened
+//! at its first MAIL or AUTH), one key link to queued, and the certificate
+//! chains — never a private key: queued signs each TLS handshake.
 //! Must never: write a file, read the queue, users or any private key, exec,
 //! or decide by itself whether a recipient is accepted — queued does, for
 //! every RCPT.
@@ -13,11 +15,15 @@
 //! - [`dotreader`]: DATA decoding (dot-unstuffing, strict CRLF).
 //! - [`received`]: the Received header.
 //! - [`queue`]: the per-session link to queued.
+//! - [`conn`]: a client connection, plain or TLS.
+//! - [`tls`]: TLS with the keys held by queued (smtpd's key link).
 #![forbid(unsafe_code)]
 
 pub mod command;
+pub mod conn;
 pub mod dotreader;
 pub mod queue;
 pub mod received;
 pub mod server;
 pub mod session;
+pub mod tls;

@@ -10,7 +10,7 @@ use tambo_common::daemon;
 use tambo_common::sockets::IpcSocket;
 use tambo_proto::Role;
 use tambo_proto::submit::Mode;
-use tambo_smtpd::{server, session};
+use tambo_smtpd::{server, session, tls};
 
 fn main() -> ExitCode {
     let started = match daemon::boot(Role::Smtpd, "tambo-smtpd", "tambo's SMTP server") {
@@ -26,53 +26,53 @@ fn main() -> ExitCode {
     // Listeners first: handed over (by systemd, or by `tambo run`, which
     // binds every configured address itself) or bound here; then root is
     // dropped; then the runtime starts.
-    let inherited: Vec<std::net::TcpListener> = sockets
-        .take_named("smtp")
-        .into_iter()
-        .map(std::net::TcpListener::from)
-        .collect();
-    let mut listeners = Vec::new();
-    if daemon::under_supervisor() && !inherited.is_empty() {
-        listeners = inherited;
-    } else {
+    let supervised = daemon::under_supervisor();
+    let mut listeners: Vec<(Mode, std::net::TcpListener)> = Vec::new();
+    for m in cfg.smtp_modes() {
+        let inherited: Vec<std::net::TcpListener> = sockets
+            .take_named(m.fd_name)
+            .into_iter()
+            .map(std::net::TcpListener::from)
+            .collect();
+        if supervised {
+            // `tambo run` passes exactly what the config asks for.
+            listeners.extend(inherited.into_iter().map(|l| (m.mode, l)));
+            continue;
+        }
         let mut inherited = Some(inherited);
-        for addr in &cfg.smtp_address {
+        for addr in m.addrs {
             match addr {
                 ListenAddr::Systemd => match inherited.take() {
-                    Some(l) if !l.is_empty() => listeners.extend(l),
-                    _ => {
+                    Some(l) if !l.is_empty() => {
+                        listeners.extend(l.into_iter().map(|l| (m.mode, l)))
+                    }
+                    Some(_) => {
                         return daemon::startup_failed(format!(
-                            "{}: key smtp_address: \"systemd\" is listed, but no socket named \"smtp\" was passed (FileDescriptorName=smtp)",
-                            cfg.file_path().display()
+                            "{}: key {}: \"systemd\" is listed, but no socket named \"{}\" was passed (FileDescriptorName={})",
+                            cfg.file_path().display(),
+                            m.key,
+                            m.fd_name,
+                            m.fd_name
                         ));
                     }
+                    None => {}
                 },
                 ListenAddr::Addr(a) => match std::net::TcpListener::bind(a) {
-                    Ok(l) => listeners.push(l),
+                    Ok(l) => listeners.push((m.mode, l)),
                     Err(e) => {
                         return daemon::startup_failed(format!(
-                            "{}: key smtp_address: cannot listen on {a}: {e}",
-                            cfg.file_path().display()
+                            "{}: key {}: cannot listen on {a}: {e}",
+                            cfg.file_path().display(),
+                            m.key
                         ));
                     }
                 },
             }
         }
     }
-    for (key, list) in [
-        ("submission_address", &cfg.submission_address),
-        (
-            "submission_over_tls_address",
-            &cfg.submission_over_tls_address,
-        ),
-    ] {
-        if !list.is_empty() {
-            tracing::warn!("{key} is set, but submission is not implemented yet; ignored");
-        }
-    }
     if listeners.is_empty() {
         return daemon::startup_failed(format!(
-            "no listening socket: set smtp_address in {}",
+            "no listening socket: set smtp_address, submission_address or submission_over_tls_address in {}",
             cfg.file_path().display()
         ));
     }
@@ -86,38 +86,51 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         daemon::on_sighup(|| tracing::info!("SIGHUP: smtpd has nothing to reload"));
         daemon::push_metrics(Role::Smtpd, &flags, &cfg, &ids);
-        let mut scfg = session::SessionConfig::new(
-            cfg.hostname.clone(),
-            cfg.max_data_size(),
-            IpcSocket::Submit.path(&cfg),
-            ids,
-            Mode::Smtp,
-        );
-        if let Some(t) = cfg.testing.smtp_command_timeout {
-            scfg.command_timeout = t;
-        }
-        // A client that dawdles between commands or inside DATA must never
-        // have its link (and its transaction) closed by queued.
-        scfg.link_keepalive = tambo_proto::keepalive_every(
+        // TLS: the chains from queued over the key link, fetched in the
+        // background (queued may not be up yet); until then STARTTLS is not
+        // offered and 465 refuses handshakes.
+        let keys = Arc::new(tls::KeyClient::new(IpcSocket::Submit.path(&cfg), ids.clone()));
+        let link_keepalive = tambo_proto::keepalive_every(
             cfg.testing
                 .ipc_idle_timeout
                 .unwrap_or(tambo_proto::submit::IDLE_TIMEOUT),
         );
-        let scfg = Arc::new(scfg);
+        tokio::spawn(keys.clone().keep_alive(link_keepalive));
+        let tls = tls::Tls::new(cfg.hostname.clone(), keys);
+        tokio::spawn(tls.clone().refresh_until_ready());
         let sessions = server::Sessions::new(server::Caps {
             total: cfg.tambo.max_sessions,
             per_client: cfg.tambo.max_sessions_per_client,
         });
-        for l in listeners {
+        for (mode, l) in listeners {
+            let mut scfg = session::SessionConfig::new(
+                cfg.hostname.clone(),
+                cfg.max_data_size(),
+                IpcSocket::Submit.path(&cfg),
+                ids.clone(),
+                mode,
+            );
+            if let Some(t) = cfg.testing.smtp_command_timeout {
+                scfg.command_timeout = t;
+            }
+            // A client that dawdles between commands or inside DATA must
+            // never have its link (and its transaction) closed by queued.
+            scfg.link_keepalive = link_keepalive;
+            scfg.tls = Some(tls.clone());
             let l = match daemon::tokio_tcp(l) {
                 Ok(l) => l,
                 Err(e) => return daemon::startup_failed(format!("SMTP listener: {e}")),
             };
+            let what = match mode {
+                Mode::Smtp => "SMTP",
+                Mode::Submission => "submission",
+                Mode::SubmissionTls => "submission+TLS",
+            };
             match l.local_addr() {
-                Ok(a) => tracing::info!("smtpd listening on {a} (SMTP)"),
+                Ok(a) => tracing::info!("smtpd listening on {a} ({what})"),
                 Err(e) => tracing::warn!("listener without address: {e}"),
             }
-            tokio::spawn(server::run(l, scfg.clone(), sessions.clone()));
+            tokio::spawn(server::run(l, Arc::new(scfg), sessions.clone()));
         }
         daemon::notify_ready();
         daemon::wait_for_shutdown().await;

@@ -33,6 +33,7 @@ impl QueueLink {
         path: &Path,
         client: String,
         mode: Mode,
+        tls: bool,
         ids: &Identities,
     ) -> Result<Self, Error> {
         let stream = hello::connect(path, Role::Smtpd, Role::Queued, ids).await?;
@@ -42,7 +43,7 @@ impl QueueLink {
             writer: w,
             last_used: Instant::now(),
         };
-        match link.call(&SubmitRequest::Session { client, mode }).await? {
+        match link.call(&SubmitRequest::Session { client, mode, tls }).await? {
             SubmitReply::Ok => Ok(link),
             _ => Err(Error::Unexpected("reply to Session")),
         }

@@ -13,6 +13,10 @@ pub struct ReceivedInfo<'a> {
     pub hostname: &'a str,
     pub mode: Mode,
     pub from: &'a str,
+    /// On TLS: the version (`TLS-1.3`) and the IANA cipher suite name.
+    pub tls: Option<(&'a str, &'a str)>,
+    /// The session authenticated: its IP is not shown.
+    pub authenticated: bool,
 }
 
 /// Builds the header, CRLF line ends, continuation lines starting with a
@@ -30,17 +34,34 @@ fn header_at(info: &ReceivedInfo<'_>, date: &str) -> String {
             None => format!("IPv6:{v6}"),
         },
     };
-    let with = if info.esmtp { "ESMTP" } else { "SMTP" };
+    // RFC 3848: ESMTP, + S on TLS, + A when authenticated.
+    let mut with = String::from(if info.esmtp { "ESMTP" } else { "SMTP" });
+    if info.tls.is_some() {
+        with.push('S');
+    }
+    if info.authenticated {
+        with.push('A');
+    }
     let mode = match info.mode {
         Mode::Smtp => "SMTP",
         Mode::Submission => "submission",
         Mode::SubmissionTls => "submission+TLS",
     };
+    // An authenticated client's address is nobody else's business.
+    let from = if info.authenticated {
+        sanitize(info.ehlo)
+    } else {
+        format!("{} ([{ip}])", sanitize(info.ehlo))
+    };
+    let (cipher, transport) = match info.tls {
+        // RFC 8314 §4.3: the cipher suite after `with`.
+        Some((version, cipher)) => (format!(" tls {cipher}"), version.to_string()),
+        None => (String::new(), "plain text".to_string()),
+    };
     format!(
-        "Received: from {ehlo} ([{ip}])\r\n\tby {host} (tambo) with {with}\r\n\t(over {mode}, plain text, envelope from \"{from}\")\r\n\t; {date}\r\n",
-        ehlo = sanitize(info.ehlo),
+        "Received: from {from}\r\n\tby {host} (tambo) with {with}{cipher}\r\n\t(over {mode}, {transport}, envelope from \"{sender}\")\r\n\t; {date}\r\n",
         host = info.hostname,
-        from = quote(info.from),
+        sender = quote(info.from),
     )
 }
 
@@ -86,10 +107,30 @@ mod tests {
             hostname: "mx.example.org",
             mode: Mode::Smtp,
             from: "ann@example.org",
+            tls: None,
+            authenticated: false,
         };
         assert_eq!(
             header_at(&info, "Tue, 24 Nov 2026 01:00:00 +0000"),
             "Received: from client.test ([127.0.0.1])\r\n\tby mx.example.org (tambo) with ESMTP\r\n\t(over SMTP, plain text, envelope from \"ann@example.org\")\r\n\t; Tue, 24 Nov 2026 01:00:00 +0000\r\n"
+        );
+    }
+
+    #[test]
+    fn tls_and_authentication_show() {
+        let info = ReceivedInfo {
+            ehlo: "laptop",
+            esmtp: true,
+            client: "192.0.2.8:5000".parse().unwrap(),
+            hostname: "mx.example.org",
+            mode: Mode::SubmissionTls,
+            from: "ann@example.org",
+            tls: Some(("TLS-1.3", "TLS13_AES_256_GCM_SHA384")),
+            authenticated: true,
+        };
+        assert_eq!(
+            header_at(&info, "now"),
+            "Received: from laptop\r\n\tby mx.example.org (tambo) with ESMTPSA tls TLS13_AES_256_GCM_SHA384\r\n\t(over submission+TLS, TLS-1.3, envelope from \"ann@example.org\")\r\n\t; now\r\n"
         );
     }
 
@@ -102,6 +143,8 @@ mod tests {
             hostname: "mx",
             mode: Mode::Smtp,
             from: "a\"b\r\n@c",
+            tls: None,
+            authenticated: false,
         };
         let h = header(&info);
         assert!(
@@ -121,6 +164,8 @@ mod tests {
             hostname: "mx",
             mode: Mode::Smtp,
             from: "\"a)b(c\\\"@d",
+            tls: None,
+            authenticated: false,
         };
         let h = header_at(&info, "now");
         assert!(

@@ -119,8 +119,8 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The SMTP addresses actually bound (port 0 resolved).
-    pub fn smtp_addrs(&self) -> Vec<SocketAddr> {
+    /// The SMTP addresses actually bound (port 0 resolved), by mode.
+    pub fn smtp_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
         self.sockets.smtp_addrs()
     }
 

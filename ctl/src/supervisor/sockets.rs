@@ -20,8 +20,6 @@ use super::{Daemon, SetupError};
 /// The lock file that makes a runtime directory one supervisor's own.
 pub const LOCK_FILE: &str = "tambo.lock";
 
-/// The name smtpd takes its SMTP listeners under (`FileDescriptorName=`).
-pub const SMTP: &str = "smtp";
 /// The name monitord takes its HTTP listener under.
 pub const MONITORING: &str = "monitoring";
 
@@ -31,7 +29,9 @@ pub struct Sockets {
     submit: Bound,
     deliver: Bound,
     monitor: Bound,
-    smtp: Vec<TcpListener>,
+    /// Each SMTP listener with its activation name (`smtp`, `submission`,
+    /// `submission_tls`).
+    smtp: Vec<(&'static str, TcpListener)>,
     monitoring: Option<TcpListener>,
     _runtime_lock: LockFile,
 }
@@ -60,18 +60,27 @@ impl Sockets {
         })?;
         let file = cfg.file_path();
         let mut smtp = Vec::new();
-        let mut systemd = Some(inherited.take_named(SMTP));
-        for addr in &cfg.smtp_address {
-            match addr {
-                ListenAddr::Systemd => match systemd.take() {
-                    Some(fds) if !fds.is_empty() => {
-                        smtp.extend(fds.into_iter().map(TcpListener::from));
-                    }
-                    Some(_) => return Err(SetupError::NoSystemdSocket { file, name: SMTP }),
-                    // Listed twice: the sockets were taken the first time.
-                    None => {}
-                },
-                ListenAddr::Addr(a) => smtp.push(listen(&file, "smtp_address", *a)?),
+        for m in cfg.smtp_modes() {
+            let mut systemd = Some(inherited.take_named(m.fd_name));
+            for addr in m.addrs {
+                match addr {
+                    ListenAddr::Systemd => match systemd.take() {
+                        Some(fds) if !fds.is_empty() => {
+                            smtp.extend(
+                                fds.into_iter().map(|fd| (m.fd_name, TcpListener::from(fd))),
+                            );
+                        }
+                        Some(_) => {
+                            return Err(SetupError::NoSystemdSocket {
+                                file,
+                                name: m.fd_name,
+                            });
+                        }
+                        // Listed twice: the sockets were taken the first time.
+                        None => {}
+                    },
+                    ListenAddr::Addr(a) => smtp.push((m.fd_name, listen(&file, m.key, *a)?)),
+                }
             }
         }
         let monitoring = match cfg.monitoring_address {
@@ -108,7 +117,7 @@ impl Sockets {
             Ok((name, fd.as_fd().try_clone_to_owned()?))
         };
         match daemon {
-            Daemon::Smtpd => self.smtp.iter().map(|l| dup(SMTP, l)).collect(),
+            Daemon::Smtpd => self.smtp.iter().map(|(name, l)| dup(name, l)).collect(),
             Daemon::Queued => Ok(vec![
                 dup(IpcSocket::Submit.name(), &self.submit.listener)?,
                 dup(IpcSocket::Deliver.name(), &self.deliver.listener)?,
@@ -124,11 +133,12 @@ impl Sockets {
         }
     }
 
-    /// The addresses the SMTP listeners are bound to (port 0 resolved).
-    pub fn smtp_addrs(&self) -> Vec<SocketAddr> {
+    /// The addresses the SMTP listeners are bound to (port 0 resolved),
+    /// each with its mode's name (`smtp`, `submission`, `submission_tls`).
+    pub fn smtp_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
         self.smtp
             .iter()
-            .filter_map(|l| l.local_addr().ok())
+            .filter_map(|(name, l)| Some((*name, l.local_addr().ok()?)))
             .collect()
     }
 

@@ -57,8 +57,13 @@ async fn client(socket: &Path, me: Role, expect: Role) {
         protocol_version: PROTOCOL_VERSION,
         role: me,
     };
+    // A server that refuses at accept may close before the hello is even
+    // written: that is a refusal too, and no job can follow.
     if let Err(e) = write_frame(&mut s, &hello).await {
         println!("refused: {e}");
+        if me == Role::Deliverd {
+            println!("no job");
+        }
         return;
     }
     match tokio::time::timeout(Duration::from_secs(10), read_frame::<_, Hello>(&mut s)).await {

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
+use tokio::io::AsyncBufReadExt;
 
 use tambo_proto::frame::CHUNK_SIZE;
 use tambo_proto::metrics::{self, names};
@@ -27,7 +27,7 @@ enum BodyOutcome {
     QueueLost,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl Session {
     pub(super) async fn data(&mut self) -> Next {
         if self.ehlo.is_none() {
             self.reply(503, "5.5.1", "Invalid command: say hello first");
@@ -66,9 +66,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ehlo: self.ehlo.as_deref().unwrap_or("unknown"),
             esmtp: self.esmtp,
             client: self.peer,
-            hostname: &self.cfg.hostname,
+            hostname: &self.hostname,
             mode: self.cfg.mode,
             from: &from,
+            tls: self
+                .tls
+                .as_ref()
+                .map(|t| (t.version.as_str(), t.cipher.as_str())),
+            authenticated: self.auth.is_some(),
         });
         let deadline = self.started + self.cfg.lifetime;
         let outcome = self.stream_body(header.into_bytes(), deadline).await;

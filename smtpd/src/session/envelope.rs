@@ -1,14 +1,12 @@
 //! MAIL, RCPT and RSET, and the link to queued they need.
 
-use tokio::io::{AsyncRead, AsyncWrite};
-
 use tambo_proto::submit::{RcptVerdict, SubmitReply, SubmitRequest};
 
 use super::{MAX_RCPTS, Next, Session};
 use crate::command::{self, PathError};
 use crate::queue::QueueLink;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl Session {
     pub(super) async fn mail(&mut self, arg: &[u8]) -> Next {
         let path = match command::parse_path(arg, "FROM:") {
             Ok(p) => p,
@@ -161,6 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             &self.cfg.submit_socket,
             self.peer.to_string(),
             self.cfg.mode,
+            self.tls.is_some(),
             &self.cfg.ids,
         );
         match tokio::time::timeout(self.cfg.command_timeout, connect).await {

@@ -9,24 +9,29 @@
 //! - `hello`: HELO and EHLO;
 //! - `envelope`: MAIL, RCPT, RSET and the link to queued;
 //! - `data`: DATA, streaming the body to queued.
+//! - `starttls`: STARTTLS, and the implicit TLS of port 465.
 
 mod data;
 mod envelope;
 mod hello;
+mod starttls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
 use tambo_proto::submit::Mode;
 
 use crate::command::{self, Verb};
+use crate::conn::Conn;
 use crate::queue::QueueLink;
+use crate::tls::Tls;
 
 /// Longest command line, without its line ending (REFERENCE §2.2).
 pub const MAX_LINE: usize = 1000;
@@ -60,6 +65,8 @@ pub struct SessionConfig {
     pub lifetime: Duration,
     /// How often a quiet link to queued is kept alive.
     pub link_keepalive: Duration,
+    /// TLS, once the certificates arrived from queued.
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl SessionConfig {
@@ -80,8 +87,16 @@ impl SessionConfig {
             command_timeout: Duration::from_secs(60),
             lifetime: Duration::from_secs(20 * 60),
             link_keepalive: Duration::from_secs(60),
+            tls: None,
         }
     }
+}
+
+/// What the Received header says of a TLS session.
+#[derive(Debug, Clone)]
+struct TlsInfo {
+    version: String,
+    cipher: String,
 }
 
 /// How reading a command line can fail.
@@ -102,13 +117,19 @@ enum Next {
     Close,
 }
 
-struct Session<S> {
-    conn: BufReader<S>,
+struct Session {
+    conn: BufReader<Conn>,
     /// Replies not yet written: flushed when the client has nothing more
     /// buffered, so pipelined commands get their replies in one write.
     out: Vec<u8>,
     peer: SocketAddr,
     cfg: Arc<SessionConfig>,
+    /// `hostname`, or the client's SNI when a certificate covers it.
+    hostname: String,
+    /// Set once on TLS.
+    tls: Option<TlsInfo>,
+    /// The identity queued accepted at AUTH.
+    auth: Option<String>,
     /// The link to queued, opened at the first MAIL.
     queue: Option<QueueLink>,
     started: Instant,
@@ -122,15 +143,16 @@ struct Session<S> {
 }
 
 /// Serves one connection until it ends. Never panics on client input.
-pub async fn serve<S>(stream: S, peer: SocketAddr, cfg: Arc<SessionConfig>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+pub async fn serve(stream: TcpStream, peer: SocketAddr, cfg: Arc<SessionConfig>) {
+    let hostname = cfg.hostname.clone();
     let mut s = Session {
-        conn: BufReader::with_capacity(READ_BUFFER, stream),
+        conn: BufReader::with_capacity(READ_BUFFER, Conn::Plain(stream)),
         out: Vec::new(),
         peer,
         cfg,
+        hostname,
+        tls: None,
+        auth: None,
         queue: None,
         started: Instant::now(),
         errors: 0,
@@ -139,13 +161,17 @@ where
         mail_from: None,
         rcpts: 0,
     };
+    if s.cfg.mode == Mode::SubmissionTls && !s.implicit_tls().await {
+        return;
+    }
     s.run().await;
-    metrics::inc_label(names::SMTP_IN_TLS_COUNT, "plain");
+    let status = if s.tls.is_some() { "tls" } else { "plain" };
+    metrics::inc_label(names::SMTP_IN_TLS_COUNT, status);
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl Session {
     async fn run(&mut self) {
-        let greeting = format!("{} ESMTP tambo", self.cfg.hostname);
+        let greeting = format!("{} ESMTP tambo", self.hostname);
         self.reply(220, "", &greeting);
         if tokio::time::timeout(self.cfg.first_deadline, self.flush())
             .await
@@ -234,7 +260,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.reply(502, "5.5.1", "Command not implemented");
                 Next::Continue
             }
-            Verb::StartTls | Verb::Auth => {
+            Verb::StartTls => self.starttls(arg).await,
+            Verb::Auth => {
                 self.reply(502, "5.5.1", "Command not implemented yet");
                 Next::Continue
             }
@@ -347,7 +374,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
 /// Reads one command line (LF or CRLF ended, the ending removed), draining
 /// and refusing lines over [`MAX_LINE`].
-async fn read_line<S: AsyncRead + Unpin>(conn: &mut BufReader<S>) -> Result<Vec<u8>, LineError> {
+async fn read_line<S: AsyncRead + Unpin>(
+    conn: &mut BufReader<S>,
+) -> Result<Vec<u8>, LineError> {
     let mut line = Vec::new();
     let mut too_long = false;
     loop {

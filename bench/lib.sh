@@ -1,0 +1,21 @@
+# Sourced by the bench scripts.
+
+# As root, `tambo run` drops smtpd and monitord to their configured users,
+# which must exist: use ones every Debian system has. As a normal user
+# everything runs as that user, and the defaults do.
+TAMBO_USERS=""
+if [ "$(id -u)" = 0 ]; then
+  TAMBO_USERS='smtpd_user = "nobody"
+monitord_user = "nobody"
+queued_user = "root"
+deliverd_user = "root"'
+fi
+
+# tambo_cert CONFIG_DIR HOST: a self-signed certificate in certs/bench/
+# (queued refuses to start without one).
+tambo_cert() {
+  mkdir -p "$1/certs/bench"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=$2" -addext "subjectAltName=DNS:$2" \
+    -keyout "$1/certs/bench/privkey.pem" -out "$1/certs/bench/fullchain.pem" 2>/dev/null
+}

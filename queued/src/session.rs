@@ -1,0 +1,301 @@
+//! One SMTP session's state in queued, tied to its submit.sock
+//! connection (DESIGN §2): the envelope, the body being received, and the
+//! authentication. The peer may be a compromised smtpd, so every request
+//! is checked here as if it came from the internet: order, counts and
+//! sizes are enforced again, and relay needs an [`Authenticated`] that only
+//! a successful password check makes. A message out of place is an error
+//! that closes the connection.
+
+use std::sync::Arc;
+
+use tambo_common::address;
+use tambo_proto::Error;
+use tambo_proto::submit::{AuthVerdict, Mode, RcptVerdict, SubmitReply, SubmitRequest};
+
+use crate::policy::{Authenticated, Policy};
+use crate::queue::{PutError, Queue};
+use crate::spool::BodyWriter;
+
+/// Most recipients per transaction, enforced again after smtpd.
+const MAX_RCPTS: usize = 100;
+
+/// What a body may hold beyond `max_data_size_mb`: the headers smtpd adds
+/// (Received now; later Authentication-Results and DKIM signatures).
+pub const HEADER_ROOM: u64 = 64 * 1024;
+
+/// A message being received.
+struct Body {
+    id: String,
+    writer: BodyWriter,
+    /// First error, reported at DataEnd.
+    error: Option<BodyError>,
+}
+
+enum BodyError {
+    /// The in-flight byte budget ran out (452 4.3.1).
+    NoSpace,
+    /// Anything else (451 4.3.0); the text is for the log.
+    Failed(String),
+}
+
+pub struct Session {
+    queue: Arc<Queue>,
+    client: Option<String>,
+    mode: Mode,
+    /// Whether smtpd says the SMTP session is on TLS.
+    tls: bool,
+    auth: Option<Authenticated>,
+    from: Option<String>,
+    rcpts: Vec<String>,
+    body: Option<Body>,
+}
+
+impl Session {
+    pub fn new(queue: Arc<Queue>) -> Self {
+        Self {
+            queue,
+            client: None,
+            mode: Mode::Smtp,
+            tls: false,
+            auth: None,
+            from: None,
+            rcpts: Vec::new(),
+            body: None,
+        }
+    }
+
+    /// Whether a message body is being received (only then may a large
+    /// frame come).
+    pub fn in_body(&self) -> bool {
+        self.body.is_some()
+    }
+
+    pub async fn handle(&mut self, req: SubmitRequest) -> Result<Option<SubmitReply>, Error> {
+        if self.client.is_none() && !matches!(req, SubmitRequest::Session { .. }) {
+            return Err(Error::Unexpected("request before Session"));
+        }
+        if self.body.is_some()
+            && !matches!(
+                req,
+                SubmitRequest::DataChunk(_) | SubmitRequest::DataEnd | SubmitRequest::DataAbort
+            )
+        {
+            return Err(Error::Unexpected("command in the middle of a message body"));
+        }
+        let reply = match req {
+            SubmitRequest::Session { client, mode, tls } => {
+                if self.client.is_some() {
+                    return Err(Error::Unexpected("second Session"));
+                }
+                self.mode = mode;
+                self.tls = tls;
+                // It goes into logs and the queue item: an address, or
+                // nothing.
+                if client.parse::<std::net::SocketAddr>().is_err() && client != "local" {
+                    return Err(Error::Unexpected("Session whose client is not an address"));
+                }
+                self.client = Some(client);
+                SubmitReply::Ok
+            }
+            SubmitRequest::Ping => SubmitReply::Ok,
+            SubmitRequest::KeyLink | SubmitRequest::Certificates | SubmitRequest::Sign { .. } => {
+                return Err(Error::Unexpected("a key-link request in an SMTP session"));
+            }
+            SubmitRequest::Auth { .. } => SubmitReply::Auth(AuthVerdict::TempError),
+            SubmitRequest::Mail { from } => {
+                self.reset();
+                // Submission ports need AUTH before MAIL (REFERENCE §2.1).
+                if self.mode != Mode::Smtp && self.auth.is_none() {
+                    return Ok(Some(SubmitReply::AuthRequired));
+                }
+                // smtpd checked the syntax already; check again, since the
+                // sender ends up in logs, MDA arguments and DSN headers.
+                if !from.is_empty()
+                    && (!address::is_plausible(&from)
+                        || address::normalize(&from).is_err()
+                        || from.starts_with('-'))
+                {
+                    return Ok(Some(SubmitReply::BadSequence(
+                        "invalid sender address".into(),
+                    )));
+                }
+                self.from = Some(from);
+                SubmitReply::Ok
+            }
+            SubmitRequest::Rcpt { to } => {
+                if self.from.is_none() {
+                    return Ok(Some(SubmitReply::BadSequence("RCPT before MAIL".into())));
+                }
+                if self.rcpts.len() >= MAX_RCPTS {
+                    return Ok(Some(SubmitReply::Rcpt(RcptVerdict::TooMany)));
+                }
+                if !address::is_plausible(&to) || to.starts_with('-') {
+                    return Ok(Some(SubmitReply::Rcpt(RcptVerdict::Invalid(
+                        "not an address".into(),
+                    ))));
+                }
+                let domains = self.queue.domains();
+                let policy = Policy {
+                    cfg: &self.queue.cfg,
+                    domains: &domains,
+                };
+                let to = policy.qualify(&to);
+                let verdict = policy.check_rcpt(&to, self.auth.as_ref());
+                if verdict == RcptVerdict::Accepted {
+                    self.rcpts.push(to);
+                } else {
+                    tracing::info!(client = ?self.client, "rejected to=<{to}>: {verdict:?}");
+                }
+                SubmitReply::Rcpt(verdict)
+            }
+            SubmitRequest::Rset => {
+                self.reset();
+                SubmitReply::Ok
+            }
+            SubmitRequest::DataBegin => self.data_begin().await,
+            SubmitRequest::DataChunk(data) => {
+                let max = self.queue.cfg.max_data_size() + HEADER_ROOM;
+                let Some(body) = self.body.as_mut() else {
+                    return Err(Error::Unexpected("DataChunk outside DATA"));
+                };
+                let n = data.len() as u64;
+                if body.error.is_none() {
+                    if body.writer.size() + n > max {
+                        body.error = Some(BodyError::Failed("message too big".into()));
+                    } else if !self.queue.reserve_in_flight(n) {
+                        body.error = Some(BodyError::NoSpace);
+                    } else if let Err(e) = tokio::task::block_in_place(|| body.writer.write(&data))
+                    {
+                        self.queue.release_in_flight(n);
+                        tracing::error!(id = %body.id, "queue write failed: {e}");
+                        body.error = Some(BodyError::Failed(format!("queue write failed: {e}")));
+                    }
+                }
+                return Ok(None);
+            }
+            SubmitRequest::DataAbort => {
+                if self.body.is_none() {
+                    return Err(Error::Unexpected("DataAbort outside DATA"));
+                }
+                self.reset();
+                return Ok(None);
+            }
+            SubmitRequest::DataEnd => self.data_end().await?,
+        };
+        Ok(Some(reply))
+    }
+
+    async fn data_begin(&mut self) -> SubmitReply {
+        if self.from.is_none() || self.rcpts.is_empty() {
+            return SubmitReply::BadSequence("DATA without sender or recipients".into());
+        }
+        if self.queue.in_flight_full() {
+            return SubmitReply::NoSpace {
+                reason: format!(
+                    "{} MiB of messages are being received already ([tambo] max_data_in_flight_mb)",
+                    self.queue.cfg.tambo.max_data_in_flight_mb
+                ),
+            };
+        }
+        let id = match self.queue.reserve_id(false) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!("refusing a message: {e}");
+                return SubmitReply::Failed {
+                    reason: e.to_string(),
+                };
+            }
+        };
+        let spool = self.queue.spool.clone();
+        let id2 = id.clone();
+        match tokio::task::spawn_blocking(move || spool.create_body(&id2)).await {
+            Ok(Ok(writer)) => {
+                self.body = Some(Body {
+                    id,
+                    writer,
+                    error: None,
+                });
+                SubmitReply::DataReady
+            }
+            Ok(Err(e)) => {
+                tracing::error!("cannot create a queue file: {e}");
+                self.queue.release_id(&id);
+                SubmitReply::Failed {
+                    reason: format!("queue write failed: {e}"),
+                }
+            }
+            Err(e) => {
+                self.queue.release_id(&id);
+                SubmitReply::Failed {
+                    reason: e.to_string(),
+                }
+            }
+        }
+    }
+
+    async fn data_end(&mut self) -> Result<SubmitReply, Error> {
+        let Some(body) = self.body.take() else {
+            return Err(Error::Unexpected("DataEnd outside DATA"));
+        };
+        let from = self.from.take().unwrap_or_default();
+        let rcpts = std::mem::take(&mut self.rcpts);
+        let Body { id, writer, error } = body;
+        // From here the bytes are either queued or thrown away: no longer
+        // in flight.
+        self.queue.release_in_flight(writer.size());
+        match error {
+            Some(BodyError::Failed(reason)) => {
+                self.queue.release_id(&id);
+                return Ok(SubmitReply::Failed { reason });
+            }
+            Some(BodyError::NoSpace) => {
+                self.queue.release_id(&id);
+                return Ok(SubmitReply::NoSpace {
+                    reason: format!(
+                        "over {} MiB of messages being received at once ([tambo] max_data_in_flight_mb)",
+                        self.queue.cfg.tambo.max_data_in_flight_mb
+                    ),
+                });
+            }
+            None => {}
+        }
+        let synced = tokio::task::spawn_blocking(move || writer.finish()).await;
+        let synced = synced
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r);
+        if let Err(e) = synced {
+            tracing::error!(%id, "cannot sync the message body: {e}");
+            self.queue.release_id(&id);
+            return Ok(SubmitReply::Failed {
+                reason: format!("queue write failed: {e}"),
+            });
+        }
+        let client = self.client.clone().unwrap_or_default();
+        match self.queue.put(id.clone(), from, rcpts, client, false).await {
+            Ok(()) => Ok(SubmitReply::Queued { id }),
+            Err(e) => {
+                if let PutError::Io(io) = &e {
+                    tracing::error!(%id, "cannot write the queue item: {io}");
+                }
+                self.queue.release_id(&id);
+                Ok(SubmitReply::Failed {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.from = None;
+        self.rcpts.clear();
+        self.abort_body();
+    }
+
+    pub fn abort_body(&mut self) {
+        if let Some(body) = self.body.take() {
+            self.queue.release_in_flight(body.writer.size());
+            drop(body.writer);
+            self.queue.release_id(&body.id);
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! TLS for smtpd without its private keys (DESIGN: no key is ever in
+//! smtpd's memory). The certificate chains come from queued over smtpd's
+//! key link; each handshake signature is made by queued too: rustls calls
+//! [`RemoteSigner::sign`], which asks queued and waits (rustls signs
+//! synchronously, so the wait runs under `block_in_place`, with a short
+//! timeout). This is OpenSMTPD's "ca" process. The adapter to rustls'
+//! `SigningKey`/`Signer` traits lives here alone: rustls 0.24 renames them.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::{ServerConfig, SignatureAlgorithm, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use tambo_proto::frame::{FrameReader, MAX_FRAME, encode};
+use tambo_proto::identity::Identities;
+use tambo_proto::submit::{CertEntry, CertId, SubmitReply, SubmitRequest};
+use tambo_proto::{Error, Role, hello};
+
+/// Longest a handshake waits for queued's signature.
+pub const SIGN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long smtpd waits between attempts to get the certificates while
+/// queued is not there yet.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// smtpd's key link to queued: one connection, one request at a time.
+pub struct KeyClient {
+    socket: PathBuf,
+    ids: Identities,
+    link: tokio::sync::Mutex<Option<Link>>,
+}
+
+struct Link {
+    reader: FrameReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Link {
+    async fn call(&mut self, req: &SubmitRequest) -> Result<SubmitReply, Error> {
+        self.writer.write_all(&encode(req)?).await?;
+        self.reader
+            .read(MAX_FRAME)
+            .await?
+            .ok_or(Error::Truncated {
+                expected: 4,
+                got: 0,
+            })
+    }
+}
+
+impl KeyClient {
+    pub fn new(socket: PathBuf, ids: Identities) -> Self {
+        Self {
+            socket,
+            ids,
+            link: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn connect(&self) -> Result<(Link, Vec<CertEntry>), Error> {
+        let stream = hello::connect(&self.socket, Role::Smtpd, Role::Queued, &self.ids).await?;
+        let (r, w) = stream.into_split();
+        let mut link = Link {
+            reader: FrameReader::new(r),
+            writer: w,
+        };
+        match link.call(&SubmitRequest::KeyLink).await? {
+            SubmitReply::Certificates(c) => Ok((link, c)),
+            _ => Err(Error::Unexpected("reply to KeyLink")),
+        }
+    }
+
+    /// The certificates queued holds (a fresh link if needed).
+    pub async fn certificates(&self) -> Result<Vec<CertEntry>, Error> {
+        let mut guard = self.link.lock().await;
+        if let Some(link) = guard.as_mut() {
+            match link.call(&SubmitRequest::Certificates).await {
+                Ok(SubmitReply::Certificates(c)) => return Ok(c),
+                _ => *guard = None,
+            }
+        }
+        let (link, certs) = self.connect().await?;
+        *guard = Some(link);
+        Ok(certs)
+    }
+
+    /// Keeps the key link alive: queued closes links quiet for longer than
+    /// its idle timeout, and a handshake should not wait for a reconnect.
+    pub async fn keep_alive(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let mut guard = self.link.lock().await;
+            if let Some(link) = guard.as_mut()
+                && !matches!(link.call(&SubmitRequest::Ping).await, Ok(SubmitReply::Ok))
+            {
+                *guard = None;
+            }
+        }
+    }
+
+    /// One handshake signature. A broken link (queued restarted) is
+    /// reopened once.
+    pub async fn sign(&self, cert: CertId, scheme: u16, message: &[u8]) -> Result<Vec<u8>, String> {
+        let req = SubmitRequest::Sign {
+            cert,
+            scheme,
+            message: message.to_vec(),
+        };
+        let mut guard = self.link.lock().await;
+        for _ in 0..2 {
+            if guard.is_none() {
+                match self.connect().await {
+                    Ok((link, _)) => *guard = Some(link),
+                    Err(e) => return Err(format!("cannot reach queued: {e}")),
+                }
+            }
+            let Some(link) = guard.as_mut() else { continue };
+            match link.call(&req).await {
+                Ok(SubmitReply::Signature(sig)) => return Ok(sig),
+                Ok(SubmitReply::SignRefused(why)) => return Err(format!("queued refused: {why}")),
+                Ok(_) => return Err("unexpected reply to Sign".into()),
+                Err(_) => *guard = None,
+            }
+        }
+        Err("the key link to queued keeps failing".into())
+    }
+}
+
+/// A private key that lives in queued.
+#[derive(Debug)]
+struct RemoteKey {
+    cert: CertId,
+    algorithm: SignatureAlgorithm,
+    schemes: Vec<SignatureScheme>,
+    client: Arc<KeyClientHandle>,
+}
+
+/// The key client and the runtime that runs it, for signers called from
+/// inside rustls.
+struct KeyClientHandle {
+    client: Arc<KeyClient>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for KeyClientHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyClientHandle")
+    }
+}
+
+impl SigningKey for RemoteKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        let scheme = self.schemes.iter().find(|s| offered.contains(s))?;
+        Some(Box::new(RemoteSigner {
+            cert: self.cert,
+            scheme: *scheme,
+            client: self.client.clone(),
+        }))
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        self.algorithm
+    }
+}
+
+#[derive(Debug)]
+struct RemoteSigner {
+    cert: CertId,
+    scheme: SignatureScheme,
+    client: Arc<KeyClientHandle>,
+}
+
+impl Signer for RemoteSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let h = &self.client;
+        let ask = h.client.sign(self.cert, u16::from(self.scheme), message);
+        // rustls wants the signature now; the session's task is on a
+        // worker thread of the multi-threaded runtime, which may block
+        // here while another thread runs the rest.
+        let signed = tokio::task::block_in_place(|| {
+            h.runtime
+                .block_on(async { tokio::time::timeout(SIGN_TIMEOUT, ask).await })
+        });
+        match signed {
+            Ok(Ok(sig)) => Ok(sig),
+            Ok(Err(e)) => {
+                tracing::warn!("TLS handshake signature failed: {e}");
+                Err(rustls::Error::General(e))
+            }
+            Err(_) => {
+                tracing::warn!("queued did not sign within {SIGN_TIMEOUT:?}");
+                Err(rustls::Error::General("signature timed out".into()))
+            }
+        }
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.scheme
+    }
+}
+
+/// One certificate, ready for handshakes.
+#[derive(Debug)]
+struct Cert {
+    name: String,
+    leaf: CertificateDer<'static>,
+    key: Arc<CertifiedKey>,
+}
+
+impl Cert {
+    /// Whether the certificate covers `host` (wildcards as RFC 6125 says).
+    fn covers(&self, host: &str) -> bool {
+        let Ok(name) = ServerName::try_from(host) else {
+            return false;
+        };
+        webpki::EndEntityCert::try_from(&self.leaf)
+            .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+    }
+}
+
+/// Picks a certificate by SNI, else `hostname`'s, else the first.
+#[derive(Debug)]
+pub struct Resolver {
+    certs: Vec<Cert>,
+    default: usize,
+}
+
+impl Resolver {
+    fn new(entries: Vec<CertEntry>, hostname: &str, client: Arc<KeyClientHandle>) -> Option<Self> {
+        let certs: Vec<Cert> = entries
+            .into_iter()
+            .filter_map(|e| {
+                let chain: Vec<CertificateDer<'static>> =
+                    e.chain.into_iter().map(CertificateDer::from).collect();
+                let leaf = chain.first()?.clone();
+                let key = Arc::new(RemoteKey {
+                    cert: e.id,
+                    algorithm: SignatureAlgorithm::from(e.algorithm),
+                    schemes: e.schemes.into_iter().map(SignatureScheme::from).collect(),
+                    client: client.clone(),
+                });
+                Some(Cert {
+                    name: e.name,
+                    leaf,
+                    key: Arc::new(CertifiedKey::new(chain, key)),
+                })
+            })
+            .collect();
+        if certs.is_empty() {
+            return None;
+        }
+        let default = certs.iter().position(|c| c.covers(hostname)).unwrap_or(0);
+        Some(Self { certs, default })
+    }
+
+    /// Whether some certificate covers `host`: then a client's SNI of
+    /// `host` replaces the configured host name for its session.
+    pub fn covers(&self, host: &str) -> bool {
+        self.certs.iter().any(|c| c.covers(host))
+    }
+
+    fn pick(&self, sni: Option<&str>) -> &Cert {
+        sni.and_then(|s| self.certs.iter().find(|c| c.covers(s)))
+            .unwrap_or(&self.certs[self.default])
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()).key.clone())
+    }
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("hostname", &self.hostname)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What sessions need for TLS: an acceptor once the certificates are in.
+pub struct Tls {
+    hostname: String,
+    client: Arc<KeyClient>,
+    current: RwLock<Option<(tokio_rustls::TlsAcceptor, Arc<Resolver>)>>,
+}
+
+impl Tls {
+    pub fn new(hostname: String, client: Arc<KeyClient>) -> Arc<Self> {
+        Arc::new(Self {
+            hostname,
+            client,
+            current: RwLock::new(None),
+        })
+    }
+
+    /// The acceptor and the certificates, if they arrived.
+    pub fn acceptor(&self) -> Option<(tokio_rustls::TlsAcceptor, Arc<Resolver>)> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Gets the certificates from queued and builds the TLS configuration;
+    /// must run inside the runtime.
+    pub async fn refresh(&self) -> Result<usize, String> {
+        let entries = self.client.certificates().await.map_err(|e| e.to_string())?;
+        let handle = Arc::new(KeyClientHandle {
+            client: self.client.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let resolver = Arc::new(
+            Resolver::new(entries, &self.hostname, handle)
+                .ok_or_else(|| "queued has no certificate".to_string())?,
+        );
+        let n = resolver.certs.len();
+        let names: Vec<&str> = resolver.certs.iter().map(|c| c.name.as_str()).collect();
+        tracing::info!("TLS ready with {n} certificate(s) from queued: {}", names.join(", "));
+        let config = server_config(resolver.clone()).map_err(|e| e.to_string())?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+            Some((tokio_rustls::TlsAcceptor::from(Arc::new(config)), resolver));
+        Ok(n)
+    }
+
+    /// Gets the certificates, retrying until queued answers.
+    pub async fn refresh_until_ready(self: Arc<Self>) {
+        let mut warned = false;
+        loop {
+            match self.refresh().await {
+                Ok(_) => return,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!("no TLS until queued sends the certificates: {e}");
+                        warned = true;
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+    }
+}
+
+/// TLS 1.2 and 1.3 with the ring provider; no session tickets (a Microsoft
+/// client bug, as chasquid works around).
+fn server_config(resolver: Arc<Resolver>) -> Result<ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// The names the Received header uses: `TLS-1.3`, `TLS-1.2`…, and the
+/// IANA cipher suite name.
+pub fn describe(conn: &rustls::ServerConnection) -> (String, String) {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLS-1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLS-1.2".to_string(),
+        Some(v) => format!("{v:?}"),
+        None => "TLS".to_string(),
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("unknown")
+        .to_string();
+    (version, cipher)
+}
