@@ -11,6 +11,7 @@
 //! - [`session`]: the SMTP state machine, limits and replies.
 //! - [`command`]: command-line parsing (verbs, MAIL/RCPT paths).
 //! - [`dotreader`]: DATA decoding (dot-unstuffing, strict CRLF).
+//! - [`sasl`]: AUTH PLAIN/LOGIN response decoding (queued checks them).
 //! - [`received`]: the Received header.
 //! - [`queue`]: the per-session link to queued.
 #![forbid(unsafe_code)]
@@ -19,5 +20,6 @@ pub mod command;
 pub mod dotreader;
 pub mod queue;
 pub mod received;
+pub mod sasl;
 pub mod server;
 pub mod session;
