@@ -3,6 +3,8 @@
 //! Addresses are kept in Unicode internally (domains IDNA→Unicode, NFC,
 //! lowercase) and only go to ASCII on the wire when needed.
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use unicode_normalization::UnicodeNormalization;
 
 /// Longest address accepted in MAIL or RCPT (REFERENCE §2.2).
@@ -120,6 +122,23 @@ pub fn is_plausible(addr: &str) -> bool {
     !user.is_empty()
 }
 
+/// The address a client is counted under: IPv4 as is (IPv4-mapped IPv6
+/// included), IPv6 by its /64, which is what one subscriber usually gets.
+/// Every per-client limit (smtpd's session cap, queued's AUTH failure
+/// budget) groups clients this way, so an IPv6 host cannot escape one by
+/// rotating through its own /64.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & 0xFFFF_FFFF_FFFF_FFFF_0000_0000_0000_0000,
+            )),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +169,22 @@ mod tests {
         assert_eq!(clean_user("jo.se+ne.ws", ".", "+"), "jose");
         assert_eq!(remove_drops("jo.se+ne.ws", ".", "+"), "jose+ne.ws");
         assert_eq!(clean_user("a.b", "", ""), "a.b");
+    }
+
+    #[test]
+    fn clients_are_keyed_by_ipv4_or_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:aaaa::1")),
+            client_key(ip("2001:db8:1:2:bbbb::9"))
+        );
+        assert_eq!(client_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_ne!(
+            client_key(ip("2001:db8:1:2::1")),
+            client_key(ip("2001:db8:1:3::1"))
+        );
     }
 
     #[test]

@@ -53,8 +53,9 @@ impl Schedule {
     }
 }
 
-/// A uniform number in [0, 1).
-fn random_unit() -> f64 {
+/// A uniform number in [0, 1); 0.5 if the OS has no randomness to give.
+/// Also draws AUTH's timing jitter.
+pub(crate) fn random_unit() -> f64 {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
         return 0.5;

@@ -13,6 +13,7 @@
 //! - [`session`]: the SMTP state machine, limits and replies.
 //! - [`command`]: command-line parsing (verbs, MAIL/RCPT paths).
 //! - [`dotreader`]: DATA decoding (dot-unstuffing, strict CRLF).
+//! - [`sasl`]: AUTH PLAIN/LOGIN response decoding (queued checks them).
 //! - [`received`]: the Received header.
 //! - [`queue`]: the per-session link to queued.
 //! - [`conn`]: a client connection, plain or TLS.
@@ -24,6 +25,7 @@ pub mod conn;
 pub mod dotreader;
 pub mod queue;
 pub mod received;
+pub mod sasl;
 pub mod server;
 pub mod session;
 pub mod tls;

@@ -8,13 +8,14 @@
 //! `421 4.7.0` and is closed before anything is read from it.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+use tambo_common::address::client_key;
 use tambo_proto::metrics::{self, names};
 
 use crate::session::{self, SessionConfig};
@@ -74,19 +75,6 @@ impl Drop for Slot {
                 c.per_client.remove(&self.client);
             }
         }
-    }
-}
-
-/// The address a client is counted under: IPv4 as is, IPv6 by its /64.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(
-                u128::from(v6) & 0xFFFF_FFFF_FFFF_FFFF_0000_0000_0000_0000,
-            )),
-        },
     }
 }
 
