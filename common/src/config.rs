@@ -111,6 +111,9 @@ pub struct TamboConfig {
     pub max_sessions_per_client: u32,
     /// Most message bytes being received at once, over all sessions.
     pub max_data_in_flight_mb: u64,
+    /// An authenticated user may only use their own addresses (and `<>`)
+    /// as the envelope sender.
+    pub sender_bound_to_login: bool,
 }
 
 /// Test knobs (chasquid's `testing__*`). Not for production use.
@@ -202,6 +205,7 @@ impl Config {
                 max_sessions: 1000,
                 max_sessions_per_client: 50,
                 max_data_in_flight_mb: 512,
+                sender_bound_to_login: true,
             },
             testing: Testing::default(),
         }
@@ -316,6 +320,7 @@ impl Config {
                 "max_sessions" => self.tambo.max_sessions = g.u32(key, v)?,
                 "max_sessions_per_client" => self.tambo.max_sessions_per_client = g.u32(key, v)?,
                 "max_data_in_flight_mb" => self.tambo.max_data_in_flight_mb = g.positive(key, v)?,
+                "sender_bound_to_login" => self.tambo.sender_bound_to_login = g.bool(key, v)?,
                 _ => return Err(g.err(key, "unknown key")),
             }
         }

@@ -44,13 +44,21 @@ pub async fn run(state_dir: &Path, inherited: Inherited) -> ExitCode {
     };
     let bound = prepared.smtp_addrs();
     let of = |mode: &str| -> Vec<std::net::SocketAddr> {
-        bound.iter().filter(|(m, _)| *m == mode).map(|(_, a)| *a).collect()
+        bound
+            .iter()
+            .filter(|(m, _)| *m == mode)
+            .map(|(_, a)| *a)
+            .collect()
     };
     let list = |addrs: &[std::net::SocketAddr]| -> String {
         if addrs.is_empty() {
             "none".to_string()
         } else {
-            addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     };
     let (smtp, submission, tls) = (of("smtp"), of("submission"), of("submission_tls"));

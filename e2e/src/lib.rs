@@ -4,6 +4,8 @@
 //! conditions instead of sleeping.
 #![forbid(unsafe_code)]
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -284,8 +286,8 @@ impl Tambo {
         let conf = format!(
             "hostname = \"mx.example.test\"
 smtp_address = [\"127.0.0.1:0\"]
-submission_address = []
-submission_over_tls_address = []
+submission_address = [\"127.0.0.1:0\"]
+submission_over_tls_address = [\"127.0.0.1:0\"]
 monitoring_address = \"127.0.0.1:0\"
 data_dir = \"{data}\"
 {extra}
@@ -322,6 +324,14 @@ runtime_dir = \"{run}\"
             _ => "",
         };
         self.start_until(name, ready);
+    }
+
+    /// Starts one daemon with another config directory (e.g. one without
+    /// the private keys), waiting until it serves.
+    pub fn start_with_config(&mut self, name: &str, config_dir: &Path) {
+        let saved = std::mem::replace(&mut self.config_dir, config_dir.to_path_buf());
+        self.start(name);
+        self.config_dir = saved;
     }
 
     /// Starts one daemon and waits for `ready` (a new log line containing
@@ -411,7 +421,36 @@ runtime_dir = \"{run}\"
 
     /// The SMTP port smtpd bound (the config asks for port 0).
     pub fn smtp_addr(&self) -> SocketAddr {
-        self.addr_after("smtpd", "smtpd listening on ")
+        self.listener("smtpd", "SMTP")
+    }
+
+    /// The submission port (587's role; STARTTLS, AUTH needed).
+    pub fn submission_addr(&self) -> SocketAddr {
+        self.listener("smtpd", "submission")
+    }
+
+    /// The submission-over-TLS port (465's role).
+    pub fn submission_tls_addr(&self) -> SocketAddr {
+        self.listener("smtpd", "submission+TLS")
+    }
+
+    /// The address smtpd logged (in the log `log`) for its listener of
+    /// `mode` (`SMTP`, `submission`, `submission+TLS`).
+    pub fn listener(&self, log: &str, mode: &str) -> SocketAddr {
+        let marker = "smtpd listening on ";
+        let tail = format!("({mode})");
+        let line = wait_for(&format!("smtpd's {mode} listener"), || {
+            self.log(log)
+                .lines()
+                .rev()
+                .find(|l| l.contains(marker) && l.trim_end().ends_with(&tail))
+                .map(str::to_string)
+        });
+        let rest = &line[line.find(marker).unwrap() + marker.len()..];
+        rest.split_whitespace()
+            .next()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
     }
 
     pub fn http_addr(&self) -> SocketAddr {

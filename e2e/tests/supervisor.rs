@@ -143,7 +143,7 @@ fn addr_in_log(t: &Tambo, marker: &str) -> SocketAddr {
 }
 
 fn smtp_addr(t: &Tambo) -> SocketAddr {
-    addr_in_log(t, "smtpd listening on ")
+    t.listener("tambo", "SMTP")
 }
 
 fn http_addr(t: &Tambo) -> SocketAddr {

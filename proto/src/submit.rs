@@ -60,7 +60,11 @@ pub enum AuthVerdict {
 pub enum SubmitRequest {
     /// Once, first after the hello: who the client is, and whether the
     /// SMTP session is on TLS (a link opened before STARTTLS is closed).
-    Session { client: String, mode: Mode, tls: bool },
+    Session {
+        client: String,
+        mode: Mode,
+        tls: bool,
+    },
     /// Instead of `Session`, first after the hello: this connection is
     /// smtpd's key link, for certificates and TLS handshake signatures.
     KeyLink,

@@ -272,23 +272,8 @@ impl FailureBudget {
         s.by_latest.insert((now, key));
     }
 
-    /// Forgets `ip`'s failures.
-    ///
-    /// Meant for a successful AUTH, but think twice before calling it
-    /// there: anyone holding one valid account could then reset their
-    /// budget between guesses at other accounts. Ten failures in ten
-    /// minutes is generous enough for a user who mistyped and then got in.
-    pub fn forget(&self, ip: IpAddr) {
-        let key = address::client_key(ip);
-        let mut s = self.lock();
-        if let Some(times) = s.clients.remove(&key)
-            && let Some(&latest) = times.back()
-        {
-            s.by_latest.remove(&(latest, key));
-        }
-    }
-
-    /// How many clients are remembered (for metrics and tests).
+    /// How many clients are remembered.
+    #[cfg(test)]
     pub fn tracked_clients(&self) -> usize {
         self.lock().clients.len()
     }
@@ -302,6 +287,13 @@ fn expire(times: &mut VecDeque<Instant>, now: Instant, window: Duration) {
     {
         times.pop_front();
     }
+}
+
+/// What every session's AUTH shares: the bounded pool the hashes run on,
+/// and the per-client failure budget.
+pub struct Service {
+    pub pool: std::sync::Arc<crate::pool::CpuPool>,
+    pub budget: FailureBudget,
 }
 
 /// How long one AUTH attempt should take: [`MIN_DURATION`] × (1 + 0.2·r)
@@ -532,10 +524,9 @@ mod tests {
         assert!(!b.allows(client, t0 + Duration::from_secs(10)));
         // Others are unaffected.
         assert!(b.allows(ip("192.0.2.2"), t0));
-        // Only the window or forget() clears it.
-        b.forget(client);
-        assert!(b.allows(client, t0 + Duration::from_secs(10)));
-        assert_eq!(b.tracked_clients(), 0);
+        // A success does not clear it (a valid account must not reset the
+        // budget between guesses at others): only the window does.
+        assert!(b.allows(client, t0 + WINDOW + Duration::from_secs(10)));
     }
 
     #[test]

@@ -165,7 +165,10 @@ fn load_one(name: &str, chain_path: &Path, key_path: &Path) -> Result<Loaded, Co
     CertifiedKey::new(chain.clone(), key.clone())
         .keys_match()
         .map_err(|e| {
-            ConfigError::file(key_path, format!("does not match {}: {e}", chain_path.display()))
+            ConfigError::file(
+                key_path,
+                format!("does not match {}: {e}", chain_path.display()),
+            )
         })?;
     let schemes = SCHEMES
         .iter()
@@ -212,7 +215,10 @@ mod tests {
         let names: Vec<_> = certs.entries().into_iter().map(|e| e.name).collect();
         assert_eq!(names, ["a", "b"]);
         let e = &certs.entries()[0];
-        assert!(e.schemes.contains(&u16::from(SignatureScheme::ECDSA_NISTP256_SHA256)));
+        assert!(
+            e.schemes
+                .contains(&u16::from(SignatureScheme::ECDSA_NISTP256_SHA256))
+        );
         assert!(format!("{:?}", certs.list[0]).contains("\"a\""));
     }
 

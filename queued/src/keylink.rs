@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use tambo_proto::Error;
 use tambo_proto::frame::{FrameReader, MAX_SMALL_FRAME, write_frame};
 use tambo_proto::metrics::{self, names};
 use tambo_proto::submit::{SubmitReply, SubmitRequest};
-use tambo_proto::Error;
 
 use crate::certs::Certs;
 use crate::pool::CpuPool;
@@ -57,10 +57,7 @@ pub struct KeyService {
 
 impl KeyService {
     fn certs(&self) -> Arc<Certs> {
-        self.certs
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.certs.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

@@ -171,13 +171,21 @@ fn main() -> ExitCode {
             IpcSocket::Deliver.path(&cfg).display()
         );
         let ids = Arc::new(ids);
+        // One bounded pool for what peers can make queued compute: TLS
+        // signatures and password hashes.
+        let cpu = Arc::new(pool::CpuPool::for_this_machine());
         let keys = Arc::new(keylink::KeyService {
             certs: std::sync::RwLock::new(Arc::new(certs)),
-            pool: Arc::new(pool::CpuPool::for_this_machine()),
+            pool: cpu.clone(),
+        });
+        let auth = Arc::new(auth::Service {
+            pool: cpu,
+            budget: auth::FailureBudget::default(),
         });
         let l = Arc::new(submit::Listener::new(
             queue.clone(),
             keys,
+            auth,
             (*ids).clone(),
             daemon::nofile_limit(),
         ));

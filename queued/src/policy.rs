@@ -14,13 +14,25 @@ use tambo_proto::submit::RcptVerdict;
 
 use crate::item::{Kind, Recipient, Status};
 
-/// Proof that a session authenticated. Its field is private, so nothing
-/// outside this crate's auth code can make one; there is no AUTH yet, so
-/// today nothing does.
+/// Proof that a session authenticated. Only the session's AUTH path
+/// makes one ([`Authenticated::after_check`]), after the password checked
+/// out; relay (and later DKIM signing) needs one, so a session without it
+/// can only reach local addresses, whatever a compromised smtpd claims.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authenticated {
-    #[allow(dead_code)]
+    /// `user@domain`, normalised.
     user: String,
+}
+
+impl Authenticated {
+    /// Only for a password that was just checked.
+    pub(crate) fn after_check(user: String) -> Self {
+        Self { user }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
 }
 
 /// Deepest alias chain followed.
@@ -93,6 +105,39 @@ impl Policy<'_> {
         } else {
             RcptVerdict::NoSuchUser
         }
+    }
+
+    /// Whether an authenticated user may send as `from` when the sender is
+    /// bound to the login: the null sender, their own address (any suffix
+    /// or drop characters), or an address that resolves to them (an alias
+    /// that expands to them).
+    pub fn may_send_as(&self, from: &str, auth: &Authenticated) -> bool {
+        if from.is_empty() {
+            return true;
+        }
+        let Ok(me) = self.parse(auth.user()) else {
+            return false;
+        };
+        let me = join(&self.clean(&me.user), &me.domain);
+        let Ok(a) = self.parse(from) else {
+            return false;
+        };
+        if !self.domains.is_local(&a.domain) {
+            return false;
+        }
+        let clean = self.clean(&a.user);
+        if join(&clean, &a.domain) == me {
+            return true;
+        }
+        // Only an alias written for this address counts, not the catch-all:
+        // owning `*` must not let a user send as every address of the domain.
+        let explicit = self.domains.get(&a.domain).is_some_and(|d| {
+            d.aliases.get(&self.exact_key(&a.user)).is_some() || d.aliases.get(&clean).is_some()
+        });
+        explicit
+            && self
+                .resolve(from)
+                .is_ok_and(|rs| rs.iter().any(|r| r.kind == Kind::Email && r.address == me))
     }
 
     /// Whether mail to `addr` may be queued by queued itself (a DSN): the
@@ -300,9 +345,7 @@ self: ann, self
             p.check_rcpt("x@elsewhere.example", None),
             RcptVerdict::RelayDenied
         );
-        let auth = Authenticated {
-            user: "ann@example.org".into(),
-        };
+        let auth = Authenticated::after_check("ann@example.org".into());
         assert_eq!(
             p.check_rcpt("x@elsewhere.example", Some(&auth)),
             RcptVerdict::Accepted
@@ -333,6 +376,37 @@ self: ann, self
             "an alias, not a mailbox"
         );
         assert!(!p.is_user("root@localhost"));
+    }
+
+    #[test]
+    fn the_sender_is_bound_to_the_login() {
+        let (cfg, domains) = setup();
+        let p = Policy {
+            cfg: &cfg,
+            domains: &domains,
+        };
+        let ann = Authenticated::after_check("ann@example.org".into());
+        assert!(p.may_send_as("", &ann), "the null sender");
+        assert!(p.may_send_as("ann@example.org", &ann));
+        assert!(
+            p.may_send_as("A.nn+lists@Example.ORG", &ann),
+            "drops and suffix"
+        );
+        assert!(
+            p.may_send_as("postmaster@example.org", &ann),
+            "an alias to ann"
+        );
+        assert!(!p.may_send_as("bob@example.org", &ann));
+        assert!(
+            !p.may_send_as("sales.team@example.org", &ann),
+            "expands to others"
+        );
+        assert!(!p.may_send_as("ann@elsewhere.example", &ann));
+        assert!(!p.may_send_as("zed@plain.example", &ann));
+        assert!(
+            !p.may_send_as("nobody@example.org", &ann),
+            "the catch-all does not count"
+        );
     }
 
     #[test]

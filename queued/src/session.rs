@@ -12,6 +12,7 @@ use tambo_common::address;
 use tambo_proto::Error;
 use tambo_proto::submit::{AuthVerdict, Mode, RcptVerdict, SubmitReply, SubmitRequest};
 
+use crate::auth;
 use crate::policy::{Authenticated, Policy};
 use crate::queue::{PutError, Queue};
 use crate::spool::BodyWriter;
@@ -40,6 +41,7 @@ enum BodyError {
 
 pub struct Session {
     queue: Arc<Queue>,
+    auth_service: Arc<auth::Service>,
     client: Option<String>,
     mode: Mode,
     /// Whether smtpd says the SMTP session is on TLS.
@@ -51,9 +53,10 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(queue: Arc<Queue>) -> Self {
+    pub fn new(queue: Arc<Queue>, auth_service: Arc<auth::Service>) -> Self {
         Self {
             queue,
+            auth_service,
             client: None,
             mode: Mode::Smtp,
             tls: false,
@@ -101,12 +104,29 @@ impl Session {
             SubmitRequest::KeyLink | SubmitRequest::Certificates | SubmitRequest::Sign { .. } => {
                 return Err(Error::Unexpected("a key-link request in an SMTP session"));
             }
-            SubmitRequest::Auth { .. } => SubmitReply::Auth(AuthVerdict::TempError),
+            SubmitRequest::Auth { identity, password } => {
+                SubmitReply::Auth(self.authenticate(identity, password).await)
+            }
             SubmitRequest::Mail { from } => {
                 self.reset();
                 // Submission ports need AUTH before MAIL (REFERENCE §2.1).
                 if self.mode != Mode::Smtp && self.auth.is_none() {
                     return Ok(Some(SubmitReply::AuthRequired));
+                }
+                // An authenticated user sends as themselves (unless the
+                // site turned that off).
+                if let Some(auth) = &self.auth
+                    && self.queue.cfg.tambo.sender_bound_to_login
+                {
+                    let domains = self.queue.domains();
+                    let policy = Policy {
+                        cfg: &self.queue.cfg,
+                        domains: &domains,
+                    };
+                    if !policy.may_send_as(&from, auth) {
+                        tracing::info!(client = ?self.client, "{} may not send as <{from}>", auth.user());
+                        return Ok(Some(SubmitReply::SenderNotAllowed));
+                    }
                 }
                 // smtpd checked the syntax already; check again, since the
                 // sender ends up in logs, MDA arguments and DSN headers.
@@ -281,6 +301,84 @@ impl Session {
                 Ok(SubmitReply::Failed {
                     reason: e.to_string(),
                 })
+            }
+        }
+    }
+
+    /// Checks an AUTH attempt: the client's failure budget first, then the
+    /// domain's users file, on the bounded pool, the whole answer padded to
+    /// the same duration whatever it is (REFERENCE §2.2, §2.5). A success
+    /// binds this session to the user; only then may it relay.
+    async fn authenticate(&mut self, identity: String, password: Vec<u8>) -> AuthVerdict {
+        let start = std::time::Instant::now();
+        let verdict = self.check_password(identity, password, start).await;
+        auth::equalise(start).await;
+        verdict
+    }
+
+    async fn check_password(
+        &mut self,
+        identity: String,
+        password: Vec<u8>,
+        start: std::time::Instant,
+    ) -> AuthVerdict {
+        // AUTH is only for TLS sessions, and once; smtpd says so too.
+        if !self.tls || self.auth.is_some() {
+            return AuthVerdict::Invalid;
+        }
+        let ip = self
+            .client
+            .as_deref()
+            .and_then(|c| c.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip());
+        let budget = &self.auth_service.budget;
+        if let Some(ip) = ip
+            && !budget.allows(ip, start)
+        {
+            tracing::info!(client = ?self.client, "AUTH refused without a check: too many failures");
+            return AuthVerdict::Blocked;
+        }
+        let (user, domain) = match auth::split_identity(&identity) {
+            Ok(v) => v,
+            Err(_) => {
+                if let Some(ip) = ip {
+                    budget.record_failure(ip, start);
+                }
+                return AuthVerdict::Invalid;
+            }
+        };
+        let domains = self.queue.domains();
+        let (u, d) = (user.clone(), domain.clone());
+        let checked = self
+            .auth_service
+            .pool
+            .run(move || match domains.get(&d) {
+                Some(dom) => auth::check(&dom.users, &u, &password),
+                // A bare user, or a domain without a users file: only
+                // Dovecot could know them.
+                None => Ok(None),
+            })
+            .await;
+        match checked {
+            Ok(Ok(Some(auth::Verdict::Accepted))) => {
+                let who = if domain.is_empty() {
+                    user
+                } else {
+                    format!("{user}@{domain}")
+                };
+                tracing::info!(client = ?self.client, "authenticated as {who}");
+                self.auth = Some(Authenticated::after_check(who));
+                AuthVerdict::Accepted
+            }
+            Ok(Ok(_)) => {
+                if let Some(ip) = ip {
+                    budget.record_failure(ip, start);
+                }
+                AuthVerdict::Invalid
+            }
+            Ok(Err(e)) | Err(e) => {
+                tracing::error!("cannot check a password for {user}@{domain}: {e}");
+                AuthVerdict::TempError
             }
         }
     }

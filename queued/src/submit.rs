@@ -38,6 +38,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Listener {
     pub queue: Arc<Queue>,
     pub keys: Arc<KeyService>,
+    pub auth: Arc<crate::auth::Service>,
     pub ids: Identities,
     pub sessions: Arc<Semaphore>,
     pub idle_timeout: Duration,
@@ -48,12 +49,19 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn new(queue: Arc<Queue>, keys: Arc<KeyService>, ids: Identities, nofile: u64) -> Self {
+    pub fn new(
+        queue: Arc<Queue>,
+        keys: Arc<KeyService>,
+        auth: Arc<crate::auth::Service>,
+        ids: Identities,
+        nofile: u64,
+    ) -> Self {
         let cap = MAX_SESSIONS.min((nofile / 4).max(1) as usize);
         let idle_timeout = queue.cfg.testing.ipc_idle_timeout.unwrap_or(IDLE_TIMEOUT);
         Self {
             queue,
             keys,
+            auth,
             ids,
             sessions: Arc::new(Semaphore::new(cap)),
             idle_timeout,
@@ -63,7 +71,6 @@ impl Listener {
         }
     }
 }
-
 
 /// Serves one submit.sock connection until it closes. Over the session
 /// cap, the connection is closed at once, before anything is read.
@@ -127,15 +134,14 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             tracing::warn!("submit.sock: a key link is for smtpd only; closing");
             return;
         }
-        if let Err(e) =
-            keylink::serve(&l.keys, reader, writer, l.idle_timeout, WRITE_TIMEOUT).await
+        if let Err(e) = keylink::serve(&l.keys, reader, writer, l.idle_timeout, WRITE_TIMEOUT).await
         {
             metrics::inc_label(names::IPC_ERRORS, "queued");
             tracing::warn!(uid = peer.uid, pid = ?peer.pid, "submit.sock: key link closed: {e}");
         }
         return;
     }
-    let mut s = Session::new(l.queue.clone());
+    let mut s = Session::new(l.queue.clone(), l.auth.clone());
     let result: Result<(), Error> = async {
         let mut first = Some(first);
         loop {

@@ -28,7 +28,10 @@ impl Conn {
 }
 
 fn gone() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "connection taken for a TLS handshake")
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "connection taken for a TLS handshake",
+    )
 }
 
 impl AsyncRead for Conn {

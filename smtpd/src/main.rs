@@ -89,7 +89,10 @@ fn main() -> ExitCode {
         // TLS: the chains from queued over the key link, fetched in the
         // background (queued may not be up yet); until then STARTTLS is not
         // offered and 465 refuses handshakes.
-        let keys = Arc::new(tls::KeyClient::new(IpcSocket::Submit.path(&cfg), ids.clone()));
+        let keys = Arc::new(tls::KeyClient::new(
+            IpcSocket::Submit.path(&cfg),
+            ids.clone(),
+        ));
         let link_keepalive = tambo_proto::keepalive_every(
             cfg.testing
                 .ipc_idle_timeout

@@ -43,7 +43,10 @@ impl QueueLink {
             writer: w,
             last_used: Instant::now(),
         };
-        match link.call(&SubmitRequest::Session { client, mode, tls }).await? {
+        match link
+            .call(&SubmitRequest::Session { client, mode, tls })
+            .await?
+        {
             SubmitReply::Ok => Ok(link),
             _ => Err(Error::Unexpected("reply to Session")),
         }

@@ -44,13 +44,10 @@ struct Link {
 impl Link {
     async fn call(&mut self, req: &SubmitRequest) -> Result<SubmitReply, Error> {
         self.writer.write_all(&encode(req)?).await?;
-        self.reader
-            .read(MAX_FRAME)
-            .await?
-            .ok_or(Error::Truncated {
-                expected: 4,
-                got: 0,
-            })
+        self.reader.read(MAX_FRAME).await?.ok_or(Error::Truncated {
+            expected: 4,
+            got: 0,
+        })
     }
 }
 
@@ -312,7 +309,11 @@ impl Tls {
     /// Gets the certificates from queued and builds the TLS configuration;
     /// must run inside the runtime.
     pub async fn refresh(&self) -> Result<usize, String> {
-        let entries = self.client.certificates().await.map_err(|e| e.to_string())?;
+        let entries = self
+            .client
+            .certificates()
+            .await
+            .map_err(|e| e.to_string())?;
         let handle = Arc::new(KeyClientHandle {
             client: self.client.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -323,7 +324,10 @@ impl Tls {
         );
         let n = resolver.certs.len();
         let names: Vec<&str> = resolver.certs.iter().map(|c| c.name.as_str()).collect();
-        tracing::info!("TLS ready with {n} certificate(s) from queued: {}", names.join(", "));
+        tracing::info!(
+            "TLS ready with {n} certificate(s) from queued: {}",
+            names.join(", ")
+        );
         let config = server_config(resolver.clone()).map_err(|e| e.to_string())?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) =
             Some((tokio_rustls::TlsAcceptor::from(Arc::new(config)), resolver));

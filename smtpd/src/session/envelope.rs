@@ -1,6 +1,6 @@
 //! MAIL, RCPT and RSET, and the link to queued they need.
 
-use tambo_proto::submit::{RcptVerdict, SubmitReply, SubmitRequest};
+use tambo_proto::submit::{Mode, RcptVerdict, SubmitReply, SubmitRequest};
 
 use super::{MAX_RCPTS, Next, Session};
 use crate::command::{self, PathError};
@@ -38,6 +38,11 @@ impl Session {
             self.reply(552, "5.3.4", "Message too big");
             return Next::Continue;
         }
+        // Submission needs AUTH first; queued decides it again.
+        if self.cfg.mode != Mode::Smtp && self.auth.is_none() {
+            self.reply(550, "5.7.9", "Authentication required");
+            return Next::Continue;
+        }
         // A second MAIL starts over (no 503).
         self.mail_from = None;
         self.rcpts = 0;
@@ -60,6 +65,16 @@ impl Session {
             Ok(SubmitReply::BadSequence(why)) => {
                 tracing::info!(peer = %self.peer, "queued refused the sender: {why}");
                 self.reply(501, "5.1.7", "Malformed sender address");
+            }
+            Ok(SubmitReply::AuthRequired) => {
+                self.reply(550, "5.7.9", "Authentication required");
+            }
+            Ok(SubmitReply::SenderNotAllowed) => {
+                self.reply(
+                    550,
+                    "5.7.1",
+                    "Sender address not owned by the authenticated user",
+                );
             }
             Ok(other) => {
                 tracing::warn!(peer = %self.peer, "queued answered MAIL with {other:?}");
@@ -151,7 +166,7 @@ impl Session {
 
     /// Opens the link to queued if this session has none yet. False (and
     /// one log line) if queued cannot be reached or is not who answers.
-    async fn open_link(&mut self) -> bool {
+    pub(super) async fn open_link(&mut self) -> bool {
         if self.queue.is_some() {
             return true;
         }

@@ -10,7 +10,9 @@
 //! - `envelope`: MAIL, RCPT, RSET and the link to queued;
 //! - `data`: DATA, streaming the body to queued.
 //! - `starttls`: STARTTLS, and the implicit TLS of port 465.
+//! - `auth`: AUTH PLAIN and LOGIN, checked by queued.
 
+mod auth;
 mod data;
 mod envelope;
 mod hello;
@@ -261,10 +263,7 @@ impl Session {
                 Next::Continue
             }
             Verb::StartTls => self.starttls(arg).await,
-            Verb::Auth => {
-                self.reply(502, "5.5.1", "Command not implemented yet");
-                Next::Continue
-            }
+            Verb::Auth => self.auth(arg).await,
             Verb::Http => {
                 let verb = String::from_utf8_lossy(cmd.raw_verb).to_ascii_uppercase();
                 metrics::inc_label(names::SMTP_IN_WRONG_PROTO_COUNT, &verb);
@@ -374,9 +373,7 @@ impl Session {
 
 /// Reads one command line (LF or CRLF ended, the ending removed), draining
 /// and refusing lines over [`MAX_LINE`].
-async fn read_line<S: AsyncRead + Unpin>(
-    conn: &mut BufReader<S>,
-) -> Result<Vec<u8>, LineError> {
+async fn read_line<S: AsyncRead + Unpin>(conn: &mut BufReader<S>) -> Result<Vec<u8>, LineError> {
     let mut line = Vec::new();
     let mut too_long = false;
     loop {
