@@ -137,6 +137,8 @@ pub struct Testing {
     pub http_idle_timeout: Option<Duration>,
     /// Replaces the 30-second MDA and pipe timeout.
     pub mda_timeout: Option<Duration>,
+    /// Replaces the 30-second period of the reloads (certificates).
+    pub reload_period: Option<Duration>,
 }
 
 /// The effective configuration of one tambo installation.
@@ -364,6 +366,7 @@ impl Config {
                 "ipc_idle_timeout" => self.testing.ipc_idle_timeout = Some(g.duration(key, v)?),
                 "http_idle_timeout" => self.testing.http_idle_timeout = Some(g.duration(key, v)?),
                 "mda_timeout" => self.testing.mda_timeout = Some(g.duration(key, v)?),
+                "reload_period" => self.testing.reload_period = Some(g.duration(key, v)?),
                 _ => return Err(g.err(key, "unknown key")),
             }
         }
@@ -416,6 +419,14 @@ impl Config {
     /// Largest message, in bytes.
     pub fn max_data_size(&self) -> u64 {
         self.max_data_size_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// How often changed files are picked up without a restart (REFERENCE
+    /// §1.1: 30 s, or `[testing] reload_period`).
+    pub fn reload_period(&self) -> Duration {
+        self.testing
+            .reload_period
+            .unwrap_or(Duration::from_secs(30))
     }
 
     /// `[tambo] max_data_in_flight_mb`, in bytes.

@@ -428,3 +428,41 @@ fn memory_contains(pid: u32, needle: &[u8]) -> bool {
     }
     false
 }
+
+#[test]
+fn certificates_reload_without_a_restart() {
+    // As after a certbot renewal: new files, the next handshake shows the
+    // new certificate; a broken new file keeps the old one in use.
+    let mut t = Tambo::new("", "", "reload_period = \"200ms\"\n");
+    t.start_all();
+    t.wait_log("smtpd", "TLS ready with");
+    let addr = t.submission_tls_addr();
+    // The certificate a fresh handshake shows. Every handshake must work,
+    // through the reload too: queued swaps only a pair that loads whole,
+    // and the replaced key still signs until smtpd has caught up.
+    let seen = || -> Option<Vec<u8>> {
+        let c = TlsSmtp::connect_tls(addr, "mx.example.test", Versions::Any)
+            .expect("a handshake, during a reload too");
+        c.seen.lock().unwrap().clone()
+    };
+    let first = seen().expect("a certificate");
+    let renewed = write_cert(&t.config_dir, "mx", &["mx.example.test"]);
+    assert_ne!(renewed, first);
+    wait_for("the renewed certificate in a handshake", || {
+        (seen().as_ref() == Some(&renewed)).then_some(())
+    });
+    t.wait_log("queued", "certificates reloaded");
+    // A renewal gone wrong: the renewed certificate stays in use.
+    let refusals = |t: &Tambo| {
+        t.log("queued")
+            .matches("certificates not reloaded, keeping the previous ones")
+            .count()
+    };
+    let before = refusals(&t);
+    std::fs::write(t.config_dir.join("certs/mx/privkey.pem"), "not a key").unwrap();
+    wait_for("the broken key refused", || {
+        (refusals(&t) > before).then_some(())
+    });
+    assert!(t.log("queued").contains("privkey.pem"));
+    assert_eq!(seen(), Some(renewed));
+}

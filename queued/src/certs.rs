@@ -63,6 +63,32 @@ pub enum SignError {
     Failed(String),
 }
 
+/// What the files under `certs/` look like now (names, sizes, change
+/// times, symlinks followed): a new value means something changed, e.g. a
+/// certbot renewal, and the certificates are worth loading again.
+pub fn files_state(config_dir: &Path) -> Vec<(String, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(config_dir.join("certs")) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        for f in ["fullchain.pem", "privkey.pem"] {
+            if let Ok(m) = std::fs::metadata(dir.join(f)) {
+                out.push((
+                    format!("{}/{f}", e.file_name().to_string_lossy()),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Every usable certificate, in `certs/` name order.
 #[derive(Debug, Default)]
 pub struct Certs {
@@ -188,7 +214,7 @@ fn load_one(name: &str, chain_path: &Path, key_path: &Path) -> Result<Loaded, Co
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Writes a self-signed certificate for `host` into `certs/<name>/`.

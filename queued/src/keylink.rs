@@ -12,9 +12,9 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tambo_proto::Error;
 use tambo_proto::frame::{FrameReader, MAX_SMALL_FRAME, write_frame};
 use tambo_proto::metrics::{self, names};
-use tambo_proto::submit::{SubmitReply, SubmitRequest};
+use tambo_proto::submit::{CertId, SubmitReply, SubmitRequest};
 
-use crate::certs::Certs;
+use crate::certs::{Certs, SignError};
 use crate::pool::CpuPool;
 
 /// Signatures per second one key link may ask for, on average.
@@ -51,19 +51,93 @@ impl Bucket {
 
 /// What the key links share.
 pub struct KeyService {
-    pub certs: std::sync::RwLock<Arc<Certs>>,
-    pub pool: Arc<CpuPool>,
+    certs: std::sync::RwLock<Generations>,
+    pool: Arc<CpuPool>,
+    /// How long the keys of replaced certificates still sign: smtpd learns
+    /// of a reload on its next poll, and handshakes it began with the old
+    /// certificate in between must not fail.
+    grace: Duration,
+}
+
+/// The certificates in use, and those they replaced (until a deadline).
+struct Generations {
+    current: Arc<Certs>,
+    previous: Option<(Arc<Certs>, Instant)>,
 }
 
 impl KeyService {
+    /// `grace` should cover smtpd's poll period with room to spare.
+    pub fn new(certs: Certs, pool: Arc<CpuPool>, grace: Duration) -> Self {
+        Self {
+            certs: std::sync::RwLock::new(Generations {
+                current: Arc::new(certs),
+                previous: None,
+            }),
+            pool,
+            grace,
+        }
+    }
+
+    /// Loads the certificates again when their files changed (or when
+    /// `force`, on SIGHUP). A broken new file keeps the old certificates in
+    /// use, with one clear line; smtpd picks up new ones for new
+    /// connections.
+    pub fn reload(
+        &self,
+        config_dir: &std::path::Path,
+        force: bool,
+        last: &mut Vec<(String, u64, i64, i64)>,
+    ) {
+        let now = crate::certs::files_state(config_dir);
+        if !force && &now == last {
+            return;
+        }
+        *last = now;
+        match Certs::load(config_dir) {
+            Ok(c) => {
+                let mut g = self.certs.write().unwrap_or_else(|e| e.into_inner());
+                let old = std::mem::replace(&mut g.current, Arc::new(c));
+                g.previous = Some((old, Instant::now() + self.grace));
+                tracing::info!("certificates reloaded");
+            }
+            Err(e) => {
+                tracing::error!("certificates not reloaded, keeping the previous ones: {e}");
+            }
+        }
+    }
+
     fn certs(&self) -> Arc<Certs> {
-        self.certs.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.certs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .clone()
+    }
+
+    /// Signs with the current certificates, or with those just replaced
+    /// while their grace lasts.
+    fn sign(&self, id: &CertId, scheme: u16, message: &[u8]) -> Result<Vec<u8>, SignError> {
+        let (current, previous) = {
+            let g = self.certs.read().unwrap_or_else(|e| e.into_inner());
+            let previous = g
+                .previous
+                .as_ref()
+                .filter(|(_, until)| Instant::now() < *until)
+                .map(|(c, _)| c.clone());
+            (g.current.clone(), previous)
+        };
+        match current.sign(id, scheme, message) {
+            Err(SignError::UnknownCert) if previous.is_some() => {
+                previous.map_or(Err(SignError::UnknownCert), |p| p.sign(id, scheme, message))
+            }
+            r => r,
+        }
     }
 }
 
 /// Serves a key link after its `KeyLink` request, until it closes.
 pub async fn serve(
-    keys: &KeyService,
+    keys: &Arc<KeyService>,
     mut reader: FrameReader<OwnedReadHalf>,
     mut writer: OwnedWriteHalf,
     idle: Duration,
@@ -94,10 +168,10 @@ pub async fn serve(
                     metrics::inc_label(names::TLS_SIGN_REFUSED, "rate");
                     SubmitReply::SignRefused("over the signature rate of this link".into())
                 } else {
-                    let certs = keys.certs();
+                    let k = keys.clone();
                     let signed = keys
                         .pool
-                        .run(move || certs.sign(&cert, scheme, &message))
+                        .run(move || k.sign(&cert, scheme, &message))
                         .await
                         .map_err(Error::Decode)?;
                     match signed {
@@ -137,5 +211,48 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, (RATE / 100.0) as usize);
+    }
+
+    #[test]
+    fn replaced_keys_sign_during_the_grace_only() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::tests::write_cert(dir.path(), "mx", "mx.example");
+        let pool = Arc::new(CpuPool::new(1));
+        let scheme = u16::from(rustls::SignatureScheme::ECDSA_NISTP256_SHA256);
+        let cv = crate::handshake::tests::tls13_certificate_verify(32);
+        for (grace, old_signs) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
+            let keys = KeyService::new(Certs::load(dir.path()).unwrap(), pool.clone(), grace);
+            let old = keys.certs().entries()[0].id;
+            crate::certs::tests::write_cert(dir.path(), "mx", "mx.example");
+            keys.reload(dir.path(), true, &mut Vec::new());
+            let new = keys.certs().entries()[0].id;
+            assert_ne!(old, new);
+            assert!(keys.sign(&new, scheme, &cv).is_ok());
+            assert_eq!(
+                keys.sign(&old, scheme, &cv).is_ok(),
+                old_signs,
+                "grace {grace:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_broken_renewal_keeps_the_certificates_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::tests::write_cert(dir.path(), "mx", "mx.example");
+        let keys = KeyService::new(
+            Certs::load(dir.path()).unwrap(),
+            Arc::new(CpuPool::new(1)),
+            Duration::ZERO,
+        );
+        let id = keys.certs().entries()[0].id;
+        std::fs::write(dir.path().join("certs/mx/privkey.pem"), "not a key").unwrap();
+        let mut last = Vec::new();
+        keys.reload(dir.path(), false, &mut last);
+        assert_eq!(keys.certs().entries()[0].id, id);
+        assert!(
+            !last.is_empty(),
+            "the broken state is remembered, not retried each tick"
+        );
     }
 }

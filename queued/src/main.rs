@@ -129,26 +129,7 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         let queue = Arc::new(queue::Queue::new(cfg.clone(), domains, spool));
-        let (q, c) = (queue.clone(), cfg.clone());
-        // One reload at a time, so an older read can never finish last and
-        // put back files older than the newest.
-        let one_at_a_time = Arc::new(std::sync::Mutex::new(()));
-        daemon::on_sighup(move || {
-            let (q, c, lock) = (q.clone(), c.clone(), one_at_a_time.clone());
-            // Reading the files blocks: off the runtime's threads.
-            tokio::task::spawn_blocking(move || {
-                let _one = lock.lock().unwrap_or_else(|e| e.into_inner());
-                match Domains::load(&c) {
-                    Ok(d) => {
-                        q.set_domains(d);
-                        tracing::info!("SIGHUP: users and aliases reloaded");
-                    }
-                    Err(e) => {
-                        tracing::error!("SIGHUP: reload failed, keeping the last good files: {e}")
-                    }
-                }
-            });
-        });
+        let certs_state = certs::files_state(&cfg.config_dir);
         daemon::push_metrics(Role::Queued, &flags, &cfg, &ids);
         let (submit, deliver) = match (daemon::tokio_unix(submit), daemon::tokio_unix(deliver)) {
             (Ok(s), Ok(d)) => (s, d),
@@ -174,13 +155,53 @@ fn main() -> ExitCode {
         // One bounded pool for what peers can make queued compute: TLS
         // signatures and password hashes.
         let cpu = Arc::new(pool::CpuPool::for_this_machine());
-        let keys = Arc::new(keylink::KeyService {
-            certs: std::sync::RwLock::new(Arc::new(certs)),
-            pool: cpu.clone(),
-        });
+        // smtpd polls for new certificates every reload period: the keys
+        // they replace keep signing for two periods and a margin.
+        let keys = Arc::new(keylink::KeyService::new(
+            certs,
+            cpu.clone(),
+            cfg.reload_period() * 2 + std::time::Duration::from_secs(10),
+        ));
         let auth = Arc::new(auth::Service {
             pool: cpu,
             budget: auth::FailureBudget::default(),
+        });
+        // Reloads: users and aliases on SIGHUP; certificates on SIGHUP and
+        // whenever their files change (a certbot renewal). One reload at a
+        // time, each reading the files when it runs, so an older read can
+        // never put back older files.
+        let reloads = Arc::new(std::sync::Mutex::new(certs_state));
+        let (q, c, k, r) = (queue.clone(), cfg.clone(), keys.clone(), reloads.clone());
+        daemon::on_sighup(move || {
+            let (q, c, k, r) = (q.clone(), c.clone(), k.clone(), r.clone());
+            // Reading the files blocks: off the runtime's threads.
+            tokio::task::spawn_blocking(move || {
+                let mut last = r.lock().unwrap_or_else(|e| e.into_inner());
+                match Domains::load(&c) {
+                    Ok(d) => {
+                        q.set_domains(d);
+                        tracing::info!("SIGHUP: users and aliases reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!("SIGHUP: reload failed, keeping the last good files: {e}")
+                    }
+                }
+                k.reload(&c.config_dir, true, &mut last);
+            });
+        });
+        let (c, k) = (cfg.clone(), keys.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(c.reload_period());
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (c, k, r) = (c.clone(), k.clone(), reloads.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    let mut last = r.lock().unwrap_or_else(|e| e.into_inner());
+                    k.reload(&c.config_dir, false, &mut last);
+                })
+                .await;
+            }
         });
         let l = Arc::new(submit::Listener::new(
             queue.clone(),

@@ -100,7 +100,12 @@ fn main() -> ExitCode {
         );
         tokio::spawn(keys.clone().keep_alive(link_keepalive));
         let tls = tls::Tls::new(cfg.hostname.clone(), keys);
-        tokio::spawn(tls.clone().refresh_until_ready());
+        let t = tls.clone();
+        let period = cfg.reload_period();
+        tokio::spawn(async move {
+            t.clone().refresh_until_ready().await;
+            t.follow(period).await;
+        });
         let sessions = server::Sessions::new(server::Caps {
             total: cfg.tambo.max_sessions,
             per_client: cfg.tambo.max_sessions_per_client,

@@ -205,6 +205,7 @@ impl Signer for RemoteSigner {
 /// One certificate, ready for handshakes.
 #[derive(Debug)]
 struct Cert {
+    id: CertId,
     name: String,
     leaf: CertificateDer<'static>,
     key: Arc<CertifiedKey>,
@@ -243,6 +244,7 @@ impl Resolver {
                     client: client.clone(),
                 });
                 Some(Cert {
+                    id: e.id,
                     name: e.name,
                     leaf,
                     key: Arc::new(CertifiedKey::new(chain, key)),
@@ -314,6 +316,36 @@ impl Tls {
             .certificates()
             .await
             .map_err(|e| e.to_string())?;
+        self.install(entries)
+    }
+
+    /// Asks queued for its certificates every `period` and rebuilds the
+    /// TLS configuration when they changed (queued reloads them when their
+    /// files do): new connections get the new certificate, sessions already
+    /// on TLS keep theirs.
+    pub async fn follow(self: Arc<Self>, period: Duration) {
+        loop {
+            tokio::time::sleep(period).await;
+            let Ok(entries) = self.client.certificates().await else {
+                continue;
+            };
+            let ids: Vec<CertId> = entries.iter().map(|e| e.id).collect();
+            let current: Vec<CertId> = self
+                .acceptor()
+                .map(|(_, r)| r.certs.iter().map(|c| c.id).collect())
+                .unwrap_or_default();
+            if ids != current {
+                match self.install(entries) {
+                    Ok(n) => tracing::info!("TLS certificates changed: now {n}"),
+                    Err(e) => tracing::warn!("new TLS certificates not used: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Builds and swaps in the TLS configuration for `entries`; must run
+    /// inside the runtime (the signers wait on it).
+    fn install(&self, entries: Vec<CertEntry>) -> Result<usize, String> {
         let handle = Arc::new(KeyClientHandle {
             client: self.client.clone(),
             runtime: tokio::runtime::Handle::current(),
