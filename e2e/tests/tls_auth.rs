@@ -9,7 +9,7 @@ use std::path::Path;
 use tambo_e2e::tls::{TlsSmtp, Versions, b64, hash, plain};
 use tambo_e2e::*;
 use tambo_proto::frame::{read_frame_max, write_frame};
-use tambo_proto::submit::{SubmitReply, SubmitRequest};
+use tambo_proto::submit::{AuthVerdict, Mode, RcptVerdict, SubmitReply, SubmitRequest};
 use tambo_proto::{Role, hello};
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -465,4 +465,83 @@ fn certificates_reload_without_a_restart() {
     });
     assert!(t.log("queued").contains("privkey.pem"));
     assert_eq!(seen(), Some(renewed));
+}
+
+/// A submit.sock session as a compromised smtpd could open it, claiming
+/// whatever mode and TLS state it likes.
+async fn raw_session(t: &Tambo, mode: Mode, tls: bool) -> tokio::net::UnixStream {
+    let mut s = hello::connect(
+        &t.run_dir.join("submit.sock"),
+        Role::Smtpd,
+        Role::Queued,
+        &ids(),
+    )
+    .await
+    .expect("handshake");
+    let client = "203.0.113.7:4242".to_string();
+    assert_eq!(
+        ask(&mut s, SubmitRequest::Session { client, mode, tls }).await,
+        SubmitReply::Ok
+    );
+    s
+}
+
+async fn ask(s: &mut tokio::net::UnixStream, req: SubmitRequest) -> SubmitReply {
+    write_frame(s, &req).await.unwrap();
+    read_frame_max(s, 1 << 20).await.unwrap().expect("a reply")
+}
+
+fn auth_req(user: &str, password: &str) -> SubmitRequest {
+    SubmitRequest::Auth {
+        identity: user.into(),
+        password: password.as_bytes().to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn only_an_authenticated_submit_session_relays() {
+    // smtpd only carries the exchange: a compromised one that skips AUTH,
+    // or says the session is on TLS when it is not, still cannot relay.
+    let mut t = setup();
+    t.start("monitord");
+    t.start("queued");
+    let mail = || SubmitRequest::Mail {
+        from: "ann@example.test".into(),
+    };
+    let far = || SubmitRequest::Rcpt {
+        to: "someone@elsewhere.example".into(),
+    };
+    let denied = SubmitReply::Rcpt(RcptVerdict::RelayDenied);
+    // No AUTH at all.
+    let mut s = raw_session(&t, Mode::Smtp, true).await;
+    assert_eq!(ask(&mut s, mail()).await, SubmitReply::Ok);
+    assert_eq!(ask(&mut s, far()).await, denied);
+    // The right password on a session that is not on TLS is not checked.
+    let mut s = raw_session(&t, Mode::Smtp, false).await;
+    let r = ask(&mut s, auth_req("ann@example.test", PASSWORD)).await;
+    assert_eq!(r, SubmitReply::Auth(AuthVerdict::Invalid));
+    assert_eq!(ask(&mut s, mail()).await, SubmitReply::Ok);
+    assert_eq!(ask(&mut s, far()).await, denied);
+    // Submission: MAIL needs AUTH first, and a failed AUTH is no AUTH.
+    let mut s = raw_session(&t, Mode::Submission, true).await;
+    assert_eq!(ask(&mut s, mail()).await, SubmitReply::AuthRequired);
+    let r = ask(&mut s, auth_req("ann@example.test", "wrong")).await;
+    assert_eq!(r, SubmitReply::Auth(AuthVerdict::Invalid));
+    assert_eq!(ask(&mut s, mail()).await, SubmitReply::AuthRequired);
+    assert_eq!(
+        ask(&mut s, far()).await,
+        SubmitReply::BadSequence("RCPT before MAIL".into())
+    );
+    // The control: the same requests after a good AUTH relay; a second AUTH
+    // (to switch users) is refused and the first login stands.
+    let mut s = raw_session(&t, Mode::SubmissionTls, true).await;
+    let r = ask(&mut s, auth_req("ann@example.test", PASSWORD)).await;
+    assert_eq!(r, SubmitReply::Auth(AuthVerdict::Accepted));
+    let r = ask(&mut s, auth_req("bob@example.test", "bob's password")).await;
+    assert_eq!(r, SubmitReply::Auth(AuthVerdict::Invalid));
+    assert_eq!(ask(&mut s, mail()).await, SubmitReply::Ok);
+    assert_eq!(
+        ask(&mut s, far()).await,
+        SubmitReply::Rcpt(RcptVerdict::Accepted)
+    );
 }
