@@ -165,9 +165,13 @@ fn ensure_certificate(config_dir: &Path) -> Result<(), String> {
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .and_then(|p| p.self_signed(&key))
-        .map_err(|e| e.to_string())?;
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string()]).map_err(|e| e.to_string())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost (tambo dev)");
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     // The key first, private (umask 077), so the pair is never half there.
     std::fs::write(dir.join("privkey.pem"), key.serialize_pem())
         .map_err(|e| format!("{}: {e}", dir.display()))?;

@@ -207,6 +207,18 @@ pub fn write_cert(config_dir: &Path, name: &str, names: &[&str]) -> Vec<u8> {
     cert.der().to_vec()
 }
 
+/// The path of an installed tool (swaks, msmtp, openssl…), or a panic that
+/// says how to get it.
+pub fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} is not installed: run scripts/test.sh, which installs it (apt-get install {name})")
+        })
+}
+
 /// Raises this test process's open-files soft limit to its hard limit, for
 /// tests that hold thousands of connections.
 pub fn raise_nofile_limit() {

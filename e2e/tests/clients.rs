@@ -11,16 +11,6 @@ use tambo_e2e::*;
 
 const PASSWORD: &str = "swordfish-and-chips";
 
-fn tool(name: &str) -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{name} is not installed: run scripts/test.sh, which installs it (apt-get install {name})")
-        })
-}
-
 fn started() -> Tambo {
     let mut t = Tambo::default_setup();
     let users = t.config_dir.join("domains").join(DOMAIN).join("users");
