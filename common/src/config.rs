@@ -127,6 +127,9 @@ pub struct Testing {
     pub fail_queue_writes: bool,
     /// Replaces smtpd's 1-minute command timeout.
     pub smtp_command_timeout: Option<Duration>,
+    /// Replaces smtpd's 1-minute first deadline (the PROXY header, the
+    /// implicit-TLS handshake and the greeting).
+    pub smtp_first_deadline: Option<Duration>,
     /// Replaces the deadline queued gives deliverd for each job.
     pub delivery_job_deadline: Option<Duration>,
     /// While this file exists, fsyncs of the queue directory fail.
@@ -356,6 +359,9 @@ impl Config {
                 "fail_queue_writes" => self.testing.fail_queue_writes = g.bool(key, v)?,
                 "smtp_command_timeout" => {
                     self.testing.smtp_command_timeout = Some(g.duration(key, v)?)
+                }
+                "smtp_first_deadline" => {
+                    self.testing.smtp_first_deadline = Some(g.duration(key, v)?)
                 }
                 "delivery_job_deadline" => {
                     self.testing.delivery_job_deadline = Some(g.duration(key, v)?)
@@ -653,6 +659,7 @@ max_data_in_flight_mb = 64
 [testing]
 retry_delays = ["1s", "2s", "3s", "4s"]
 retry_jitter = "0s"
+smtp_first_deadline = "2s"
 "#,
         )
         .unwrap()
@@ -665,6 +672,8 @@ retry_jitter = "0s"
         assert_eq!(c.tambo.runtime_dir, PathBuf::from("/etc/tambo/run"));
         assert_eq!(c.give_up_send_after, Duration::from_secs(5400));
         assert_eq!(c.testing.retry_jitter, Some(Duration::ZERO));
+        assert_eq!(c.testing.smtp_first_deadline, Some(Duration::from_secs(2)));
+        assert!(c.haproxy_incoming);
         assert_eq!(c.tambo.delivery_slots, 4);
         assert_eq!(c.tambo.max_sessions, 10);
         assert_eq!(c.tambo.max_sessions_per_client, 2);

@@ -599,8 +599,15 @@ pub struct Smtp {
 
 impl Smtp {
     pub fn connect(addr: SocketAddr) -> Self {
-        let s = TcpStream::connect(addr).unwrap();
+        Self::connect_after(addr, b"")
+    }
+
+    /// Connects, sends `prefix` (a PROXY header, as a proxy would), then
+    /// reads the greeting (which must be 220).
+    pub fn connect_after(addr: SocketAddr, prefix: &[u8]) -> Self {
+        let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(prefix).unwrap();
         let mut c = Smtp {
             r: BufReader::new(s.try_clone().unwrap()),
             w: s,

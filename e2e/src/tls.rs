@@ -139,8 +139,15 @@ pub struct TlsSmtp {
 impl TlsSmtp {
     /// A plain connection; reads the greeting (which must be 220).
     pub fn connect(addr: SocketAddr) -> Self {
-        let s = TcpStream::connect(addr).unwrap();
+        Self::connect_after(addr, b"")
+    }
+
+    /// A plain connection that first sends `prefix` (a PROXY header, as a
+    /// proxy would); then reads the greeting (which must be 220).
+    pub fn connect_after(addr: SocketAddr, prefix: &[u8]) -> Self {
+        let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(prefix).unwrap();
         let mut c = Self {
             conn: BufReader::new(Stream::Plain(s)),
             seen: Arc::default(),
@@ -153,8 +160,20 @@ impl TlsSmtp {
 
     /// Implicit TLS (port 465): the handshake, then the greeting.
     pub fn connect_tls(addr: SocketAddr, sni: &str, versions: Versions) -> Result<Self, String> {
-        let s = TcpStream::connect(addr).unwrap();
+        Self::connect_tls_after(addr, b"", sni, versions)
+    }
+
+    /// Implicit TLS after `prefix`, sent in plain text first: a PROXY
+    /// header, as HAProxy sends it in front of the client's handshake.
+    pub fn connect_tls_after(
+        addr: SocketAddr,
+        prefix: &[u8],
+        sni: &str,
+        versions: Versions,
+    ) -> Result<Self, String> {
+        let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(prefix).unwrap();
         let mut c = Self {
             conn: BufReader::new(Stream::Plain(s)),
             seen: Arc::default(),

@@ -38,6 +38,7 @@ pub mod names {
     pub const IPC_ERRORS: &str = "tambo/ipc/errors";
     pub const IPC_REFUSED: &str = "tambo/ipc/refused";
     pub const SMTP_IN_SESSIONS_REFUSED: &str = "tambo/smtpIn/sessionsRefused";
+    pub const SMTP_IN_PROXY_ERRORS: &str = "tambo/smtpIn/proxyErrors";
     pub const QUEUE_UNREADABLE_ITEMS: &str = "tambo/queue/unreadableItems";
     pub const QUEUE_JOBS_EXPIRED: &str = "tambo/queue/jobsExpired";
     pub const QUEUE_DSNS_DROPPED: &str = "tambo/queue/dsnDropped";
@@ -284,6 +285,11 @@ pub const VARIABLES: &[(&str, Kind, &str)] = &[
         "tambo/smtpIn/sessionsRefused",
         Kind::Map,
         "SMTP connections refused over a session cap, by cap",
+    ),
+    (
+        "tambo/smtpIn/proxyErrors",
+        Kind::Map,
+        "connections closed for their PROXY header (haproxy_incoming), by reason",
     ),
     (
         "tambo/metrics/dropped",

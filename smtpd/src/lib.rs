@@ -9,7 +9,8 @@
 //! every RCPT.
 //!
 //! # Layout
-//! - [`server`]: accept loop, one task per connection.
+//! - [`server`]: accept loop, session caps, one task per connection.
+//! - [`proxy`]: the PROXY protocol header (`haproxy_incoming`).
 //! - [`session`]: the SMTP state machine, limits and replies.
 //! - [`command`]: command-line parsing (verbs, MAIL/RCPT paths).
 //! - [`dotreader`]: DATA decoding (dot-unstuffing, strict CRLF).
@@ -23,6 +24,7 @@
 pub mod command;
 pub mod conn;
 pub mod dotreader;
+pub mod proxy;
 pub mod queue;
 pub mod received;
 pub mod sasl;

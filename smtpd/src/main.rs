@@ -110,6 +110,11 @@ fn main() -> ExitCode {
             total: cfg.tambo.max_sessions,
             per_client: cfg.tambo.max_sessions_per_client,
         });
+        if cfg.haproxy_incoming {
+            // Said once: a direct client is closed without a word, which is
+            // puzzling to debug without knowing this.
+            tracing::info!("haproxy_incoming: every connection must start with a PROXY header");
+        }
         for (mode, l) in listeners {
             let mut scfg = session::SessionConfig::new(
                 cfg.hostname.clone(),
@@ -121,6 +126,10 @@ fn main() -> ExitCode {
             if let Some(t) = cfg.testing.smtp_command_timeout {
                 scfg.command_timeout = t;
             }
+            if let Some(t) = cfg.testing.smtp_first_deadline {
+                scfg.first_deadline = t;
+            }
+            scfg.haproxy = cfg.haproxy_incoming;
             // A client that dawdles between commands or inside DATA must
             // never have its link (and its transaction) closed by queued.
             scfg.link_keepalive = link_keepalive;

@@ -59,7 +59,8 @@ pub struct SessionConfig {
     pub submit_socket: PathBuf,
     pub ids: Identities,
     pub mode: Mode,
-    /// Covers sending the greeting.
+    /// From accept: covers the PROXY header, the implicit-TLS handshake
+    /// and sending the greeting, together.
     pub first_deadline: Duration,
     /// For each command, and for each read inside DATA.
     pub command_timeout: Duration,
@@ -69,6 +70,8 @@ pub struct SessionConfig {
     pub link_keepalive: Duration,
     /// TLS, once the certificates arrived from queued.
     pub tls: Option<Arc<Tls>>,
+    /// `haproxy_incoming`: every connection starts with a PROXY header.
+    pub haproxy: bool,
 }
 
 impl SessionConfig {
@@ -90,6 +93,7 @@ impl SessionConfig {
             lifetime: Duration::from_secs(20 * 60),
             link_keepalive: Duration::from_secs(60),
             tls: None,
+            haproxy: false,
         }
     }
 }
@@ -121,9 +125,14 @@ enum Next {
 
 struct Session {
     conn: BufReader<Conn>,
+    /// When the first deadline ends.
+    first_deadline: tokio::time::Instant,
     /// Replies not yet written: flushed when the client has nothing more
     /// buffered, so pipelined commands get their replies in one write.
     out: Vec<u8>,
+    /// The client: the connection's peer, or behind a proxy the source
+    /// its PROXY header named. Used for everything (logs, Received, what
+    /// queued is told), so the proxy's own address appears nowhere.
     peer: SocketAddr,
     cfg: Arc<SessionConfig>,
     /// `hostname`, or the client's SNI when a certificate covers it.
@@ -145,10 +154,18 @@ struct Session {
 }
 
 /// Serves one connection until it ends. Never panics on client input.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, cfg: Arc<SessionConfig>) {
+/// `peer` is the client: behind a proxy, the source its PROXY header named.
+/// `first_deadline` ends the implicit-TLS handshake and the greeting.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    cfg: Arc<SessionConfig>,
+    first_deadline: tokio::time::Instant,
+) {
     let hostname = cfg.hostname.clone();
     let mut s = Session {
         conn: BufReader::with_capacity(READ_BUFFER, Conn::Plain(stream)),
+        first_deadline,
         out: Vec::new(),
         peer,
         cfg,
@@ -175,7 +192,7 @@ impl Session {
     async fn run(&mut self) {
         let greeting = format!("{} ESMTP tambo", self.hostname);
         self.reply(220, "", &greeting);
-        if tokio::time::timeout(self.cfg.first_deadline, self.flush())
+        if tokio::time::timeout_at(self.first_deadline, self.flush())
             .await
             .is_err()
         {

@@ -10,18 +10,19 @@ use super::{Next, READ_BUFFER, Session, TlsInfo};
 use crate::conn::Conn;
 
 impl Session {
-    /// 465: the handshake comes first, under the first deadline. False if
-    /// there is no TLS (yet) or the handshake failed: close, no reply.
+    /// 465: the handshake comes first (after the PROXY header, if any),
+    /// under the first deadline. False if there is no TLS (yet) or the
+    /// handshake failed: close, no reply.
     pub(super) async fn implicit_tls(&mut self) -> bool {
         let deadline = self.cfg.first_deadline;
-        match tokio::time::timeout(deadline, self.handshake()).await {
+        match tokio::time::timeout_at(self.first_deadline, self.handshake()).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 tracing::info!(peer = %self.peer, "TLS handshake failed on submission+TLS: {e}");
                 false
             }
             Err(_) => {
-                tracing::info!(peer = %self.peer, "no TLS handshake within {deadline:?}");
+                tracing::info!(peer = %self.peer, "no TLS handshake within the first {deadline:?}");
                 false
             }
         }
