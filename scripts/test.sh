@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real clients the end-to-end tests talk to tambo with (Debian packages).
+# Real clients the end-to-end tests talk to tambo with, and the real Dovecot
+# they authenticate against (Debian packages: `command:package`). dovecot
+# lives in /usr/sbin, which a normal user's PATH may lack.
 missing=()
-for tool in swaks msmtp openssl; do
-  command -v "$tool" >/dev/null || missing+=("$tool")
+for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core; do
+  tool=${pair%%:*}
+  command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

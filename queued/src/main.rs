@@ -11,6 +11,7 @@ mod auth;
 mod certs;
 mod dirsync;
 mod dispatch;
+mod dovecot;
 mod dsn;
 mod handshake;
 mod item;
@@ -145,6 +146,20 @@ fn main() -> ExitCode {
         );
         for item in loaded.items {
             queue.start(item);
+        }
+        if let Some(dovecot) = queue.dovecot.clone() {
+            // Only a warning: Dovecot may come up after us, and each lookup
+            // looks for it again (REFERENCE §5.5). Not awaited, so a Dovecot
+            // that hangs cannot hold up startup.
+            tokio::spawn(async move {
+                match dovecot.reachable().await {
+                    Ok(()) => tracing::info!("Dovecot fallback on: {}", dovecot.describe()),
+                    Err(e) => tracing::warn!(
+                        "Dovecot fallback on, but Dovecot cannot be reached now: {e}; \
+                         AUTH and RCPT for users only Dovecot knows get temporary errors until it can"
+                    ),
+                }
+            });
         }
         tracing::info!(
             "queued listening on {} and {}",

@@ -5,6 +5,12 @@
 //! Relaying needs an [`Authenticated`], which only a successful password
 //! check can create; a session without one can only reach local addresses,
 //! whatever a compromised smtpd claims.
+//!
+//! Everything here is synchronous and reads only tambo's own files. When
+//! they do not know an address and Dovecot is on (REFERENCE §5.4 lookup
+//! order, §5.5), the answer is a question instead ([`Lookup::AskDovecot`],
+//! [`RcptCheck::AskDovecot`], [`Unresolved::AskDovecot`]): the async
+//! caller asks Dovecot and, for resolution, runs it again with the answer.
 
 use tambo_common::address;
 use tambo_common::aliases::Target;
@@ -37,6 +43,37 @@ impl Authenticated {
 
 /// Deepest alias chain followed.
 pub const MAX_ALIAS_DEPTH: usize = 10;
+
+/// Whether a local address is a user (or, for existence, anything that
+/// takes mail), as far as tambo's files can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Yes,
+    No,
+    /// The files do not know it and Dovecot is on: Dovecot's userdb
+    /// answer for this id (`user@domain`, or a bare `user`) decides.
+    AskDovecot(String),
+}
+
+/// The RCPT decision, or the one question left for Dovecot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptCheck {
+    Done(RcptVerdict),
+    /// A local address no alias, catch-all or users file knows: accepted
+    /// if Dovecot knows this id, `NoSuchUser` if not, `TempError`
+    /// (451 4.4.3) if Dovecot cannot be asked.
+    AskDovecot(String),
+}
+
+/// Why [`Policy::resolve_with`] gave no recipients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unresolved {
+    /// The alias files cannot resolve it (a loop, a bad target).
+    Failed(String),
+    /// Whether this id is a Dovecot user decides where the mail goes: ask,
+    /// then resolve again with the answer.
+    AskDovecot(String),
+}
 
 pub struct Policy<'a> {
     pub cfg: &'a Config,
@@ -82,28 +119,28 @@ impl Policy<'_> {
         format!("postmaster@{domain}")
     }
 
-    /// Decides one RCPT.
-    pub fn check_rcpt(&self, to: &str, auth: Option<&Authenticated>) -> RcptVerdict {
+    /// Decides one RCPT, as far as tambo's files can.
+    pub fn check_rcpt(&self, to: &str, auth: Option<&Authenticated>) -> RcptCheck {
         let (_, raw_domain) = address::split(to);
         let domain = match address::normalize_domain(raw_domain) {
             Ok(d) => d,
-            Err(e) => return RcptVerdict::Invalid(e.to_string()),
+            Err(e) => return RcptCheck::Done(RcptVerdict::Invalid(e.to_string())),
         };
         if !self.domains.is_local(&domain) {
-            return if auth.is_some() {
+            return RcptCheck::Done(if auth.is_some() {
                 RcptVerdict::Accepted
             } else {
                 RcptVerdict::RelayDenied
-            };
+            });
         }
         let a = match self.parse(to) {
             Ok(a) => a,
-            Err(e) => return RcptVerdict::Invalid(e),
+            Err(e) => return RcptCheck::Done(RcptVerdict::Invalid(e)),
         };
-        if self.exists(&a) {
-            RcptVerdict::Accepted
-        } else {
-            RcptVerdict::NoSuchUser
+        match self.exists(&a) {
+            Lookup::Yes => RcptCheck::Done(RcptVerdict::Accepted),
+            Lookup::No => RcptCheck::Done(RcptVerdict::NoSuchUser),
+            Lookup::AskDovecot(id) => RcptCheck::AskDovecot(id),
         }
     }
 
@@ -143,41 +180,88 @@ impl Policy<'_> {
     /// Whether mail to `addr` may be queued by queued itself (a DSN): the
     /// RCPT rule for local addresses (an alias, a catch-all or a user),
     /// and any remote address.
-    pub fn deliverable(&self, addr: &str) -> bool {
+    pub fn deliverable(&self, addr: &str) -> Lookup {
         let (_, raw_domain) = address::split(addr);
         match address::normalize_domain(raw_domain) {
-            Ok(d) if !self.domains.is_local(&d) => true,
-            Ok(_) => self.parse(addr).is_ok_and(|a| self.exists(&a)),
-            Err(_) => false,
+            Ok(d) if !self.domains.is_local(&d) => Lookup::Yes,
+            Ok(_) => match self.parse(addr) {
+                Ok(a) => self.exists(&a),
+                Err(_) => Lookup::No,
+            },
+            Err(_) => Lookup::No,
         }
     }
 
     /// Whether a resolved local address is a user of its domain (clean
-    /// form), i.e. has a mailbox.
-    pub fn is_user(&self, addr: &str) -> bool {
+    /// form), i.e. has a mailbox: in the users file, else Dovecot's call.
+    pub fn is_user(&self, addr: &str) -> Lookup {
         let Ok(a) = self.parse(addr) else {
-            return false;
-        };
-        self.domains
-            .get(&a.domain)
-            .is_some_and(|d| d.users.contains(&self.clean(&a.user)))
-    }
-
-    fn exists(&self, a: &Addr) -> bool {
-        let Some(d) = self.domains.get(&a.domain) else {
-            return false;
+            return Lookup::No;
         };
         let clean = self.clean(&a.user);
-        d.aliases.get(&self.exact_key(&a.user)).is_some()
-            || d.aliases.get(&clean).is_some()
-            || d.aliases.get("*").is_some()
-            || d.users.contains(&clean)
+        if self
+            .domains
+            .get(&a.domain)
+            .is_some_and(|d| d.users.contains(&clean))
+        {
+            return Lookup::Yes;
+        }
+        self.beyond_the_files(&clean, &a.domain)
     }
 
-    /// Expands one accepted RCPT into final recipients.
+    /// REFERENCE §5.3 Exists: an exact or clean-form alias, a catch-all,
+    /// or the clean form is a user (users file, then Dovecot).
+    fn exists(&self, a: &Addr) -> Lookup {
+        let clean = self.clean(&a.user);
+        if let Some(d) = self.domains.get(&a.domain)
+            && (d.aliases.get(&self.exact_key(&a.user)).is_some()
+                || d.aliases.get(&clean).is_some()
+                || d.aliases.get("*").is_some()
+                || d.users.contains(&clean))
+        {
+            return Lookup::Yes;
+        }
+        self.beyond_the_files(&clean, &a.domain)
+    }
+
+    /// The answer for a user the files do not have (REFERENCE §5.4: the
+    /// file said "no"): Dovecot's, if it is on, local domains without a
+    /// directory (`localhost`) included.
+    ///
+    /// A recipient without a domain stays unknown (docs/design-notes.md,
+    /// "`postmaster` without a domain"): a yes would send mail to a
+    /// mailbox path with an empty domain. Bare names reach Dovecot at AUTH
+    /// only, which does not come through here.
+    fn beyond_the_files(&self, clean_user: &str, domain: &str) -> Lookup {
+        if self.cfg.dovecot_auth && !domain.is_empty() {
+            Lookup::AskDovecot(join(clean_user, domain))
+        } else {
+            Lookup::No
+        }
+    }
+
+    /// Expands one accepted RCPT into final recipients, counting every
+    /// address the files do not know as no user (without asking Dovecot:
+    /// a conservative answer, for the checks that cannot wait for it).
     pub fn resolve(&self, rcpt: &str) -> Result<Vec<Recipient>, String> {
+        self.resolve_with(rcpt, &|_| Some(false))
+            .map_err(|e| match e {
+                Unresolved::Failed(e) => e,
+                Unresolved::AskDovecot(id) => format!("{id}: Dovecot was not asked"),
+            })
+    }
+
+    /// Expands one accepted RCPT into final recipients. `dovecot` holds
+    /// Dovecot's answers so far (id → is a user); an id it has no answer
+    /// for, when the answer matters, ends the resolution with
+    /// [`Unresolved::AskDovecot`].
+    pub fn resolve_with(
+        &self,
+        rcpt: &str,
+        dovecot: &dyn Fn(&str) -> Option<bool>,
+    ) -> Result<Vec<Recipient>, Unresolved> {
         let mut out = Vec::new();
-        self.resolve_into(rcpt, rcpt, 0, &mut out)?;
+        self.resolve_into(rcpt, rcpt, 0, dovecot, &mut out)?;
         // The same final address reached twice gets one delivery.
         let mut seen = std::collections::HashSet::new();
         out.retain(|r| seen.insert((r.address.clone(), format!("{:?}", r.kind))));
@@ -189,14 +273,17 @@ impl Policy<'_> {
         addr: &str,
         original: &str,
         depth: usize,
+        dovecot: &dyn Fn(&str) -> Option<bool>,
         out: &mut Vec<Recipient>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Unresolved> {
         if depth > MAX_ALIAS_DEPTH {
-            return Err(format!(
+            return Err(Unresolved::Failed(format!(
                 "alias recursion deeper than {MAX_ALIAS_DEPTH} levels resolving {original}"
-            ));
+            )));
         }
-        let a = self.parse(addr).map_err(|e| format!("{addr}: {e}"))?;
+        let a = self
+            .parse(addr)
+            .map_err(|e| Unresolved::Failed(format!("{addr}: {e}")))?;
         let email = |address: String, local: bool| Recipient {
             address,
             kind: Kind::Email,
@@ -216,19 +303,29 @@ impl Policy<'_> {
             out.push(email(clean_addr, true));
             return Ok(());
         };
+        // Step 4's "the clean form is a user": the users file, then
+        // Dovecot. Asked only where the answer changes the result.
+        let is_user = || -> Result<bool, Unresolved> {
+            if d.users.contains(&clean) {
+                return Ok(true);
+            }
+            match self.beyond_the_files(&clean, &a.domain) {
+                Lookup::AskDovecot(id) => dovecot(&id).ok_or(Unresolved::AskDovecot(id)),
+                Lookup::Yes => Ok(true),
+                Lookup::No => Ok(false),
+            }
+        };
         let targets = match d
             .aliases
             .get(&self.exact_key(&a.user))
             .or_else(|| d.aliases.get(&clean))
         {
             Some(t) => t,
-            None if d.users.contains(&clean) => {
-                out.push(email(clean_addr, true));
-                return Ok(());
-            }
+            // A user beats the catch-all; without a catch-all, user or
+            // not, the clean form is the result (a non-user fails later).
             None => match d.aliases.get("*") {
-                Some(t) => t,
-                None => {
+                Some(t) if !is_user()? => t,
+                _ => {
                     out.push(email(clean_addr, true));
                     return Ok(());
                 }
@@ -255,15 +352,14 @@ impl Policy<'_> {
                     };
                     // An alias that names itself (`ann: ann, copy@x`) means
                     // "also deliver here", not a loop.
-                    let t = self.parse(&target).map_err(|e| format!("{target}: {e}"))?;
-                    if t.domain == a.domain
-                        && self.clean(&t.user) == clean
-                        && d.users.contains(&clean)
-                    {
+                    let t = self
+                        .parse(&target)
+                        .map_err(|e| Unresolved::Failed(format!("{target}: {e}")))?;
+                    if t.domain == a.domain && self.clean(&t.user) == clean && is_user()? {
                         out.push(email(clean_addr.clone(), true));
                         continue;
                     }
-                    self.resolve_into(&target, original, depth + 1, out)?;
+                    self.resolve_into(&target, original, depth + 1, dovecot, out)?;
                 }
             }
         }
@@ -296,6 +392,7 @@ backup: dave via mx1.backup.example/mx2.backup.example
 loop1: loop2
 loop2: loop1
 self: ann, self
+dovey: dovey, bob
 *: ann
 ";
 
@@ -316,6 +413,24 @@ self: ann, self
         (cfg, domains)
     }
 
+    impl Policy<'_> {
+        /// The RCPT verdict from the files alone.
+        fn rcpt(&self, to: &str, auth: Option<&Authenticated>) -> RcptVerdict {
+            match self.check_rcpt(to, auth) {
+                RcptCheck::Done(v) => v,
+                other => panic!("{to}: {other:?}"),
+            }
+        }
+    }
+
+    fn yes(l: Lookup) -> bool {
+        match l {
+            Lookup::Yes => true,
+            Lookup::No => false,
+            Lookup::AskDovecot(id) => panic!("asks Dovecot about {id}"),
+        }
+    }
+
     fn addrs(rs: &[Recipient]) -> Vec<String> {
         rs.iter().map(|r| r.address.clone()).collect()
     }
@@ -327,33 +442,30 @@ self: ann, self
             cfg: &cfg,
             domains: &domains,
         };
-        assert_eq!(p.check_rcpt("ann@example.org", None), RcptVerdict::Accepted);
+        assert_eq!(p.rcpt("ann@example.org", None), RcptVerdict::Accepted);
         assert_eq!(
-            p.check_rcpt("Z.E.D+tag@Plain.Example", None),
+            p.rcpt("Z.E.D+tag@Plain.Example", None),
             RcptVerdict::Accepted
         );
         assert_eq!(
-            p.check_rcpt("nobody@plain.example", None),
+            p.rcpt("nobody@plain.example", None),
             RcptVerdict::NoSuchUser
         );
         assert_eq!(
-            p.check_rcpt("nobody@example.org", None),
+            p.rcpt("nobody@example.org", None),
             RcptVerdict::Accepted,
             "catch-all"
         );
         assert_eq!(
-            p.check_rcpt("x@elsewhere.example", None),
+            p.rcpt("x@elsewhere.example", None),
             RcptVerdict::RelayDenied
         );
         let auth = Authenticated::after_check("ann@example.org".into());
         assert_eq!(
-            p.check_rcpt("x@elsewhere.example", Some(&auth)),
+            p.rcpt("x@elsewhere.example", Some(&auth)),
             RcptVerdict::Accepted
         );
-        assert!(matches!(
-            p.check_rcpt("x@xn--zz", None),
-            RcptVerdict::Invalid(_)
-        ));
+        assert!(matches!(p.rcpt("x@xn--zz", None), RcptVerdict::Invalid(_)));
     }
 
     #[test]
@@ -363,19 +475,22 @@ self: ann, self
             cfg: &cfg,
             domains: &domains,
         };
-        assert!(p.deliverable("ann@example.org"));
-        assert!(p.deliverable("anyone@example.org"), "catch-all");
-        assert!(p.deliverable("someone@remote.example"));
-        assert!(!p.deliverable("nobody@plain.example"));
-        assert!(!p.deliverable("root@localhost"), "localhost has no users");
-        assert!(!p.deliverable("x@xn--zz"));
-        assert!(p.is_user("ann@example.org"));
-        assert!(p.is_user("Z.E.D+x@plain.example"));
+        assert!(yes(p.deliverable("ann@example.org")));
+        assert!(yes(p.deliverable("anyone@example.org")), "catch-all");
+        assert!(yes(p.deliverable("someone@remote.example")));
+        assert!(!yes(p.deliverable("nobody@plain.example")));
         assert!(
-            !p.is_user("postmaster@example.org"),
+            !yes(p.deliverable("root@localhost")),
+            "localhost has no users"
+        );
+        assert!(!yes(p.deliverable("x@xn--zz")));
+        assert!(yes(p.is_user("ann@example.org")));
+        assert!(yes(p.is_user("Z.E.D+x@plain.example")));
+        assert!(
+            !yes(p.is_user("postmaster@example.org")),
             "an alias, not a mailbox"
         );
-        assert!(!p.is_user("root@localhost"));
+        assert!(!yes(p.is_user("root@localhost")));
     }
 
     #[test]
@@ -418,9 +533,9 @@ self: ann, self
         };
         let q = p.qualify("PostMaster");
         assert_eq!(q, "postmaster@example.org", "first local domain");
-        assert_eq!(p.check_rcpt(&q, None), RcptVerdict::Accepted);
+        assert_eq!(p.rcpt(&q, None), RcptVerdict::Accepted);
         assert_eq!(p.qualify("bob"), "bob");
-        assert_eq!(p.check_rcpt("bob", None), RcptVerdict::NoSuchUser);
+        assert_eq!(p.rcpt("bob", None), RcptVerdict::NoSuchUser);
     }
 
     #[test]
@@ -468,6 +583,86 @@ self: ann, self
         assert_eq!(
             p.resolve("postmaster@example.org").unwrap()[0].original_address,
             "postmaster@example.org"
+        );
+    }
+
+    #[test]
+    fn dovecot_is_asked_only_when_the_files_say_no() {
+        let (mut cfg, domains) = setup();
+        cfg.dovecot_auth = true;
+        let p = Policy {
+            cfg: &cfg,
+            domains: &domains,
+        };
+        let ask = |id: &str| RcptCheck::AskDovecot(id.to_string());
+        // The files know these: Dovecot is never asked.
+        assert_eq!(p.rcpt("ann@example.org", None), RcptVerdict::Accepted);
+        assert_eq!(
+            p.rcpt("nobody@example.org", None),
+            RcptVerdict::Accepted,
+            "catch-all"
+        );
+        assert_eq!(p.rcpt("zed@plain.example", None), RcptVerdict::Accepted);
+        assert_eq!(
+            p.rcpt("x@elsewhere.example", None),
+            RcptVerdict::RelayDenied
+        );
+        // The clean form, users file first.
+        assert_eq!(
+            p.check_rcpt("D.ave+x@Plain.Example", None),
+            ask("dave@plain.example")
+        );
+        // Local domains without a users file; but not domain-less
+        // recipients, which only AUTH sends to Dovecot.
+        assert_eq!(p.check_rcpt("root@localhost", None), ask("root@localhost"));
+        assert_eq!(p.rcpt("Dave", None), RcptVerdict::NoSuchUser);
+        assert_eq!(p.is_user("dave"), Lookup::No);
+        assert_eq!(p.is_user("zed@plain.example"), Lookup::Yes);
+        assert_eq!(
+            p.is_user("Dave+x@plain.example"),
+            Lookup::AskDovecot("dave@plain.example".into())
+        );
+        assert_eq!(p.is_user("x@xn--zz"), Lookup::No);
+        assert_eq!(
+            p.deliverable("dave@plain.example"),
+            Lookup::AskDovecot("dave@plain.example".into())
+        );
+        assert_eq!(p.deliverable("dave@remote.example"), Lookup::Yes);
+        assert_eq!(p.deliverable("anyone@example.org"), Lookup::Yes);
+    }
+
+    #[test]
+    fn a_dovecot_user_beats_the_catch_all() {
+        let (mut cfg, domains) = setup();
+        cfg.dovecot_auth = true;
+        let p = Policy {
+            cfg: &cfg,
+            domains: &domains,
+        };
+        let dave = |id: &str| Some(id == "dave@example.org" || id == "dovey@example.org");
+        // example.org has a catch-all: whether dave is a user decides.
+        assert_eq!(
+            p.resolve_with("dave@example.org", &|_| None),
+            Err(Unresolved::AskDovecot("dave@example.org".into()))
+        );
+        let rs = p.resolve_with("Da.ve+x@example.org", &dave).unwrap();
+        assert_eq!(addrs(&rs), ["dave@example.org"]);
+        assert!(rs[0].local);
+        let rs = p.resolve_with("nobody@example.org", &dave).unwrap();
+        assert_eq!(addrs(&rs), ["ann@example.org"]);
+        // Without a catch-all the answer changes nothing: not asked.
+        let rs = p.resolve_with("dave@plain.example", &|_| None).unwrap();
+        assert_eq!(addrs(&rs), ["dave@plain.example"]);
+        // Users and aliases in the files are never asked about.
+        let rs = p.resolve_with("postmaster@example.org", &|_| None).unwrap();
+        assert_eq!(addrs(&rs), ["ann@example.org"]);
+        // An alias naming itself delivers to a Dovecot user too.
+        let rs = p.resolve_with("dovey@example.org", &dave).unwrap();
+        assert_eq!(addrs(&rs), ["dovey@example.org", "bob@example.org"]);
+        // `resolve` counts what only Dovecot could know as no user.
+        assert_eq!(
+            addrs(&p.resolve("dave@example.org").unwrap()),
+            ["ann@example.org"]
         );
     }
 

@@ -5,7 +5,7 @@
 //! shared state is only the set of live IDs. Disk work runs on the
 //! blocking pool.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,9 +20,10 @@ use tambo_proto::metrics::{self, names};
 
 use crate::dirsync::DirSync;
 use crate::dispatch::Dispatcher;
+use crate::dovecot::{self, Dovecot};
 use crate::dsn;
 use crate::item::{self, FORMAT_VERSION, Item, Kind, Status};
-use crate::policy::Policy;
+use crate::policy::{Lookup, Policy, Unresolved};
 use crate::retry::Schedule;
 use crate::spool::Spool;
 
@@ -40,6 +41,24 @@ pub struct Queue {
     /// Bytes of message bodies being received right now, over all
     /// sessions ([`Queue::reserve_in_flight`]).
     in_flight: AtomicU64,
+    /// The fallback for users the files do not have (`dovecot_auth`),
+    /// shared by AUTH, RCPT, resolution and the delivery-time user check.
+    pub dovecot: Option<Arc<Dovecot>>,
+}
+
+/// Most Dovecot lookups one put may make while resolving its recipients
+/// (at most one per address the files do not know behind a catch-all):
+/// enough for [`crate::session`]'s 100 recipients and their aliases, and
+/// a bound on how long a put can take.
+pub const MAX_DOVECOT_LOOKUPS_PER_PUT: usize = 256;
+
+/// Dovecot's answer for `id` in an existence check; "no" when Dovecot is
+/// off (the policy only asks when it is on).
+pub async fn dovecot_knows(dovecot: Option<&Dovecot>, id: &str) -> Result<bool, dovecot::Error> {
+    match dovecot {
+        Some(d) => d.exists(id).await,
+        None => Ok(false),
+    }
 }
 
 #[derive(Default)]
@@ -61,6 +80,11 @@ pub enum PutError {
     NoRecipients,
     #[error("could not resolve recipients: {0}")]
     Resolve(String),
+    /// Dovecot could not say whether a recipient is a user; a later try
+    /// may work. The details (socket paths) went to queued's log: this
+    /// text reaches smtpd.
+    #[error("could not check a recipient with Dovecot")]
+    Lookup,
     #[error("could not write to the queue: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -80,7 +104,6 @@ impl Queue {
             cfg.testing.ipc_idle_timeout,
         ));
         Self {
-            cfg,
             domains: RwLock::new(Arc::new(domains)),
             dirsync: DirSync::start(spool.clone()),
             spool,
@@ -88,6 +111,8 @@ impl Queue {
             dispatcher,
             schedule,
             in_flight: AtomicU64::new(0),
+            dovecot: Dovecot::from_config(&cfg).map(Arc::new),
+            cfg,
         }
     }
 
@@ -127,6 +152,53 @@ impl Queue {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
                 Some(cur.saturating_sub(n))
             });
+    }
+
+    /// A policy answer, with Dovecot asked if the files could not tell;
+    /// a Dovecot error is logged here, with what was being done (`what`).
+    async fn lookup(&self, l: Lookup, what: &str) -> Result<bool, PutError> {
+        match l {
+            Lookup::Yes => Ok(true),
+            Lookup::No => Ok(false),
+            Lookup::AskDovecot(id) => {
+                dovecot_knows(self.dovecot.as_deref(), &id)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!("{what}: cannot ask Dovecot whether {id} is a user: {e}");
+                        PutError::Lookup
+                    })
+            }
+        }
+    }
+
+    /// Resolves one RCPT (REFERENCE §5.3), asking Dovecot whatever the
+    /// resolution needs to know; `answers` carries the answers across a
+    /// put's recipients.
+    async fn resolve(
+        &self,
+        policy: &Policy<'_>,
+        rcpt: &str,
+        answers: &mut HashMap<String, bool>,
+    ) -> Result<Vec<item::Recipient>, PutError> {
+        loop {
+            let resolved = policy.resolve_with(rcpt, &|id| answers.get(id).copied());
+            match resolved {
+                Ok(rs) => return Ok(rs),
+                Err(Unresolved::Failed(e)) => return Err(PutError::Resolve(e)),
+                // Each question is about an id not answered yet, so the
+                // loop ends: at the bound at the latest.
+                Err(Unresolved::AskDovecot(id)) => {
+                    if answers.len() >= MAX_DOVECOT_LOOKUPS_PER_PUT {
+                        return Err(PutError::Resolve(format!(
+                            "more than {MAX_DOVECOT_LOOKUPS_PER_PUT} Dovecot lookups resolving {rcpt}"
+                        )));
+                    }
+                    let what = format!("resolving <{rcpt}>");
+                    let known = self.lookup(Lookup::AskDovecot(id.clone()), &what).await?;
+                    answers.insert(id, known);
+                }
+            }
+        }
     }
 
     pub fn domains(&self) -> Arc<Domains> {
@@ -190,16 +262,17 @@ impl Queue {
         // Internal mail (DSNs) passes the same existence rule as an RCPT:
         // it never creates a mailbox for an address nobody configured.
         let rcpts: Vec<String> = if bypass_limit {
-            rcpts
-                .into_iter()
-                .filter(|r| {
-                    let ok = policy.deliverable(r);
-                    if !ok {
-                        tracing::warn!(%id, "internal message to <{r}> dropped: no such local address");
-                    }
-                    ok
-                })
-                .collect()
+            let mut kept = Vec::with_capacity(rcpts.len());
+            for r in rcpts {
+                let what = format!("{id}: internal message to <{r}>");
+                let ok = self.lookup(policy.deliverable(&r), &what).await?;
+                if ok {
+                    kept.push(r);
+                } else {
+                    tracing::warn!(%id, "internal message to <{r}> dropped: no such local address");
+                }
+            }
+            kept
         } else {
             rcpts
         };
@@ -207,8 +280,9 @@ impl Queue {
             return Err(PutError::NoRecipients);
         }
         let mut recipients = Vec::new();
+        let mut answers = HashMap::new();
         for r in &rcpts {
-            recipients.extend(policy.resolve(r).map_err(PutError::Resolve)?);
+            recipients.extend(self.resolve(&policy, r, &mut answers).await?);
         }
         let item = Item {
             version: FORMAT_VERSION,
@@ -288,12 +362,21 @@ impl Queue {
             // A local address that is no user (unknown after alias
             // resolution, or in a domain with no users, like `localhost`)
             // fails here: deliverd never creates a mailbox the config does
-            // not imply.
-            if r.kind == Kind::Email && r.local && !policy.is_user(&r.address) {
-                let text = format!("550 5.1.1 <{}>: no such user here", r.address);
-                attempts.spawn(async move { (idx, Outcome::PermFail(text)) });
-                continue;
-            }
+            // not imply. Dovecot's users count (REFERENCE §5.3).
+            let no_such_user = || format!("550 5.1.1 <{}>: no such user here", r.address);
+            let ask = if r.kind == Kind::Email && r.local {
+                match policy.is_user(&r.address) {
+                    Lookup::Yes => None,
+                    Lookup::No => {
+                        let text = no_such_user();
+                        attempts.spawn(async move { (idx, Outcome::PermFail(text)) });
+                        continue;
+                    }
+                    Lookup::AskDovecot(id) => Some(id),
+                }
+            } else {
+                None
+            };
             let target = match &r.kind {
                 Kind::Email if r.local => Target::Local,
                 Kind::Email => Target::Remote,
@@ -307,6 +390,31 @@ impl Queue {
                 to: r.address.clone(),
                 target,
             };
+            if let Some(dovecot_id) = ask {
+                // Asked here, in the attempt's own task, so a slow Dovecot
+                // delays this recipient only.
+                let (dovecot, dispatcher, body) =
+                    (self.dovecot.clone(), self.dispatcher.clone(), body.clone());
+                let (text, qid) = (no_such_user(), item.id.clone());
+                attempts.spawn(async move {
+                    let outcome = match dovecot_knows(dovecot.as_deref(), &dovecot_id).await {
+                        Ok(true) => dispatcher.submit(job, body).await.unwrap_or_else(|_| {
+                            Outcome::TempFail("delivery was abandoned".into())
+                        }),
+                        Ok(false) => Outcome::PermFail(text),
+                        Err(e) => {
+                            tracing::warn!(id = %qid, "cannot ask Dovecot whether {dovecot_id} is a user: {e}");
+                            // No path or socket detail: this text can end
+                            // up in a DSN to an outside sender.
+                            Outcome::TempFail(
+                                "451 4.4.3 temporary error checking the recipient".into(),
+                            )
+                        }
+                    };
+                    (idx, outcome)
+                });
+                continue;
+            }
             let rx = self.dispatcher.submit(job, body.clone());
             attempts.spawn(async move {
                 (
@@ -419,6 +527,9 @@ impl Queue {
             domains: &domains,
         }
         .deliverable(&item.from);
+        // A Dovecot error is retried, like any failed DSN put.
+        let what = format!("{}: DSN to <{}>", item.id, item.from);
+        let deliverable = self.lookup(deliverable, &what).await?;
         if !deliverable {
             metrics::inc(names::QUEUE_DSNS_DROPPED);
             tracing::warn!(

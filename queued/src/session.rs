@@ -13,8 +13,8 @@ use tambo_proto::Error;
 use tambo_proto::submit::{AuthVerdict, Mode, RcptVerdict, SubmitReply, SubmitRequest};
 
 use crate::auth;
-use crate::policy::{Authenticated, Policy};
-use crate::queue::{PutError, Queue};
+use crate::policy::{Authenticated, Policy, RcptCheck};
+use crate::queue::{PutError, Queue, dovecot_knows};
 use crate::spool::BodyWriter;
 
 /// Most recipients per transaction, enforced again after smtpd.
@@ -160,7 +160,23 @@ impl Session {
                     domains: &domains,
                 };
                 let to = policy.qualify(&to);
-                let verdict = policy.check_rcpt(&to, self.auth.as_ref());
+                let verdict = match policy.check_rcpt(&to, self.auth.as_ref()) {
+                    RcptCheck::Done(v) => v,
+                    // The files said no; Dovecot has the last word
+                    // (REFERENCE §5.3), and its failure is a 451 4.4.3,
+                    // never a 550 the sender would take as final.
+                    RcptCheck::AskDovecot(id) => {
+                        match dovecot_knows(self.queue.dovecot.as_deref(), &id).await {
+                            Ok(true) => RcptVerdict::Accepted,
+                            Ok(false) => RcptVerdict::NoSuchUser,
+                            Err(e) => {
+                                tracing::warn!(client = ?self.client, "cannot ask Dovecot whether {id} is a user: {e}");
+                                // smtpd logs this; the details stay here.
+                                RcptVerdict::TempError("the Dovecot user lookup failed".into())
+                            }
+                        }
+                    }
+                };
                 if verdict == RcptVerdict::Accepted {
                     self.rcpts.push(to);
                 } else {
@@ -306,9 +322,10 @@ impl Session {
     }
 
     /// Checks an AUTH attempt: the client's failure budget first, then the
-    /// domain's users file, on the bounded pool, the whole answer padded to
-    /// the same duration whatever it is (REFERENCE §2.2, §2.5). A success
-    /// binds this session to the user; only then may it relay.
+    /// domain's users file, on the bounded pool, then Dovecot for a user
+    /// the file does not have (REFERENCE §5.4, §5.5), the whole answer
+    /// padded to the same duration whatever it is (REFERENCE §2.2, §2.5).
+    /// A success binds this session to the user; only then may it relay.
     async fn authenticate(&mut self, identity: String, password: Vec<u8>) -> AuthVerdict {
         let start = std::time::Instant::now();
         let verdict = self.check_password(identity, password, start).await;
@@ -347,37 +364,58 @@ impl Session {
                 return AuthVerdict::Invalid;
             }
         };
+        let who = if domain.is_empty() {
+            user.clone()
+        } else {
+            format!("{user}@{domain}")
+        };
         let domains = self.queue.domains();
-        let (u, d) = (user.clone(), domain.clone());
+        let (u, d) = (user, domain);
         let checked = self
             .auth_service
             .pool
-            .run(move || match domains.get(&d) {
-                Some(dom) => auth::check(&dom.users, &u, &password),
-                // A bare user, or a domain without a users file: only
-                // Dovecot could know them.
-                None => Ok(None),
+            .run(move || {
+                let verdict = match domains.get(&d) {
+                    Some(dom) => auth::check(&dom.users, &u, &password),
+                    // A bare user, or a domain without a users file: only
+                    // Dovecot could know them.
+                    None => Ok(None),
+                };
+                // Handed back for Dovecot, so it is never copied.
+                (verdict, password)
             })
             .await;
-        match checked {
-            Ok(Ok(Some(auth::Verdict::Accepted))) => {
-                let who = if domain.is_empty() {
-                    user
-                } else {
-                    format!("{user}@{domain}")
-                };
-                tracing::info!(client = ?self.client, "authenticated as {who}");
+        // Ok(Some(by)): accepted, and who said so; Ok(None): refused.
+        let accepted: Result<Option<&str>, String> = match checked {
+            Ok((Ok(Some(auth::Verdict::Accepted)), _)) => Ok(Some("the users file")),
+            // A known user with the wrong password, or a receive-only
+            // one: the file said no, and Dovecot is not asked.
+            Ok((Ok(Some(_)), _)) => Ok(None),
+            Ok((Ok(None), password)) => match &self.queue.dovecot {
+                None => Ok(None),
+                Some(_) if password.len() > auth::MAX_PASSWORD_LEN => Ok(None),
+                Some(dovecot) => match dovecot.authenticate(&who, &password).await {
+                    Ok(true) => Ok(Some("Dovecot")),
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(format!("Dovecot: {e}")),
+                },
+            },
+            Ok((Err(e), _)) | Err(e) => Err(e),
+        };
+        match accepted {
+            Ok(Some(by)) => {
+                tracing::info!(client = ?self.client, "authenticated as {who} (checked by {by})");
                 self.auth = Some(Authenticated::after_check(who));
                 AuthVerdict::Accepted
             }
-            Ok(Ok(_)) => {
+            Ok(None) => {
                 if let Some(ip) = ip {
                     budget.record_failure(ip, start);
                 }
                 AuthVerdict::Invalid
             }
-            Ok(Err(e)) | Err(e) => {
-                tracing::error!("cannot check a password for {user}@{domain}: {e}");
+            Err(e) => {
+                tracing::error!("cannot check a password for {who}: {e}");
                 AuthVerdict::TempError
             }
         }
