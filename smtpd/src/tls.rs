@@ -1,7 +1,7 @@
 //! TLS for smtpd without its private keys (DESIGN: no key is ever in
 //! smtpd's memory). The certificate chains come from queued over smtpd's
 //! key link; each handshake signature is made by queued too: rustls calls
-//! [`RemoteSigner::sign`], which asks queued and waits (rustls signs
+//! `RemoteSigner::sign`, which asks queued and waits (rustls signs
 //! synchronously, so the wait runs under `block_in_place`, with a short
 //! timeout). This is OpenSMTPD's "ca" process. The adapter to rustls'
 //! `SigningKey`/`Signer` traits lives here alone: rustls 0.24 renames them.
