@@ -114,6 +114,9 @@ pub struct TamboConfig {
     /// An authenticated user may only use their own addresses (and `<>`)
     /// as the envelope sender.
     pub sender_bound_to_login: bool,
+    /// TLS handshake signatures queued makes for smtpd per second, all key
+    /// links together (bursts of twice as many).
+    pub max_tls_signatures_per_second: u32,
 }
 
 /// Test knobs (chasquid's `testing__*`). Not for production use.
@@ -211,6 +214,7 @@ impl Config {
                 max_sessions_per_client: 50,
                 max_data_in_flight_mb: 512,
                 sender_bound_to_login: true,
+                max_tls_signatures_per_second: 1000,
             },
             testing: Testing::default(),
         }
@@ -326,6 +330,9 @@ impl Config {
                 "max_sessions_per_client" => self.tambo.max_sessions_per_client = g.u32(key, v)?,
                 "max_data_in_flight_mb" => self.tambo.max_data_in_flight_mb = g.positive(key, v)?,
                 "sender_bound_to_login" => self.tambo.sender_bound_to_login = g.bool(key, v)?,
+                "max_tls_signatures_per_second" => {
+                    self.tambo.max_tls_signatures_per_second = g.u32(key, v)?
+                }
                 _ => return Err(g.err(key, "unknown key")),
             }
         }
@@ -625,6 +632,7 @@ mod tests {
         assert_eq!(c.tambo.max_sessions, 1000);
         assert_eq!(c.tambo.max_sessions_per_client, 50);
         assert_eq!(c.tambo.max_data_in_flight_mb, 512);
+        assert_eq!(c.tambo.max_tls_signatures_per_second, 1000);
     }
 
     #[test]
@@ -656,6 +664,7 @@ delivery_slots = 4
 max_sessions = 10
 max_sessions_per_client = 2
 max_data_in_flight_mb = 64
+max_tls_signatures_per_second = 5
 [testing]
 retry_delays = ["1s", "2s", "3s", "4s"]
 retry_jitter = "0s"
@@ -677,6 +686,7 @@ smtp_first_deadline = "2s"
         assert_eq!(c.tambo.delivery_slots, 4);
         assert_eq!(c.tambo.max_sessions, 10);
         assert_eq!(c.tambo.max_sessions_per_client, 2);
+        assert_eq!(c.tambo.max_tls_signatures_per_second, 5);
         assert_eq!(c.max_data_in_flight(), 64 << 20);
     }
 

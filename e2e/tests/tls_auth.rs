@@ -279,59 +279,109 @@ fn smtpd_needs_no_private_key_at_all() {
     );
 }
 
+/// A key link as a compromised smtpd could open one: its certificates.
+async fn key_link(t: &Tambo) -> (tokio::net::UnixStream, Vec<tambo_proto::submit::CertEntry>) {
+    let sock = t.run_dir.join("submit.sock");
+    let mut s = hello::connect(&sock, Role::Smtpd, Role::Queued, &ids())
+        .await
+        .unwrap();
+    match ask(&mut s, SubmitRequest::KeyLink).await {
+        SubmitReply::Certificates(certs) => (s, certs),
+        r => panic!("no certificates: {r:?}"),
+    }
+}
+
+/// A TLS 1.3 server CertificateVerify input, the shape queued signs.
+fn certificate_verify() -> Vec<u8> {
+    let mut cv = vec![0x20; 64];
+    cv.extend_from_slice(b"TLS 1.3, server CertificateVerify\0");
+    cv.extend([7; 32]);
+    cv
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn queued_signs_nothing_but_handshakes() {
     let mut t = setup();
     t.start("monitord");
     t.start("queued");
-    let sock = t.run_dir.join("submit.sock");
     // What a compromised smtpd could do: open a key link and ask.
-    let mut s = hello::connect(&sock, Role::Smtpd, Role::Queued, &ids())
-        .await
-        .unwrap();
-    write_frame(&mut s, &SubmitRequest::KeyLink).await.unwrap();
-    let Some(SubmitReply::Certificates(certs)) = read_frame_max(&mut s, 1 << 20).await.unwrap()
-    else {
-        panic!("no certificates")
-    };
+    let (mut s, certs) = key_link(&t).await;
     assert_eq!(certs.len(), 1);
-    let cert = certs[0].id;
-    let scheme = certs[0].schemes[0];
-    let mut ask = async |message: Vec<u8>| {
-        write_frame(
-            &mut s,
-            &SubmitRequest::Sign {
-                cert,
-                scheme,
-                message,
-            },
-        )
-        .await
-        .unwrap();
-        read_frame_max::<_, SubmitReply>(&mut s, 1 << 20)
-            .await
-            .unwrap()
-            .unwrap()
-    };
+    let (cert, scheme) = (certs[0].id, certs[0].schemes[0]);
     for evil in [
         b"DKIM-Signature: v=1; a=rsa-sha256; d=victim.example; b=".to_vec(),
         vec![0x30, 0x82, 0x01, 0x0a],
         vec![0x20; 130],
     ] {
-        let r = ask(evil).await;
+        let r = ask(
+            &mut s,
+            SubmitRequest::Sign {
+                cert,
+                scheme,
+                message: evil,
+            },
+        )
+        .await;
         assert!(matches!(r, SubmitReply::SignRefused(_)), "{r:?}");
     }
-    // A TLS 1.3 CertificateVerify input is signed.
-    let mut cv = vec![0x20; 64];
-    cv.extend_from_slice(b"TLS 1.3, server CertificateVerify\0");
-    cv.extend([7; 32]);
-    assert!(matches!(ask(cv).await, SubmitReply::Signature(_)));
+    let message = certificate_verify();
+    let r = ask(
+        &mut s,
+        SubmitRequest::Sign {
+            cert,
+            scheme,
+            message,
+        },
+    )
+    .await;
+    assert!(matches!(r, SubmitReply::Signature(_)), "{r:?}");
     t.wait_log(
         "queued",
         "key link: refused to sign: not a TLS handshake input",
     );
     t.wait_var("refusals counted", |v| {
         v["tambo/tls/signRefused"]["input"].as_u64() >= Some(3)
+    });
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_signature_budget_holds_over_every_key_link() {
+    // 5 a second, bursts of 10: more links get no more signatures.
+    let mut t = Tambo::new("", "max_tls_signatures_per_second = 5\n", "");
+    t.start("monitord");
+    t.start("queued");
+    let mut links = Vec::new();
+    for _ in 0..3 {
+        links.push(key_link(&t).await);
+    }
+    let (mut signed, mut refused) = (0, 0);
+    for i in 0..30 {
+        let (s, certs) = &mut links[i % 3];
+        let (cert, scheme) = (certs[0].id, certs[0].schemes[0]);
+        let message = certificate_verify();
+        match ask(
+            s,
+            SubmitRequest::Sign {
+                cert,
+                scheme,
+                message,
+            },
+        )
+        .await
+        {
+            SubmitReply::Signature(_) => signed += 1,
+            SubmitReply::SignRefused(why) => {
+                assert!(why.contains("max_tls_signatures_per_second"), "{why}");
+                refused += 1;
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    // The burst, and what the rate added while we asked (well under 1 s).
+    assert!((10..=14).contains(&signed), "{signed} signed");
+    assert_eq!(signed + refused, 30);
+    t.wait_var("rate refusals counted", |v| {
+        v["tambo/tls/signRefused"]["rate"].as_u64() >= Some(refused)
     });
 }
 

@@ -1,8 +1,9 @@
 //! smtpd's key link: the connection over which smtpd gets the certificate
 //! chains and asks for each TLS handshake signature (DESIGN: the TLS keys
 //! never enter smtpd). Only handshake-shaped inputs are signed
-//! ([`crate::handshake`]), at most [`RATE`] a second per link (with bursts
-//! of [`BURST`]), on the shared bounded [`crate::pool::CpuPool`].
+//! ([`crate::handshake`]), at most `[tambo] max_tls_signatures_per_second`
+//! over all links together (bursts of twice that), on the shared bounded
+//! [`crate::pool::CpuPool`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,28 +18,27 @@ use tambo_proto::submit::{CertId, SubmitReply, SubmitRequest};
 use crate::certs::{Certs, SignError};
 use crate::pool::CpuPool;
 
-/// Signatures per second one key link may ask for, on average.
-pub const RATE: f64 = 500.0;
-/// How many it may ask for at once after a quiet spell.
-pub const BURST: f64 = 1000.0;
-
-/// A token bucket: `RATE` a second, at most `BURST` saved up.
+/// A token bucket: `rate` a second, at most twice as many saved up. One
+/// for all key links together, so opening more links gets smtpd nothing.
 struct Bucket {
+    rate: f64,
     tokens: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn new(now: Instant) -> Self {
+    fn new(rate: u32, now: Instant) -> Self {
+        let rate = f64::from(rate.max(1));
         Self {
-            tokens: BURST,
+            rate,
+            tokens: 2.0 * rate,
             last: now,
         }
     }
 
     fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * RATE).min(BURST);
+        self.tokens = (self.tokens + elapsed * self.rate).min(2.0 * self.rate);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -53,6 +53,7 @@ impl Bucket {
 pub struct KeyService {
     certs: std::sync::RwLock<Generations>,
     pool: Arc<CpuPool>,
+    bucket: std::sync::Mutex<Bucket>,
     /// How long the keys of replaced certificates still sign: smtpd learns
     /// of a reload on its next poll, and handshakes it began with the old
     /// certificate in between must not fail.
@@ -66,9 +67,11 @@ struct Generations {
 }
 
 impl KeyService {
-    /// `grace` should cover smtpd's poll period with room to spare.
-    pub fn new(certs: Certs, pool: Arc<CpuPool>, grace: Duration) -> Self {
+    /// `grace` should cover smtpd's poll period with room to spare;
+    /// `rate` is `[tambo] max_tls_signatures_per_second`.
+    pub fn new(certs: Certs, pool: Arc<CpuPool>, grace: Duration, rate: u32) -> Self {
         Self {
+            bucket: std::sync::Mutex::new(Bucket::new(rate, Instant::now())),
             certs: std::sync::RwLock::new(Generations {
                 current: Arc::new(certs),
                 previous: None,
@@ -143,7 +146,6 @@ pub async fn serve(
     idle: Duration,
     write_timeout: Duration,
 ) -> Result<(), Error> {
-    let mut bucket = Bucket::new(Instant::now());
     let mut reply = SubmitReply::Certificates(keys.certs().entries());
     loop {
         tokio::time::timeout(write_timeout, write_frame(&mut writer, &reply))
@@ -164,9 +166,14 @@ pub async fn serve(
                 scheme,
                 message,
             } => {
-                if !bucket.take(Instant::now()) {
+                let allowed = keys
+                    .bucket
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(Instant::now());
+                if !allowed {
                     metrics::inc_label(names::TLS_SIGN_REFUSED, "rate");
-                    SubmitReply::SignRefused("over the signature rate of this link".into())
+                    SubmitReply::SignRefused("over max_tls_signatures_per_second".into())
                 } else {
                     let k = keys.clone();
                     let signed = keys
@@ -199,8 +206,8 @@ mod tests {
     #[test]
     fn the_bucket_holds_a_burst_then_refills_at_the_rate() {
         let t0 = Instant::now();
-        let mut b = Bucket::new(t0);
-        for _ in 0..BURST as usize {
+        let mut b = Bucket::new(500, t0);
+        for _ in 0..1000 {
             assert!(b.take(t0));
         }
         assert!(!b.take(t0), "the burst is spent");
@@ -210,7 +217,7 @@ mod tests {
         while b.take(t1) {
             n += 1;
         }
-        assert_eq!(n, (RATE / 100.0) as usize);
+        assert_eq!(n, 5);
     }
 
     #[test]
@@ -221,7 +228,7 @@ mod tests {
         let scheme = u16::from(rustls::SignatureScheme::ECDSA_NISTP256_SHA256);
         let cv = crate::handshake::tests::tls13_certificate_verify(32);
         for (grace, old_signs) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
-            let keys = KeyService::new(Certs::load(dir.path()).unwrap(), pool.clone(), grace);
+            let keys = KeyService::new(Certs::load(dir.path()).unwrap(), pool.clone(), grace, 10);
             let old = keys.certs().entries()[0].id;
             crate::certs::tests::write_cert(dir.path(), "mx", "mx.example");
             keys.reload(dir.path(), true, &mut Vec::new());
@@ -244,6 +251,7 @@ mod tests {
             Certs::load(dir.path()).unwrap(),
             Arc::new(CpuPool::new(1)),
             Duration::ZERO,
+            10,
         );
         let id = keys.certs().entries()[0].id;
         std::fs::write(dir.path().join("certs/mx/privkey.pem"), "not a key").unwrap();

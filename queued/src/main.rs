@@ -176,6 +176,7 @@ fn main() -> ExitCode {
             certs,
             cpu.clone(),
             cfg.reload_period() * 2 + std::time::Duration::from_secs(10),
+            cfg.tambo.max_tls_signatures_per_second,
         ));
         let auth = Arc::new(auth::Service {
             pool: cpu,

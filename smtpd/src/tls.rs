@@ -33,7 +33,11 @@ const RETRY: Duration = Duration::from_millis(500);
 pub struct KeyClient {
     socket: PathBuf,
     ids: Identities,
-    link: tokio::sync::Mutex<Option<Link>>,
+    /// A few links, opened as needed: one link answers one request at a
+    /// time, and concurrent handshakes should not wait in line for each
+    /// other's signatures while queued has cores free.
+    links: Vec<tokio::sync::Mutex<Option<Link>>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 struct Link {
@@ -53,11 +57,22 @@ impl Link {
 
 impl KeyClient {
     pub fn new(socket: PathBuf, ids: Identities) -> Self {
+        let width = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
         Self {
             socket,
             ids,
-            link: tokio::sync::Mutex::new(None),
+            links: (0..width).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// A free link if there is one, else the next in turn (waiting for it).
+    async fn pick(&self) -> tokio::sync::MutexGuard<'_, Option<Link>> {
+        if let Some(g) = self.links.iter().find_map(|l| l.try_lock().ok()) {
+            return g;
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.links.len();
+        self.links[i].lock().await
     }
 
     async fn connect(&self) -> Result<(Link, Vec<CertEntry>), Error> {
@@ -75,7 +90,7 @@ impl KeyClient {
 
     /// The certificates queued holds (a fresh link if needed).
     pub async fn certificates(&self) -> Result<Vec<CertEntry>, Error> {
-        let mut guard = self.link.lock().await;
+        let mut guard = self.pick().await;
         if let Some(link) = guard.as_mut() {
             match link.call(&SubmitRequest::Certificates).await {
                 Ok(SubmitReply::Certificates(c)) => return Ok(c),
@@ -87,16 +102,21 @@ impl KeyClient {
         Ok(certs)
     }
 
-    /// Keeps the key link alive: queued closes links quiet for longer than
-    /// its idle timeout, and a handshake should not wait for a reconnect.
+    /// Keeps the key links alive: queued closes links quiet for longer
+    /// than its idle timeout, and a handshake should not wait for a
+    /// reconnect. A link busy right now needs no ping.
     pub async fn keep_alive(self: Arc<Self>, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
-            let mut guard = self.link.lock().await;
-            if let Some(link) = guard.as_mut()
-                && !matches!(link.call(&SubmitRequest::Ping).await, Ok(SubmitReply::Ok))
-            {
-                *guard = None;
+            for l in &self.links {
+                let Ok(mut guard) = l.try_lock() else {
+                    continue;
+                };
+                if let Some(link) = guard.as_mut()
+                    && !matches!(link.call(&SubmitRequest::Ping).await, Ok(SubmitReply::Ok))
+                {
+                    *guard = None;
+                }
             }
         }
     }
@@ -109,7 +129,7 @@ impl KeyClient {
             scheme,
             message: message.to_vec(),
         };
-        let mut guard = self.link.lock().await;
+        let mut guard = self.pick().await;
         for _ in 0..2 {
             if guard.is_none() {
                 match self.connect().await {
