@@ -181,6 +181,16 @@ pub async fn submit_session(sock: &Path) -> tokio::net::UnixStream {
     s
 }
 
+/// One request on a submit.sock connection and its reply.
+pub async fn ask(
+    s: &mut tokio::net::UnixStream,
+    req: tambo_proto::submit::SubmitRequest,
+) -> tambo_proto::submit::SubmitReply {
+    use tambo_proto::frame::{read_frame_max, write_frame};
+    write_frame(s, &req).await.unwrap();
+    read_frame_max(s, 1 << 20).await.unwrap().expect("a reply")
+}
+
 /// True once the peer has closed the connection (within [`WAIT`]).
 pub async fn closed_by_peer(s: &mut tokio::net::UnixStream) -> bool {
     use tokio::io::AsyncReadExt;

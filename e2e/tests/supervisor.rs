@@ -596,14 +596,34 @@ fn as_a_systemd_service_it_passes_sockets_on_and_reports_ready_once() {
 }
 
 #[test]
-fn systemd_in_smtp_address_without_a_passed_socket_is_refused() {
+fn a_systemd_listener_without_its_socket_is_off_with_a_warning() {
+    // REFERENCE §1.1: a mode with no socket only gets a warning; the other
+    // modes (bound by address here) serve.
     let t = Tambo::default_setup();
     let mut sup = Supervisor::start(&t, &["--config_overrides", "smtp_address = [\"systemd\"]"]);
+    t.wait_log("tambo", "all daemons are ready");
+    t.wait_log(
+        "tambo",
+        "key smtp_address: \"systemd\" is listed, but no socket named \"smtp\" was passed to tambo (FileDescriptorName=smtp): that listener is off",
+    );
+    let mut c = Smtp::connect(t.listener("tambo", "submission"));
+    c.expect("EHLO client.test", 250);
+    sup.signal(Signal::SIGTERM);
+    assert!(sup.wait_exit().success());
+    // With no socket at all, tambo refuses to start.
+    let t = Tambo::default_setup();
+    let mut sup = Supervisor::start(
+        &t,
+        &[
+            "--config_overrides",
+            "smtp_address = [\"systemd\"]\nsubmission_address = [\"systemd\"]\nsubmission_over_tls_address = []",
+        ],
+    );
     let status = sup.wait_exit();
     assert!(!status.success());
     let log = t.log("tambo");
     assert!(
-        log.contains("key smtp_address: \"systemd\" is listed, but no socket named \"smtp\""),
+        log.contains("no listening socket: set smtp_address"),
         "{log}"
     );
 }

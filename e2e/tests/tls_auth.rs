@@ -1,14 +1,11 @@
 //! TLS with the keys in queued, STARTTLS and port 465, and AUTH checked by
 //! queued: real handshakes (rustls clients that verify every signature),
 //! relay only after AUTH, the sender bound to the login, and the attacks:
-//! STARTTLS command injection, a key link asked to sign anything, password
-//! guessing.
-
-use std::path::Path;
+//! STARTTLS command injection, password guessing, a compromised smtpd
+//! skipping AUTH. The keys themselves: tls_keys.rs.
 
 use tambo_e2e::tls::{TlsSmtp, Versions, b64, hash, plain};
 use tambo_e2e::*;
-use tambo_proto::frame::{read_frame_max, write_frame};
 use tambo_proto::submit::{AuthVerdict, Mode, RcptVerdict, SubmitReply, SubmitRequest};
 use tambo_proto::{Role, hello};
 
@@ -218,6 +215,42 @@ fn a_command_injected_before_the_handshake_is_never_run() {
 }
 
 #[test]
+fn a_failed_starttls_handshake_gets_554_and_the_close() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let t = started();
+    let mut tcp = std::net::TcpStream::connect(t.smtp_addr()).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let mut r = BufReader::new(tcp.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("220 "), "{line}");
+    tcp.write_all(b"EHLO client.test\r\n").unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.starts_with("250 ") {
+            break;
+        }
+    }
+    tcp.write_all(b"STARTTLS\r\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("220 2.0.0"), "{line}");
+    // Not a ClientHello: the handshake fails.
+    tcp.write_all(b"EHLO this is not TLS\r\n").unwrap();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.contains("554 5.5.0 TLS handshake failed\r\n"),
+        "{rest:?}"
+    );
+    t.wait_var("the 554 counted", |v| {
+        v["chasquid/smtpIn/responseCodeCount"]["554"].as_u64() >= Some(1)
+    });
+}
+
+#[test]
 fn sni_picks_the_certificate_and_the_host_name() {
     let mut t = setup();
     let other = write_cert(
@@ -246,146 +279,6 @@ fn sni_picks_the_certificate_and_the_host_name() {
 }
 
 #[test]
-fn smtpd_needs_no_private_key_at_all() {
-    let mut t = setup();
-    // smtpd's own config directory has no certs/ at all: its handshakes
-    // can only be signed by queued.
-    let bare = t.dir.path().join("smtpd-config");
-    std::fs::create_dir_all(&bare).unwrap();
-    std::fs::copy(t.config_dir.join("tambo.conf"), bare.join("tambo.conf")).unwrap();
-    copy_dir(&t.config_dir.join("domains"), &bare.join("domains"));
-    assert!(!bare.join("certs").exists());
-    t.start("monitord");
-    t.start("queued");
-    t.start("deliverd");
-    t.start_with_config("smtpd", &bare);
-    t.wait_log("smtpd", "TLS ready with 1 certificate(s)");
-    let mut c = TlsSmtp::connect_tls(t.submission_tls_addr(), "mx.example.test", Versions::Tls13)
-        .expect("a handshake whose key smtpd never had");
-    c.expect("EHLO client.test", 250);
-    // And the private key is nowhere in smtpd's memory. The search does
-    // find the public half, which smtpd holds in the certificate: the
-    // PKCS#8 key ends with the public point.
-    let key_pem = std::fs::read_to_string(t.config_dir.join("certs/mx/privkey.pem")).unwrap();
-    let key_der = pem_body(&key_pem);
-    let secret = ec_private_scalar(&key_der);
-    assert!(
-        memory_contains(t.pid("smtpd"), &key_der[key_der.len() - 32..]),
-        "the search finds what smtpd does hold"
-    );
-    assert!(
-        !memory_contains(t.pid("smtpd"), &secret),
-        "smtpd's memory holds the private key"
-    );
-}
-
-/// A key link as a compromised smtpd could open one: its certificates.
-async fn key_link(t: &Tambo) -> (tokio::net::UnixStream, Vec<tambo_proto::submit::CertEntry>) {
-    let sock = t.run_dir.join("submit.sock");
-    let mut s = hello::connect(&sock, Role::Smtpd, Role::Queued, &ids())
-        .await
-        .unwrap();
-    match ask(&mut s, SubmitRequest::KeyLink).await {
-        SubmitReply::Certificates(certs) => (s, certs),
-        r => panic!("no certificates: {r:?}"),
-    }
-}
-
-/// A TLS 1.3 server CertificateVerify input, the shape queued signs.
-fn certificate_verify() -> Vec<u8> {
-    let mut cv = vec![0x20; 64];
-    cv.extend_from_slice(b"TLS 1.3, server CertificateVerify\0");
-    cv.extend([7; 32]);
-    cv
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn queued_signs_nothing_but_handshakes() {
-    let mut t = setup();
-    t.start("monitord");
-    t.start("queued");
-    // What a compromised smtpd could do: open a key link and ask.
-    let (mut s, certs) = key_link(&t).await;
-    assert_eq!(certs.len(), 1);
-    let (cert, scheme) = (certs[0].id, certs[0].schemes[0]);
-    for evil in [
-        b"DKIM-Signature: v=1; a=rsa-sha256; d=victim.example; b=".to_vec(),
-        vec![0x30, 0x82, 0x01, 0x0a],
-        vec![0x20; 130],
-    ] {
-        let r = ask(
-            &mut s,
-            SubmitRequest::Sign {
-                cert,
-                scheme,
-                message: evil,
-            },
-        )
-        .await;
-        assert!(matches!(r, SubmitReply::SignRefused(_)), "{r:?}");
-    }
-    let message = certificate_verify();
-    let r = ask(
-        &mut s,
-        SubmitRequest::Sign {
-            cert,
-            scheme,
-            message,
-        },
-    )
-    .await;
-    assert!(matches!(r, SubmitReply::Signature(_)), "{r:?}");
-    t.wait_log(
-        "queued",
-        "key link: refused to sign: not a TLS handshake input",
-    );
-    t.wait_var("refusals counted", |v| {
-        v["tambo/tls/signRefused"]["input"].as_u64() >= Some(3)
-    });
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn the_signature_budget_holds_over_every_key_link() {
-    // 5 a second, bursts of 10: more links get no more signatures.
-    let mut t = Tambo::new("", "max_tls_signatures_per_second = 5\n", "");
-    t.start("monitord");
-    t.start("queued");
-    let mut links = Vec::new();
-    for _ in 0..3 {
-        links.push(key_link(&t).await);
-    }
-    let (mut signed, mut refused) = (0, 0);
-    for i in 0..30 {
-        let (s, certs) = &mut links[i % 3];
-        let (cert, scheme) = (certs[0].id, certs[0].schemes[0]);
-        let message = certificate_verify();
-        match ask(
-            s,
-            SubmitRequest::Sign {
-                cert,
-                scheme,
-                message,
-            },
-        )
-        .await
-        {
-            SubmitReply::Signature(_) => signed += 1,
-            SubmitReply::SignRefused(why) => {
-                assert!(why.contains("max_tls_signatures_per_second"), "{why}");
-                refused += 1;
-            }
-            r => panic!("{r:?}"),
-        }
-    }
-    // The burst, and what the rate added while we asked (well under 1 s).
-    assert!((10..=14).contains(&signed), "{signed} signed");
-    assert_eq!(signed + refused, 30);
-    t.wait_var("rate refusals counted", |v| {
-        v["tambo/tls/signRefused"]["rate"].as_u64() >= Some(refused)
-    });
-}
-
-#[test]
 fn password_guessing_is_cut_off_per_client() {
     let t = started();
     let auth = |pw: &str| -> u16 {
@@ -402,119 +295,6 @@ fn password_guessing_is_cut_off_per_client() {
     // The right password no longer helps: not even checked.
     assert_eq!(auth(PASSWORD), 454);
     t.wait_log("queued", "AUTH refused without a check: too many failures");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
-/// The 32-byte private scalar of a PKCS#8 P-256 key (the OCTET STRING
-/// after ECPrivateKey's version 1), not the public point that follows it.
-fn ec_private_scalar(pkcs8: &[u8]) -> Vec<u8> {
-    let at = pkcs8
-        .windows(5)
-        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
-        .expect("an EC private key");
-    pkcs8[at + 5..at + 37].to_vec()
-}
-
-/// The DER inside a PEM block.
-fn pem_body(pem: &str) -> Vec<u8> {
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64_decode(&b64)
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes().filter(|c| *c != b'=') {
-        let v = A.iter().position(|a| *a == c).unwrap() as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
-}
-
-/// Whether `needle` is anywhere in the readable memory of `pid`.
-fn memory_contains(pid: u32, needle: &[u8]) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (range, perms) = (f.next().unwrap(), f.next().unwrap());
-        if !perms.starts_with('r') {
-            continue;
-        }
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        if b - a > 256 << 20 || mem.seek(SeekFrom::Start(a)).is_err() {
-            continue;
-        }
-        let mut buf = vec![0; (b - a) as usize];
-        if mem.read_exact(&mut buf).is_err() {
-            continue;
-        }
-        if buf.windows(needle.len()).any(|w| w == needle) {
-            return true;
-        }
-    }
-    false
-}
-
-#[test]
-fn certificates_reload_without_a_restart() {
-    // As after a certbot renewal: new files, the next handshake shows the
-    // new certificate; a broken new file keeps the old one in use.
-    let mut t = Tambo::new("", "", "reload_period = \"200ms\"\n");
-    t.start_all();
-    t.wait_log("smtpd", "TLS ready with");
-    let addr = t.submission_tls_addr();
-    // The certificate a fresh handshake shows. Every handshake must work,
-    // through the reload too: queued swaps only a pair that loads whole,
-    // and the replaced key still signs until smtpd has caught up.
-    let seen = || -> Option<Vec<u8>> {
-        let c = TlsSmtp::connect_tls(addr, "mx.example.test", Versions::Any)
-            .expect("a handshake, during a reload too");
-        c.seen.lock().unwrap().clone()
-    };
-    let first = seen().expect("a certificate");
-    let renewed = write_cert(&t.config_dir, "mx", &["mx.example.test"]);
-    assert_ne!(renewed, first);
-    wait_for("the renewed certificate in a handshake", || {
-        (seen().as_ref() == Some(&renewed)).then_some(())
-    });
-    t.wait_log("queued", "certificates reloaded");
-    // A renewal gone wrong: the renewed certificate stays in use.
-    let refusals = |t: &Tambo| {
-        t.log("queued")
-            .matches("certificates not reloaded, keeping the previous ones")
-            .count()
-    };
-    let before = refusals(&t);
-    std::fs::write(t.config_dir.join("certs/mx/privkey.pem"), "not a key").unwrap();
-    wait_for("the broken key refused", || {
-        (refusals(&t) > before).then_some(())
-    });
-    assert!(t.log("queued").contains("privkey.pem"));
-    assert_eq!(seen(), Some(renewed));
 }
 
 /// A submit.sock session as a compromised smtpd could open it, claiming
@@ -534,11 +314,6 @@ async fn raw_session(t: &Tambo, mode: Mode, tls: bool) -> tokio::net::UnixStream
         SubmitReply::Ok
     );
     s
-}
-
-async fn ask(s: &mut tokio::net::UnixStream, req: SubmitRequest) -> SubmitReply {
-    write_frame(s, &req).await.unwrap();
-    read_frame_max(s, 1 << 20).await.unwrap().expect("a reply")
 }
 
 fn auth_req(user: &str, password: &str) -> SubmitRequest {

@@ -104,8 +104,14 @@ pub enum Verdict {
 /// thread.
 pub fn check(db: &UserDb, user: &str, password: &[u8]) -> Result<Option<Verdict>, String> {
     let phc = match db.get(user) {
-        None => return Ok(None),
-        Some(Credential::ReceiveOnly) => return Ok(Some(Verdict::ReceiveOnly)),
+        None => {
+            decoy(password);
+            return Ok(None);
+        }
+        Some(Credential::ReceiveOnly) => {
+            decoy(password);
+            return Ok(Some(Verdict::ReceiveOnly));
+        }
         Some(Credential::Hash(phc)) => phc,
     };
     if password.len() > MAX_PASSWORD_LEN {
@@ -116,6 +122,40 @@ pub fn check(db: &UserDb, user: &str, password: &[u8]) -> Result<Option<Verdict>
     } else {
         Verdict::Refused
     }))
+}
+
+/// A scrypt hash at chasquid's parameters (N=2^14, r=8, p=1: ~16 MiB,
+/// ~50 ms) of a password nobody knows, made once.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| {
+        use password_hash::{PasswordHasher, SaltString};
+        let mut salt = [0u8; 16];
+        // Without randomness the decoy is still a decoy: its salt is not
+        // a secret, only its cost matters.
+        let _ = getrandom::fill(&mut salt);
+        let params = scrypt::Params::new(14, 8, 1, 32).expect("valid scrypt parameters");
+        SaltString::encode_b64(&salt)
+            .ok()
+            .and_then(|salt| {
+                scrypt::Scrypt
+                    .hash_password_customized(b"decoy", None, None, params, &salt)
+                    .map(|h| h.to_string())
+                    .ok()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// The work of one password check, for a user who has no hash (unknown,
+/// or receive-only): so that the answer takes as long as for a user who
+/// has one, and timing does not tell which users exist. The result is
+/// thrown away.
+fn decoy(password: &[u8]) {
+    let _ = verify_phc(
+        decoy_hash(),
+        &password[..password.len().min(MAX_PASSWORD_LEN)],
+    );
 }
 
 /// Whether `password` matches the PHC string `phc` (`$scrypt$…`,
@@ -185,6 +225,8 @@ pub struct FailureBudget {
     window: Duration,
     max_clients: usize,
     state: Mutex<BudgetState>,
+    /// Serialises [`try_begin`](Self::try_begin)'s check and count.
+    begin: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -213,6 +255,7 @@ impl FailureBudget {
             window,
             max_clients: max_clients.max(1),
             state: Mutex::default(),
+            begin: Mutex::default(),
         }
     }
 
@@ -239,6 +282,46 @@ impl FailureBudget {
             }
         }
         allowed
+    }
+
+    /// Whether `ip` may try at `now`, and if so counts the attempt as a
+    /// failure at once, in the same step: attempts that run side by side
+    /// (one client, many sessions) cannot all pass the check before any is
+    /// counted. [`forgive`](Self::forgive) takes it back when the attempt
+    /// succeeds or could not be checked.
+    pub fn try_begin(&self, ip: IpAddr, now: Instant) -> bool {
+        let _serial = self.begin.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.allows(ip, now) {
+            return false;
+        }
+        self.record_failure(ip, now);
+        true
+    }
+
+    /// Takes back the failure [`try_begin`](Self::try_begin) counted at
+    /// `at` for `ip`.
+    pub fn forgive(&self, ip: IpAddr, at: Instant) {
+        let key = address::client_key(ip);
+        let mut s = self.lock();
+        let s = &mut *s;
+        let Some(times) = s.clients.get_mut(&key) else {
+            return;
+        };
+        let Some(i) = times.iter().rposition(|&t| t == at) else {
+            return;
+        };
+        if let Some(&latest) = times.back() {
+            s.by_latest.remove(&(latest, key));
+        }
+        times.remove(i);
+        match times.back() {
+            Some(&latest) => {
+                s.by_latest.insert((latest, key));
+            }
+            None => {
+                s.clients.remove(&key);
+            }
+        }
     }
 
     /// Counts a failed attempt by `ip` at `now`. Recording attempts that
@@ -373,6 +456,42 @@ mod tests {
         // so swapping it breaks the match instead of being ignored.
         let other = phc.replacen("ln=4", "ln=5", 1);
         assert_eq!(verify_phc(&other, "contraseña".as_bytes()), Ok(false));
+    }
+
+    #[test]
+    fn users_without_a_hash_cost_a_check_too() {
+        // The decoy is a real scrypt hash at chasquid's cost, checked for
+        // unknown and receive-only users alike.
+        let decoy = decoy_hash();
+        assert!(decoy.starts_with("$scrypt$ln=14,r=8,p=1$"), "{decoy}");
+        assert_eq!(verify_phc(decoy, b"decoy"), Ok(true));
+        assert_eq!(verify_phc(decoy, b""), Ok(false));
+    }
+
+    #[test]
+    fn attempts_side_by_side_cannot_overrun_the_budget() {
+        let b = FailureBudget::new(3, WINDOW, 100);
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let t0 = Instant::now();
+        // Five attempts begun before any finished: three get a check.
+        let begun: Vec<bool> = (0..5)
+            .map(|i| b.try_begin(ip, t0 + Duration::from_millis(i)))
+            .collect();
+        assert_eq!(begun, [true, true, true, false, false]);
+        // One of them succeeds: its provisional failure is taken back, and
+        // one more attempt may run.
+        b.forgive(ip, t0 + Duration::from_millis(1));
+        assert!(b.try_begin(ip, t0 + Duration::from_millis(10)));
+        assert!(!b.try_begin(ip, t0 + Duration::from_millis(11)));
+        // Forgiving what was never counted changes nothing.
+        b.forgive(ip, t0 + Duration::from_secs(5));
+        b.forgive("203.0.113.1".parse().unwrap(), t0);
+        assert!(!b.allows(ip, t0 + Duration::from_millis(12)));
+        // All forgiven: the client is forgotten.
+        for ms in [0, 2, 10] {
+            b.forgive(ip, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(b.tracked_clients(), 0);
     }
 
     #[test]

@@ -138,6 +138,11 @@ impl Certs {
         Ok(Self { list })
     }
 
+    /// The certificates' ids, in order.
+    pub fn ids(&self) -> Vec<CertId> {
+        self.list.iter().map(|c| c.id).collect()
+    }
+
     /// The chains, for smtpd.
     pub fn entries(&self) -> Vec<CertEntry> {
         self.list

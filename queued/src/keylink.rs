@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use tambo_common::loglimit::{LogLimiter, skipped};
 use tambo_proto::Error;
 use tambo_proto::frame::{FrameReader, MAX_SMALL_FRAME, write_frame};
 use tambo_proto::metrics::{self, names};
@@ -54,6 +55,8 @@ pub struct KeyService {
     certs: std::sync::RwLock<Generations>,
     pool: Arc<CpuPool>,
     bucket: std::sync::Mutex<Bucket>,
+    /// Refusals are logged at most once a second (all are counted).
+    refusals: LogLimiter,
     /// How long the keys of replaced certificates still sign: smtpd learns
     /// of a reload on its next poll, and handshakes it began with the old
     /// certificate in between must not fail.
@@ -63,7 +66,11 @@ pub struct KeyService {
 /// The certificates in use, and those they replaced (until a deadline).
 struct Generations {
     current: Arc<Certs>,
-    previous: Option<(Arc<Certs>, Instant)>,
+    /// Each replaced set with the end of its grace, newest first. Every
+    /// set keeps its own deadline, so two reloads in a row (a renewal,
+    /// then a SIGHUP from certbot's deploy hook) do not cut short the
+    /// grace of the first.
+    previous: Vec<(Arc<Certs>, Instant)>,
 }
 
 impl KeyService {
@@ -72,9 +79,10 @@ impl KeyService {
     pub fn new(certs: Certs, pool: Arc<CpuPool>, grace: Duration, rate: u32) -> Self {
         Self {
             bucket: std::sync::Mutex::new(Bucket::new(rate, Instant::now())),
+            refusals: LogLimiter::new(),
             certs: std::sync::RwLock::new(Generations {
                 current: Arc::new(certs),
-                previous: None,
+                previous: Vec::new(),
             }),
             pool,
             grace,
@@ -98,9 +106,15 @@ impl KeyService {
         *last = now;
         match Certs::load(config_dir) {
             Ok(c) => {
+                let now = Instant::now();
                 let mut g = self.certs.write().unwrap_or_else(|e| e.into_inner());
+                g.previous.retain(|(_, until)| now < *until);
                 let old = std::mem::replace(&mut g.current, Arc::new(c));
-                g.previous = Some((old, Instant::now() + self.grace));
+                // The same certificates loaded again (a SIGHUP with nothing
+                // new) need no grace: smtpd already has the current ids.
+                if old.ids() != g.current.ids() {
+                    g.previous.insert(0, (old, now + self.grace));
+                }
                 tracing::info!("certificates reloaded");
             }
             Err(e) => {
@@ -120,21 +134,25 @@ impl KeyService {
     /// Signs with the current certificates, or with those just replaced
     /// while their grace lasts.
     fn sign(&self, id: &CertId, scheme: u16, message: &[u8]) -> Result<Vec<u8>, SignError> {
-        let (current, previous) = {
+        let now = Instant::now();
+        let sets: Vec<Arc<Certs>> = {
             let g = self.certs.read().unwrap_or_else(|e| e.into_inner());
-            let previous = g
-                .previous
-                .as_ref()
-                .filter(|(_, until)| Instant::now() < *until)
-                .map(|(c, _)| c.clone());
-            (g.current.clone(), previous)
+            std::iter::once(g.current.clone())
+                .chain(
+                    g.previous
+                        .iter()
+                        .filter(|(_, until)| now < *until)
+                        .map(|(c, _)| c.clone()),
+                )
+                .collect()
         };
-        match current.sign(id, scheme, message) {
-            Err(SignError::UnknownCert) if previous.is_some() => {
-                previous.map_or(Err(SignError::UnknownCert), |p| p.sign(id, scheme, message))
+        for certs in sets {
+            match certs.sign(id, scheme, message) {
+                Err(SignError::UnknownCert) => continue,
+                r => return r,
             }
-            r => r,
         }
+        Err(SignError::UnknownCert)
     }
 }
 
@@ -180,7 +198,9 @@ pub async fn serve(
                         .pool
                         .run(move || k.sign(&cert, scheme, &message))
                         .await
-                        .map_err(Error::Decode)?;
+                        .unwrap_or_else(|e| {
+                            Err(SignError::Failed(format!("the signing task: {e}")))
+                        });
                     match signed {
                         Ok(sig) => {
                             metrics::inc(names::TLS_SIGNATURES);
@@ -188,7 +208,9 @@ pub async fn serve(
                         }
                         Err(e) => {
                             metrics::inc_label(names::TLS_SIGN_REFUSED, "input");
-                            tracing::warn!("key link: refused to sign: {e}");
+                            if let Some(n) = keys.refusals.allow() {
+                                tracing::warn!("key link: refused to sign: {e}{}", skipped(n));
+                            }
                             SubmitReply::SignRefused(e.to_string())
                         }
                     }
@@ -241,6 +263,33 @@ mod tests {
                 "grace {grace:?}"
             );
         }
+    }
+
+    #[test]
+    fn each_replaced_set_keeps_its_own_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::tests::write_cert(dir.path(), "mx", "mx.example");
+        let keys = KeyService::new(
+            Certs::load(dir.path()).unwrap(),
+            Arc::new(CpuPool::new(1)),
+            Duration::from_secs(60),
+            10,
+        );
+        let scheme = u16::from(rustls::SignatureScheme::ECDSA_NISTP256_SHA256);
+        let cv = crate::handshake::tests::tls13_certificate_verify(32);
+        let first = keys.certs().entries()[0].id;
+        // A renewal, then a SIGHUP that loads the same files again, then
+        // another renewal: the first key still signs.
+        crate::certs::tests::write_cert(dir.path(), "mx", "mx.example");
+        keys.reload(dir.path(), false, &mut Vec::new());
+        keys.reload(dir.path(), true, &mut Vec::new());
+        crate::certs::tests::write_cert(dir.path(), "mx", "mx.example");
+        keys.reload(dir.path(), false, &mut Vec::new());
+        assert!(keys.sign(&first, scheme, &cv).is_ok());
+        // Forced reloads of unchanged files add nothing to keep.
+        let kept = keys.certs.read().unwrap().previous.len();
+        keys.reload(dir.path(), true, &mut Vec::new());
+        assert_eq!(keys.certs.read().unwrap().previous.len(), kept);
     }
 
     #[test]

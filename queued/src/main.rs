@@ -167,19 +167,22 @@ fn main() -> ExitCode {
             IpcSocket::Deliver.path(&cfg).display()
         );
         let ids = Arc::new(ids);
-        // One bounded pool for what peers can make queued compute: TLS
-        // signatures and password hashes.
-        let cpu = Arc::new(pool::CpuPool::for_this_machine());
+        // Bounded pools for what peers can make queued compute, one for TLS
+        // signatures and one for password hashes: a signature takes
+        // microseconds, a hash ~50 ms, and an AUTH flood must not make
+        // every handshake wait behind it.
+        let signatures = Arc::new(pool::CpuPool::for_this_machine());
+        let hashes = Arc::new(pool::CpuPool::for_this_machine());
         // smtpd polls for new certificates every reload period: the keys
         // they replace keep signing for two periods and a margin.
         let keys = Arc::new(keylink::KeyService::new(
             certs,
-            cpu.clone(),
+            signatures,
             cfg.reload_period() * 2 + std::time::Duration::from_secs(10),
             cfg.tambo.max_tls_signatures_per_second,
         ));
         let auth = Arc::new(auth::Service {
-            pool: cpu,
+            pool: hashes,
             budget: auth::FailureBudget::default(),
         });
         // Reloads: users and aliases on SIGHUP; certificates on SIGHUP and

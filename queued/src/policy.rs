@@ -146,8 +146,9 @@ impl Policy<'_> {
 
     /// Whether an authenticated user may send as `from` when the sender is
     /// bound to the login: the null sender, their own address (any suffix
-    /// or drop characters), or an address that resolves to them (an alias
-    /// that expands to them).
+    /// or drop characters, unless an alias is written for that exact
+    /// address), or an alias whose expansion includes them (a team alias
+    /// lets each member send as the team).
     pub fn may_send_as(&self, from: &str, auth: &Authenticated) -> bool {
         if from.is_empty() {
             return true;
@@ -163,14 +164,17 @@ impl Policy<'_> {
             return false;
         }
         let clean = self.clean(&a.user);
-        if join(&clean, &a.domain) == me {
+        let domain = self.domains.get(&a.domain);
+        // An alias written for the address exactly (`bob+invoices:
+        // accounting`) decides, as it does for delivery: the suffix rule
+        // must not let bob send as what delivers to accounting.
+        let exact = domain.is_some_and(|d| d.aliases.get(&self.exact_key(&a.user)).is_some());
+        if !exact && join(&clean, &a.domain) == me {
             return true;
         }
         // Only an alias written for this address counts, not the catch-all:
         // owning `*` must not let a user send as every address of the domain.
-        let explicit = self.domains.get(&a.domain).is_some_and(|d| {
-            d.aliases.get(&self.exact_key(&a.user)).is_some() || d.aliases.get(&clean).is_some()
-        });
+        let explicit = exact || domain.is_some_and(|d| d.aliases.get(&clean).is_some());
         explicit
             && self
                 .resolve(from)
@@ -516,6 +520,17 @@ dovey: dovey, bob
             !p.may_send_as("sales.team@example.org", &ann),
             "expands to others"
         );
+        // A member of a team alias may send as the team.
+        let bob = Authenticated::after_check("bob@example.org".into());
+        assert!(p.may_send_as("sales.team@example.org", &bob));
+        // An alias for the exact address beats the suffix rule.
+        assert!(p.may_send_as("bob+news@example.org", &bob));
+        assert!(
+            !p.may_send_as("bob+invoices@example.org", &bob),
+            "delivers to accounting"
+        );
+        let accounting = Authenticated::after_check("accounting@example.org".into());
+        assert!(p.may_send_as("bob+invoices@example.org", &accounting));
         assert!(!p.may_send_as("ann@elsewhere.example", &ann));
         assert!(!p.may_send_as("zed@plain.example", &ann));
         assert!(

@@ -39,6 +39,11 @@ enum BodyError {
     Failed(String),
 }
 
+/// AUTH failures one session may have; smtpd closes the session at its
+/// third error of any kind (REFERENCE §2.2), so a fourth AUTH can only come
+/// from an smtpd that does not.
+const MAX_AUTH_FAILURES: u32 = 3;
+
 pub struct Session {
     queue: Arc<Queue>,
     auth_service: Arc<auth::Service>,
@@ -47,6 +52,8 @@ pub struct Session {
     /// Whether smtpd says the SMTP session is on TLS.
     tls: bool,
     auth: Option<Authenticated>,
+    /// AUTH attempts refused in this session.
+    auth_failures: u32,
     from: Option<String>,
     rcpts: Vec<String>,
     body: Option<Body>,
@@ -61,6 +68,7 @@ impl Session {
             mode: Mode::Smtp,
             tls: false,
             auth: None,
+            auth_failures: 0,
             from: None,
             rcpts: Vec::new(),
             body: None,
@@ -124,7 +132,7 @@ impl Session {
                         domains: &domains,
                     };
                     if !policy.may_send_as(&from, auth) {
-                        tracing::info!(client = ?self.client, "{} may not send as <{from}>", auth.user());
+                        tracing::info!(client = ?self.client, "{} may not send as <{}>", auth.user(), from.escape_debug());
                         return Ok(Some(SubmitReply::SenderNotAllowed));
                     }
                 }
@@ -170,7 +178,7 @@ impl Session {
                             Ok(true) => RcptVerdict::Accepted,
                             Ok(false) => RcptVerdict::NoSuchUser,
                             Err(e) => {
-                                tracing::warn!(client = ?self.client, "cannot ask Dovecot whether {id} is a user: {e}");
+                                tracing::warn!(client = ?self.client, "cannot ask Dovecot whether {} is a user: {e}", id.escape_debug());
                                 // smtpd logs this; the details stay here.
                                 RcptVerdict::TempError("the Dovecot user lookup failed".into())
                             }
@@ -180,7 +188,7 @@ impl Session {
                 if verdict == RcptVerdict::Accepted {
                     self.rcpts.push(to);
                 } else {
-                    tracing::info!(client = ?self.client, "rejected to=<{to}>: {verdict:?}");
+                    tracing::info!(client = ?self.client, "rejected to=<{}>: {verdict:?}", to.escape_debug());
                 }
                 SubmitReply::Rcpt(verdict)
             }
@@ -343,26 +351,39 @@ impl Session {
         if !self.tls || self.auth.is_some() {
             return AuthVerdict::Invalid;
         }
-        let ip = self
+        // smtpd closes a session at its third error; queued does not take
+        // its word for it.
+        if self.auth_failures >= MAX_AUTH_FAILURES {
+            return AuthVerdict::Blocked;
+        }
+        // Only a client with an address can be held to the budget.
+        let Some(ip) = self
             .client
             .as_deref()
             .and_then(|c| c.parse::<std::net::SocketAddr>().ok())
-            .map(|a| a.ip());
-        let budget = &self.auth_service.budget;
-        if let Some(ip) = ip
-            && !budget.allows(ip, start)
-        {
+            .map(|a| a.ip())
+        else {
+            return AuthVerdict::Invalid;
+        };
+        let service = self.auth_service.clone();
+        let budget = &service.budget;
+        // The attempt counts as a failure from here until it succeeds.
+        if !budget.try_begin(ip, start) {
             tracing::info!(client = ?self.client, "AUTH refused without a check: too many failures");
             return AuthVerdict::Blocked;
         }
-        let (user, domain) = match auth::split_identity(&identity) {
-            Ok(v) => v,
-            Err(_) => {
-                if let Some(ip) = ip {
-                    budget.record_failure(ip, start);
-                }
-                return AuthVerdict::Invalid;
-            }
+        let verdict = self.check_identity(identity, password).await;
+        match verdict {
+            AuthVerdict::Accepted | AuthVerdict::TempError => budget.forgive(ip, start),
+            AuthVerdict::Invalid | AuthVerdict::Blocked => self.auth_failures += 1,
+        }
+        verdict
+    }
+
+    /// The check itself, once the budget allowed it.
+    async fn check_identity(&mut self, identity: String, password: Vec<u8>) -> AuthVerdict {
+        let Ok((user, domain)) = auth::split_identity(&identity) else {
+            return AuthVerdict::Invalid;
         };
         let who = if domain.is_empty() {
             user.clone()
@@ -408,12 +429,7 @@ impl Session {
                 self.auth = Some(Authenticated::after_check(who));
                 AuthVerdict::Accepted
             }
-            Ok(None) => {
-                if let Some(ip) = ip {
-                    budget.record_failure(ip, start);
-                }
-                AuthVerdict::Invalid
-            }
+            Ok(None) => AuthVerdict::Invalid,
             Err(e) => {
                 tracing::error!("cannot check a password for {who}: {e}");
                 AuthVerdict::TempError

@@ -46,15 +46,15 @@ fn main() -> ExitCode {
                     Some(l) if !l.is_empty() => {
                         listeners.extend(l.into_iter().map(|l| (m.mode, l)))
                     }
-                    Some(_) => {
-                        return daemon::startup_failed(format!(
-                            "{}: key {}: \"systemd\" is listed, but no socket named \"{}\" was passed (FileDescriptorName={})",
-                            cfg.file_path().display(),
-                            m.key,
-                            m.fd_name,
-                            m.fd_name
-                        ));
-                    }
+                    // REFERENCE §1.1: a mode with no socket only gets a
+                    // warning.
+                    Some(_) => tracing::warn!(
+                        "{}: key {}: \"systemd\" is listed, but no socket named \"{}\" was passed (FileDescriptorName={}): that listener is off",
+                        cfg.file_path().display(),
+                        m.key,
+                        m.fd_name,
+                        m.fd_name
+                    ),
                     None => {}
                 },
                 ListenAddr::Addr(a) => match std::net::TcpListener::bind(a) {
@@ -84,7 +84,13 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async move {
-        daemon::on_sighup(|| tracing::info!("SIGHUP: smtpd has nothing to reload"));
+        // SIGHUP: queued reloads the certificates; smtpd looks for them.
+        let hup = Arc::new(tokio::sync::Notify::new());
+        let h = hup.clone();
+        daemon::on_sighup(move || {
+            tracing::info!("SIGHUP: asking queued for its certificates");
+            h.notify_one();
+        });
         daemon::push_metrics(Role::Smtpd, &flags, &cfg, &ids);
         // TLS: the chains from queued over the key link, fetched in the
         // background (queued may not be up yet); until then STARTTLS is not
@@ -104,7 +110,7 @@ fn main() -> ExitCode {
         let period = cfg.reload_period();
         tokio::spawn(async move {
             t.clone().refresh_until_ready().await;
-            t.follow(period).await;
+            t.follow(period, hup).await;
         });
         let sessions = server::Sessions::new(server::Caps {
             total: cfg.tambo.max_sessions,

@@ -17,6 +17,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use tambo_common::loglimit::{LogLimiter, skipped};
 use tambo_proto::frame::{FrameReader, MAX_FRAME, encode};
 use tambo_proto::identity::Identities;
 use tambo_proto::submit::{CertEntry, CertId, SubmitReply, SubmitRequest};
@@ -25,11 +26,25 @@ use tambo_proto::{Error, Role, hello};
 /// Longest a handshake waits for queued's signature.
 pub const SIGN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest one request on a key link (or opening one) may take.
+const LINK_TIMEOUT: Duration = SIGN_TIMEOUT;
+
+/// Most handshakes waiting for a signature at once. Each waits on a thread
+/// of tokio's blocking pool (`block_in_place`); past this many, handshakes
+/// fail at once instead of piling up threads while queued is slow.
+const MAX_SIGNING: usize = 64;
+
+/// After a SIGHUP: how many times, and how often, smtpd asks queued for
+/// its certificates while waiting for queued's reload to show.
+const HUP_CHECKS: usize = 20;
+const HUP_CHECK_EVERY: Duration = Duration::from_millis(250);
+
 /// How long smtpd waits between attempts to get the certificates while
 /// queued is not there yet.
 const RETRY: Duration = Duration::from_millis(500);
 
-/// smtpd's key link to queued: one connection, one request at a time.
+/// smtpd's key links to queued: a few connections, each one request at a
+/// time.
 pub struct KeyClient {
     socket: PathBuf,
     ids: Identities,
@@ -38,6 +53,10 @@ pub struct KeyClient {
     /// other's signatures while queued has cores free.
     links: Vec<tokio::sync::Mutex<Option<Link>>>,
     next: std::sync::atomic::AtomicUsize,
+    signing: tokio::sync::Semaphore,
+    /// Failed signatures are logged at most once a second: a flood of
+    /// handshakes must not become a flood of lines.
+    failures: LogLimiter,
 }
 
 struct Link {
@@ -63,6 +82,8 @@ impl KeyClient {
             ids,
             links: (0..width).map(|_| tokio::sync::Mutex::new(None)).collect(),
             next: std::sync::atomic::AtomicUsize::new(0),
+            signing: tokio::sync::Semaphore::new(MAX_SIGNING),
+            failures: LogLimiter::new(),
         }
     }
 
@@ -88,34 +109,63 @@ impl KeyClient {
         }
     }
 
-    /// The certificates queued holds (a fresh link if needed).
+    /// One request on `slot`'s link, opened if needed. The link is out of
+    /// its slot while the request is on it and goes back only after a
+    /// whole reply: a call given up half-way (a timeout drops this future)
+    /// leaves the slot empty, so no later request can read the reply that
+    /// was meant for this one.
+    async fn call(
+        &self,
+        slot: &mut Option<Link>,
+        req: &SubmitRequest,
+    ) -> Result<SubmitReply, Error> {
+        let timed_out = || Error::Io(std::io::ErrorKind::TimedOut.into());
+        let mut link = match slot.take() {
+            Some(link) => link,
+            None => {
+                tokio::time::timeout(LINK_TIMEOUT, self.connect())
+                    .await
+                    .map_err(|_| timed_out())??
+                    .0
+            }
+        };
+        let reply = tokio::time::timeout(LINK_TIMEOUT, link.call(req))
+            .await
+            .map_err(|_| timed_out())??;
+        *slot = Some(link);
+        Ok(reply)
+    }
+
+    /// The certificates queued holds.
     pub async fn certificates(&self) -> Result<Vec<CertEntry>, Error> {
-        let mut guard = self.pick().await;
-        if let Some(link) = guard.as_mut() {
-            match link.call(&SubmitRequest::Certificates).await {
-                Ok(SubmitReply::Certificates(c)) => return Ok(c),
-                _ => *guard = None,
+        let mut slot = self.pick().await;
+        match self.call(&mut slot, &SubmitRequest::Certificates).await? {
+            SubmitReply::Certificates(c) => Ok(c),
+            _ => {
+                *slot = None;
+                Err(Error::Unexpected("reply to Certificates"))
             }
         }
-        let (link, certs) = self.connect().await?;
-        *guard = Some(link);
-        Ok(certs)
     }
 
     /// Keeps the key links alive: queued closes links quiet for longer
     /// than its idle timeout, and a handshake should not wait for a
-    /// reconnect. A link busy right now needs no ping.
+    /// reconnect. A link busy right now needs no ping; a closed one is not
+    /// reopened here.
     pub async fn keep_alive(self: Arc<Self>, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
             for l in &self.links {
-                let Ok(mut guard) = l.try_lock() else {
+                let Ok(mut slot) = l.try_lock() else {
                     continue;
                 };
-                if let Some(link) = guard.as_mut()
-                    && !matches!(link.call(&SubmitRequest::Ping).await, Ok(SubmitReply::Ok))
+                if slot.is_some()
+                    && !matches!(
+                        self.call(&mut slot, &SubmitRequest::Ping).await,
+                        Ok(SubmitReply::Ok)
+                    )
                 {
-                    *guard = None;
+                    *slot = None;
                 }
             }
         }
@@ -129,23 +179,26 @@ impl KeyClient {
             scheme,
             message: message.to_vec(),
         };
-        let mut guard = self.pick().await;
+        let mut slot = self.pick().await;
+        let mut last = String::new();
         for _ in 0..2 {
-            if guard.is_none() {
-                match self.connect().await {
-                    Ok((link, _)) => *guard = Some(link),
-                    Err(e) => return Err(format!("cannot reach queued: {e}")),
-                }
-            }
-            let Some(link) = guard.as_mut() else { continue };
-            match link.call(&req).await {
+            match self.call(&mut slot, &req).await {
                 Ok(SubmitReply::Signature(sig)) => return Ok(sig),
                 Ok(SubmitReply::SignRefused(why)) => return Err(format!("queued refused: {why}")),
-                Ok(_) => return Err("unexpected reply to Sign".into()),
-                Err(_) => *guard = None,
+                Ok(_) => {
+                    *slot = None;
+                    return Err("unexpected reply to Sign".into());
+                }
+                Err(e) => last = e.to_string(),
             }
         }
-        Err("the key link to queued keeps failing".into())
+        Err(format!("cannot get a signature from queued: {last}"))
+    }
+
+    /// A place among the handshakes waiting for a signature, if one is
+    /// free (see [`MAX_SIGNING`]).
+    fn signing_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.signing.try_acquire().ok()
     }
 }
 
@@ -196,6 +249,17 @@ struct RemoteSigner {
 impl Signer for RemoteSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         let h = &self.client;
+        let fail = |why: String| {
+            if let Some(n) = h.client.failures.allow() {
+                tracing::warn!("TLS handshake signature failed: {why}{}", skipped(n));
+            }
+            Err(rustls::Error::General(why))
+        };
+        let Some(_slot) = h.client.signing_slot() else {
+            return fail(format!(
+                "{MAX_SIGNING} handshakes already wait for a signature"
+            ));
+        };
         let ask = h.client.sign(self.cert, u16::from(self.scheme), message);
         // rustls wants the signature now; the session's task is on a
         // worker thread of the multi-threaded runtime, which may block
@@ -206,14 +270,8 @@ impl Signer for RemoteSigner {
         });
         match signed {
             Ok(Ok(sig)) => Ok(sig),
-            Ok(Err(e)) => {
-                tracing::warn!("TLS handshake signature failed: {e}");
-                Err(rustls::Error::General(e))
-            }
-            Err(_) => {
-                tracing::warn!("queued did not sign within {SIGN_TIMEOUT:?}");
-                Err(rustls::Error::General("signature timed out".into()))
-            }
+            Ok(Err(e)) => fail(e),
+            Err(_) => fail(format!("queued did not sign within {SIGN_TIMEOUT:?}")),
         }
     }
 
@@ -342,25 +400,45 @@ impl Tls {
     /// Asks queued for its certificates every `period` and rebuilds the
     /// TLS configuration when they changed (queued reloads them when their
     /// files do): new connections get the new certificate, sessions already
-    /// on TLS keep theirs.
-    pub async fn follow(self: Arc<Self>, period: Duration) {
+    /// on TLS keep theirs. A SIGHUP (`hup`) reaches queued at the same
+    /// moment, so after one smtpd looks a few times over the next seconds,
+    /// until queued's reload shows.
+    pub async fn follow(self: Arc<Self>, period: Duration, hup: Arc<tokio::sync::Notify>) {
         loop {
-            tokio::time::sleep(period).await;
-            let Ok(entries) = self.client.certificates().await else {
-                continue;
-            };
-            let ids: Vec<CertId> = entries.iter().map(|e| e.id).collect();
-            let current: Vec<CertId> = self
-                .acceptor()
-                .map(|(_, r)| r.certs.iter().map(|c| c.id).collect())
-                .unwrap_or_default();
-            if ids != current {
-                match self.install(entries) {
-                    Ok(n) => tracing::info!("TLS certificates changed: now {n}"),
-                    Err(e) => tracing::warn!("new TLS certificates not used: {e}"),
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {
+                    self.check().await;
+                }
+                _ = hup.notified() => {
+                    for _ in 0..HUP_CHECKS {
+                        if self.check().await {
+                            break;
+                        }
+                        tokio::time::sleep(HUP_CHECK_EVERY).await;
+                    }
                 }
             }
         }
+    }
+
+    /// Installs queued's certificates if they changed; whether they did.
+    async fn check(&self) -> bool {
+        let Ok(entries) = self.client.certificates().await else {
+            return false;
+        };
+        let ids: Vec<CertId> = entries.iter().map(|e| e.id).collect();
+        let current: Vec<CertId> = self
+            .acceptor()
+            .map(|(_, r)| r.certs.iter().map(|c| c.id).collect())
+            .unwrap_or_default();
+        if ids == current {
+            return false;
+        }
+        match self.install(entries) {
+            Ok(n) => tracing::info!("TLS certificates changed: now {n}"),
+            Err(e) => tracing::warn!("new TLS certificates not used: {e}"),
+        }
+        true
     }
 
     /// Builds and swaps in the TLS configuration for `entries`; must run

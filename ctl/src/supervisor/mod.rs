@@ -99,10 +99,10 @@ pub enum SetupError {
         source: io::Error,
     },
     #[error(
-        "{}: key smtp_address: \"systemd\" is listed, but no socket named \"{name}\" was passed to tambo (FileDescriptorName={name})",
+        "no listening socket: set smtp_address, submission_address or submission_over_tls_address in {}, or pass sockets named smtp, submission or submission_tls",
         file.display()
     )]
-    NoSystemdSocket { file: PathBuf, name: &'static str },
+    NoListener { file: PathBuf },
     #[error("cannot listen on {}: {source}", path.display())]
     Socket { path: PathBuf, source: io::Error },
     #[error("cannot create the notification socket {}: {source}", path.display())]

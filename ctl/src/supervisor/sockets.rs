@@ -70,18 +70,24 @@ impl Sockets {
                                 fds.into_iter().map(|fd| (m.fd_name, TcpListener::from(fd))),
                             );
                         }
-                        Some(_) => {
-                            return Err(SetupError::NoSystemdSocket {
-                                file,
-                                name: m.fd_name,
-                            });
-                        }
+                        // REFERENCE §1.1: a mode with no socket only gets a
+                        // warning (a unit may pass port 25 alone).
+                        Some(_) => tracing::warn!(
+                            "{}: key {}: \"systemd\" is listed, but no socket named \"{}\" was passed to tambo (FileDescriptorName={}): that listener is off",
+                            file.display(),
+                            m.key,
+                            m.fd_name,
+                            m.fd_name
+                        ),
                         // Listed twice: the sockets were taken the first time.
                         None => {}
                     },
                     ListenAddr::Addr(a) => smtp.push((m.fd_name, listen(&file, m.key, *a)?)),
                 }
             }
+        }
+        if smtp.is_empty() {
+            return Err(SetupError::NoListener { file });
         }
         let monitoring = match cfg.monitoring_address {
             Some(a) => Some(listen(&file, "monitoring_address", a)?),

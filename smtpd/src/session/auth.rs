@@ -125,18 +125,18 @@ impl Session {
         };
         match queue.call(&req).await {
             Ok(SubmitReply::Auth(AuthVerdict::Accepted)) => {
-                tracing::info!(peer = %self.peer, "auth succeeded for {identity}");
+                tracing::info!(peer = %self.peer, "auth succeeded for {}", identity.escape_debug());
                 self.auth = Some(identity);
                 self.reply(235, "2.7.0", "Authentication successful");
                 Next::Continue
             }
             Ok(SubmitReply::Auth(AuthVerdict::Invalid)) => {
-                tracing::info!(peer = %self.peer, "auth failed for {identity}");
+                tracing::info!(peer = %self.peer, "auth failed for {}", identity.escape_debug());
                 self.reply(535, "5.7.8", "Authentication credentials invalid");
                 Next::Continue
             }
             Ok(SubmitReply::Auth(AuthVerdict::Blocked)) => {
-                tracing::info!(peer = %self.peer, "auth failed for {identity}: too many failures from this client");
+                tracing::info!(peer = %self.peer, "auth failed for {}: too many failures from this client", identity.escape_debug());
                 self.reply(454, "4.7.0", "Too many failed attempts, try again later");
                 Next::Continue
             }

@@ -2,12 +2,15 @@
 //! greeting). The handshake's signatures are made by queued (see
 //! [`crate::tls`]).
 
-use tokio::io::BufReader;
+use tokio::io::{AsyncWriteExt, BufReader};
 
 use tambo_proto::metrics::{self, names};
 
 use super::{Next, READ_BUFFER, Session, TlsInfo};
 use crate::conn::Conn;
+
+/// How long the 554 after a failed handshake may take to send.
+const REPLY_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Session {
     /// 465: the handshake comes first (after the PROXY header, if any),
@@ -83,7 +86,16 @@ impl Session {
         let Conn::Plain(tcp) = old.into_inner() else {
             return Err(std::io::Error::other("not a plain connection"));
         };
-        let stream = acceptor.accept(tcp).await?;
+        let stream = match acceptor.accept(tcp).into_fallible().await {
+            Ok(stream) => stream,
+            Err((e, mut tcp)) => {
+                // REFERENCE §2.4: 554 5.5.0, in plain text as chasquid
+                // does; a client that gave up on TLS may still read it.
+                let reply = b"554 5.5.0 TLS handshake failed\r\n";
+                let _ = tokio::time::timeout(REPLY_AFTER_FAILURE, tcp.write_all(reply)).await;
+                return Err(e);
+            }
+        };
         let (_, conn) = stream.get_ref();
         let (version, cipher) = crate::tls::describe(conn);
         // A name the client asked for and a certificate covers becomes this
