@@ -1,0 +1,315 @@
+use super::*;
+use std::path::Path;
+use tambo_common::aliases::Aliases;
+use tambo_common::domains::Domain;
+use tambo_common::users::UserDb;
+
+const ALIASES: &str = "# role accounts
+postmaster: ann
+sales.team: bob, carol@partner.example
+bob+invoices: accounting
+archive: | /usr/local/bin/store-copy --folder inbox
+backup: dave via mx1.backup.example/mx2.backup.example
+loop1: loop2
+loop2: loop1
+self: ann, self
+dovey: dovey, bob
+*: ann
+";
+
+fn setup() -> (Config, Domains) {
+    let cfg = Config::defaults(Path::new("/etc/tambo"));
+    let users = UserDb::parse("ann !\nbob !\naccounting !\nself !\n", Path::new("users")).unwrap();
+    let aliases = Aliases::parse(ALIASES, Path::new("aliases"), "example.org", ".", "+").unwrap();
+    let plain = Domain {
+        users: UserDb::parse("zed !\n", Path::new("users")).unwrap(),
+        aliases: Aliases::default(),
+    };
+    let domains = Domains::from_parts([
+        ("example.org".to_string(), Domain { users, aliases }),
+        ("plain.example".to_string(), plain),
+    ]);
+    (cfg, domains)
+}
+
+impl Policy<'_> {
+    /// The RCPT verdict from the files alone.
+    fn rcpt(&self, to: &str, auth: Option<&Authenticated>) -> RcptVerdict {
+        match self.check_rcpt(to, auth) {
+            RcptCheck::Done(v) => v,
+            other => panic!("{to}: {other:?}"),
+        }
+    }
+}
+
+fn yes(l: Lookup) -> bool {
+    match l {
+        Lookup::Yes => true,
+        Lookup::No => false,
+        Lookup::AskDovecot(id) => panic!("asks Dovecot about {id}"),
+    }
+}
+
+fn addrs(rs: &[Recipient]) -> Vec<String> {
+    rs.iter().map(|r| r.address.clone()).collect()
+}
+
+#[test]
+fn rcpt_verdicts() {
+    let (cfg, domains) = setup();
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    assert_eq!(p.rcpt("ann@example.org", None), RcptVerdict::Accepted);
+    assert_eq!(
+        p.rcpt("Z.E.D+tag@Plain.Example", None),
+        RcptVerdict::Accepted
+    );
+    assert_eq!(
+        p.rcpt("nobody@plain.example", None),
+        RcptVerdict::NoSuchUser
+    );
+    assert_eq!(
+        p.rcpt("nobody@example.org", None),
+        RcptVerdict::Accepted,
+        "catch-all"
+    );
+    assert_eq!(
+        p.rcpt("x@elsewhere.example", None),
+        RcptVerdict::RelayDenied
+    );
+    let auth = Authenticated::after_check("ann@example.org".into());
+    assert_eq!(
+        p.rcpt("x@elsewhere.example", Some(&auth)),
+        RcptVerdict::Accepted
+    );
+    assert!(matches!(p.rcpt("x@xn--zz", None), RcptVerdict::Invalid(_)));
+}
+
+#[test]
+fn internal_mail_follows_the_rcpt_rule() {
+    let (cfg, domains) = setup();
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    assert!(yes(p.deliverable("ann@example.org")));
+    assert!(yes(p.deliverable("anyone@example.org")), "catch-all");
+    assert!(yes(p.deliverable("someone@remote.example")));
+    assert!(!yes(p.deliverable("nobody@plain.example")));
+    assert!(
+        !yes(p.deliverable("root@localhost")),
+        "localhost has no users"
+    );
+    assert!(!yes(p.deliverable("x@xn--zz")));
+    assert!(yes(p.is_user("ann@example.org")));
+    assert!(yes(p.is_user("Z.E.D+x@plain.example")));
+    assert!(
+        !yes(p.is_user("postmaster@example.org")),
+        "an alias, not a mailbox"
+    );
+    assert!(!yes(p.is_user("root@localhost")));
+}
+
+#[test]
+fn the_sender_is_bound_to_the_login() {
+    let (cfg, domains) = setup();
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    let ann = Authenticated::after_check("ann@example.org".into());
+    assert!(p.may_send_as("", &ann), "the null sender");
+    assert!(p.may_send_as("ann@example.org", &ann));
+    assert!(
+        p.may_send_as("A.nn+lists@Example.ORG", &ann),
+        "drops and suffix"
+    );
+    assert!(
+        p.may_send_as("postmaster@example.org", &ann),
+        "an alias to ann"
+    );
+    assert!(!p.may_send_as("bob@example.org", &ann));
+    assert!(
+        !p.may_send_as("sales.team@example.org", &ann),
+        "expands to others"
+    );
+    // A member of a team alias may send as the team.
+    let bob = Authenticated::after_check("bob@example.org".into());
+    assert!(p.may_send_as("sales.team@example.org", &bob));
+    // An alias for the exact address beats the suffix rule.
+    assert!(p.may_send_as("bob+news@example.org", &bob));
+    assert!(
+        !p.may_send_as("bob+invoices@example.org", &bob),
+        "delivers to accounting"
+    );
+    let accounting = Authenticated::after_check("accounting@example.org".into());
+    assert!(p.may_send_as("bob+invoices@example.org", &accounting));
+    assert!(!p.may_send_as("ann@elsewhere.example", &ann));
+    assert!(!p.may_send_as("zed@plain.example", &ann));
+    assert!(
+        !p.may_send_as("nobody@example.org", &ann),
+        "the catch-all does not count"
+    );
+}
+
+#[test]
+fn bare_postmaster_is_ours() {
+    let (cfg, domains) = setup();
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    let q = p.qualify("PostMaster");
+    assert_eq!(q, "postmaster@example.org", "first local domain");
+    assert_eq!(p.rcpt(&q, None), RcptVerdict::Accepted);
+    assert_eq!(p.qualify("bob"), "bob");
+    assert_eq!(p.rcpt("bob", None), RcptVerdict::NoSuchUser);
+}
+
+#[test]
+fn resolution_follows_the_reference_table() {
+    let (cfg, domains) = setup();
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    assert_eq!(
+        addrs(&p.resolve("postmaster@example.org").unwrap()),
+        ["ann@example.org"]
+    );
+    assert_eq!(
+        addrs(&p.resolve("Sales.Team+q3@example.org").unwrap()),
+        ["bob@example.org", "carol@partner.example"]
+    );
+    assert_eq!(
+        addrs(&p.resolve("bob+invoices@example.org").unwrap()),
+        ["accounting@example.org"]
+    );
+    assert_eq!(
+        addrs(&p.resolve("bob+other@example.org").unwrap()),
+        ["bob@example.org"]
+    );
+    let pipe = p.resolve("archive@example.org").unwrap();
+    assert_eq!(pipe[0].kind, Kind::Pipe);
+    assert_eq!(pipe[0].address, "/usr/local/bin/store-copy --folder inbox");
+    let fwd = p.resolve("backup@example.org").unwrap();
+    assert_eq!(
+        fwd[0].kind,
+        Kind::Forward {
+            via: vec!["mx1.backup.example".into(), "mx2.backup.example".into()]
+        }
+    );
+    assert_eq!(
+        addrs(&p.resolve("nobody@example.org").unwrap()),
+        ["ann@example.org"]
+    );
+    assert_eq!(
+        addrs(&p.resolve("x@remote.example").unwrap()),
+        ["x@remote.example"]
+    );
+    assert!(!p.resolve("x@remote.example").unwrap()[0].local);
+    assert_eq!(
+        p.resolve("postmaster@example.org").unwrap()[0].original_address,
+        "postmaster@example.org"
+    );
+}
+
+#[test]
+fn dovecot_is_asked_only_when_the_files_say_no() {
+    let (mut cfg, domains) = setup();
+    cfg.dovecot_auth = true;
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    let ask = |id: &str| RcptCheck::AskDovecot(id.to_string());
+    // The files know these: Dovecot is never asked.
+    assert_eq!(p.rcpt("ann@example.org", None), RcptVerdict::Accepted);
+    assert_eq!(
+        p.rcpt("nobody@example.org", None),
+        RcptVerdict::Accepted,
+        "catch-all"
+    );
+    assert_eq!(p.rcpt("zed@plain.example", None), RcptVerdict::Accepted);
+    assert_eq!(
+        p.rcpt("x@elsewhere.example", None),
+        RcptVerdict::RelayDenied
+    );
+    // The clean form, users file first.
+    assert_eq!(
+        p.check_rcpt("D.ave+x@Plain.Example", None),
+        ask("dave@plain.example")
+    );
+    // Local domains without a users file; but not domain-less
+    // recipients, which only AUTH sends to Dovecot.
+    assert_eq!(p.check_rcpt("root@localhost", None), ask("root@localhost"));
+    assert_eq!(p.rcpt("Dave", None), RcptVerdict::NoSuchUser);
+    assert_eq!(p.is_user("dave"), Lookup::No);
+    assert_eq!(p.is_user("zed@plain.example"), Lookup::Yes);
+    assert_eq!(
+        p.is_user("Dave+x@plain.example"),
+        Lookup::AskDovecot("dave@plain.example".into())
+    );
+    assert_eq!(p.is_user("x@xn--zz"), Lookup::No);
+    assert_eq!(
+        p.deliverable("dave@plain.example"),
+        Lookup::AskDovecot("dave@plain.example".into())
+    );
+    assert_eq!(p.deliverable("dave@remote.example"), Lookup::Yes);
+    assert_eq!(p.deliverable("anyone@example.org"), Lookup::Yes);
+}
+
+#[test]
+fn a_dovecot_user_beats_the_catch_all() {
+    let (mut cfg, domains) = setup();
+    cfg.dovecot_auth = true;
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    let dave = |id: &str| Some(id == "dave@example.org" || id == "dovey@example.org");
+    // example.org has a catch-all: whether dave is a user decides.
+    assert_eq!(
+        p.resolve_with("dave@example.org", &|_| None),
+        Err(Unresolved::AskDovecot("dave@example.org".into()))
+    );
+    let rs = p.resolve_with("Da.ve+x@example.org", &dave).unwrap();
+    assert_eq!(addrs(&rs), ["dave@example.org"]);
+    assert!(rs[0].local);
+    let rs = p.resolve_with("nobody@example.org", &dave).unwrap();
+    assert_eq!(addrs(&rs), ["ann@example.org"]);
+    // Without a catch-all the answer changes nothing: not asked.
+    let rs = p.resolve_with("dave@plain.example", &|_| None).unwrap();
+    assert_eq!(addrs(&rs), ["dave@plain.example"]);
+    // Users and aliases in the files are never asked about.
+    let rs = p.resolve_with("postmaster@example.org", &|_| None).unwrap();
+    assert_eq!(addrs(&rs), ["ann@example.org"]);
+    // An alias naming itself delivers to a Dovecot user too.
+    let rs = p.resolve_with("dovey@example.org", &dave).unwrap();
+    assert_eq!(addrs(&rs), ["dovey@example.org", "bob@example.org"]);
+    // `resolve` counts what only Dovecot could know as no user.
+    assert_eq!(
+        addrs(&p.resolve("dave@example.org").unwrap()),
+        ["ann@example.org"]
+    );
+}
+
+#[test]
+fn loops_fail_and_self_reference_delivers() {
+    let (cfg, domains) = setup();
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    assert!(
+        p.resolve("loop1@example.org")
+            .unwrap_err()
+            .contains("recursion")
+    );
+    assert_eq!(
+        addrs(&p.resolve("self@example.org").unwrap()),
+        ["ann@example.org", "self@example.org"]
+    );
+}
