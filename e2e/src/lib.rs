@@ -207,14 +207,21 @@ pub async fn closed_by_peer(s: &mut tokio::net::UnixStream) -> bool {
 pub fn write_cert(config_dir: &Path, name: &str, names: &[&str]) -> Vec<u8> {
     let dir = config_dir.join("certs").join(name);
     std::fs::create_dir_all(&dir).unwrap();
+    let (chain, key, der) = cert_pair(names);
+    std::fs::write(dir.join("fullchain.pem"), chain).unwrap();
+    std::fs::write(dir.join("privkey.pem"), key).unwrap();
+    der
+}
+
+/// A self-signed certificate for `names`: its PEM, its key's PEM, and the
+/// certificate's DER.
+pub fn cert_pair(names: &[&str]) -> (String, String, Vec<u8>) {
     let key = rcgen::KeyPair::generate().unwrap();
     let params =
         rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
             .unwrap();
     let cert = params.self_signed(&key).unwrap();
-    std::fs::write(dir.join("fullchain.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("privkey.pem"), key.serialize_pem()).unwrap();
-    cert.der().to_vec()
+    (cert.pem(), key.serialize_pem(), cert.der().to_vec())
 }
 
 /// The path of an installed tool (swaks, msmtp, openssl…), or a panic that

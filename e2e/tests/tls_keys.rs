@@ -313,3 +313,45 @@ fn a_stalled_queued_costs_only_the_handshakes_of_the_moment() {
         c.expect("EHLO client.test", 250);
     }
 }
+
+#[test]
+fn certbot_layout_symlinks_are_followed_and_renewals_seen() {
+    // /etc/letsencrypt as certbot lays it out: live/<name>/*.pem are
+    // symlinks into archive/<name>/*N.pem, and certs/<name> is a symlink to
+    // live/<name>. A renewal writes *2.pem and repoints the links.
+    let mut t = Tambo::new("", "", "reload_period = \"200ms\"\n");
+    let le = t.dir.path().join("letsencrypt");
+    let (archive, live) = (le.join("archive/mx"), le.join("live/mx"));
+    std::fs::create_dir_all(&archive).unwrap();
+    std::fs::create_dir_all(&live).unwrap();
+    let issue = |n: u32| -> Vec<u8> {
+        let (chain, key, der) = cert_pair(&["mx.example.test"]);
+        std::fs::write(archive.join(format!("fullchain{n}.pem")), chain).unwrap();
+        std::fs::write(archive.join(format!("privkey{n}.pem")), key).unwrap();
+        // One link after the other, as certbot does: in between, queued
+        // sees a pair that does not match and keeps the one it has.
+        for f in ["privkey", "fullchain"] {
+            let tmp = live.join(format!(".{f}.tmp"));
+            std::os::unix::fs::symlink(format!("../../archive/mx/{f}{n}.pem"), &tmp).unwrap();
+            std::fs::rename(&tmp, live.join(format!("{f}.pem"))).unwrap();
+        }
+        der
+    };
+    let first = issue(1);
+    let certs = t.config_dir.join("certs");
+    std::fs::remove_dir_all(&certs).unwrap();
+    std::fs::create_dir_all(&certs).unwrap();
+    std::os::unix::fs::symlink(&live, certs.join("mx")).unwrap();
+    t.start_all();
+    t.wait_log("smtpd", "TLS ready with 1 certificate(s)");
+    let addr = t.submission_tls_addr();
+    let seen = || {
+        let c = TlsSmtp::connect_tls(addr, "mx.example.test", Versions::Any).expect("a handshake");
+        c.seen.lock().unwrap().clone().expect("a certificate")
+    };
+    assert_eq!(seen(), first);
+    let renewed = issue(2);
+    wait_for("the renewed certificate through the symlinks", || {
+        (seen() == renewed).then_some(())
+    });
+}

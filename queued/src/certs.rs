@@ -66,7 +66,7 @@ pub enum SignError {
 /// What the files under `certs/` look like now (names, sizes, change
 /// times, symlinks followed): a new value means something changed, e.g. a
 /// certbot renewal, and the certificates are worth loading again.
-pub fn files_state(config_dir: &Path) -> Vec<(String, u64, i64, i64)> {
+pub fn files_state(config_dir: &Path) -> FilesState {
     use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(config_dir.join("certs")) else {
@@ -78,9 +78,9 @@ pub fn files_state(config_dir: &Path) -> Vec<(String, u64, i64, i64)> {
             if let Ok(m) = std::fs::metadata(dir.join(f)) {
                 out.push((
                     format!("{}/{f}", e.file_name().to_string_lossy()),
+                    (m.dev(), m.ino()),
                     m.size(),
-                    m.mtime(),
-                    m.mtime_nsec(),
+                    (m.mtime(), m.mtime_nsec()),
                 ));
             }
         }
@@ -88,6 +88,10 @@ pub fn files_state(config_dir: &Path) -> Vec<(String, u64, i64, i64)> {
     out.sort();
     out
 }
+
+/// Per certificate file: its name, device and inode (a certbot renewal
+/// points the symlink at a new file), size and modification time.
+pub type FilesState = Vec<(String, (u64, u64), u64, (i64, i64))>;
 
 /// Every usable certificate, in `certs/` name order.
 #[derive(Debug, Default)]

@@ -97,7 +97,7 @@ impl KeyService {
         &self,
         config_dir: &std::path::Path,
         force: bool,
-        last: &mut Vec<(String, u64, i64, i64)>,
+        last: &mut crate::certs::FilesState,
     ) {
         let now = crate::certs::files_state(config_dir);
         if !force && &now == last {
