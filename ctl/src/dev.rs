@@ -160,7 +160,12 @@ monitord_user = \"{me}\"
 /// the first start, or whenever `certs/` is gone.
 fn ensure_certificate(config_dir: &Path) -> Result<(), String> {
     let dir = config_dir.join("certs").join("localhost");
-    if config_dir.join("certs").exists() {
+    // Certificates of the developer's own are kept; an empty certs/ (or
+    // one whose pair was never finished) gets ours.
+    let has_any = std::fs::read_dir(config_dir.join("certs"))
+        .map(|mut d| d.any(|e| e.is_ok_and(|e| e.path().join("privkey.pem").exists())))
+        .unwrap_or(false);
+    if has_any {
         return Ok(());
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -172,10 +177,11 @@ fn ensure_certificate(config_dir: &Path) -> Result<(), String> {
         .distinguished_name
         .push(rcgen::DnType::CommonName, "localhost (tambo dev)");
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    // The key first, private (umask 077), so the pair is never half there.
-    std::fs::write(dir.join("privkey.pem"), key.serialize_pem())
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    // The chain first, the key (private: umask 077) last: a directory with
+    // its key holds a whole pair, which is what the check above trusts.
     std::fs::write(dir.join("fullchain.pem"), cert.pem())
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(dir.join("privkey.pem"), key.serialize_pem())
         .map_err(|e| format!("{}: {e}", dir.display()))
 }
 

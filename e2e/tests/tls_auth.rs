@@ -64,6 +64,7 @@ fn starttls_then_auth_then_relay() {
     assert!(r.text().starts_with("5.7.1 "), "{r:?}");
     c.expect("RSET", 250);
     // Two errors so far (the third closes a session): a fresh one.
+    c.expect("QUIT", 221);
     let mut c = TlsSmtp::connect(t.smtp_addr());
     c.expect("EHLO client.test", 250);
     c.starttls("mx.example.test");
@@ -98,8 +99,19 @@ fn starttls_then_auth_then_relay() {
         !body.contains("127.0.0.1"),
         "an authenticated client's IP is hidden: {body}"
     );
-    t.wait_var("TLS sessions counted", |v| {
-        v["tambo/tls/signatures"].as_u64() >= Some(1)
+    c.expect("QUIT", 221);
+    // REFERENCE §3: the STARTTLS and AUTH commands and their replies are
+    // counted like any other, and TLS sessions once each, at the close.
+    t.wait_var("TLS sessions, STARTTLS and AUTH counted", |v| {
+        let cmd = &v["chasquid/smtpIn/commandCount"];
+        let code = &v["chasquid/smtpIn/responseCodeCount"];
+        v["tambo/tls/signatures"].as_u64() >= Some(2)
+            && v["chasquid/smtpIn/tlsCount"]["tls"].as_u64() >= Some(2)
+            && cmd["STARTTLS"].as_u64() >= Some(2)
+            && cmd["AUTH"].as_u64() >= Some(4)
+            && code["235"].as_u64() >= Some(1)
+            && code["535"].as_u64() >= Some(1)
+            && code["503"].as_u64() >= Some(3)
     });
 }
 
