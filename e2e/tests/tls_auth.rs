@@ -260,6 +260,13 @@ fn a_failed_starttls_handshake_gets_554_and_the_close() {
     t.wait_var("the 554 counted", |v| {
         v["chasquid/smtpIn/responseCodeCount"]["554"].as_u64() >= Some(1)
     });
+    // On 465 there never was a plain-text dialogue: no reply at all.
+    let mut tcp = std::net::TcpStream::connect(t.submission_tls_addr()).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    tcp.write_all(b"EHLO this is not TLS\r\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = tcp.read_to_end(&mut rest);
+    assert!(!String::from_utf8_lossy(&rest).contains("554"), "{rest:?}");
 }
 
 #[test]

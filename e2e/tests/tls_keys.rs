@@ -123,6 +123,7 @@ async fn the_signature_budget_holds_over_every_key_link() {
         links.push(key_link(&t).await);
     }
     let (mut signed, mut refused) = (0, 0);
+    let start = std::time::Instant::now();
     for i in 0..30 {
         let (s, certs) = &mut links[i % 3];
         let (cert, scheme) = (certs[0].id, certs[0].schemes[0]);
@@ -145,8 +146,15 @@ async fn the_signature_budget_holds_over_every_key_link() {
             r => panic!("{r:?}"),
         }
     }
-    // The burst, and what the rate added while we asked (well under 1 s).
-    assert!((10..=14).contains(&signed), "{signed} signed");
+    // The burst, and what the rate added while we asked (however slow the
+    // machine).
+    let refill = (5.0 * start.elapsed().as_secs_f64()).ceil() as u64;
+    assert!(
+        signed >= 10 && signed <= 10 + refill,
+        "{signed} signed in {:?}",
+        start.elapsed()
+    );
+    assert!(refused > 0, "the budget refused none");
     assert_eq!(signed + refused, 30);
     t.wait_var("rate refusals counted", |v| {
         v["tambo/tls/signRefused"]["rate"].as_u64() >= Some(refused)

@@ -105,11 +105,11 @@ pub enum Verdict {
 pub fn check(db: &UserDb, user: &str, password: &[u8]) -> Result<Option<Verdict>, String> {
     let phc = match db.get(user) {
         None => {
-            decoy(password);
+            decoy(db, password);
             return Ok(None);
         }
         Some(Credential::ReceiveOnly) => {
-            decoy(password);
+            decoy(db, password);
             return Ok(Some(Verdict::ReceiveOnly));
         }
         Some(Credential::Hash(phc)) => phc,
@@ -125,7 +125,8 @@ pub fn check(db: &UserDb, user: &str, password: &[u8]) -> Result<Option<Verdict>
 }
 
 /// A scrypt hash at chasquid's parameters (N=2^14, r=8, p=1: ~16 MiB,
-/// ~50 ms) of a password nobody knows, made once.
+/// ~50 ms) of a password nobody knows, made once: at queued's startup
+/// ([`warm_up`]), so no AUTH pays for it.
 fn decoy_hash() -> &'static str {
     static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DECOY.get_or_init(|| {
@@ -147,15 +148,23 @@ fn decoy_hash() -> &'static str {
     })
 }
 
+/// Makes the decoy hash now rather than at the first AUTH.
+pub fn warm_up() {
+    decoy_hash();
+}
+
 /// The work of one password check, for a user who has no hash (unknown,
 /// or receive-only): so that the answer takes as long as for a user who
-/// has one, and timing does not tell which users exist. The result is
-/// thrown away.
-fn decoy(password: &[u8]) {
-    let _ = verify_phc(
-        decoy_hash(),
-        &password[..password.len().min(MAX_PASSWORD_LEN)],
-    );
+/// has one, and timing does not tell which users exist. Against another
+/// user's hash in the same file when there is one (the same algorithm and
+/// cost, whatever the site chose), else the decoy. The result is thrown
+/// away.
+fn decoy(db: &UserDb, password: &[u8]) {
+    let phc: &str = match db.any_hash() {
+        Some(h) => h,
+        None => decoy_hash(),
+    };
+    let _ = verify_phc(phc, &password[..password.len().min(MAX_PASSWORD_LEN)]);
 }
 
 /// Whether `password` matches the PHC string `phc` (`$scrypt$…`,

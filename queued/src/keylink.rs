@@ -99,6 +99,13 @@ impl KeyService {
         force: bool,
         last: &mut crate::certs::FilesState,
     ) {
+        // Keys past their grace leave memory on the next tick, whatever
+        // the files do.
+        {
+            let t = Instant::now();
+            let mut g = self.certs.write().unwrap_or_else(|e| e.into_inner());
+            g.previous.retain(|(_, until)| t < *until);
+        }
         let now = crate::certs::files_state(config_dir);
         if !force && &now == last {
             return;
@@ -108,7 +115,6 @@ impl KeyService {
             Ok(c) => {
                 let now = Instant::now();
                 let mut g = self.certs.write().unwrap_or_else(|e| e.into_inner());
-                g.previous.retain(|(_, until)| now < *until);
                 let old = std::mem::replace(&mut g.current, Arc::new(c));
                 // The same certificates loaded again (a SIGHUP with nothing
                 // new) need no grace: smtpd already has the current ids.

@@ -181,6 +181,7 @@ fn main() -> ExitCode {
             cfg.reload_period() * 2 + std::time::Duration::from_secs(10),
             cfg.tambo.max_tls_signatures_per_second,
         ));
+        auth::warm_up();
         let auth = Arc::new(auth::Service {
             pool: hashes,
             budget: auth::FailureBudget::default(),

@@ -145,10 +145,10 @@ impl Policy<'_> {
     }
 
     /// Whether an authenticated user may send as `from` when the sender is
-    /// bound to the login: the null sender, their own address (any suffix
-    /// or drop characters, unless an alias is written for that exact
-    /// address), or an alias whose expansion includes them (a team alias
-    /// lets each member send as the team).
+    /// bound to the login: the null sender, their own address (and any
+    /// suffix or drop characters on it, unless an alias is written for that
+    /// exact spelling), or an alias whose expansion includes them (a team
+    /// alias lets each member send as the team).
     pub fn may_send_as(&self, from: &str, auth: &Authenticated) -> bool {
         if from.is_empty() {
             return true;
@@ -168,8 +168,12 @@ impl Policy<'_> {
         // An alias written for the address exactly (`bob+invoices:
         // accounting`) decides, as it does for delivery: the suffix rule
         // must not let bob send as what delivers to accounting.
-        let exact = domain.is_some_and(|d| d.aliases.get(&self.exact_key(&a.user)).is_some());
-        if !exact && join(&clean, &a.domain) == me {
+        let key = self.exact_key(&a.user);
+        let exact = domain.is_some_and(|d| d.aliases.get(&key).is_some());
+        // The login's own address is always theirs, even if an alias of
+        // that name forwards it elsewhere; another spelling of it (suffix,
+        // drop characters) is theirs unless an alias is written for it.
+        if join(&clean, &a.domain) == me && (key == clean || !exact) {
             return true;
         }
         // Only an alias written for this address counts, not the catch-all:

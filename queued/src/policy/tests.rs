@@ -8,6 +8,7 @@ const ALIASES: &str = "# role accounts
 postmaster: ann
 sales.team: bob, carol@partner.example
 bob+invoices: accounting
+fwd: fwd@elsewhere.example
 archive: | /usr/local/bin/store-copy --folder inbox
 backup: dave via mx1.backup.example/mx2.backup.example
 loop1: loop2
@@ -19,7 +20,11 @@ dovey: dovey, bob
 
 fn setup() -> (Config, Domains) {
     let cfg = Config::defaults(Path::new("/etc/tambo"));
-    let users = UserDb::parse("ann !\nbob !\naccounting !\nself !\n", Path::new("users")).unwrap();
+    let users = UserDb::parse(
+        "ann !\nbob !\naccounting !\nself !\nfwd !\n",
+        Path::new("users"),
+    )
+    .unwrap();
     let aliases = Aliases::parse(ALIASES, Path::new("aliases"), "example.org", ".", "+").unwrap();
     let plain = Domain {
         users: UserDb::parse("zed !\n", Path::new("users")).unwrap(),
@@ -146,6 +151,10 @@ fn the_sender_is_bound_to_the_login() {
     );
     let accounting = Authenticated::after_check("accounting@example.org".into());
     assert!(p.may_send_as("bob+invoices@example.org", &accounting));
+    // A user whose own name is an alias forwarding elsewhere still sends
+    // as their own address.
+    let fwd = Authenticated::after_check("fwd@example.org".into());
+    assert!(p.may_send_as("fwd@example.org", &fwd));
     assert!(!p.may_send_as("ann@elsewhere.example", &ann));
     assert!(!p.may_send_as("zed@plain.example", &ann));
     assert!(

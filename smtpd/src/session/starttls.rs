@@ -18,7 +18,7 @@ impl Session {
     /// handshake failed: close, no reply.
     pub(super) async fn implicit_tls(&mut self) -> bool {
         let deadline = self.cfg.first_deadline;
-        match tokio::time::timeout_at(self.first_deadline, self.handshake()).await {
+        match tokio::time::timeout_at(self.first_deadline, self.handshake(false)).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 tracing::info!(peer = %self.peer, "TLS handshake failed on submission+TLS: {e}");
@@ -49,7 +49,7 @@ impl Session {
             return Next::Close;
         }
         let timeout = self.cfg.command_timeout;
-        match tokio::time::timeout(timeout, self.handshake()).await {
+        match tokio::time::timeout(timeout, self.handshake(true)).await {
             Ok(Ok(())) => {
                 // RFC 3207 §4.2: start over, as if just connected, except
                 // that the greeting is not sent again.
@@ -64,7 +64,6 @@ impl Session {
             }
             Ok(Err(e)) => {
                 tracing::info!(peer = %self.peer, "STARTTLS handshake failed: {e}");
-                metrics::inc_label(names::SMTP_IN_RESPONSE_CODE_COUNT, "554");
                 Next::Close
             }
             Err(_) => {
@@ -78,7 +77,11 @@ impl Session {
     /// sent after STARTTLS and before the handshake is dropped with the old
     /// buffer, unread (RFC 3207 §4.2, the CVE-2011-0411 class of command
     /// injection).
-    async fn handshake(&mut self) -> std::io::Result<()> {
+    ///
+    /// After STARTTLS (`after_starttls`), a failed handshake gets
+    /// `554 5.5.0` in plain text (REFERENCE §2.4, as chasquid does); on
+    /// 465 there was never a plain-text dialogue, so nothing.
+    async fn handshake(&mut self, after_starttls: bool) -> std::io::Result<()> {
         let Some((acceptor, resolver)) = self.cfg.tls.as_ref().and_then(|t| t.acceptor()) else {
             return Err(std::io::Error::other("no TLS certificates from queued yet"));
         };
@@ -89,10 +92,11 @@ impl Session {
         let stream = match acceptor.accept(tcp).into_fallible().await {
             Ok(stream) => stream,
             Err((e, mut tcp)) => {
-                // REFERENCE §2.4: 554 5.5.0, in plain text as chasquid
-                // does; a client that gave up on TLS may still read it.
-                let reply = b"554 5.5.0 TLS handshake failed\r\n";
-                let _ = tokio::time::timeout(REPLY_AFTER_FAILURE, tcp.write_all(reply)).await;
+                if after_starttls {
+                    let reply = b"554 5.5.0 TLS handshake failed\r\n";
+                    metrics::inc_label(names::SMTP_IN_RESPONSE_CODE_COUNT, "554");
+                    let _ = tokio::time::timeout(REPLY_AFTER_FAILURE, tcp.write_all(reply)).await;
+                }
                 return Err(e);
             }
         };
