@@ -122,15 +122,6 @@ done
 
 # status_kib PID FIELD
 status_kib() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; }
-pss() {
-  local total=0 kib
-  for pid in "$@"; do
-    kib=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")
-    total=$((total + kib))
-  done
-  echo "$total"
-}
-
 # idle NAME PORT PGREP-PATTERN: PSS before and with N idle TLS sessions.
 idle() {
   local name=$1 port=$2 pattern=$3 pids before after line

@@ -21,16 +21,6 @@ trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$RO
 ulimit -n "$(ulimit -Hn)"
 . bench/lib.sh
 
-# PSS in KiB, summed over the pids given.
-pss() {
-  local total=0 kib
-  for pid in "$@"; do
-    kib=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")
-    total=$((total + kib))
-  done
-  echo "$total"
-}
-
 # measure NAME PORT PGREP-PATTERN
 measure() {
   local name=$1 port=$2 pattern=$3 pids before after line

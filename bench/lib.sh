@@ -19,3 +19,13 @@ tambo_cert() {
     -subj "/CN=$2" -addext "subjectAltName=DNS:$2" \
     -keyout "$1/certs/bench/privkey.pem" -out "$1/certs/bench/fullchain.pem" 2>/dev/null
 }
+
+# pss PID...: PSS in KiB, summed over the pids given.
+pss() {
+  local total=0 kib
+  for pid in "$@"; do
+    kib=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")
+    total=$((total + kib))
+  done
+  echo "$total"
+}

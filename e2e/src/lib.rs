@@ -8,7 +8,7 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -646,25 +646,7 @@ impl Smtp {
 
     /// Reads one reply; None on EOF.
     pub fn try_reply(&mut self) -> Option<Reply> {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            match self.r.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-            assert!(line.ends_with("\r\n"), "reply line without CRLF: {line:?}");
-            let line = line.trim_end();
-            let code: u16 = line
-                .get(..3)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or_else(|| panic!("bad reply {line:?}"));
-            let more = line.as_bytes().get(3) == Some(&b'-');
-            lines.push(line.get(4..).unwrap_or("").to_string());
-            if !more {
-                return Some(Reply { code, lines });
-            }
-        }
+        read_reply(&mut self.r)
     }
 
     pub fn cmd(&mut self, line: &str) -> Reply {
@@ -709,4 +691,29 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
 /// A message body (CRLF, not dot-stuffed) with the given subject.
 pub fn message(subject: &str, body: &str) -> Vec<u8> {
     format!("From: ann@example.test\r\nTo: bob@example.test\r\nSubject: {subject}\r\nMessage-ID: <{subject}@client.test>\r\n\r\n{body}").into_bytes()
+}
+
+/// Reads one SMTP reply (all its lines) from `r`; None on EOF. Panics on
+/// a line without CRLF or without a code: the server under test broke the
+/// protocol.
+pub fn read_reply(r: &mut impl std::io::BufRead) -> Option<Reply> {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        assert!(line.ends_with("\r\n"), "reply line without CRLF: {line:?}");
+        let line = line.trim_end();
+        let code: u16 = line
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("bad reply {line:?}"));
+        let more = line.as_bytes().get(3) == Some(&b'-');
+        lines.push(line.get(4..).unwrap_or("").to_string());
+        if !more {
+            return Some(Reply { code, lines });
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! verifies every handshake signature for real: those are made by queued,
 //! through smtpd's key link, and a wrong one must fail the handshake.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 
@@ -223,22 +223,7 @@ impl TlsSmtp {
 
     /// Reads one reply; None on EOF.
     pub fn try_reply(&mut self) -> Option<Reply> {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            match self.conn.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-            assert!(line.ends_with("\r\n"), "reply line without CRLF: {line:?}");
-            let line = line.trim_end();
-            let code: u16 = line.get(..3).and_then(|c| c.parse().ok()).unwrap();
-            let more = line.as_bytes().get(3) == Some(&b'-');
-            lines.push(line.get(4..).unwrap_or("").to_string());
-            if !more {
-                return Some(Reply { code, lines });
-            }
-        }
+        crate::read_reply(&mut self.conn)
     }
 
     pub fn cmd(&mut self, line: &str) -> Reply {
