@@ -117,6 +117,16 @@ pub struct TamboConfig {
     /// TLS handshake signatures queued makes for smtpd per second, all key
     /// links together (bursts of twice as many).
     pub max_tls_signatures_per_second: u32,
+    /// Local mail goes to this LMTP server (RFC 2033) instead of the MDA or
+    /// the Maildir: a Unix socket path (starting with `/`) or `host:port`.
+    pub lmtp_address: Option<String>,
+    /// Outgoing SMTP connections start from one of these local addresses
+    /// (at most one IPv4 and one IPv6; the one of the destination's family
+    /// is used). Empty: the kernel chooses.
+    pub outgoing_source_address: Vec<std::net::IpAddr>,
+    /// How long an outgoing SMTP connection is kept open after a delivery,
+    /// for the next message to the same destination. Zero: never reused.
+    pub smtp_connection_cache_time: Duration,
 }
 
 /// Test knobs (chasquid's `testing__*`). Not for production use.
@@ -145,6 +155,21 @@ pub struct Testing {
     pub mda_timeout: Option<Duration>,
     /// Replaces the 30-second period of the reloads (certificates).
     pub reload_period: Option<Duration>,
+    /// Every DNS lookup of deliverd goes to this server (instead of
+    /// /etc/resolv.conf's).
+    pub dns_server: Option<SocketAddr>,
+    /// Outgoing SMTP connects to this port instead of 25.
+    pub smtp_port: Option<u16>,
+    /// MTA-STS policies are fetched from this port instead of 443.
+    pub sts_https_port: Option<u16>,
+    /// Certificates (PEM) that replace the system's roots when deliverd
+    /// verifies a server (TLS_SECURE, MTA-STS).
+    pub tls_roots: Option<PathBuf>,
+    /// Replaces the 10-minute limit of an outgoing SMTP session (and caps
+    /// each wait for a reply).
+    pub smtp_out_timeout: Option<Duration>,
+    /// Replaces the 10-minute period of the MTA-STS cache refresh.
+    pub sts_refresh_period: Option<Duration>,
 }
 
 /// The effective configuration of one tambo installation.
@@ -215,6 +240,9 @@ impl Config {
                 max_data_in_flight_mb: 512,
                 sender_bound_to_login: true,
                 max_tls_signatures_per_second: 1000,
+                lmtp_address: None,
+                outgoing_source_address: Vec::new(),
+                smtp_connection_cache_time: Duration::from_secs(2),
             },
             testing: Testing::default(),
         }
@@ -333,6 +361,49 @@ impl Config {
                 "max_tls_signatures_per_second" => {
                     self.tambo.max_tls_signatures_per_second = g.u32(key, v)?
                 }
+                "lmtp_address" => {
+                    let s = g.string(key, v)?;
+                    self.tambo.lmtp_address = if s.is_empty() {
+                        None
+                    } else if s.starts_with('/')
+                        || s.rsplit_once(':')
+                            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                    {
+                        Some(s)
+                    } else {
+                        return Err(g.err(
+                            key,
+                            format!(
+                                "{s:?} is neither a socket path (starting with /) nor host:port"
+                            ),
+                        ));
+                    };
+                }
+                "outgoing_source_address" => {
+                    let list = g.string_list(key, v)?;
+                    let mut ips = Vec::new();
+                    for a in &list {
+                        let ip: std::net::IpAddr = a
+                            .parse()
+                            .map_err(|_| g.err(key, format!("{a:?} is not an IP address")))?;
+                        if ips
+                            .iter()
+                            .any(|o: &std::net::IpAddr| o.is_ipv4() == ip.is_ipv4())
+                        {
+                            return Err(g.err(key, "holds at most one IPv4 and one IPv6 address"));
+                        }
+                        ips.push(ip);
+                    }
+                    self.tambo.outgoing_source_address = ips;
+                }
+                "smtp_connection_cache_time" => {
+                    let s = g.string(key, v)?;
+                    self.tambo.smtp_connection_cache_time = if s == "0s" || s == "0" {
+                        Duration::ZERO
+                    } else {
+                        duration::parse(&s).map_err(|p| g.err(key, p))?
+                    };
+                }
                 _ => return Err(g.err(key, "unknown key")),
             }
         }
@@ -380,6 +451,16 @@ impl Config {
                 "http_idle_timeout" => self.testing.http_idle_timeout = Some(g.duration(key, v)?),
                 "mda_timeout" => self.testing.mda_timeout = Some(g.duration(key, v)?),
                 "reload_period" => self.testing.reload_period = Some(g.duration(key, v)?),
+                "dns_server" => {
+                    let s = g.string(key, v)?;
+                    self.testing.dns_server =
+                        Some(parse_socket_addr(&s).map_err(|p| g.err(key, p))?);
+                }
+                "smtp_port" => self.testing.smtp_port = Some(g.port(key, v)?),
+                "sts_https_port" => self.testing.sts_https_port = Some(g.port(key, v)?),
+                "tls_roots" => self.testing.tls_roots = Some(g.path(key, v)?),
+                "smtp_out_timeout" => self.testing.smtp_out_timeout = Some(g.duration(key, v)?),
+                "sts_refresh_period" => self.testing.sts_refresh_period = Some(g.duration(key, v)?),
                 _ => return Err(g.err(key, "unknown key")),
             }
         }
@@ -416,6 +497,16 @@ impl Config {
     /// `data_dir/queue`.
     pub fn queue_dir(&self) -> PathBuf {
         self.data_dir.join("queue")
+    }
+
+    /// `data_dir/domaininfo`: queued's per-domain security levels.
+    pub fn domaininfo_dir(&self) -> PathBuf {
+        self.data_dir.join("domaininfo")
+    }
+
+    /// `data_dir/sts-cache`: deliverd's MTA-STS policy cache.
+    pub fn sts_cache_dir(&self) -> PathBuf {
+        self.data_dir.join("sts-cache")
     }
 
     /// Paths of the Unix sockets between processes.
@@ -478,6 +569,9 @@ impl Config {
         if let Some(p) = self.testing.fail_dir_sync_if_exists.take() {
             self.testing.fail_dir_sync_if_exists = Some(self.resolve(p));
         }
+        if let Some(p) = self.testing.tls_roots.take() {
+            self.testing.tls_roots = Some(self.resolve(p));
+        }
         self
     }
 }
@@ -525,6 +619,12 @@ impl Getter<'_> {
     fn bool(&self, key: &str, v: &Value) -> Result<bool, ConfigError> {
         v.as_bool()
             .ok_or_else(|| self.err(key, format!("must be true or false, not {}", v.type_str())))
+    }
+    fn port(&self, key: &str, v: &Value) -> Result<u16, ConfigError> {
+        u16::try_from(self.u32(key, v)?)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| self.err(key, "must be a port number, 1 to 65535"))
     }
     fn u32(&self, key: &str, v: &Value) -> Result<u32, ConfigError> {
         let n = self.positive(key, v)?;

@@ -10,19 +10,31 @@ use tokio::task::JoinSet;
 
 use tambo_common::config::Config;
 use tambo_proto::Error;
-use tambo_proto::deliver::{FromDeliverd, Job, Outcome, Target, ToDeliverd};
+use tambo_proto::deliver::{FromDeliverd, Job, Outcome, SecLevel, Target, ToDeliverd};
 use tambo_proto::fd::FdReader;
 use tambo_proto::frame::write_frame;
 use tambo_proto::metrics::{self, names};
 
-use crate::{maildir, mda};
+use crate::remote::Remote;
+use crate::{lmtp, maildir, mda};
+
+/// What every delivery may need.
+pub struct Ctx {
+    pub cfg: Arc<Config>,
+    pub remote: Remote,
+}
+
+/// The result of a job: one outcome per recipient, and the security level
+/// seen on the way (remote jobs).
+type Done = (Vec<Outcome>, Option<SecLevel>);
 
 /// Largest job frame: addresses, a pipe command line, forward hosts.
 const MAX_JOB_FRAME: usize = tambo_proto::frame::MAX_SMALL_FRAME;
 
 /// Serves one connection to queued until it closes. Deliveries still
 /// running when it closes are abandoned (queued retries them).
-pub async fn serve(cfg: Arc<Config>, stream: UnixStream) -> Result<(), Error> {
+pub async fn serve(ctx: Arc<Ctx>, stream: UnixStream) -> Result<(), Error> {
+    let cfg = &ctx.cfg;
     let (r, w) = stream.into_split();
     let mut writer = BufWriter::new(w);
     write_frame(
@@ -32,7 +44,7 @@ pub async fn serve(cfg: Arc<Config>, stream: UnixStream) -> Result<(), Error> {
         },
     )
     .await?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Outcome)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Done)>();
     // Results as they come, and a heartbeat when there is nothing to say,
     // so queued can tell a quiet deliverd from a dead one.
     let heartbeat = tambo_proto::keepalive_every(
@@ -43,7 +55,11 @@ pub async fn serve(cfg: Arc<Config>, stream: UnixStream) -> Result<(), Error> {
     let results = tokio::spawn(async move {
         loop {
             let msg = match tokio::time::timeout(heartbeat, rx.recv()).await {
-                Ok(Some((job, outcome))) => FromDeliverd::Done { job, outcome },
+                Ok(Some((job, (outcomes, seen)))) => FromDeliverd::Done {
+                    job,
+                    outcomes,
+                    seen,
+                },
                 Ok(None) => break,
                 Err(_) => FromDeliverd::Heartbeat,
             };
@@ -63,11 +79,11 @@ pub async fn serve(cfg: Arc<Config>, stream: UnixStream) -> Result<(), Error> {
         let Some(fd) = reader.take_fd() else {
             break Err(Error::MissingFd);
         };
-        let (cfg, tx) = (cfg.clone(), tx.clone());
+        let (ctx, tx) = (ctx.clone(), tx.clone());
         running.spawn(async move {
             let id = job.job;
-            let outcome = deliver(&cfg, &job, File::from(fd)).await;
-            let _ = tx.send((id, outcome));
+            let done = deliver(&ctx, &job, File::from(fd)).await;
+            let _ = tx.send((id, done));
         });
         // Reap finished tasks so the set does not grow.
         while running.try_join_next().is_some() {}
@@ -77,68 +93,111 @@ pub async fn serve(cfg: Arc<Config>, stream: UnixStream) -> Result<(), Error> {
     result
 }
 
-/// One delivery attempt.
-pub async fn deliver(cfg: &Config, job: &Job, message: File) -> Outcome {
+/// One delivery attempt: one outcome per recipient of the job.
+pub async fn deliver(ctx: &Ctx, job: &Job, message: File) -> Done {
+    let cfg = &*ctx.cfg;
     let label = match job.target {
         Target::Local => "email:local",
         Target::Remote => "email:remote",
         Target::Pipe(_) => "pipe",
         Target::Forward(_) => "forward",
     };
-    metrics::inc_label(names::QUEUE_DELIVER_ATTEMPTS, label);
-    let timeout = cfg.testing.mda_timeout.unwrap_or(mda::TIMEOUT);
-    let outcome = match &job.target {
-        Target::Local => match &cfg.tambo.maildir {
-            Some(template) => match maildir::expand(template, &job.to) {
-                Ok(dir) => {
-                    let (mut message, id) = (message, job.queue_id.clone());
-                    tokio::task::spawn_blocking(move || maildir::deliver(&dir, &mut message, &id))
-                        .await
-                        .unwrap_or_else(|e| {
-                            Outcome::TempFail(format!("Maildir delivery task failed: {e}"))
-                        })
-                }
-                Err(e) => Outcome::PermFail(e),
-            },
-            None => match mda::expand_args(&cfg.mail_delivery_agent_args, &job.from, &job.to) {
-                Ok(args) => {
-                    mda::run("MDA", &cfg.mail_delivery_agent_bin, &args, message, timeout).await
-                }
-                Err(e) => Outcome::PermFail(e),
-            },
-        },
-        Target::Pipe(cmdline) => {
-            let mut parts = cmdline.split_whitespace().map(str::to_string);
-            match parts.next() {
-                Some(bin) => {
-                    mda::run(
-                        "pipe command",
-                        &bin,
-                        &parts.collect::<Vec<_>>(),
-                        message,
-                        timeout,
-                    )
-                    .await
-                }
-                None => Outcome::PermFail("empty pipe command".into()),
+    metrics::add_label(names::QUEUE_DELIVER_ATTEMPTS, label, job.to.len() as u64);
+    let (outcomes, seen) = if job.to.is_empty() {
+        (Vec::new(), None)
+    } else {
+        match &job.target {
+            Target::Local => (local(cfg, job, message).await, None),
+            Target::Pipe(cmdline) => (vec![pipe(cfg, cmdline, message).await], None),
+            Target::Remote | Target::Forward(_) => ctx.remote.deliver(job, message).await,
+        }
+    };
+    for (to, outcome) in job.to.iter().zip(&outcomes) {
+        match outcome {
+            Outcome::Delivered => {
+                tracing::info!(id = %job.queue_id, %to, "delivered ({label})")
+            }
+            Outcome::TempFail(t) => {
+                tracing::info!(id = %job.queue_id, %to, "temporary failure ({label}): {t}")
+            }
+            Outcome::PermFail(t) => {
+                tracing::info!(id = %job.queue_id, %to, "permanent failure ({label}): {t}")
             }
         }
-        // Remote SMTP comes with its own issue; until then such mail waits
-        // in the queue (a temporary failure) rather than bouncing.
-        Target::Remote | Target::Forward(_) => Outcome::TempFail(
-            "remote SMTP delivery is not implemented in this version of tambo".into(),
-        ),
-    };
-    match &outcome {
-        Outcome::Delivered => {
-            tracing::info!(id = %job.queue_id, to = %job.to, "delivered ({label})")
-        }
-        Outcome::TempFail(t) => {
-            tracing::info!(id = %job.queue_id, to = %job.to, "temporary failure ({label}): {t}")
-        }
-        Outcome::PermFail(t) => {
-            tracing::info!(id = %job.queue_id, to = %job.to, "permanent failure ({label}): {t}")
-        }
     }
-    outcome
+    (outcomes, seen)
+}
+
+/// Local mail: LMTP for every recipient at once, or the Maildir writer or
+/// the MDA for each.
+async fn local(cfg: &Config, job: &Job, message: File) -> Vec<Outcome> {
+    if let Some(address) = &cfg.tambo.lmtp_address {
+        return lmtp::deliver(cfg, address, job, message).await;
+    }
+    let mut outcomes = Vec::with_capacity(job.to.len());
+    for to in &job.to {
+        // Every recipient reads the message from its start (clones share
+        // one offset; local_one rewinds).
+        let file = match message.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                outcomes.push(Outcome::TempFail(format!("cannot reuse the message: {e}")));
+                continue;
+            }
+        };
+        outcomes.push(local_one(cfg, &job.queue_id, &job.from, to, file).await);
+    }
+    outcomes
+}
+
+async fn local_one(
+    cfg: &Config,
+    queue_id: &str,
+    from: &str,
+    to: &str,
+    mut message: File,
+) -> Outcome {
+    use std::io::{Seek, SeekFrom};
+    // Clones share one offset: start every recipient at the top.
+    if let Err(e) = message.seek(SeekFrom::Start(0)) {
+        return Outcome::TempFail(format!("cannot read the message: {e}"));
+    }
+    let timeout = cfg.testing.mda_timeout.unwrap_or(mda::TIMEOUT);
+    match &cfg.tambo.maildir {
+        Some(template) => match maildir::expand(template, to) {
+            Ok(dir) => {
+                let id = queue_id.to_string();
+                tokio::task::spawn_blocking(move || maildir::deliver(&dir, &mut message, &id))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Outcome::TempFail(format!("Maildir delivery task failed: {e}"))
+                    })
+            }
+            Err(e) => Outcome::PermFail(e),
+        },
+        None => match mda::expand_args(&cfg.mail_delivery_agent_args, from, to) {
+            Ok(args) => {
+                mda::run("MDA", &cfg.mail_delivery_agent_bin, &args, message, timeout).await
+            }
+            Err(e) => Outcome::PermFail(e),
+        },
+    }
+}
+
+async fn pipe(cfg: &Config, cmdline: &str, message: File) -> Outcome {
+    let timeout = cfg.testing.mda_timeout.unwrap_or(mda::TIMEOUT);
+    let mut parts = cmdline.split_whitespace().map(str::to_string);
+    match parts.next() {
+        Some(bin) => {
+            mda::run(
+                "pipe command",
+                &bin,
+                &parts.collect::<Vec<_>>(),
+                message,
+                timeout,
+            )
+            .await
+        }
+        None => Outcome::PermFail("empty pipe command".into()),
+    }
 }

@@ -8,9 +8,14 @@
 #![forbid(unsafe_code)]
 
 mod children;
+mod dns;
 mod jobs;
+mod lmtp;
 mod maildir;
 mod mda;
+mod remote;
+mod roots;
+mod sts;
 mod template;
 #[cfg(test)]
 mod testutil;
@@ -55,11 +60,18 @@ fn main() -> ExitCode {
     let _ = mda::environment();
     let cfg = Arc::new(cfg);
     rt.block_on(async move {
+        let ctx = match setup(cfg.clone()) {
+            Ok(ctx) => Arc::new(ctx),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
         daemon::on_sighup(|| tracing::info!("SIGHUP: deliverd has nothing to reload"));
         daemon::push_metrics(Role::Deliverd, &flags, &cfg, &ids);
         daemon::notify_ready();
         tokio::select! {
-            _ = pull_forever(cfg, ids) => {},
+            _ = pull_forever(ctx, ids) => {},
             _ = daemon::wait_for_shutdown() => {},
         }
         // Killed before exiting: an MDA left running would go on
@@ -70,9 +82,29 @@ fn main() -> ExitCode {
     })
 }
 
+/// What remote delivery needs, made once: the resolver, the roots, the
+/// MTA-STS cache (and its refresh task).
+fn setup(cfg: Arc<tambo_common::config::Config>) -> Result<jobs::Ctx, String> {
+    let resolver = dns::resolver(&cfg)?;
+    let roots = roots::load(&cfg)?;
+    let sts = Arc::new(sts::Sts::new(
+        cfg.sts_cache_dir(),
+        resolver.clone(),
+        roots.clone(),
+        cfg.testing.sts_https_port.unwrap_or(443),
+    ));
+    let period = cfg
+        .testing
+        .sts_refresh_period
+        .unwrap_or(Duration::from_secs(10 * 60));
+    tokio::spawn(sts.clone().refresh_forever(period));
+    let remote = remote::Remote::new(cfg.clone(), resolver, roots, sts);
+    Ok(jobs::Ctx { cfg, remote })
+}
+
 /// Connects to queued and serves jobs, reconnecting with backoff.
-async fn pull_forever(cfg: Arc<tambo_common::config::Config>, ids: Identities) {
-    let path = cfg.deliver_socket();
+async fn pull_forever(ctx: Arc<jobs::Ctx>, ids: Identities) {
+    let path = ctx.cfg.deliver_socket();
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
     loop {
@@ -81,7 +113,7 @@ async fn pull_forever(cfg: Arc<tambo_common::config::Config>, ids: Identities) {
                 tracing::info!("connected to queued at {}", path.display());
                 warned = false;
                 backoff = Duration::from_millis(100);
-                if let Err(e) = jobs::serve(cfg.clone(), stream).await {
+                if let Err(e) = jobs::serve(ctx.clone(), stream).await {
                     tracing::warn!("deliver.sock: {e}");
                 } else {
                     tracing::info!("queued closed the connection");

@@ -170,7 +170,8 @@ async fn hostile_deliver_client() {
         &mut s,
         &FromDeliverd::Done {
             job: 999,
-            outcome: Outcome::Delivered,
+            outcomes: vec![Outcome::Delivered],
+            seen: None,
         },
     )
     .await
@@ -184,7 +185,8 @@ async fn hostile_deliver_client() {
         &mut s,
         &FromDeliverd::Done {
             job: 1,
-            outcome: Outcome::Delivered,
+            outcomes: vec![Outcome::Delivered],
+            seen: None,
         },
     )
     .await

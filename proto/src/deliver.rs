@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 
 /// What a recipient is, after alias resolution.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Target {
     /// Mail for a user of a local domain: MDA, Maildir or LMTP.
     Local,
@@ -28,18 +28,63 @@ pub enum Target {
     Forward(Vec<String>),
 }
 
-/// One delivery attempt for one recipient.
+/// A per-domain security level (REFERENCE §4.6), ordered from weakest to
+/// strongest. queued keeps them (domaininfo); deliverd only observes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SecLevel {
+    /// No TLS.
+    Plain,
+    /// Incoming TLS (the incoming half only).
+    TlsClient,
+    /// Outgoing TLS with a certificate that did not verify.
+    TlsInsecure,
+    /// Outgoing TLS; the certificate chains to the roots and names the MX.
+    TlsSecure,
+}
+
+impl SecLevel {
+    /// The name chasquid's domaininfo files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            SecLevel::Plain => "PLAIN",
+            SecLevel::TlsClient => "TLS_CLIENT",
+            SecLevel::TlsInsecure => "TLS_INSECURE",
+            SecLevel::TlsSecure => "TLS_SECURE",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Some(match s {
+            "PLAIN" => SecLevel::Plain,
+            "TLS_CLIENT" => SecLevel::TlsClient,
+            "TLS_INSECURE" => SecLevel::TlsInsecure,
+            "TLS_SECURE" => SecLevel::TlsSecure,
+            _ => return None,
+        })
+    }
+}
+
+/// One delivery attempt for one or more recipients of one message that go
+/// the same way: a local user, a pipe, or every recipient of one remote
+/// domain (or one `via` list) with the same envelope sender, which go in
+/// one SMTP transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
     /// Unique on this connection; echoed in the result.
     pub job: u64,
     /// The queue item, for logs.
     pub queue_id: String,
-    /// Envelope sender; empty for `<>`.
+    /// Envelope sender to use; empty for `<>`. Already rewritten by queued
+    /// when forwarding needs it (REFERENCE §4.8).
     pub from: String,
-    /// Final recipient address (clean form for local users).
-    pub to: String,
+    /// Final recipient addresses (clean form for local users); one for
+    /// pipes. Never empty.
+    pub to: Vec<String>,
     pub target: Target,
+    /// Remote and forward jobs: the recipient domain (IDNA or Unicode, as
+    /// queued stored it) and the outgoing security level queued has
+    /// recorded for it; a connection weaker than that must not be used.
+    pub security: Option<(String, SecLevel)>,
 }
 
 /// queued → deliverd.
@@ -65,8 +110,15 @@ pub enum Outcome {
 pub enum FromDeliverd {
     /// First after the hello: how many jobs may be in flight at once.
     Ready { slots: u32 },
-    /// The result of a job.
-    Done { job: u64, outcome: Outcome },
+    /// The result of a job: one outcome per recipient, in the job's order.
+    /// `seen` is the security level of the connection the recipients were
+    /// tried over, once it passed the job's check, so queued can raise its
+    /// record (it never lowers one).
+    Done {
+        job: u64,
+        outcomes: Vec<Outcome>,
+        seen: Option<SecLevel>,
+    },
     /// Sent when deliverd has had nothing to say for a while, so queued
     /// can close a connection whose peer went silent.
     Heartbeat,

@@ -258,8 +258,9 @@ mod tests {
                     job: i as u64,
                     queue_id: "q".into(),
                     from: "a@b".into(),
-                    to: "c@d".into(),
+                    to: vec!["c@d".into()],
                     target: Target::Local,
+                    security: None,
                 });
                 // Pad frames so they need more than one read.
                 let bytes = encode(&job).unwrap();
@@ -320,8 +321,9 @@ mod tests {
             job: 1,
             queue_id: "q".into(),
             from: String::new(),
-            to: "x".into(),
+            to: vec!["x".into()],
             target: Target::Remote,
+            security: None,
         }))
         .unwrap();
         a.try_write(&bytes[..bytes.len() - 2]).unwrap();

@@ -35,6 +35,26 @@ pub mod names {
     pub const QUEUE_ITEMS_WRITTEN: &str = "chasquid/queue/itemsWritten";
     pub const QUEUE_DELIVER_ATTEMPTS: &str = "chasquid/queue/deliverAttempts";
     pub const QUEUE_DSN_QUEUED: &str = "chasquid/queue/dsnQueued";
+    pub const SMTP_IN_DKIM_SIGNED: &str = "chasquid/smtpIn/dkimSigned";
+    pub const SMTP_IN_DKIM_SIGN_ERRORS: &str = "chasquid/smtpIn/dkimSignErrors";
+    pub const SMTP_OUT_SECURITY_LEVEL_CHECKS: &str = "chasquid/smtpOut/securityLevelChecks";
+    pub const SMTP_OUT_STS_MODE: &str = "chasquid/smtpOut/sts/mode";
+    pub const SMTP_OUT_STS_SECURITY: &str = "chasquid/smtpOut/sts/security";
+    pub const SMTP_OUT_TLS_COUNT: &str = "chasquid/smtpOut/tlsCount";
+    pub const STS_CACHE_EXPIRED: &str = "chasquid/sts/cache/expired";
+    pub const STS_CACHE_FAILED_FETCH: &str = "chasquid/sts/cache/failedFetch";
+    pub const STS_CACHE_FETCHES: &str = "chasquid/sts/cache/fetches";
+    pub const STS_CACHE_HITS: &str = "chasquid/sts/cache/hits";
+    pub const STS_CACHE_INVALID: &str = "chasquid/sts/cache/invalid";
+    pub const STS_CACHE_IO_ERRORS: &str = "chasquid/sts/cache/ioErrors";
+    pub const STS_CACHE_MARSHAL_ERRORS: &str = "chasquid/sts/cache/marshalErrors";
+    pub const STS_CACHE_REFRESH_CYCLES: &str = "chasquid/sts/cache/refreshCycles";
+    pub const STS_CACHE_REFRESH_ERRORS: &str = "chasquid/sts/cache/refreshErrors";
+    pub const STS_CACHE_REFRESHES: &str = "chasquid/sts/cache/refreshes";
+    pub const STS_CACHE_UNMARSHAL_ERRORS: &str = "chasquid/sts/cache/unmarshalErrors";
+    /// Outgoing SMTP connections opened, and deliveries that reused one.
+    pub const SMTP_OUT_CONNECTIONS: &str = "tambo/smtpOut/connections";
+    pub const SMTP_OUT_REUSED: &str = "tambo/smtpOut/reused";
     pub const IPC_ERRORS: &str = "tambo/ipc/errors";
     pub const IPC_REFUSED: &str = "tambo/ipc/refused";
     pub const SMTP_IN_SESSIONS_REFUSED: &str = "tambo/smtpIn/sessionsRefused";
@@ -316,6 +336,16 @@ pub const VARIABLES: &[(&str, Kind, &str)] = &[
         Kind::Map,
         "monitoring HTTP connections monitord closed, by reason",
     ),
+    (
+        "tambo/smtpOut/connections",
+        Kind::Counter,
+        "outgoing SMTP and LMTP connections opened",
+    ),
+    (
+        "tambo/smtpOut/reused",
+        Kind::Counter,
+        "outgoing deliveries that reused an open connection",
+    ),
 ];
 
 /// Most distinct (variable, label) pairs kept while monitord is away.
@@ -339,6 +369,11 @@ pub fn global() -> &'static Metrics {
 /// Adds one to a plain counter.
 pub fn inc(var: &str) {
     global().add(var, None, 1);
+}
+
+/// Adds `n` to a map variable's label.
+pub fn add_label(var: &str, label: &str, n: u64) {
+    global().add(var, Some(label), n);
 }
 
 /// Adds one to a map variable's label.

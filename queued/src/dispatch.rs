@@ -24,7 +24,7 @@ use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use tambo_common::loglimit::{LogLimiter, skipped};
-use tambo_proto::deliver::{FromDeliverd, Job, Outcome, ToDeliverd};
+use tambo_proto::deliver::{FromDeliverd, Job, Outcome, SecLevel, ToDeliverd};
 use tambo_proto::frame::{FrameReader, MAX_SMALL_FRAME, encode};
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
@@ -52,7 +52,33 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct PendingJob {
     pub job: Job,
     pub body: PathBuf,
-    pub reply: oneshot::Sender<Outcome>,
+    pub reply: oneshot::Sender<JobResult>,
+}
+
+/// What came of a job: one outcome per recipient, in the job's order, and
+/// the security level deliverd saw (remote jobs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobResult {
+    pub outcomes: Vec<Outcome>,
+    pub seen: Option<SecLevel>,
+}
+
+impl JobResult {
+    /// The same temporary failure for each of `n` recipients.
+    pub fn temp_fail(n: usize, text: &str) -> Self {
+        Self {
+            outcomes: vec![Outcome::TempFail(text.to_string()); n],
+            seen: None,
+        }
+    }
+
+    /// The same permanent failure for each of `n` recipients.
+    pub fn perm_fail(n: usize, text: &str) -> Self {
+        Self {
+            outcomes: vec![Outcome::PermFail(text.to_string()); n],
+            seen: None,
+        }
+    }
 }
 
 pub struct Dispatcher {
@@ -82,11 +108,12 @@ impl Dispatcher {
         }
     }
 
-    /// Queues a job; the receiver gets its outcome once deliverd reports.
-    pub fn submit(&self, job: Job, body: PathBuf) -> oneshot::Receiver<Outcome> {
+    /// Queues a job; the receiver gets its result once deliverd reports.
+    pub fn submit(&self, job: Job, body: PathBuf) -> oneshot::Receiver<JobResult> {
         let (reply, rx) = oneshot::channel();
         if let Err(mpsc::error::SendError(p)) = self.tx.send(PendingJob { job, body, reply }) {
-            let _ = p.reply.send(Outcome::TempFail("dispatcher closed".into()));
+            let n = p.job.to.len();
+            let _ = p.reply.send(JobResult::temp_fail(n, "dispatcher closed"));
         }
         rx
     }
@@ -95,7 +122,10 @@ impl Dispatcher {
 /// A job handed to deliverd: where its result goes, and the timer of its
 /// deadline (stopped when the result arrives, so timers never pile up).
 struct InFlight {
-    reply: oneshot::Sender<Outcome>,
+    reply: oneshot::Sender<JobResult>,
+    /// How many recipients the job has: the result must have as many
+    /// outcomes.
+    recipients: usize,
     deadline: Option<tokio::task::AbortHandle>,
 }
 
@@ -122,14 +152,33 @@ impl Conn {
     }
 
     /// A result arrived: deliver it, and free the slot. Err if the job was
-    /// never handed out.
-    fn finish(&self, job: u64, outcome: Outcome) -> Result<(), Error> {
+    /// never handed out, or the result does not have one outcome per
+    /// recipient (the job then fails temporarily).
+    fn finish(
+        &self,
+        job: u64,
+        outcomes: Vec<Outcome>,
+        seen: Option<SecLevel>,
+    ) -> Result<(), Error> {
         let mut jobs = self.jobs();
         if let Some(f) = jobs.in_flight.remove(&job) {
             if let Some(t) = f.deadline {
                 t.abort();
             }
-            let _ = f.reply.send(clean(outcome));
+            if outcomes.len() != f.recipients {
+                let _ = f.reply.send(JobResult::temp_fail(
+                    f.recipients,
+                    "deliverd reported a result of the wrong shape",
+                ));
+                self.free.add_permits(1);
+                return Err(Error::Unexpected(
+                    "a result with the wrong number of outcomes",
+                ));
+            }
+            let _ = f.reply.send(JobResult {
+                outcomes: outcomes.into_iter().map(clean).collect(),
+                seen,
+            });
         } else if jobs.expired.remove(&job) {
             tracing::warn!(
                 "deliver.sock: late result for job {job} ignored (already failed at its deadline)"
@@ -151,10 +200,13 @@ impl Conn {
         tracing::warn!(
             "deliver.sock: no result for job {job} within {deadline:?}; it will be retried"
         );
-        let _ = f.reply.send(Outcome::TempFail(format!(
-            "deliverd did not report a result within {}s",
-            deadline.as_secs()
-        )));
+        let _ = f.reply.send(JobResult::temp_fail(
+            f.recipients,
+            &format!(
+                "deliverd did not report a result within {}s",
+                deadline.as_secs()
+            ),
+        ));
         jobs.expired.insert(job);
         if jobs.expired.len() >= self.slots {
             self.close.notify_one();
@@ -262,9 +314,10 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(id = %pending.job.queue_id, "cannot open the message body {}: {e}", pending.body.display());
-                let _ = pending.reply.send(Outcome::TempFail(format!(
-                    "queue could not open the message: {e}"
-                )));
+                let _ = pending.reply.send(JobResult::temp_fail(
+                    pending.job.to.len(),
+                    &format!("queue could not open the message: {e}"),
+                ));
                 continue;
             }
         };
@@ -275,15 +328,17 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
             Ok(b) if b.len() - 4 <= MAX_SMALL_FRAME => b,
             Ok(b) => {
                 tracing::error!(id = %pending.job.queue_id, "a delivery job of {} bytes is over the {MAX_SMALL_FRAME}-byte limit", b.len());
-                let _ = pending.reply.send(Outcome::PermFail(
-                    "the recipient (a pipe command or forward list) is too long to deliver".into(),
+                let _ = pending.reply.send(JobResult::perm_fail(
+                    pending.job.to.len(),
+                    "the recipient (a pipe command or forward list) is too long to deliver",
                 ));
                 continue;
             }
             Err(e) => {
-                let _ = pending
-                    .reply
-                    .send(Outcome::PermFail(format!("job cannot be encoded: {e}")));
+                let _ = pending.reply.send(JobResult::perm_fail(
+                    pending.job.to.len(),
+                    &format!("job cannot be encoded: {e}"),
+                ));
                 continue;
             }
         };
@@ -291,6 +346,7 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
             next_job,
             InFlight {
                 reply: pending.reply,
+                recipients: pending.job.to.len(),
                 deadline: None,
             },
         );
@@ -302,9 +358,10 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
         if !matches!(sent, Ok(Ok(()))) {
             tracing::warn!("deliver.sock: sending a job failed or timed out; closing");
             if let Some(f) = conn.jobs().in_flight.remove(&next_job) {
-                let _ = f
-                    .reply
-                    .send(Outcome::TempFail("connection to deliverd lost".into()));
+                let _ = f.reply.send(JobResult::temp_fail(
+                    f.recipients,
+                    "connection to deliverd lost",
+                ));
             }
             break;
         }
@@ -335,8 +392,9 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
         );
     }
     for (_, f) in lost {
-        let _ = f.reply.send(Outcome::TempFail(
-            "connection to deliverd lost during delivery".into(),
+        let _ = f.reply.send(JobResult::temp_fail(
+            f.recipients,
+            "connection to deliverd lost during delivery",
         ));
     }
     tracing::info!("deliver.sock: deliverd disconnected");
@@ -349,7 +407,11 @@ async fn read_results(mut reader: FrameReader<OwnedReadHalf>, conn: Arc<Conn>, i
             Ok(r) => r,
         };
         let result = match msg {
-            Ok(Some(FromDeliverd::Done { job, outcome })) => conn.finish(job, outcome),
+            Ok(Some(FromDeliverd::Done {
+                job,
+                outcomes,
+                seen,
+            })) => conn.finish(job, outcomes, seen),
             Ok(Some(FromDeliverd::Heartbeat)) => Ok(()),
             Ok(Some(FromDeliverd::Ready { .. })) => Err(Error::Unexpected("Ready")),
             Ok(None) => return,
@@ -397,6 +459,7 @@ mod tests {
             1,
             InFlight {
                 reply: tx,
+                recipients: 1,
                 deadline: Some(timer.abort_handle()),
             },
         );
@@ -405,7 +468,7 @@ mod tests {
             2,
             "the timer holds the connection"
         );
-        conn.finish(1, Outcome::Delivered).unwrap();
+        conn.finish(1, vec![Outcome::Delivered], None).unwrap();
         assert!(timer.await.unwrap_err().is_cancelled());
         assert_eq!(Arc::strong_count(&conn), 1, "and lets it go");
     }
@@ -420,6 +483,7 @@ mod tests {
         };
         let job = |reply| InFlight {
             reply,
+            recipients: 1,
             deadline: None,
         };
         let (tx1, rx1) = oneshot::channel();
@@ -427,12 +491,15 @@ mod tests {
         conn.jobs().in_flight.insert(1, job(tx1));
         conn.jobs().in_flight.insert(2, job(tx2));
         conn.expire(1, Duration::from_secs(1));
-        assert!(matches!(rx1.await.unwrap(), Outcome::TempFail(_)));
+        assert!(matches!(
+            rx1.await.unwrap().outcomes[..],
+            [Outcome::TempFail(_)]
+        ));
         // The late result is not an error, and frees the slot.
-        conn.finish(1, Outcome::Delivered).unwrap();
+        conn.finish(1, vec![Outcome::Delivered], None).unwrap();
         assert_eq!(conn.free.available_permits(), 1);
         // A result for a job never handed out is.
-        assert!(conn.finish(99, Outcome::Delivered).is_err());
+        assert!(conn.finish(99, vec![Outcome::Delivered], None).is_err());
         // Both slots expired: the connection is told to close.
         let (tx3, _rx3) = oneshot::channel();
         conn.jobs().in_flight.insert(3, job(tx3));

@@ -11,6 +11,7 @@ mod auth;
 mod certs;
 mod dirsync;
 mod dispatch;
+mod domaininfo;
 mod dovecot;
 mod dsn;
 mod handshake;
@@ -124,12 +125,21 @@ fn main() -> ExitCode {
         None,
         loaded.unreadable.len() as u64,
     );
+    let domaininfo = match domaininfo::DomainInfo::load(&cfg.domaininfo_dir()) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            return daemon::startup_failed(format!(
+                "cannot read the domaininfo directory {}: {e}",
+                cfg.domaininfo_dir().display()
+            ));
+        }
+    };
     let rt = match daemon::runtime(None) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     rt.block_on(async move {
-        let queue = Arc::new(queue::Queue::new(cfg.clone(), domains, spool));
+        let queue = Arc::new(queue::Queue::new(cfg.clone(), domains, spool, domaininfo));
         let certs_state = certs::files_state(&cfg.config_dir);
         daemon::push_metrics(Role::Queued, &flags, &cfg, &ids);
         let (submit, deliver) = match (daemon::tokio_unix(submit), daemon::tokio_unix(deliver)) {
@@ -197,6 +207,10 @@ fn main() -> ExitCode {
             // Reading the files blocks: off the runtime's threads.
             tokio::task::spawn_blocking(move || {
                 let mut last = r.lock().unwrap_or_else(|e| e.into_inner());
+                match q.domaininfo.reload() {
+                    Ok(n) => tracing::info!("SIGHUP: domaininfo re-read ({n} domains)"),
+                    Err(e) => tracing::error!("SIGHUP: cannot re-read domaininfo, keeping what is in memory: {e}"),
+                }
                 match Domains::load(&c) {
                     Ok(d) => {
                         q.set_domains(d);

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinSet;
 
+use tambo_common::address;
 use tambo_common::config::Config;
 use tambo_common::domains::Domains;
 use tambo_common::duration;
@@ -19,7 +20,8 @@ use tambo_proto::deliver::{Job, Outcome, Target};
 use tambo_proto::metrics::{self, names};
 
 use crate::dirsync::DirSync;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, JobResult};
+use crate::domaininfo::{Direction, DomainInfo};
 use crate::dovecot::{self, Dovecot};
 use crate::dsn;
 use crate::item::{self, FORMAT_VERSION, Item, Kind, Status};
@@ -44,6 +46,8 @@ pub struct Queue {
     /// The fallback for users the files do not have (`dovecot_auth`),
     /// shared by AUTH, RCPT, resolution and the delivery-time user check.
     pub dovecot: Option<Arc<Dovecot>>,
+    /// Per-domain security levels (REFERENCE §4.6).
+    pub domaininfo: Arc<DomainInfo>,
 }
 
 /// Most Dovecot lookups one put may make while resolving its recipients
@@ -91,7 +95,12 @@ pub enum PutError {
 
 impl Queue {
     /// Must be called inside the runtime (it starts the directory syncer).
-    pub fn new(cfg: Arc<Config>, domains: Domains, spool: Spool) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        domains: Domains,
+        spool: Spool,
+        domaininfo: Arc<DomainInfo>,
+    ) -> Self {
         let mut schedule = Schedule::default();
         if let Some(d) = cfg.testing.retry_delays {
             schedule.delays = d;
@@ -112,6 +121,7 @@ impl Queue {
             schedule,
             in_flight: AtomicU64::new(0),
             dovecot: Dovecot::from_config(&cfg).map(Arc::new),
+            domaininfo,
             cfg,
         }
     }
@@ -349,7 +359,9 @@ impl Queue {
     }
 
     /// Tries every pending recipient once, in parallel up to deliverd's
-    /// slots; rewrites the item after each attempt.
+    /// slots; rewrites the item after each attempt. Recipients that go
+    /// the same way (one remote domain or `via` list, with the same
+    /// envelope sender) share one job, so one SMTP transaction.
     async fn round(&self, item: &mut Item) {
         let body = self.spool.body_path(&item.id);
         let domains = self.domains();
@@ -357,7 +369,8 @@ impl Queue {
             cfg: &self.cfg,
             domains: &domains,
         };
-        let mut attempts = JoinSet::new();
+        let mut attempts: JoinSet<(Vec<usize>, JobResult)> = JoinSet::new();
+        let mut groups: HashMap<(Target, String, String), Vec<usize>> = HashMap::new();
         for (idx, r) in item.pending() {
             // A local address that is no user (unknown after alias
             // resolution, or in a domain with no users, like `localhost`)
@@ -369,7 +382,7 @@ impl Queue {
                     Lookup::Yes => None,
                     Lookup::No => {
                         let text = no_such_user();
-                        attempts.spawn(async move { (idx, Outcome::PermFail(text)) });
+                        attempts.spawn(async move { (vec![idx], JobResult::perm_fail(1, &text)) });
                         continue;
                     }
                     Lookup::AskDovecot(id) => Some(id),
@@ -383,67 +396,102 @@ impl Queue {
                 Kind::Pipe => Target::Pipe(r.address.clone()),
                 Kind::Forward { via } => Target::Forward(via.clone()),
             };
-            let job = Job {
-                job: 0,
-                queue_id: item.id.clone(),
-                from: item.from.clone(),
-                to: r.address.clone(),
-                target,
-            };
+            let from = envelope_sender(&item.from, r, &domains);
             if let Some(dovecot_id) = ask {
                 // Asked here, in the attempt's own task, so a slow Dovecot
                 // delays this recipient only.
+                let job = self.job(item, from, vec![r.address.clone()], target);
                 let (dovecot, dispatcher, body) =
                     (self.dovecot.clone(), self.dispatcher.clone(), body.clone());
                 let (text, qid) = (no_such_user(), item.id.clone());
                 attempts.spawn(async move {
-                    let outcome = match dovecot_knows(dovecot.as_deref(), &dovecot_id).await {
-                        Ok(true) => dispatcher.submit(job, body).await.unwrap_or_else(|_| {
-                            Outcome::TempFail("delivery was abandoned".into())
-                        }),
-                        Ok(false) => Outcome::PermFail(text),
+                    let result = match dovecot_knows(dovecot.as_deref(), &dovecot_id).await {
+                        Ok(true) => dispatcher
+                            .submit(job, body)
+                            .await
+                            .unwrap_or_else(|_| JobResult::temp_fail(1, "delivery was abandoned")),
+                        Ok(false) => JobResult::perm_fail(1, &text),
                         Err(e) => {
                             tracing::warn!(id = %qid, "cannot ask Dovecot whether {dovecot_id} is a user: {e}");
                             // No path or socket detail: this text can end
                             // up in a DSN to an outside sender.
-                            Outcome::TempFail(
-                                "451 4.4.3 temporary error checking the recipient".into(),
+                            JobResult::temp_fail(
+                                1,
+                                "451 4.4.3 temporary error checking the recipient",
                             )
                         }
                     };
-                    (idx, outcome)
+                    (vec![idx], result)
                 });
                 continue;
             }
+            let shared = match &target {
+                Target::Remote | Target::Forward(_) => true,
+                // LMTP takes every local recipient in one transaction.
+                Target::Local => self.cfg.tambo.lmtp_address.is_some(),
+                Target::Pipe(_) => false,
+            };
+            if shared {
+                let domain = address::split(&r.address).1.to_lowercase();
+                groups.entry((target, from, domain)).or_default().push(idx);
+            } else {
+                let job = self.job(item, from, vec![r.address.clone()], target);
+                let rx = self.dispatcher.submit(job, body.clone());
+                attempts.spawn(async move {
+                    let result = rx
+                        .await
+                        .unwrap_or_else(|_| JobResult::temp_fail(1, "delivery was abandoned"));
+                    (vec![idx], result)
+                });
+            }
+        }
+        for ((target, from, domain), idxs) in groups {
+            let to = idxs
+                .iter()
+                .map(|&i| item.recipients[i].address.clone())
+                .collect();
+            let mut job = self.job(item, from, to, target);
+            if matches!(job.target, Target::Remote | Target::Forward(_)) {
+                let recorded = self.domaininfo.get(&domain).outgoing;
+                job.security = Some((domain.clone(), recorded));
+            }
             let rx = self.dispatcher.submit(job, body.clone());
+            let (n, domaininfo) = (idxs.len(), self.domaininfo.clone());
             attempts.spawn(async move {
-                (
-                    idx,
-                    rx.await
-                        .unwrap_or_else(|_| Outcome::TempFail("delivery was abandoned".into())),
-                )
+                let result = rx
+                    .await
+                    .unwrap_or_else(|_| JobResult::temp_fail(n, "delivery was abandoned"));
+                if let Some(seen) = result.seen {
+                    // deliverd held the connection to the record it was
+                    // given; this records a raise (a lower level means the
+                    // record rose meanwhile, and changes nothing).
+                    domaininfo.check(&domain, Direction::Outgoing, seen);
+                }
+                (idxs, result)
             });
         }
         while let Some(res) = attempts.join_next().await {
-            let Ok((idx, outcome)) = res else { continue };
-            let Some(r) = item.recipients.get_mut(idx) else {
-                continue;
-            };
-            match outcome {
-                Outcome::Delivered => {
-                    r.status = Status::Sent;
-                    tracing::info!(id = %item.id, "{} from=<{}> to=<{}> sent", item.id, item.from, r.address);
-                }
-                Outcome::TempFail(text) => {
-                    tracing::info!(id = %item.id, "{} from=<{}> to=<{}> failed (temporary): {text}", item.id, item.from, r.address);
-                    r.last_failure = text;
-                    r.permanent = false;
-                }
-                Outcome::PermFail(text) => {
-                    tracing::info!(id = %item.id, "{} from=<{}> to=<{}> failed (permanent): {text}", item.id, item.from, r.address);
-                    r.status = Status::Failed;
-                    r.last_failure = text;
-                    r.permanent = true;
+            let Ok((idxs, result)) = res else { continue };
+            for (idx, outcome) in idxs.into_iter().zip(result.outcomes) {
+                let Some(r) = item.recipients.get_mut(idx) else {
+                    continue;
+                };
+                match outcome {
+                    Outcome::Delivered => {
+                        r.status = Status::Sent;
+                        tracing::info!(id = %item.id, "{} from=<{}> to=<{}> sent", item.id, item.from, r.address);
+                    }
+                    Outcome::TempFail(text) => {
+                        tracing::info!(id = %item.id, "{} from=<{}> to=<{}> failed (temporary): {text}", item.id, item.from, r.address);
+                        r.last_failure = text;
+                        r.permanent = false;
+                    }
+                    Outcome::PermFail(text) => {
+                        tracing::info!(id = %item.id, "{} from=<{}> to=<{}> failed (permanent): {text}", item.id, item.from, r.address);
+                        r.status = Status::Failed;
+                        r.last_failure = text;
+                        r.permanent = true;
+                    }
                 }
             }
             // An item with nothing pending is about to be finished and
@@ -453,6 +501,17 @@ impl Queue {
             if item.pending().next().is_some() {
                 self.rewrite(item).await;
             }
+        }
+    }
+
+    fn job(&self, item: &Item, from: String, to: Vec<String>, target: Target) -> Job {
+        Job {
+            job: 0,
+            queue_id: item.id.clone(),
+            from,
+            to,
+            target,
+            security: None,
         }
     }
 
@@ -599,4 +658,30 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The envelope sender for one recipient (REFERENCE §4.8): send-only SRS
+/// when mail from another domain leaves again because a local alias sent
+/// it on (`list+fwd_from=ann=elsewhere.example@example.org`), so the next
+/// hop's SPF check sees our domain; unchanged otherwise. The null sender
+/// is never rewritten.
+pub fn envelope_sender(from: &str, r: &item::Recipient, domains: &Domains) -> String {
+    let leaves = match r.kind {
+        Kind::Forward { .. } => true,
+        Kind::Email => !r.local,
+        Kind::Pipe => false,
+    };
+    if from.is_empty() || !leaves || domains.is_local(&address::split(from).1.to_lowercase()) {
+        return from.to_string();
+    }
+    let (user, domain) = match r.original_address.rsplit_once('@') {
+        Some((u, d)) => (u, d),
+        None => return from.to_string(),
+    };
+    if !domains.is_local(&domain.to_lowercase()) {
+        // An authenticated user relaying directly keeps their sender.
+        return from.to_string();
+    }
+    let ascii = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_string());
+    format!("{user}+fwd_from={}@{ascii}", from.replacen('@', "=", 1))
 }

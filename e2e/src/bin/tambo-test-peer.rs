@@ -162,8 +162,9 @@ async fn serve(socket: &Path, me: Role, marker: &Path) {
             job: 1,
             queue_id: "pwned".into(),
             from: String::new(),
-            to: "x@example.test".into(),
+            to: vec!["x@example.test".into()],
             target: Target::Pipe(format!("/usr/bin/touch {}", marker.display())),
+            security: None,
         });
         if let Ok(bytes) = encode(&job) {
             let _ = tambo_proto::fd::send_with_fd(&s, &bytes, job_body.as_fd()).await;

@@ -1,0 +1,37 @@
+//! The one DNS resolver of deliverd (MX, A/AAAA, MTA-STS TXT).
+//!
+//! It reads /etc/resolv.conf, as every resolver on the machine does; tests
+//! (and only tests) replace every server with one of their own through
+//! `[testing] dns_server`, so no test ever asks the real DNS.
+
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::{Resolver, TokioResolver};
+
+use tambo_common::config::Config;
+
+/// Builds the resolver from the config; an error names what is wrong
+/// (an unreadable resolv.conf, say).
+pub fn resolver(cfg: &Config) -> Result<TokioResolver, String> {
+    let builder = match cfg.testing.dns_server {
+        Some(addr) => {
+            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+            for c in &mut ns.connections {
+                c.port = addr.port();
+            }
+            let mut b = Resolver::builder_with_config(
+                ResolverConfig::from_name_servers(vec![ns]),
+                TokioRuntimeProvider::default(),
+            );
+            // The test's server is the only truth: /etc/hosts must not
+            // answer for names the test serves.
+            b.options_mut().use_hosts_file = ResolveHosts::Never;
+            b
+        }
+        None => Resolver::builder_tokio()
+            .map_err(|e| format!("cannot read the system's DNS configuration: {e}"))?,
+    };
+    builder
+        .build()
+        .map_err(|e| format!("cannot set up the DNS resolver: {e}"))
+}
