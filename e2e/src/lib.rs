@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// The password hash of every test user.
+pub const TEST_HASH: &str =
+    "$scrypt$ln=14,r=8,p=1$c2FsdHNhbHRzYWx0$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4";
+
 /// How long any condition may take before a test fails.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -292,8 +296,7 @@ impl Tambo {
         let domain = t.config_dir.join("domains").join(DOMAIN);
         std::fs::create_dir_all(&domain).unwrap();
         std::fs::create_dir_all(&t.log_dir).unwrap();
-        let hash =
-            "$scrypt$ln=14,r=8,p=1$c2FsdHNhbHRzYWx0$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4";
+        let hash = TEST_HASH;
         std::fs::write(domain.join("users"), format!("ann {hash}\nbob {hash}\n")).unwrap();
         std::fs::write(domain.join("aliases"), "postmaster: ann\nteam: ann, bob\n").unwrap();
         write_cert(&t.config_dir, "mx", &["mx.example.test"]);
@@ -513,9 +516,35 @@ runtime_dir = \"{run}\"
         })
     }
 
+    /// Adds a local domain with `users` (password "secret"), before start.
+    pub fn add_domain(&self, domain: &str, users: &[&str]) {
+        let dir = self.config_dir.join("domains").join(domain);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines: String = users.iter().map(|u| format!("{u} {TEST_HASH}\n")).collect();
+        std::fs::write(dir.join("users"), lines).unwrap();
+    }
+
+    /// Replaces `hostname` in tambo.conf (a second instance in one test
+    /// needs a name of its own), before start.
+    pub fn set_hostname(&self, hostname: &str) {
+        let path = self.config_dir.join("tambo.conf");
+        let conf = std::fs::read_to_string(&path).unwrap();
+        let conf = conf.replacen(
+            "hostname = \"mx.example.test\"",
+            &format!("hostname = \"{hostname}\""),
+            1,
+        );
+        std::fs::write(path, conf).unwrap();
+    }
+
     /// Messages in a user's Maildir `new/`, oldest first.
     pub fn maildir(&self, user: &str) -> Vec<Vec<u8>> {
-        let dir = self.mail_dir.join(DOMAIN).join(user).join("new");
+        self.maildir_in(DOMAIN, user)
+    }
+
+    /// Messages in the Maildir `new/` of `user@domain`, oldest first.
+    pub fn maildir_in(&self, domain: &str, user: &str) -> Vec<Vec<u8>> {
+        let dir = self.mail_dir.join(domain).join(user).join("new");
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
             Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
             Err(_) => return Vec::new(),
@@ -525,8 +554,12 @@ runtime_dir = \"{run}\"
     }
 
     pub fn wait_maildir(&self, user: &str, count: usize) -> Vec<Vec<u8>> {
-        wait_for(&format!("{count} message(s) for {user}"), || {
-            let m = self.maildir(user);
+        self.wait_maildir_in(DOMAIN, user, count)
+    }
+
+    pub fn wait_maildir_in(&self, domain: &str, user: &str, count: usize) -> Vec<Vec<u8>> {
+        wait_for(&format!("{count} message(s) for {user}@{domain}"), || {
+            let m = self.maildir_in(domain, user);
             (m.len() >= count).then_some(m)
         })
     }

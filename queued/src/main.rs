@@ -11,6 +11,7 @@ mod auth;
 mod certs;
 mod dirsync;
 mod dispatch;
+mod dkim;
 mod domaininfo;
 mod dovecot;
 mod dsn;
@@ -22,7 +23,9 @@ mod pool;
 mod queue;
 mod retry;
 mod session;
+mod signing;
 mod spool;
+mod srs;
 mod submit;
 
 use std::process::ExitCode;
@@ -59,11 +62,17 @@ fn main() -> ExitCode {
         Ok(d) => d,
         Err(e) => return daemon::startup_failed(e),
     };
+    // The DKIM keys: read here, and nowhere else; a bad one stops startup.
+    let dkim = match dkim::DkimKeys::load(&cfg) {
+        Ok(k) => Arc::new(k),
+        Err(e) => return daemon::startup_failed(e),
+    };
     for (name, d) in domains.iter() {
         tracing::info!(
-            "domain {name}: {} users, {} aliases",
+            "domain {name}: {} users, {} aliases, {} DKIM keys",
             d.users.len(),
-            d.aliases.len()
+            d.aliases.len(),
+            dkim.count(name)
         );
     }
     // The TLS keys: read here, and nowhere else.
@@ -139,7 +148,13 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async move {
-        let queue = Arc::new(queue::Queue::new(cfg.clone(), domains, spool, domaininfo));
+        let queue = Arc::new(queue::Queue::new(
+            cfg.clone(),
+            domains,
+            spool,
+            domaininfo,
+            dkim,
+        ));
         let certs_state = certs::files_state(&cfg.config_dir);
         daemon::push_metrics(Role::Queued, &flags, &cfg, &ids);
         let (submit, deliver) = match (daemon::tokio_unix(submit), daemon::tokio_unix(deliver)) {

@@ -21,6 +21,7 @@ use tambo_proto::metrics::{self, names};
 
 use crate::dirsync::DirSync;
 use crate::dispatch::{Dispatcher, JobResult};
+use crate::dkim::DkimKeys;
 use crate::domaininfo::{Direction, DomainInfo};
 use crate::dovecot::{self, Dovecot};
 use crate::dsn;
@@ -28,6 +29,7 @@ use crate::item::{self, FORMAT_VERSION, Item, Kind, Status};
 use crate::policy::{Lookup, Policy, Unresolved};
 use crate::retry::Schedule;
 use crate::spool::Spool;
+use crate::srs;
 
 pub struct Queue {
     pub cfg: Arc<Config>,
@@ -48,6 +50,8 @@ pub struct Queue {
     pub dovecot: Option<Arc<Dovecot>>,
     /// Per-domain security levels (REFERENCE §4.6).
     pub domaininfo: Arc<DomainInfo>,
+    /// DKIM keys by domain (REFERENCE §4.9).
+    pub dkim: Arc<DkimKeys>,
 }
 
 /// Most Dovecot lookups one put may make while resolving its recipients
@@ -100,6 +104,7 @@ impl Queue {
         domains: Domains,
         spool: Spool,
         domaininfo: Arc<DomainInfo>,
+        dkim: Arc<DkimKeys>,
     ) -> Self {
         let mut schedule = Schedule::default();
         if let Some(d) = cfg.testing.retry_delays {
@@ -122,6 +127,7 @@ impl Queue {
             in_flight: AtomicU64::new(0),
             dovecot: Dovecot::from_config(&cfg).map(Arc::new),
             domaininfo,
+            dkim,
             cfg,
         }
     }
@@ -396,7 +402,7 @@ impl Queue {
                 Kind::Pipe => Target::Pipe(r.address.clone()),
                 Kind::Forward { via } => Target::Forward(via.clone()),
             };
-            let from = envelope_sender(&item.from, r, &domains);
+            let from = srs::envelope_sender(&item.from, r, &domains);
             if let Some(dovecot_id) = ask {
                 // Asked here, in the attempt's own task, so a slow Dovecot
                 // delays this recipient only.
@@ -606,7 +612,7 @@ impl Queue {
         let date = chrono::Local::now()
             .format("%a, %d %b %Y %H:%M:%S %z")
             .to_string();
-        let (id2, item2) = (dsn_id.clone(), item.clone());
+        let (id2, item2, dkim) = (dsn_id.clone(), item.clone(), self.dkim.clone());
         let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let original = match spool.open_body(&item2.id) {
                 Ok(f) => dsn::read_original(f)?,
@@ -620,7 +626,15 @@ impl Queue {
                 original: &original,
                 date: &date,
             });
+            // Signed with our domain's keys, if it has any (REFERENCE
+            // §3.4); an unsigned DSN is still better than none.
+            let signatures = dkim.sign(&our_domain, &msg).unwrap_or_else(|e| {
+                metrics::inc(names::SMTP_IN_DKIM_SIGN_ERRORS);
+                tracing::error!(id = %item2.id, "DSN not DKIM-signed: {e}");
+                Vec::new()
+            });
             let mut w = spool.create_body(&id2)?;
+            w.write(&signatures)?;
             w.write(&msg)?;
             w.finish()
         })
@@ -658,30 +672,4 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// The envelope sender for one recipient (REFERENCE §4.8): send-only SRS
-/// when mail from another domain leaves again because a local alias sent
-/// it on (`list+fwd_from=ann=elsewhere.example@example.org`), so the next
-/// hop's SPF check sees our domain; unchanged otherwise. The null sender
-/// is never rewritten.
-pub fn envelope_sender(from: &str, r: &item::Recipient, domains: &Domains) -> String {
-    let leaves = match r.kind {
-        Kind::Forward { .. } => true,
-        Kind::Email => !r.local,
-        Kind::Pipe => false,
-    };
-    if from.is_empty() || !leaves || domains.is_local(&address::split(from).1.to_lowercase()) {
-        return from.to_string();
-    }
-    let (user, domain) = match r.original_address.rsplit_once('@') {
-        Some((u, d)) => (u, d),
-        None => return from.to_string(),
-    };
-    if !domains.is_local(&domain.to_lowercase()) {
-        // An authenticated user relaying directly keeps their sender.
-        return from.to_string();
-    }
-    let ascii = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_string());
-    format!("{user}+fwd_from={}@{ascii}", from.replacen('@', "=", 1))
 }

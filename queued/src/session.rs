@@ -10,11 +10,13 @@ use std::sync::Arc;
 
 use tambo_common::address;
 use tambo_proto::Error;
+use tambo_proto::metrics::{self, names};
 use tambo_proto::submit::{AuthVerdict, Mode, RcptVerdict, SubmitReply, SubmitRequest};
 
 use crate::auth;
 use crate::policy::{Authenticated, Policy, RcptCheck};
 use crate::queue::{PutError, Queue, dovecot_knows};
+use crate::signing;
 use crate::spool::BodyWriter;
 
 /// Most recipients per transaction, enforced again after smtpd.
@@ -314,6 +316,14 @@ impl Session {
                 reason: format!("queue write failed: {e}"),
             });
         }
+        // Authenticated mail is signed with its sender domain's keys before
+        // it becomes an item (REFERENCE §2.8 step 3): a failure is a 451.
+        if self.auth.is_some()
+            && let Err(reason) = self.sign(&id, &from).await
+        {
+            self.queue.release_id(&id);
+            return Ok(SubmitReply::Failed { reason });
+        }
         let client = self.client.clone().unwrap_or_default();
         match self.queue.put(id.clone(), from, rcpts, client, false).await {
             Ok(()) => Ok(SubmitReply::Queued { id }),
@@ -325,6 +335,39 @@ impl Session {
                 Ok(SubmitReply::Failed {
                     reason: e.to_string(),
                 })
+            }
+        }
+    }
+
+    /// DKIM-signs the spooled body `id` with every key of the domain of
+    /// `from` (none: nothing to do).
+    async fn sign(&self, id: &str, from: &str) -> Result<(), String> {
+        let Ok(domain) = address::normalize_domain(address::split(from).1) else {
+            return Ok(());
+        };
+        if self.queue.dkim.count(&domain) == 0 {
+            return Ok(());
+        }
+        let (spool, keys, id2, d) = (
+            self.queue.spool.clone(),
+            self.queue.dkim.clone(),
+            id.to_string(),
+            domain.clone(),
+        );
+        let signed =
+            tokio::task::spawn_blocking(move || signing::sign_spooled(&spool, &id2, &keys, &d))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        match signed {
+            Ok(_) => {
+                metrics::inc(names::SMTP_IN_DKIM_SIGNED);
+                Ok(())
+            }
+            Err(e) => {
+                metrics::inc(names::SMTP_IN_DKIM_SIGN_ERRORS);
+                tracing::error!(%id, "DKIM signing for {domain} failed: {e}");
+                Err(format!("DKIM signing failed: {e}"))
             }
         }
     }
