@@ -12,6 +12,14 @@ for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core; do
   tool=${pair%%:*}
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("${pair#*:}")
 done
+# Python modules for Debian's /usr/bin/python3 (`module:package`): aiosmtpd
+# runs e2e/support/mx.py, the independent SMTP/LMTP server remote delivery
+# is tested against; dkimpy checks tambo's DKIM signatures, with PyNaCl for
+# ed25519 (python3-dkim depends on it; named so the check sees it). A
+# directory test, so nothing starts when all are there.
+for pair in aiosmtpd:python3-aiosmtpd dkim:python3-dkim nacl:python3-nacl; do
+  [ -d "/usr/lib/python3/dist-packages/${pair%%:*}" ] || missing+=("${pair#*:}")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} for the end-to-end tests"

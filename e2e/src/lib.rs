@@ -4,6 +4,10 @@
 //! conditions instead of sleeping.
 #![forbid(unsafe_code)]
 
+pub mod ca;
+pub mod dns;
+pub mod https;
+pub mod pymx;
 pub mod tls;
 
 use std::collections::HashMap;
