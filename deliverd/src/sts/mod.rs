@@ -1,82 +1,387 @@
 //! MTA-STS (RFC 8461, REFERENCE §4.7): policy lookup, fetch, cache.
 //!
-//! STUB: the API remote delivery uses; being written (issue 7).
+//! # Layout
+//! - `policy`: parsing and checking a policy, matching MX hosts.
+//! - `fetch`: the `_mta-sts` TXT record and the HTTPS GET.
+//! - `cache`: cache entries and their files in `sts-cache/`.
+//! - `counters`: the `chasquid/sts/cache/*` variables.
+//! - here: [`Sts`], which ties them together: lookups during delivery,
+//!   the periodic refresh.
+//!
+//! # Rules (RFC 8461 §3.3, §5)
+//! - A cached policy is used until `max_age` after its fetch; then it is
+//!   fetched again.
+//! - A failed fetch means no policy (fail open), except that an unexpired
+//!   cached policy stays in force: a network attacker who blocks the
+//!   fetch must not switch a known policy off.
+//! - Concurrent lookups of one domain share one fetch, so a burst of mail
+//!   to a domain costs one GET (and a broken domain one timeout).
+//! - Every `period`, every cached policy is fetched again (expired ones
+//!   too); one that has expired and cannot be renewed is dropped, so the
+//!   cache does not grow with every domain ever written to.
+//! - Policies are parsed by RFC 8461's grammar, strictly. One departure
+//!   from REFERENCE §4.7's "≥ 1 mx": as the RFC's grammar allows, a
+//!   `mode: none` policy needs none, since that is how a domain withdraws
+//!   its policy.
 
+mod cache;
+mod counters;
+mod fetch;
+mod policy;
+
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use hickory_resolver::TokioResolver;
 use rustls::RootCertStore;
+use tokio::sync::OnceCell;
 
-/// A policy's mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Enforce,
-    Testing,
-    None,
+use cache::Entry;
+use counters::{Counter, Stats};
+use fetch::{FetchError, Fetcher, Https};
+// Remote delivery (issue 7) names `Mode`; the allow goes when it lands.
+#[allow(unused_imports)]
+pub use policy::{Mode, Policy};
+
+/// The most a lookup during delivery waits for a fetch (REFERENCE §4.7).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The most one refresh fetch takes (REFERENCE §4.7).
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// At most one warning per domain this often: mail to a domain with a
+/// broken policy host must not flood the log.
+const LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The most domains remembered for [`LOG_INTERVAL`]; beyond, further
+/// warnings are dropped until old ones age out (the counters still count).
+const LOG_DOMAINS: usize = 4096;
+
+/// The MTA-STS policy cache of deliverd.
+pub struct Sts {
+    shared: Arc<Shared>,
+    fetcher: Fetcher,
+    clock: Clock,
+    /// One cell per domain being fetched by a lookup: later lookups of the
+    /// domain wait for its outcome instead of fetching too.
+    inflight: Mutex<HashMap<String, Arc<OnceCell<Outcome>>>>,
+    lookup_timeout: Duration,
+    refresh_timeout: Duration,
+    warned: Mutex<HashMap<String, Instant>>,
 }
 
-impl Mode {
-    /// The label of `chasquid/smtpOut/sts/mode`.
-    pub fn name(self) -> &'static str {
+/// What the blocking file writes need (they run on tokio's blocking
+/// threads, so they hold their own reference).
+struct Shared {
+    dir: PathBuf,
+    /// Lookups, refreshes and file writes take it briefly; it is never
+    /// held across an await or a file operation.
+    entries: Mutex<HashMap<String, Entry>>,
+    /// Serializes file writes, each of which writes whatever is in
+    /// `entries` when it runs: the file ends up matching memory, whatever
+    /// order concurrent fetches and refreshes finish in.
+    disk: Mutex<()>,
+    stats: Stats,
+}
+
+/// The outcome of one fetch for a lookup, shared with those that waited.
+#[derive(Debug, Clone)]
+struct Outcome {
+    policy: Option<Arc<Policy>>,
+    failed: bool,
+}
+
+/// Wall-clock time: expiry must survive a restart, so it is not an
+/// `Instant`. Tests turn it by hand.
+enum Clock {
+    System,
+    #[cfg(test)]
+    Manual(Arc<Mutex<SystemTime>>),
+}
+
+impl Clock {
+    fn now(&self) -> SystemTime {
         match self {
-            Mode::Enforce => "enforce",
-            Mode::Testing => "testing",
-            Mode::None => "none",
+            Clock::System => SystemTime::now(),
+            #[cfg(test)]
+            Clock::Manual(t) => *t.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 }
 
-/// A valid policy (REFERENCE §4.7).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
-    pub mode: Mode,
-    pub max_age: Duration,
-    /// The `mx` patterns, as given (`mx.example.com`, `*.example.net`).
-    pub mx: Vec<String>,
-}
-
-impl Policy {
-    /// Whether `mx_host` (an MX name from DNS) matches one of the
-    /// patterns: exactly (case-insensitive, trailing dot ignored, IDNA
-    /// applied), or `*.suffix` with exactly one more leftmost label.
-    pub fn matches(&self, _mx_host: &str) -> bool {
-        false
-    }
-}
-
-/// The MTA-STS policy cache of deliverd.
-pub struct Sts {
-    #[allow(dead_code)]
-    dir: PathBuf,
-}
-
 impl Sts {
+    /// The cache over `dir` (created 0700 if missing; the files in it are
+    /// read now), fetching with `resolver` and verifying the policy hosts
+    /// against `roots`, on `https_port` (443 but in tests).
     pub fn new(
         dir: PathBuf,
-        _resolver: TokioResolver,
-        _roots: Arc<RootCertStore>,
-        _https_port: u16,
+        resolver: TokioResolver,
+        roots: Arc<RootCertStore>,
+        https_port: u16,
     ) -> Self {
-        Self { dir }
+        let fetcher = Fetcher::Https(Box::new(Https::new(resolver, roots, https_port)));
+        Self::build(dir, fetcher, Clock::System)
+    }
+
+    fn build(dir: PathBuf, fetcher: Fetcher, clock: Clock) -> Self {
+        let stats = Stats::default();
+        let entries = cache::load_dir(&dir, clock.now(), &stats);
+        if !entries.is_empty() {
+            tracing::info!("MTA-STS cache: {} policies read", entries.len());
+        }
+        Self {
+            shared: Arc::new(Shared {
+                dir,
+                entries: Mutex::new(entries),
+                disk: Mutex::new(()),
+                stats,
+            }),
+            fetcher,
+            clock,
+            inflight: Mutex::new(HashMap::new()),
+            lookup_timeout: LOOKUP_TIMEOUT,
+            refresh_timeout: REFRESH_TIMEOUT,
+            warned: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The policy of `domain` (IDNA-ASCII, lower case): from the cache if
     /// fresh, else fetched (1 minute at most). None when the domain has no
     /// policy or it cannot be fetched (fail open).
-    pub async fn policy(&self, _domain: &str) -> Option<Arc<Policy>> {
-        None
+    // Remote delivery (issue 7) is the caller; the allow goes when it lands.
+    #[allow(dead_code)]
+    pub async fn policy(&self, domain: &str) -> Option<Arc<Policy>> {
+        self.count(Counter::Fetches);
+        let domain = self.key(domain)?;
+        match self.cached(&domain) {
+            Some(e) if e.is_fresh(self.clock.now()) => {
+                self.count(Counter::Hits);
+                return Some(e.policy);
+            }
+            Some(_) => self.count(Counter::Expired),
+            None => {}
+        }
+        self.fetch_shared(&domain).await
     }
 
     /// Fetches the policy again, bypassing the cache (RFC 8461 §5: before
-    /// giving up on a domain whose MX hosts all fail the policy).
-    pub async fn refetch(&self, _domain: &str) -> Option<Arc<Policy>> {
-        None
+    /// giving up on a domain whose MX hosts all fail the policy). If that
+    /// fails, an unexpired cached policy still applies.
+    // Remote delivery (issue 7) is the caller; the allow goes when it lands.
+    #[allow(dead_code)]
+    pub async fn refetch(&self, domain: &str) -> Option<Arc<Policy>> {
+        self.count(Counter::Fetches);
+        let domain = self.key(domain)?;
+        self.fetch_shared(&domain).await
     }
 
-    /// Refreshes every cached policy each `period`, forever.
-    pub async fn refresh_forever(self: Arc<Self>, _period: Duration) {
-        std::future::pending::<()>().await
+    /// Refreshes every cached policy each `period`, forever; the first
+    /// pass is one period after startup.
+    pub async fn refresh_forever(self: Arc<Self>, period: Duration) {
+        let start = tokio::time::Instant::now() + period;
+        let mut tick = tokio::time::interval_at(start, period);
+        // A pass longer than the period delays the next one; passes never
+        // pile up.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.refresh_once().await;
+        }
+    }
+
+    /// One refresh pass, one domain after another (as chasquid does: the
+    /// pass is background work, and this keeps its load on the network
+    /// and on the policy hosts small).
+    async fn refresh_once(&self) {
+        let mut domains: Vec<String> = self.lock_entries().keys().cloned().collect();
+        domains.sort();
+        for domain in domains {
+            self.count(Counter::Refreshes);
+            match self.fetch_checked(&domain, self.refresh_timeout).await {
+                Ok(policy) => {
+                    self.insert(&domain, policy).await;
+                }
+                Err(e) => {
+                    self.count(Counter::RefreshErrors);
+                    let now = self.clock.now();
+                    let dropped = {
+                        let mut entries = self.lock_entries();
+                        let expired = entries.get(&domain).is_some_and(|e| !e.is_fresh(now));
+                        expired && entries.remove(&domain).is_some()
+                    };
+                    let then = if dropped {
+                        "it has expired and is dropped"
+                    } else {
+                        "the cached policy applies until it expires"
+                    };
+                    self.warn(
+                        &domain,
+                        &format!("refreshing the policy failed: {e}; {then}"),
+                    );
+                    if dropped {
+                        self.sync_file(&domain).await;
+                    }
+                }
+            }
+        }
+        self.count(Counter::RefreshCycles);
+    }
+
+    /// Fetches for a lookup, sharing the fetch with concurrent lookups of
+    /// the same domain.
+    async fn fetch_shared(&self, domain: &str) -> Option<Arc<Policy>> {
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(domain.to_string())
+            .or_default()
+            .clone();
+        // If the lookup running the fetch is dropped (its delivery timed
+        // out), one of the waiters runs it instead.
+        let outcome = cell
+            .get_or_init(|| self.fetch_for_lookup(domain))
+            .await
+            .clone();
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if inflight.get(domain).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(domain);
+            }
+        }
+        if outcome.failed {
+            self.count(Counter::FailedFetch);
+        }
+        outcome.policy
+    }
+
+    async fn fetch_for_lookup(&self, domain: &str) -> Outcome {
+        match self.fetch_checked(domain, self.lookup_timeout).await {
+            Ok(policy) => Outcome {
+                policy: Some(self.insert(domain, policy).await),
+                failed: false,
+            },
+            Err(e) => {
+                // RFC 8461 §3.3: with no fresh policy to be had, a valid
+                // cached one still applies.
+                let now = self.clock.now();
+                let kept = self
+                    .cached(domain)
+                    .filter(|c| c.is_fresh(now))
+                    .map(|c| c.policy);
+                if e.is_absent() {
+                    tracing::debug!("MTA-STS: {domain}: {e}");
+                } else {
+                    let then = if kept.is_some() {
+                        "the cached policy applies until it expires"
+                    } else {
+                        "delivering as if it had none"
+                    };
+                    self.warn(domain, &format!("fetching the policy failed: {e}; {then}"));
+                }
+                Outcome {
+                    policy: kept,
+                    failed: true,
+                }
+            }
+        }
+    }
+
+    /// Fetches and parses within `limit`; an invalid policy is counted.
+    async fn fetch_checked(&self, domain: &str, limit: Duration) -> Result<Policy, FetchError> {
+        let body = tokio::time::timeout(limit, self.fetcher.fetch(domain))
+            .await
+            .map_err(|_| FetchError::Timeout(limit))??;
+        policy::parse(&body).map_err(|e| {
+            self.count(Counter::Invalid);
+            FetchError::Invalid(e)
+        })
+    }
+
+    /// Caches a freshly fetched policy, in memory and then on disk.
+    async fn insert(&self, domain: &str, policy: Policy) -> Arc<Policy> {
+        let entry = Entry {
+            policy: Arc::new(policy),
+            fetched: self.clock.now(),
+        };
+        let policy = entry.policy.clone();
+        self.lock_entries().insert(domain.to_string(), entry);
+        self.sync_file(domain).await;
+        policy
+    }
+
+    /// Makes the file of `domain` match memory: written if cached, removed
+    /// if not. Waited for, so what a lookup returns is on disk (unless that
+    /// failed, which is counted and logged, and changes nothing else).
+    async fn sync_file(&self, domain: &str) {
+        let shared = self.shared.clone();
+        let domain = domain.to_string();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _disk = shared.disk.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = shared
+                .entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&domain)
+                .cloned();
+            match entry {
+                Some(e) => cache::write(&shared.dir, &domain, &e, &shared.stats),
+                None => cache::remove(&shared.dir, &domain, &shared.stats),
+            }
+        })
+        .await;
+    }
+
+    /// The cache key: the domain in IDNA-ASCII, lower case, no final dot.
+    /// Not a domain (an address literal, say): no policy.
+    fn key(&self, domain: &str) -> Option<String> {
+        let key = policy::normalize_host(domain);
+        if key.is_none() {
+            self.count(Counter::FailedFetch);
+            tracing::debug!("MTA-STS: {domain:?} is not a domain name: no policy");
+        }
+        key
+    }
+
+    fn cached(&self, domain: &str) -> Option<Entry> {
+        self.lock_entries().get(domain).cloned()
+    }
+
+    fn lock_entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.shared
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, c: Counter) {
+        self.shared.stats.inc(c);
+    }
+
+    /// One warning line about `domain`, unless it had one in the last
+    /// [`LOG_INTERVAL`]; whether it was logged.
+    fn warn(&self, domain: &str, what: &str) -> bool {
+        let now = Instant::now();
+        {
+            let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            let recent = |t: &Instant| now.saturating_duration_since(*t) < LOG_INTERVAL;
+            if warned.get(domain).is_some_and(recent) {
+                return false;
+            }
+            if warned.len() >= LOG_DOMAINS {
+                warned.retain(|_, t| recent(t));
+                if warned.len() >= LOG_DOMAINS {
+                    return false;
+                }
+            }
+            warned.insert(domain.to_string(), now);
+        }
+        tracing::warn!("MTA-STS: {domain}: {what}");
+        true
     }
 }
+
+#[cfg(test)]
+mod tests;

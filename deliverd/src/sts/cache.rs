@@ -1,0 +1,324 @@
+//! The cache's entries and their files (REFERENCE §1.4): one file per
+//! domain, `<dir>/pol:<domain>`, so the cache survives a restart.
+//!
+//! The file is tambo's own, and only a cache: JSON holding the policy's
+//! fields and when it was fetched (Unix seconds; it expires `max_age`
+//! later), e.g.
+//!
+//! ```text
+//! {"version":"STSv1","mode":"enforce","max_age":86400,"mx":["mx.example.com"],"fetched":1767225600}
+//! ```
+//!
+//! A file that cannot be read, decoded or checked is logged, counted and
+//! ignored (the policy is fetched again when needed); never fatal.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tambo_common::safeio;
+
+use super::counters::{Counter, Stats};
+use super::policy::{self, Fields, Policy, PolicyError};
+
+/// Prefix of a cache file's name; the rest is the domain.
+pub const PREFIX: &str = "pol:";
+
+/// Mode of the cache directory and its files: only deliverd reads them.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+/// The largest file read: ours stay near 10 KiB (the largest policy).
+const MAX_FILE: u64 = 64 * 1024;
+
+/// A cached policy.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub policy: Arc<Policy>,
+    /// When it was fetched; it is valid for `max_age` from then.
+    pub fetched: SystemTime,
+}
+
+impl Entry {
+    pub fn expires(&self) -> SystemTime {
+        // max_age ≤ one year, fetched ≤ now (see `decode`): no overflow in
+        // practice; saturating all the same.
+        self.fetched
+            .checked_add(self.policy.max_age)
+            .unwrap_or(self.fetched)
+    }
+
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        now < self.expires()
+    }
+}
+
+/// The file's JSON.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stored {
+    version: String,
+    mode: String,
+    max_age: u64,
+    mx: Vec<String>,
+    fetched: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("larger than {MAX_FILE} bytes")]
+    TooLarge,
+    #[error("not a policy cache file: {0}")]
+    Unmarshal(#[from] serde_json::Error),
+    #[error("invalid policy: {0}")]
+    Invalid(#[from] PolicyError),
+}
+
+impl LoadError {
+    fn counter(&self) -> Counter {
+        match self {
+            LoadError::Io(_) => Counter::IoErrors,
+            LoadError::TooLarge | LoadError::Unmarshal(_) => Counter::UnmarshalErrors,
+            LoadError::Invalid(_) => Counter::Invalid,
+        }
+    }
+}
+
+pub fn encode(entry: &Entry) -> serde_json::Result<Vec<u8>> {
+    let secs = entry
+        .fetched
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    serde_json::to_vec(&Stored {
+        version: policy::VERSION.into(),
+        mode: entry.policy.mode.name().into(),
+        max_age: entry.policy.max_age.as_secs(),
+        mx: entry.policy.mx.clone(),
+        fetched: secs,
+    })
+}
+
+/// Decodes a file and checks its policy as strictly as a fetched one.
+pub fn decode(data: &[u8], now: SystemTime) -> Result<Entry, LoadError> {
+    let s: Stored = serde_json::from_slice(data)?;
+    let policy = Fields {
+        version: Some(&s.version),
+        mode: Some(&s.mode),
+        max_age: Some(s.max_age),
+        mx: s.mx.iter().map(String::as_str).collect(),
+    }
+    .check()?;
+    // A fetch time in the future (a clock set back since, or a damaged
+    // file) counts as now: no file can keep a policy beyond max_age.
+    let fetched = UNIX_EPOCH
+        .checked_add(Duration::from_secs(s.fetched))
+        .map_or(now, |t| t.min(now));
+    Ok(Entry {
+        policy: Arc::new(policy),
+        fetched,
+    })
+}
+
+/// The file of `domain` (already normalized: no `/`, no leading dot).
+pub fn path(dir: &Path, domain: &str) -> PathBuf {
+    dir.join(format!("{PREFIX}{domain}"))
+}
+
+/// The domain a file name stands for, if it is a cache file's name with a
+/// domain in the form lookups use.
+fn domain_of(name: &OsStr) -> Option<String> {
+    let domain = name.to_str()?.strip_prefix(PREFIX)?;
+    policy::normalize_host(domain).filter(|d| d == domain)
+}
+
+/// Creates the directory if missing and reads every entry in it (expired
+/// ones too: a refresh may renew them).
+pub fn load_dir(dir: &Path, now: SystemTime, stats: &Stats) -> HashMap<String, Entry> {
+    let mut entries = HashMap::new();
+    if let Err(e) = safeio::create_dir_all_durable(dir, DIR_MODE) {
+        stats.inc(Counter::IoErrors);
+        tracing::warn!(
+            "MTA-STS cache: cannot create {}: {e}; policies are kept in memory only",
+            dir.display()
+        );
+        return entries;
+    }
+    let list = match std::fs::read_dir(dir) {
+        Ok(l) => l,
+        Err(e) => {
+            stats.inc(Counter::IoErrors);
+            tracing::warn!("MTA-STS cache: cannot list {}: {e}", dir.display());
+            return entries;
+        }
+    };
+    for item in list {
+        let item = match item {
+            Ok(i) => i,
+            Err(e) => {
+                stats.inc(Counter::IoErrors);
+                tracing::warn!("MTA-STS cache: listing {}: {e}", dir.display());
+                break;
+            }
+        };
+        let name = item.file_name();
+        if let Some(hidden) = name.as_encoded_bytes().strip_prefix(b".") {
+            // `.pol:…`: a write that a crash cut short (safeio's temporary
+            // names). Other hidden files are not ours to touch.
+            if hidden.starts_with(PREFIX.as_bytes()) {
+                let _ = std::fs::remove_file(item.path());
+            }
+            continue;
+        }
+        let Some(domain) = domain_of(&name) else {
+            tracing::warn!(
+                "MTA-STS cache: ignoring {}: not a cache file",
+                item.path().display()
+            );
+            continue;
+        };
+        match read(&item.path()).and_then(|data| decode(&data, now)) {
+            Ok(entry) => {
+                entries.insert(domain, entry);
+            }
+            Err(e) => {
+                stats.inc(e.counter());
+                tracing::warn!("MTA-STS cache: ignoring {}: {e}", item.path().display());
+            }
+        }
+    }
+    entries
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+    let mut data = Vec::new();
+    File::open(path)?
+        .take(MAX_FILE + 1)
+        .read_to_end(&mut data)?;
+    if data.len() as u64 > MAX_FILE {
+        return Err(LoadError::TooLarge);
+    }
+    Ok(data)
+}
+
+/// Writes the file of `domain` atomically. Failures are counted and
+/// logged only: the policy in memory is used all the same.
+pub fn write(dir: &Path, domain: &str, entry: &Entry, stats: &Stats) {
+    let data = match encode(entry) {
+        Ok(d) => d,
+        Err(e) => {
+            stats.inc(Counter::MarshalErrors);
+            tracing::warn!("MTA-STS cache: cannot encode the policy of {domain}: {e}");
+            return;
+        }
+    };
+    let path = path(dir, domain);
+    if let Err(e) = safeio::write_atomic(&path, &data, FILE_MODE) {
+        stats.inc(Counter::IoErrors);
+        tracing::warn!("MTA-STS cache: cannot write {}: {e}", path.display());
+    }
+}
+
+/// Removes the file of `domain`, if there is one.
+pub fn remove(dir: &Path, domain: &str, stats: &Stats) {
+    let path = path(dir, domain);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            stats.inc(Counter::IoErrors);
+            tracing::warn!("MTA-STS cache: cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sts::Mode;
+
+    fn entry(fetched: u64) -> Entry {
+        Entry {
+            policy: Arc::new(Policy {
+                mode: Mode::Enforce,
+                max_age: Duration::from_secs(3600),
+                mx: vec!["mx.example.com".into(), "*.example.net".into()],
+            }),
+            fetched: UNIX_EPOCH + Duration::from_secs(fetched),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let e = entry(1_700_000_000);
+        let data = encode(&e).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&data).unwrap(),
+            r#"{"version":"STSv1","mode":"enforce","max_age":3600,"mx":["mx.example.com","*.example.net"],"fetched":1700000000}"#
+        );
+        let back = decode(&data, SystemTime::now()).unwrap();
+        assert_eq!(back.policy, e.policy);
+        assert_eq!(back.fetched, e.fetched);
+        assert_eq!(back.expires(), e.fetched + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn bad_files() {
+        let now = SystemTime::now();
+        for garbage in [&b""[..], b"garbage", b"{}", b"[1]", b"\xff\xfe"] {
+            assert!(
+                matches!(decode(garbage, now), Err(LoadError::Unmarshal(_))),
+                "{garbage:?}"
+            );
+        }
+        // An unknown field: another format, not ours.
+        let extra =
+            br#"{"version":"STSv1","mode":"enforce","max_age":1,"mx":["a.b"],"fetched":1,"x":1}"#;
+        assert!(matches!(decode(extra, now), Err(LoadError::Unmarshal(_))));
+        // Well formed, but not a valid policy.
+        let zero = br#"{"version":"STSv1","mode":"enforce","max_age":0,"mx":["a.b"],"fetched":1}"#;
+        assert!(matches!(decode(zero, now), Err(LoadError::Invalid(_))));
+        let mode = br#"{"version":"STSv1","mode":"report","max_age":1,"mx":["a.b"],"fetched":1}"#;
+        assert!(matches!(decode(mode, now), Err(LoadError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_fetch_time_in_the_future_counts_as_now() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        // A time no SystemTime holds: also now.
+        let huge = format!(
+            r#"{{"version":"STSv1","mode":"enforce","max_age":1,"mx":["a.b"],"fetched":{}}}"#,
+            u64::MAX
+        );
+        assert_eq!(decode(huge.as_bytes(), now).unwrap().fetched, now);
+        let e = decode(&encode(&entry(2_000_000)).unwrap(), now).unwrap();
+        assert_eq!(e.fetched, now);
+        assert_eq!(e.expires(), now + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn only_cache_files_name_domains() {
+        assert_eq!(
+            domain_of(OsStr::new("pol:example.com")).as_deref(),
+            Some("example.com")
+        );
+        for bad in [
+            "pol:",
+            "pol:Example.com",
+            "pol:example.com.",
+            "pol:..",
+            "example.com",
+            "pol:a b",
+            "pol:ñ.example",
+        ] {
+            assert_eq!(domain_of(OsStr::new(bad)), None, "{bad}");
+        }
+    }
+}
