@@ -1,18 +1,21 @@
 //! tambo: runs the whole system (`tambo run`, `tambo dev`) as the
-//! supervisor of its four daemons; admin commands come later.
+//! supervisor of its four daemons, and the admin commands (REFERENCE §9).
 //!
 //! Holds: nothing of the mail itself; it creates the daemons' sockets,
 //! starts the daemons and restarts any that dies.
-//! Must never: read the queue or keys, or speak SMTP.
+//! Must never: read the queue or keys, or speak SMTP. The admin commands run
+//! as the admin, apart from the supervisor: `dkim-keygen` writes a DKIM key
+//! and `dkim-dns` reads one, to print its public half.
 #![forbid(unsafe_code)]
 
 mod dev;
+mod dkim;
 mod supervisor;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "tambo", about = "tambo mail server", version = tambo_common::build::VERSION)]
@@ -45,12 +48,121 @@ enum Command {
         #[arg(long = "state_dir", alias = "state-dir", default_value = ".tambo-dev")]
         state_dir: PathBuf,
     },
+    /// Generates a DKIM key for a domain and prints its DNS record.
+    ///
+    /// The key is written as PKCS#8 PEM with mode 0660, by default to
+    /// domains/<domain>/dkim:<selector>.pem, never over an existing file.
+    DkimKeygen {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// The domain the key signs for.
+        domain: String,
+        /// The selector [default: today's UTC date, YYYYMMDD].
+        selector: Option<String>,
+        /// Where to write the key [default: domains/<domain>/dkim:<selector>.pem].
+        key_path: Option<PathBuf>,
+        /// The kind of key.
+        #[arg(long, value_enum, default_value = "rsa3072")]
+        algo: dkim::Algorithm,
+    },
+    /// Prints the DNS record (name, TXT, value) that publishes a DKIM key.
+    DkimDns {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// The domain of the key.
+        domain: String,
+        /// The key's selector [default: the domain's first dkim:*.pem].
+        selector: Option<String>,
+        /// The key file [default: domains/<domain>/dkim:<selector>.pem].
+        key_path: Option<PathBuf>,
+    },
+}
+
+/// `-C`/`--config_dir` of the admin commands.
+#[derive(Args)]
+struct ConfigDir {
+    /// Configuration directory.
+    #[arg(
+        long = "config_dir",
+        alias = "config-dir",
+        short = 'C',
+        default_value = "/etc/tambo"
+    )]
+    config_dir: PathBuf,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A usage error exits 1, as REFERENCE §9 asks (clap's own exit is 2).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     tambo_common::daemon::init_logging();
     tambo_common::daemon::restrict_umask();
+    let admin = match cli.command {
+        Command::DkimKeygen {
+            config,
+            domain,
+            selector,
+            key_path,
+            algo,
+        } => dkim::keygen(
+            &config.config_dir,
+            &domain,
+            selector.as_deref(),
+            key_path.as_deref(),
+            algo,
+        ),
+        Command::DkimDns {
+            config,
+            domain,
+            selector,
+            key_path,
+        } => dkim::dns(
+            &config.config_dir,
+            &domain,
+            selector.as_deref(),
+            key_path.as_deref(),
+        ),
+        Command::Run {
+            config_dir,
+            config_overrides,
+        } => {
+            return supervise(|inherited| async move {
+                supervisor::run(&config_dir, config_overrides, inherited).await
+            });
+        }
+        Command::Dev { state_dir } => {
+            return supervise(|inherited| async move { dev::run(&state_dir, inherited).await });
+        }
+    };
+    // Not print!, which panics when stdout is closed.
+    match admin.map(|out| std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes())) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("tambo: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tambo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `run` and `dev`: `start` runs the supervisor on its runtime.
+fn supervise<F, Fut>(start: F) -> ExitCode
+where
+    F: FnOnce(tambo_proto::activation::Inherited) -> Fut,
+    Fut: Future<Output = ExitCode>,
+{
     // Sockets systemd passed (for smtp_address = ["systemd"]) are taken
     // before the runtime opens descriptors of its own, so a wrong
     // LISTEN_FDS can never make us adopt one of those.
@@ -72,13 +184,5 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        match cli.command {
-            Command::Run {
-                config_dir,
-                config_overrides,
-            } => supervisor::run(&config_dir, config_overrides, inherited).await,
-            Command::Dev { state_dir } => dev::run(&state_dir, inherited).await,
-        }
-    })
+    rt.block_on(start(inherited))
 }

@@ -1,0 +1,341 @@
+//! `tambo dkim-keygen` and `tambo dkim-dns` (REFERENCE §9, as
+//! chasquid-util's): make a domain's DKIM key, and print the DNS TXT record
+//! that publishes its public half.
+//!
+//! Keys are what queued loads (REFERENCE §4.9): a PKCS#8 `PRIVATE KEY` PEM
+//! holding RSA (RustCrypto's `rsa` makes them, as ring cannot) or Ed25519
+//! (ring). Every record is computed from the PKCS#8 bytes through ring,
+//! exactly as queued will parse them, so a key this prints a record for is
+//! a key queued accepts; keygen prints the same record `dkim-dns` would.
+
+#[cfg(test)]
+mod tests;
+
+use std::fs::{OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use ring::signature::{Ed25519KeyPair, KeyPair, RsaKeyPair};
+use rsa::pkcs1::DecodeRsaPublicKey;
+use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding, SecretDocument};
+use rustls_pki_types::pem::{PemObject, SectionKind};
+
+use tambo_common::{address, safeio};
+
+/// The key `dkim-keygen` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Algorithm {
+    /// RSA, 3072 bits (the default, as in chasquid).
+    #[value(name = "rsa3072")]
+    Rsa3072,
+    /// RSA, 4096 bits.
+    #[value(name = "rsa4096")]
+    Rsa4096,
+    /// Ed25519 (RFC 8463); not every verifier knows it yet, so it is best
+    /// published beside an RSA key.
+    #[value(name = "ed25519")]
+    Ed25519,
+}
+
+/// What went wrong, for one line on stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid domain {0:?}: {1}")]
+    Domain(String, String),
+    #[error("invalid selector {0:?}: use dot-separated labels of letters, digits, '-' and '_'")]
+    Selector(String),
+    #[error("{dir}: no directory for domain {domain}; add the domain first")]
+    NoDomainDir { domain: String, dir: PathBuf },
+    #[error("{0}: no DKIM keys (dkim:<selector>.pem)")]
+    NoKeys(PathBuf),
+    #[error("{0}: key already exists, not overwriting it")]
+    Exists(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("cannot generate the key: {0}")]
+    Generate(String),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `dkim-keygen <domain> [<selector> [<key path>]] [--algo=…]`: makes a key,
+/// writes it (mode 0660, never over an existing file) and returns what to
+/// print: where it went and its DNS record.
+pub fn keygen(
+    config_dir: &Path,
+    domain: &str,
+    selector: Option<&str>,
+    key_path: Option<&Path>,
+    algorithm: Algorithm,
+) -> Result<String, Error> {
+    let domain = Domain::parse(domain)?;
+    let selector = match selector {
+        Some(s) => checked_selector(s)?,
+        None => chrono::Utc::now().format("%Y%m%d").to_string(),
+    };
+    let path = match key_path {
+        Some(p) => p.to_path_buf(),
+        None => domain.dir(config_dir)?.join(format!("dkim:{selector}.pem")),
+    };
+    // Also checked when the key is put in place; this spares the wait for
+    // an RSA key that could not be written anyway.
+    if path.symlink_metadata().is_ok() {
+        return Err(Error::Exists(path));
+    }
+    let pkcs8 = generate(algorithm)?;
+    let record = dns_record(&domain.ascii, &selector, pkcs8.as_bytes()).map_err(|reason| {
+        Error::Generate(format!(
+            "the new key does not load as queued loads keys: {reason}"
+        ))
+    })?;
+    let pem = pkcs8
+        .to_pem("PRIVATE KEY", LineEnding::LF)
+        .map_err(|e| Error::Generate(e.to_string()))?;
+    write_new_key(&path, pem.as_bytes())?;
+    Ok(format!(
+        "Key written to \"{}\"\n\n{record}\n",
+        path.display()
+    ))
+}
+
+/// `dkim-dns <domain> [<selector> [<key path>]]`: the DNS record of a key,
+/// by default the domain's first `dkim:*.pem` in name order.
+pub fn dns(
+    config_dir: &Path,
+    domain: &str,
+    selector: Option<&str>,
+    key_path: Option<&Path>,
+) -> Result<String, Error> {
+    let domain = Domain::parse(domain)?;
+    let (selector, path) = match (selector, key_path) {
+        (Some(s), Some(p)) => (checked_selector(s)?, p.to_path_buf()),
+        (Some(s), None) => {
+            let s = checked_selector(s)?;
+            let path = domain.dir(config_dir)?.join(format!("dkim:{s}.pem"));
+            (s, path)
+        }
+        (None, _) => first_key(&domain.dir(config_dir)?)?,
+    };
+    let pem = std::fs::read(&path).map_err(io_error(&path))?;
+    let bad_key = |reason| Error::BadKey {
+        path: path.clone(),
+        reason,
+    };
+    let der = pkcs8_der(&pem).map_err(bad_key)?;
+    let record = dns_record(&domain.ascii, &selector, &der).map_err(bad_key)?;
+    Ok(format!("{record}\n"))
+}
+
+/// A domain as given on the command line.
+struct Domain {
+    /// Normalised as domain directory names are (`Domains::load`).
+    name: String,
+    /// The A-label form, for DNS and `d=`.
+    ascii: String,
+}
+
+impl Domain {
+    fn parse(raw: &str) -> Result<Self, Error> {
+        let bad = |why: &str| Error::Domain(raw.to_string(), why.to_string());
+        let name = address::normalize_domain(raw).map_err(|e| bad(&e.to_string()))?;
+        if name.is_empty() {
+            return Err(bad("empty"));
+        }
+        let ascii = idna::domain_to_ascii(&name).map_err(|e| bad(&e.to_string()))?;
+        // Only what a DNS owner name can hold, so nothing odd lands in the
+        // printed record.
+        if !ascii
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        {
+            return Err(bad("not a DNS name"));
+        }
+        Ok(Self { name, ascii })
+    }
+
+    /// The domain's directory under `<config_dir>/domains`: the one whose
+    /// name normalises to this domain, however it is spelt on disk.
+    fn dir(&self, config_dir: &Path) -> Result<PathBuf, Error> {
+        let domains = config_dir.join("domains");
+        let entries = std::fs::read_dir(&domains).map_err(io_error(&domains))?;
+        for entry in entries {
+            let entry = entry.map_err(io_error(&domains))?;
+            let path = entry.path();
+            let matches = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| address::normalize_domain(n).ok())
+                .is_some_and(|n| n == self.name);
+            if matches && path.is_dir() {
+                return Ok(path);
+            }
+        }
+        Err(Error::NoDomainDir {
+            domain: self.name.clone(),
+            dir: domains,
+        })
+    }
+}
+
+/// The same rule as queued's: dot-separated labels of letters, digits,
+/// '-' and '_', nothing that could end a tag or a file name.
+fn checked_selector(s: &str) -> Result<String, Error> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(Error::Selector(s.to_string()))
+    }
+}
+
+/// The first `dkim:<selector>.pem` of a domain directory, in name order
+/// (as chasquid-util's glob), and its selector.
+fn first_key(dir: &Path) -> Result<(String, PathBuf), Error> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+        let entry = entry.map_err(io_error(dir))?;
+        let name = entry.file_name();
+        let selector = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("dkim:"))
+            .and_then(|n| n.strip_suffix(".pem"));
+        if let Some(selector) = selector {
+            found.push((selector.to_string(), entry.path()));
+        }
+    }
+    found.sort();
+    let (selector, path) = found
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::NoKeys(dir.to_path_buf()))?;
+    Ok((checked_selector(&selector)?, path))
+}
+
+/// The PKCS#8 DER of a new key.
+fn generate(algorithm: Algorithm) -> Result<SecretDocument, Error> {
+    let bits = match algorithm {
+        Algorithm::Rsa3072 => 3072,
+        Algorithm::Rsa4096 => 4096,
+        Algorithm::Ed25519 => {
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
+                .map_err(|e| Error::Generate(format!("Ed25519: {e}")))?;
+            return SecretDocument::try_from(pkcs8.as_ref())
+                .map_err(|e| Error::Generate(e.to_string()));
+        }
+    };
+    // Exponent 65537; the primes come from the operating system's RNG.
+    let key = rsa::PrivateKey::new(&mut getrandom_sys_rng::SysRng, bits)
+        .map_err(|e| Error::Generate(format!("RSA: {e}")))?;
+    key.to_pkcs8_der()
+        .map_err(|e| Error::Generate(e.to_string()))
+}
+
+/// The DER inside a key file's first PEM block, which must be
+/// `PRIVATE KEY` (PKCS#8), as queued requires.
+fn pkcs8_der(pem: &[u8]) -> Result<Vec<u8>, String> {
+    match <(SectionKind, Vec<u8>)>::pem_slice_iter(pem).next() {
+        Some(Ok((SectionKind::PrivateKey, der))) => Ok(der),
+        Some(Ok((SectionKind::RsaPrivateKey, _))) => Err("the PEM block is \"RSA PRIVATE KEY\" \
+             (PKCS#1), but DKIM keys must be \"PRIVATE KEY\" (PKCS#8): convert it with \
+             `openssl pkcs8 -topk8 -nocrypt`"
+            .into()),
+        Some(Ok((kind, _))) => Err(format!(
+            "the first PEM block is {kind:?}, not a \"PRIVATE KEY\" (PKCS#8)"
+        )),
+        Some(Err(e)) => Err(format!("bad PEM: {e}")),
+        None => Err("no PEM key block: a DKIM key must be an unencrypted PEM \
+                     \"PRIVATE KEY\" (PKCS#8)"
+            .into()),
+    }
+}
+
+/// `<selector>._domainkey.<domain>` TAB `TXT` TAB `"v=DKIM1; k=…; p=…"`,
+/// with `p=` the SubjectPublicKeyInfo DER (RSA) or the raw 32-byte key
+/// (Ed25519, RFC 8463 §4.2), in base64.
+fn dns_record(domain: &str, selector: &str, pkcs8: &[u8]) -> Result<String, String> {
+    // As queued parses keys: see queued/src/dkim.rs parse_key.
+    let (k, public) = match Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8) {
+        Ok(pair) => ("ed25519", pair.public_key().as_ref().to_vec()),
+        Err(e) if e.to_string() == "WrongAlgorithm" => {
+            let pair = RsaKeyPair::from_pkcs8(pkcs8).map_err(|e| match e.to_string().as_str() {
+                "WrongAlgorithm" => "unsupported key type: DKIM keys must be RSA or Ed25519".into(),
+                "TooSmall" => "RSA key too small: the modulus needs at least 2048 bits \
+                               (and the public exponent at least 65537)"
+                    .into(),
+                "TooLarge" => "RSA key too large: at most 4096 bits are supported".into(),
+                other => format!("invalid RSA key: {other}"),
+            })?;
+            // ring gives the public key as a PKCS#1 RSAPublicKey; DNS
+            // carries it wrapped in a SubjectPublicKeyInfo, as everyone
+            // publishes it.
+            let public = rsa::PublicKey::from_pkcs1_der(pair.public_key().as_ref())
+                .map_err(|e| format!("cannot read the RSA public key: {e}"))?;
+            let spki = public
+                .to_public_key_der()
+                .map_err(|e| format!("cannot encode the RSA public key: {e}"))?;
+            ("rsa", spki.as_bytes().to_vec())
+        }
+        Err(e) if e.to_string() == "InvalidEncoding" => {
+            return Err(format!("invalid PKCS#8 key: {e}"));
+        }
+        Err(e) => return Err(format!("invalid Ed25519 key: {e}")),
+    };
+    Ok(format!(
+        "{selector}._domainkey.{domain}\tTXT\t\"v=DKIM1; k={k}; p={}\"",
+        BASE64.encode(public)
+    ))
+}
+
+/// Writes a new key file: mode 0660 whatever the umask, never over an
+/// existing name (a symlink included), and never half-written under its
+/// name. The key goes to a temporary file in the same directory first and
+/// is then hard-linked into place, which fails if the name exists; a crash
+/// leaves at worst a dot-file, which queued ignores.
+fn write_new_key(path: &Path, pem: &[u8]) -> Result<(), Error> {
+    let tmp = safeio::temp_path(path).map_err(io_error(path))?;
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(pem)?;
+        // Explicit: tambo's umask (077) would take the group's bits away,
+        // and the group is how queued gets to read the key.
+        f.set_permissions(Permissions::from_mode(0o660))?;
+        f.sync_all()
+    })();
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(Error::Exists(path.to_path_buf()));
+        }
+        Err(e) => return Err(io_error(path)(e)),
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    safeio::fsync_dir(dir).map_err(io_error(dir))
+}

@@ -1,0 +1,360 @@
+//! DKIM signing (REFERENCE §4.9): the private keys under
+//! `domains/<domain>/dkim:<selector>.pem`, loaded once at startup, and the
+//! `DKIM-Signature` header fields made with them for authenticated mail.
+//!
+//! The keys never leave queued (DESIGN "Processes"). Signing is CPU work (an
+//! RSA-3072 signature takes a few milliseconds optimised, far more in a
+//! debug build), so callers run [`DkimKeys::sign`] on a blocking pool.
+//!
+//! Keys are PKCS#8 (`PRIVATE KEY` PEM), RSA of 2048 to 4096 bits or Ed25519;
+//! ring parses them and makes the signatures. Anything else is refused at
+//! startup with the file and the reason. How the header field is built is
+//! in `sign`.
+
+mod sign;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, RsaKeyPair};
+use rustls_pki_types::pem::{PemObject, SectionKind};
+
+use tambo_common::address;
+use tambo_common::config::{Config, ConfigError};
+
+/// Why a message could not be signed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DkimError {
+    /// ring refused to sign. With a key it accepted at startup this only
+    /// happens on an internal failure, such as the system RNG (RSA signing
+    /// draws random numbers for blinding).
+    #[error("signing with DKIM key {selector} of {domain} failed")]
+    Sign { domain: String, selector: String },
+}
+
+/// Every domain's DKIM keys, by normalised domain name.
+pub struct DkimKeys {
+    domains: BTreeMap<String, DomainKeys>,
+    /// For RSA blinding.
+    rng: SystemRandom,
+}
+
+/// The keys of one domain.
+struct DomainKeys {
+    /// The domain as `d=` names it: the A-label (ASCII) form, which every
+    /// verifier can look up.
+    d: String,
+    /// In selector order; every key signs each message.
+    keys: Vec<Key>,
+}
+
+struct Key {
+    selector: String,
+    pair: KeyPair,
+}
+
+enum KeyPair {
+    Rsa(RsaKeyPair),
+    Ed25519(Ed25519KeyPair),
+}
+
+impl fmt::Debug for DkimKeys {
+    /// Domains, selectors and algorithms; never key material.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (name, dk) in &self.domains {
+            let keys: Vec<String> = dk
+                .keys
+                .iter()
+                .map(|k| format!("{} ({})", k.selector, k.algorithm()))
+                .collect();
+            map.entry(name, &keys);
+        }
+        map.finish()
+    }
+}
+
+impl Default for DkimKeys {
+    /// No keys: nothing gets signed.
+    fn default() -> Self {
+        Self {
+            domains: BTreeMap::new(),
+            rng: SystemRandom::new(),
+        }
+    }
+}
+
+impl DkimKeys {
+    /// Reads `domains/<d>/dkim:<selector>.pem` for every domain directory.
+    /// Domain directories are found and named as `Domains::load` does
+    /// (directories only, names normalised). Any problem is fatal and names
+    /// the file and the reason: an unreadable file, a bad PEM, a block that
+    /// is not `PRIVATE KEY`, a key that is neither RSA (2048–4096 bits) nor
+    /// Ed25519, a selector that cannot be one, or two directories that
+    /// normalise to the same domain.
+    pub fn load(cfg: &Config) -> Result<Self, ConfigError> {
+        let dir = cfg.config_dir.join("domains");
+        let entries = std::fs::read_dir(&dir).map_err(|e| {
+            ConfigError::file(&dir, format!("cannot read the domains directory: {e}"))
+        })?;
+        let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut domains = BTreeMap::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| ConfigError::file(&dir, e.to_string()))?;
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let raw = entry.file_name();
+            let raw = raw
+                .to_str()
+                .ok_or_else(|| ConfigError::file(&path, "domain directory name is not UTF-8"))?;
+            let name = address::normalize_domain(raw)
+                .map_err(|e| ConfigError::file(&path, format!("invalid domain name: {e}")))?;
+            if let Some(other) = seen.get(&name) {
+                return Err(ConfigError::file(
+                    &path,
+                    format!(
+                        "names the same domain as {}: keep one directory per domain",
+                        other.display()
+                    ),
+                ));
+            }
+            seen.insert(name.clone(), path.clone());
+            let keys = load_domain(&path)?;
+            if keys.is_empty() {
+                continue;
+            }
+            let d = idna::domain_to_ascii(&name).map_err(|e| {
+                ConfigError::file(&path, format!("domain name has no ASCII form: {e}"))
+            })?;
+            // d= must be a DNS name: anything else could end the tag.
+            if !d
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+            {
+                return Err(ConfigError::file(
+                    &path,
+                    format!("domain {d:?} cannot sign with DKIM: it is not a DNS name"),
+                ));
+            }
+            domains.insert(name, DomainKeys { d, keys });
+        }
+        Ok(Self {
+            domains,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// How many keys sign for `domain` (any spelling that normalises to it).
+    pub fn count(&self, domain: &str) -> usize {
+        self.get(domain).map_or(0, |dk| dk.keys.len())
+    }
+
+    /// The `DKIM-Signature` header fields to put on top of `message`, one
+    /// per key of `domain`, each folded and ending in CRLF; empty when the
+    /// domain has no keys. `message` is the whole message: CRLF-terminated
+    /// header lines, an empty line, the body.
+    pub fn sign(&self, domain: &str, message: &[u8]) -> Result<Vec<u8>, DkimError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.sign_at(domain, message, now)
+    }
+
+    /// [`sign`](Self::sign) with the signing time `t=` given.
+    fn sign_at(&self, domain: &str, message: &[u8], now: u64) -> Result<Vec<u8>, DkimError> {
+        let Some(dk) = self.get(domain) else {
+            return Ok(Vec::new());
+        };
+        let prepared = sign::Prepared::new(message);
+        let mut out = Vec::new();
+        for key in &dk.keys {
+            let field = prepared
+                .field(&dk.d, &key.selector, key.algorithm(), now, |tbs| {
+                    key.sign(tbs, &self.rng)
+                })
+                .map_err(|ring::error::Unspecified| DkimError::Sign {
+                    domain: dk.d.clone(),
+                    selector: key.selector.clone(),
+                })?;
+            out.extend_from_slice(field.as_bytes());
+        }
+        Ok(out)
+    }
+
+    fn get(&self, domain: &str) -> Option<&DomainKeys> {
+        let name = address::normalize_domain(domain).ok()?;
+        self.domains.get(&name)
+    }
+}
+
+impl Key {
+    /// The `a=` tag's value.
+    fn algorithm(&self) -> &'static str {
+        match self.pair {
+            KeyPair::Rsa(_) => "rsa-sha256",
+            KeyPair::Ed25519(_) => "ed25519-sha256",
+        }
+    }
+
+    /// Signs `tbs`, the canonicalised header fields (RFC 6376 §3.7).
+    fn sign(&self, tbs: &[u8], rng: &SystemRandom) -> Result<Vec<u8>, ring::error::Unspecified> {
+        match &self.pair {
+            KeyPair::Rsa(k) => {
+                let mut sig = vec![0; k.public().modulus_len()];
+                k.sign(&ring::signature::RSA_PKCS1_SHA256, rng, tbs, &mut sig)?;
+                Ok(sig)
+            }
+            // RFC 8463 §3: Ed25519 (pure) over the SHA-256 hash of the data.
+            KeyPair::Ed25519(k) => {
+                let hash = ring::digest::digest(&ring::digest::SHA256, tbs);
+                Ok(k.sign(hash.as_ref()).as_ref().to_vec())
+            }
+        }
+    }
+}
+
+/// The keys in one domain directory, in selector order.
+fn load_domain(dir: &Path) -> Result<Vec<Key>, ConfigError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| ConfigError::file(dir, format!("cannot read the domain directory: {e}")))?;
+    let mut keys = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| ConfigError::file(dir, e.to_string()))?;
+        let path = entry.path();
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            use std::os::unix::ffi::OsStrExt;
+            if entry.file_name().as_bytes().starts_with(b"dkim:") {
+                return Err(ConfigError::file(&path, "DKIM key file name is not UTF-8"));
+            }
+            continue;
+        };
+        let Some(selector) = file_name
+            .strip_prefix("dkim:")
+            .and_then(|s| s.strip_suffix(".pem"))
+        else {
+            continue;
+        };
+        if !valid_selector(selector) {
+            return Err(ConfigError::file(
+                &path,
+                format!(
+                    "invalid DKIM selector {selector:?}: use dot-separated labels of \
+                     letters, digits, '-' and '_'"
+                ),
+            ));
+        }
+        let pair = read_key(&path)?;
+        keys.push(Key {
+            selector: selector.to_string(),
+            pair,
+        });
+    }
+    keys.sort_by(|a, b| a.selector.cmp(&b.selector));
+    Ok(keys)
+}
+
+/// Whether `s` can be a selector: it goes into `s=` and into a DNS name,
+/// so it is dot-separated labels (RFC 6376 §3.1: letters, digits, '-').
+/// '_' is accepted too, as DNS and verifiers take it and existing setups
+/// use it; nothing that could end a tag (';', '=', spaces) gets through.
+fn valid_selector(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn read_key(path: &Path) -> Result<KeyPair, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let unreadable =
+        |e: std::io::Error| ConfigError::file(path, format!("cannot read the DKIM key: {e}"));
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(ConfigError::file(path, "a DKIM key must be a regular file"));
+    }
+    if meta.permissions().mode() & 0o007 != 0 {
+        tracing::warn!(
+            file = %path.display(),
+            "DKIM private key is accessible to every user; chmod o-rwx it"
+        );
+    }
+    let mut pem = Vec::new();
+    file.read_to_end(&mut pem).map_err(unreadable)?;
+    parse_key(&pem).map_err(|reason| ConfigError::file(path, reason))
+}
+
+/// Parses a PEM `PRIVATE KEY` (PKCS#8) block holding an RSA or Ed25519
+/// key; the error is the reason, for the startup message.
+fn parse_key(pem: &[u8]) -> Result<KeyPair, String> {
+    // The first PEM block must be the key (as in chasquid); blocks with
+    // labels rustls-pki-types does not know (e.g. "ENCRYPTED PRIVATE KEY",
+    // "OPENSSH PRIVATE KEY") are skipped, so those files find no block.
+    let (kind, der) = match <(SectionKind, Vec<u8>)>::pem_slice_iter(pem).next() {
+        None => {
+            return Err("no PEM key block: a DKIM key must be an unencrypted PEM \
+                        \"PRIVATE KEY\" (PKCS#8)"
+                .into());
+        }
+        Some(Err(e)) => return Err(format!("bad PEM: {e}")),
+        Some(Ok(block)) => block,
+    };
+    match kind {
+        SectionKind::PrivateKey => {}
+        SectionKind::RsaPrivateKey => {
+            return Err(
+                "the PEM block is \"RSA PRIVATE KEY\" (PKCS#1), but DKIM keys must \
+                        be \"PRIVATE KEY\" (PKCS#8): convert it with \
+                        `openssl pkcs8 -topk8 -nocrypt`"
+                    .into(),
+            );
+        }
+        SectionKind::EcPrivateKey => {
+            return Err(
+                "the PEM block is \"EC PRIVATE KEY\": DKIM keys must be RSA or \
+                        Ed25519, in a \"PRIVATE KEY\" (PKCS#8) block"
+                    .into(),
+            );
+        }
+        other => {
+            return Err(format!(
+                "the first PEM block is {other:?}, not a \"PRIVATE KEY\" (PKCS#8)"
+            ));
+        }
+    }
+    // ring tells the key types apart by the PKCS#8 algorithm identifier:
+    // "WrongAlgorithm" means "not this type" (ring's KeyRejected is only a
+    // reason string). from_pkcs8_maybe_unchecked takes PKCS#8 v1, which
+    // OpenSSL and Go (chasquid-util) write; a v2 key's public half is still
+    // checked against the private one.
+    match Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| e.to_string()) {
+        Ok(k) => return Ok(KeyPair::Ed25519(k)),
+        Err(e) if e == "WrongAlgorithm" => {}
+        // Not even PKCS#8's outer structure, so no type to name.
+        Err(e) if e == "InvalidEncoding" => return Err(format!("invalid PKCS#8 key: {e}")),
+        Err(e) => return Err(format!("invalid Ed25519 key: {e}")),
+    }
+    RsaKeyPair::from_pkcs8(&der)
+        .map(KeyPair::Rsa)
+        .map_err(|e| match e.to_string().as_str() {
+            "WrongAlgorithm" => "unsupported key type: DKIM keys must be RSA or Ed25519".into(),
+            "TooSmall" => "RSA key too small: the modulus needs at least 2048 bits \
+                           (and the public exponent at least 65537)"
+                .into(),
+            "TooLarge" => "RSA key too large: at most 4096 bits are supported".into(),
+            other => format!("invalid RSA key: {other}"),
+        })
+}
