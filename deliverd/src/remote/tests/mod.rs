@@ -1,0 +1,101 @@
+//! Remote delivery against fake SMTP servers on 127.0.0.1: the hosts are
+//! given directly (MX lookups are tested end to end, with a test DNS
+//! server), or as a `via` list of IP addresses.
+
+mod dialog;
+mod reuse;
+mod security;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+
+use tambo_common::config::Config;
+use tambo_proto::deliver::{Job, Outcome, SecLevel, Target};
+
+use super::{Dest, Host, Remote};
+use crate::sts::{Mode, Policy, Sts};
+
+/// A Remote for the tests: `hostname` is `tambo.test`, no connection is
+/// kept unless `tweak` says so, and DNS points nowhere (unused).
+pub fn remote(roots: Arc<RootCertStore>, tweak: impl FnOnce(&mut Config)) -> Remote {
+    let mut cfg = Config::defaults(Path::new("/nonexistent"));
+    cfg.hostname = "tambo.test".into();
+    cfg.tambo.smtp_connection_cache_time = Duration::ZERO;
+    cfg.testing.dns_server = Some("127.0.0.1:9".parse().unwrap());
+    cfg.testing.smtp_out_timeout = Some(Duration::from_secs(20));
+    tweak(&mut cfg);
+    let resolver = crate::dns::resolver(&cfg).unwrap();
+    let sts = Arc::new(Sts::new(
+        std::env::temp_dir().join("tambo-test-sts-unused"),
+        resolver.clone(),
+        roots.clone(),
+        443,
+    ));
+    Remote::new(Arc::new(cfg), resolver, roots, sts)
+}
+
+pub fn no_roots() -> Arc<RootCertStore> {
+    Arc::new(RootCertStore::empty())
+}
+
+pub fn job(to: &[&str]) -> Job {
+    Job {
+        job: 1,
+        queue_id: "q1".into(),
+        from: "ann@example.org".into(),
+        to: to.iter().map(|s| s.to_string()).collect(),
+        target: Target::Remote,
+        security: Some(("example.net".into(), SecLevel::Plain)),
+    }
+}
+
+pub fn message(text: &[u8]) -> std::fs::File {
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(text).unwrap();
+    f
+}
+
+pub fn host(name: &str, addr: SocketAddr) -> Host {
+    Host {
+        name: name.into(),
+        addrs: Some(vec![addr]),
+        implicit: false,
+    }
+}
+
+pub fn dest(policy: Option<Mode>) -> Dest {
+    Dest {
+        key: "mx example.net".into(),
+        domain: "example.net".into(),
+        policy: policy.map(|mode| {
+            Arc::new(Policy {
+                mode,
+                max_age: Duration::from_secs(86400),
+                mx: vec!["mx.test".into()],
+            })
+        }),
+    }
+}
+
+/// Delivers `job` through `hosts` with `message`.
+pub async fn deliver_to(
+    r: &Remote,
+    job: &Job,
+    text: &[u8],
+    dest: &Dest,
+    hosts: Vec<Host>,
+) -> (Vec<Outcome>, Option<SecLevel>) {
+    let mut f = tokio::fs::File::from_std(message(text));
+    r.deliver_to(job, &mut f, dest, hosts).await
+}
+
+/// A port nothing listens on.
+pub async fn closed_port() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
