@@ -149,6 +149,8 @@ pub async fn transaction(
     message: &mut File,
     host: &str,
 ) -> Transaction {
+    // The null sender is "" in a job; "<>" is taken to mean it too.
+    let from = if from == "<>" { "" } else { from };
     let (from, mut utf8) = match wire_address(from, ext.smtputf8) {
         Ok(v) => v,
         Err(why) => {

@@ -447,8 +447,9 @@ async fn a_server_that_stops_answering_times_out() {
         p.closed().await;
     })
     .await;
+    // Short, but long enough for the dialog up to MAIL on a busy machine.
     let r = remote(no_roots(), |c| {
-        c.testing.smtp_out_timeout = Some(Duration::from_millis(300))
+        c.testing.smtp_out_timeout = Some(Duration::from_secs(1))
     });
     let (got, _) = deliver_to(
         &r,
@@ -518,4 +519,40 @@ async fn connections_start_from_the_configured_source_address() {
     .await;
     assert_eq!(got, [Outcome::Delivered]);
     assert_eq!(server.next().await.to_string(), "127.0.0.2");
+}
+
+#[tokio::test]
+async fn a_connection_lost_in_the_data_keeps_earlier_refusals() {
+    let server = FakeServer::tcp(|_, mut p: Peer| async move {
+        p.open(&[]).await;
+        p.expect("MAIL").await;
+        p.send("250 ok").await;
+        p.expect("RCPT").await;
+        p.send("250 ok").await;
+        p.expect("RCPT").await;
+        p.send("550 5.1.1 unknown").await;
+        p.expect("DATA").await;
+        p.send("354 go on").await;
+        p.data().await;
+        // Gone before the final reply.
+    })
+    .await;
+    let r = remote(no_roots(), |_| {});
+    let (got, seen) = deliver_to(
+        &r,
+        &job(&["a@example.net", "b@example.net"]),
+        b"x\r\n",
+        &dest(None),
+        vec![host("mx.test", server.addr)],
+    )
+    .await;
+    assert_eq!(
+        got,
+        [
+            Outcome::TempFail("end of DATA: connection closed by the server (mx.test)".into()),
+            Outcome::PermFail("RCPT TO: 550 5.1.1 unknown (mx.test)".into()),
+        ]
+    );
+    // The session passed its checks before it broke.
+    assert_eq!(seen, Some(SecLevel::Plain));
 }

@@ -20,9 +20,22 @@ use tambo_proto::deliver::{Job, Outcome, SecLevel, Target};
 use super::{Dest, Host, Remote};
 use crate::sts::{Mode, Policy, Sts};
 
-/// A Remote for the tests: `hostname` is `tambo.test`, no connection is
-/// kept unless `tweak` says so, and DNS points nowhere (unused).
-pub fn remote(roots: Arc<RootCertStore>, tweak: impl FnOnce(&mut Config)) -> Remote {
+/// A Remote for the tests, with the MTA-STS cache directory it owns.
+pub struct TestRemote {
+    remote: Remote,
+    _sts_dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestRemote {
+    type Target = Remote;
+    fn deref(&self) -> &Remote {
+        &self.remote
+    }
+}
+
+/// `hostname` is `tambo.test`, no connection is kept unless `tweak` says
+/// so, and DNS points at a port nothing answers on.
+pub fn remote(roots: Arc<RootCertStore>, tweak: impl FnOnce(&mut Config)) -> TestRemote {
     let mut cfg = Config::defaults(Path::new("/nonexistent"));
     cfg.hostname = "tambo.test".into();
     cfg.tambo.smtp_connection_cache_time = Duration::ZERO;
@@ -30,13 +43,17 @@ pub fn remote(roots: Arc<RootCertStore>, tweak: impl FnOnce(&mut Config)) -> Rem
     cfg.testing.smtp_out_timeout = Some(Duration::from_secs(20));
     tweak(&mut cfg);
     let resolver = crate::dns::resolver(&cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let sts = Arc::new(Sts::new(
-        std::env::temp_dir().join("tambo-test-sts-unused"),
+        dir.path().join("sts-cache"),
         resolver.clone(),
         roots.clone(),
         443,
     ));
-    Remote::new(Arc::new(cfg), resolver, roots, sts)
+    TestRemote {
+        remote: Remote::new(Arc::new(cfg), resolver, roots, sts),
+        _sts_dir: dir,
+    }
 }
 
 pub fn no_roots() -> Arc<RootCertStore> {
