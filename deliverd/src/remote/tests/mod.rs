@@ -7,11 +7,14 @@ mod reuse;
 mod security;
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::{Resolver, TokioResolver};
 use rustls::RootCertStore;
 
 use tambo_common::config::Config;
@@ -34,15 +37,14 @@ impl std::ops::Deref for TestRemote {
 }
 
 /// `hostname` is `tambo.test`, no connection is kept unless `tweak` says
-/// so, and DNS points at a port nothing answers on.
+/// so, and DNS fails at once.
 pub fn remote(roots: Arc<RootCertStore>, tweak: impl FnOnce(&mut Config)) -> TestRemote {
     let mut cfg = Config::defaults(Path::new("/nonexistent"));
     cfg.hostname = "tambo.test".into();
     cfg.tambo.smtp_connection_cache_time = Duration::ZERO;
-    cfg.testing.dns_server = Some("127.0.0.1:9".parse().unwrap());
     cfg.testing.smtp_out_timeout = Some(Duration::from_secs(20));
     tweak(&mut cfg);
-    let resolver = crate::dns::resolver(&cfg).unwrap();
+    let resolver = dead_resolver();
     let dir = tempfile::tempdir().unwrap();
     let sts = Arc::new(Sts::new(
         dir.path().join("sts-cache"),
@@ -54,6 +56,23 @@ pub fn remote(roots: Arc<RootCertStore>, tweak: impl FnOnce(&mut Config)) -> Tes
         remote: Remote::new(Arc::new(cfg), resolver, roots, sts),
         _sts_dir: dir,
     }
+}
+
+/// A resolver that gives up at once: no test here depends on DNS (MX
+/// lookups are tested end to end), but the MTA-STS refetch does ask it.
+fn dead_resolver() -> TokioResolver {
+    let mut ns = NameServerConfig::udp_and_tcp(IpAddr::from([127, 0, 0, 1]));
+    for c in &mut ns.connections {
+        c.port = 9;
+    }
+    let mut b = Resolver::builder_with_config(
+        ResolverConfig::from_name_servers(vec![ns]),
+        TokioRuntimeProvider::default(),
+    );
+    b.options_mut().use_hosts_file = ResolveHosts::Never;
+    b.options_mut().timeout = Duration::from_millis(50);
+    b.options_mut().attempts = 1;
+    b.build().unwrap()
 }
 
 pub fn no_roots() -> Arc<RootCertStore> {
