@@ -1,0 +1,378 @@
+//! The bytes of a client connection: commands out, replies in, under a
+//! deadline and with bounded reads.
+//!
+//! Everything the server sends is read through [`Conn::read_reply`], which
+//! holds at most one line of [`MAX_LINE`] bytes at a time in its buffer and
+//! stops after [`REPLY_BUDGET`] bytes on the connection, so a hostile
+//! server can make deliverd neither wait forever nor hold much memory.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+
+use super::reply::{Reply, parse_line};
+
+/// Longest reply line read, line end included. RFC 5321 §4.5.3.1.5 allows
+/// 512; real servers stay well within this.
+pub const MAX_LINE: usize = 4096;
+
+/// Most bytes of replies read on one connection (REFERENCE §4.5), as
+/// chasquid's client: plenty for any number of transactions a cached
+/// connection carries, far too little to exhaust memory.
+pub const REPLY_BUDGET: usize = 2 * 1024 * 1024;
+
+/// What a connection runs over.
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why talking to the server failed (not a reply it gave: those are
+/// [`Reply`] values, whatever their code).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("reply line longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    #[error("malformed reply line {0:?}")]
+    Malformed(String),
+    #[error("the server sent more than {REPLY_BUDGET} bytes of replies on this connection")]
+    TooMuch,
+    #[error("the server sent data ahead of the TLS handshake")]
+    DataBeforeHandshake,
+    #[error("cannot read the queued message: {0}")]
+    Message(io::Error),
+}
+
+/// A client connection: the stream, a read buffer, what is left of the
+/// reply budget, and the deadlines.
+pub struct Conn {
+    stream: Stream,
+    buf: Box<[u8]>,
+    /// Unread bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    budget: usize,
+    /// When the current session (or the current use of a cached
+    /// connection) must be over.
+    deadline: Instant,
+    /// The longest any single wait may take, within the deadline.
+    wait: Duration,
+}
+
+impl Conn {
+    pub fn new(stream: Stream, deadline: Instant, wait: Duration) -> Self {
+        Conn {
+            stream,
+            buf: vec![0; MAX_LINE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            budget: REPLY_BUDGET,
+            deadline,
+            wait,
+        }
+    }
+
+    /// Starts a new use of the connection (a cached one taken again).
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+    }
+
+    /// Reply bytes the server may still send on this connection.
+    pub fn budget_left(&self) -> usize {
+        self.budget
+    }
+
+    /// Until when the next wait may last.
+    fn wait_until(&self) -> Instant {
+        self.deadline.min(Instant::now() + self.wait)
+    }
+
+    /// Bounds `fut` by the wait limit.
+    pub async fn within<T>(
+        &self,
+        fut: impl Future<Output = io::Result<T>>,
+    ) -> Result<T, ConnError> {
+        match tokio::time::timeout_at(self.wait_until(), fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ConnError::Timeout),
+        }
+    }
+
+    /// Sends one command line (CRLF added) and reads its reply.
+    pub async fn command(&mut self, line: &str) -> Result<Reply, ConnError> {
+        self.send_line(line).await?;
+        self.read_reply().await
+    }
+
+    /// Sends one command line; CRLF is added. Callers never put a CR or LF
+    /// in `line` (addresses are checked before they get here).
+    pub async fn send_line(&mut self, line: &str) -> Result<(), ConnError> {
+        debug_assert!(!line.contains(['\r', '\n']));
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        self.write_all(&bytes).await?;
+        self.flush().await
+    }
+
+    pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        let until = self.wait_until();
+        match tokio::time::timeout_at(until, self.stream.write_all(bytes)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ConnError::Timeout),
+        }
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        let until = self.wait_until();
+        match tokio::time::timeout_at(until, self.stream.flush()).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ConnError::Timeout),
+        }
+    }
+
+    /// Reads one whole reply. Continuation lines must carry the same code.
+    pub async fn read_reply(&mut self) -> Result<Reply, ConnError> {
+        let mut text = String::new();
+        let mut code = None;
+        loop {
+            let raw = self.read_line().await?;
+            let line = parse_line(&raw).map_err(|_| ConnError::Malformed(snippet(&raw)))?;
+            if code.is_some_and(|c| c != line.code) {
+                return Err(ConnError::Malformed(snippet(&raw)));
+            }
+            code = Some(line.code);
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(line.text);
+            if !line.more {
+                return Ok(Reply {
+                    code: line.code,
+                    text,
+                });
+            }
+        }
+    }
+
+    /// One line, without its line end (CRLF, or a bare LF: being lenient
+    /// here cannot smuggle anything, the line is only read).
+    async fn read_line(&mut self) -> Result<String, ConnError> {
+        loop {
+            let unread = &self.buf[self.start..self.end];
+            if let Some(pos) = unread.iter().position(|&b| b == b'\n') {
+                let line = unread[..pos].strip_suffix(b"\r").unwrap_or(&unread[..pos]);
+                let line = String::from_utf8_lossy(line).into_owned();
+                self.start += pos + 1;
+                return Ok(line);
+            }
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.end == self.buf.len() {
+                return Err(ConnError::LineTooLong);
+            }
+            if self.budget == 0 {
+                return Err(ConnError::TooMuch);
+            }
+            let room = (self.buf.len() - self.end).min(self.budget);
+            let until = self.wait_until();
+            let read = self.stream.read(&mut self.buf[self.end..self.end + room]);
+            let n = match tokio::time::timeout_at(until, read).await {
+                Ok(r) => r?,
+                Err(_) => return Err(ConnError::Timeout),
+            };
+            if n == 0 {
+                return Err(ConnError::Closed);
+            }
+            self.end += n;
+            self.budget -= n;
+        }
+    }
+
+    /// The plain TCP stream, to start TLS on, and what is left of the
+    /// reply budget. Bytes the server sent after its reply to STARTTLS
+    /// would be read as if they came over TLS (CVE-2011-1575 and kin), so
+    /// their presence is an error.
+    pub fn into_tcp(self) -> Result<(TcpStream, usize), ConnError> {
+        if self.start != self.end {
+            return Err(ConnError::DataBeforeHandshake);
+        }
+        match self.stream {
+            Stream::Tcp(s) => Ok((s, self.budget)),
+            _ => Err(ConnError::Io(io::Error::other(
+                "STARTTLS on a connection that is not plain TCP",
+            ))),
+        }
+    }
+
+    /// A connection over `stream` that continues one whose budget was
+    /// `budget` (after STARTTLS).
+    pub fn resume(stream: Stream, budget: usize, deadline: Instant, wait: Duration) -> Self {
+        let mut c = Conn::new(stream, deadline, wait);
+        c.budget = budget;
+        c
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// Sends QUIT and waits a little for the answer; errors do not matter
+    /// any more, the connection is closed either way.
+    pub async fn quit(mut self) {
+        self.deadline = Instant::now() + QUIT_WAIT.min(self.wait);
+        let _ = self.command("QUIT").await;
+        let _ = tokio::time::timeout_at(self.deadline, self.stream.shutdown()).await;
+    }
+}
+
+/// How long QUIT may take.
+const QUIT_WAIT: Duration = Duration::from_secs(10);
+
+/// The start of a bad line, for the error text (which quotes it).
+fn snippet(line: &str) -> String {
+    line.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (Conn, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let conn = Conn::new(
+            Stream::Unix(a),
+            Instant::now() + Duration::from_secs(10),
+            Duration::from_secs(10),
+        );
+        (conn, b)
+    }
+
+    #[tokio::test]
+    async fn multiline_replies() {
+        let (mut c, mut s) = pair().await;
+        s.write_all(b"250-mx.test hi\r\n250-SMTPUTF8\n250 8BITMIME\r\n220 next\r\n")
+            .await
+            .unwrap();
+        let r = c.read_reply().await.unwrap();
+        assert_eq!(r.code, 250);
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            ["mx.test hi", "SMTPUTF8", "8BITMIME"]
+        );
+        assert_eq!(c.read_reply().await.unwrap().text, "next");
+    }
+
+    #[tokio::test]
+    async fn bad_replies() {
+        let (mut c, mut s) = pair().await;
+        s.write_all(b"250-a\r\n251 b\r\n").await.unwrap();
+        assert!(matches!(c.read_reply().await, Err(ConnError::Malformed(_))));
+        let (mut c, mut s) = pair().await;
+        s.write_all(b"hello\r\n").await.unwrap();
+        assert!(matches!(c.read_reply().await, Err(ConnError::Malformed(_))));
+        let (mut c, s) = pair().await;
+        drop(s);
+        assert!(matches!(c.read_reply().await, Err(ConnError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_refused() {
+        let (mut c, mut s) = pair().await;
+        let mut line = b"250 ".to_vec();
+        line.resize(MAX_LINE + 10, b'x');
+        tokio::spawn(async move {
+            let _ = s.write_all(&line).await;
+            let _ = s.write_all(b"\r\n").await;
+            s
+        });
+        assert!(matches!(c.read_reply().await, Err(ConnError::LineTooLong)));
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out() {
+        let (a, _s) = UnixStream::pair().unwrap();
+        let mut c = Conn::new(
+            Stream::Unix(a),
+            Instant::now() + Duration::from_secs(60),
+            Duration::from_millis(50),
+        );
+        assert!(matches!(c.read_reply().await, Err(ConnError::Timeout)));
+    }
+
+    #[tokio::test]
+    async fn data_ahead_of_a_handshake_is_refused() {
+        let (mut c, mut s) = pair().await;
+        // One write: the client's one read takes both lines.
+        s.write_all(b"220 go ahead\r\n250 injected\r\n")
+            .await
+            .unwrap();
+        assert_eq!(c.read_reply().await.unwrap().text, "go ahead");
+        assert!(matches!(c.into_tcp(), Err(ConnError::DataBeforeHandshake)));
+    }
+}
