@@ -17,8 +17,8 @@ use tambo_common::config::Config;
 use tambo_proto::deliver::{Job, Outcome};
 use tambo_proto::metrics::{self, names};
 
-use crate::remote::smtp::client::{greeting, hello, transaction};
-use crate::remote::smtp::{Conn, Failure, Protocol, Stage, Stream, Transaction};
+use crate::smtp::client::{greeting, hello, transaction};
+use crate::smtp::{Conn, Failure, Protocol, Stage, Stream, Transaction};
 
 /// Connecting to the LMTP server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -96,7 +96,7 @@ mod tests {
 
     use tambo_proto::deliver::Target;
 
-    use crate::remote::smtp::testserver::{FakeServer, Peer};
+    use crate::smtp::testserver::{FakeServer, Peer};
 
     fn job(to: &[&str]) -> Job {
         Job {

@@ -15,6 +15,7 @@ mod maildir;
 mod mda;
 mod remote;
 mod roots;
+mod smtp;
 mod sts;
 mod template;
 #[cfg(test)]

@@ -11,12 +11,6 @@
 //! one go on to the next host; a permanent failure of the whole
 //! transaction stops the attempt.
 
-// The SMTP/LMTP client protocol, shared with `lmtp`. It belongs at the
-// crate root (`mod smtp;` in main.rs); it is declared here only because
-// main.rs is outside this change.
-#[path = "../smtp/mod.rs"]
-pub(crate) mod smtp;
-
 mod meter;
 mod mx;
 mod pool;
@@ -39,9 +33,9 @@ use tambo_common::config::Config;
 use tambo_proto::deliver::{Job, Outcome, SecLevel, Target};
 use tambo_proto::metrics::names;
 
+use crate::smtp::client::transaction;
+use crate::smtp::{Failure, Protocol, Transaction};
 use crate::sts::{Mode, Policy, Sts};
-use smtp::client::transaction;
-use smtp::{Failure, Protocol, Transaction};
 
 use meter::Meter;
 use mx::AddrError;

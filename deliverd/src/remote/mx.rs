@@ -12,7 +12,7 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData};
 
-use crate::remote::smtp::Failure;
+use crate::smtp::Failure;
 
 /// Most MX hosts tried for one domain, to keep an attempt's length sane
 /// and a hostile domain from making deliverd dial dozens of hosts.

@@ -14,8 +14,8 @@ use tambo_proto::metrics::names;
 
 use super::meter::Meter;
 use super::tls::TlsClient;
-use crate::remote::smtp::client::{greeting, hello};
-use crate::remote::smtp::{Conn, Extensions, Failure, Protocol, Stage, Stream};
+use crate::smtp::client::{greeting, hello};
+use crate::smtp::{Conn, Extensions, Failure, Protocol, Stage, Stream};
 
 /// An open session, ready for MAIL FROM.
 pub struct Session {

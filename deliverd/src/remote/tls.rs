@@ -148,7 +148,7 @@ impl ServerCertVerifier for Recording {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::smtp::testserver::pki;
+    use crate::smtp::testserver::pki;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Handshakes with `acceptor` as `name`; returns the level.

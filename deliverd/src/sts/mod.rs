@@ -41,8 +41,6 @@ use tokio::sync::OnceCell;
 use cache::Entry;
 use counters::{Counter, Stats};
 use fetch::{FetchError, Fetcher, Https};
-// Remote delivery (issue 7) names `Mode`; the allow goes when it lands.
-#[allow(unused_imports)]
 pub use policy::{Mode, Policy};
 
 /// The most a lookup during delivery waits for a fetch (REFERENCE §4.7).
@@ -150,8 +148,6 @@ impl Sts {
     /// The policy of `domain` (IDNA-ASCII, lower case): from the cache if
     /// fresh, else fetched (1 minute at most). None when the domain has no
     /// policy or it cannot be fetched (fail open).
-    // Remote delivery (issue 7) is the caller; the allow goes when it lands.
-    #[allow(dead_code)]
     pub async fn policy(&self, domain: &str) -> Option<Arc<Policy>> {
         self.count(Counter::Fetches);
         let domain = self.key(domain)?;
@@ -169,8 +165,6 @@ impl Sts {
     /// Fetches the policy again, bypassing the cache (RFC 8461 §5: before
     /// giving up on a domain whose MX hosts all fail the policy). If that
     /// fails, an unexpired cached policy still applies.
-    // Remote delivery (issue 7) is the caller; the allow goes when it lands.
-    #[allow(dead_code)]
     pub async fn refetch(&self, domain: &str) -> Option<Arc<Policy>> {
         self.count(Counter::Fetches);
         let domain = self.key(domain)?;

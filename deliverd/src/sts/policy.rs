@@ -213,8 +213,6 @@ impl Policy {
     /// Whether `mx_host` (an MX name from DNS) matches one of the
     /// patterns: exactly (case-insensitive, trailing dot ignored, IDNA
     /// applied), or `*.suffix` with exactly one more leftmost label.
-    // Remote delivery (issue 7) is the caller; the allow goes when it lands.
-    #[allow(dead_code)]
     pub fn matches(&self, mx_host: &str) -> bool {
         let Some(host) = normalize_host(mx_host) else {
             return false;

@@ -7,7 +7,7 @@ use tambo_proto::deliver::{Outcome, SecLevel, Target};
 use tambo_proto::metrics::names;
 
 use super::*;
-use crate::remote::smtp::testserver::{FakeServer, Peer};
+use crate::smtp::testserver::{FakeServer, Peer};
 
 #[tokio::test]
 async fn forward_with_mixed_recipient_replies() {

@@ -6,7 +6,7 @@ use tambo_proto::deliver::{Outcome, SecLevel};
 use tambo_proto::metrics::names;
 
 use super::*;
-use crate::remote::smtp::testserver::{FakeServer, Peer};
+use crate::smtp::testserver::{FakeServer, Peer};
 
 fn keep(secs: u64) -> impl FnOnce(&mut Config) {
     move |c| c.tambo.smtp_connection_cache_time = Duration::from_secs(secs)

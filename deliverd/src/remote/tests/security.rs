@@ -6,7 +6,7 @@ use tambo_proto::metrics::names;
 use tokio_rustls::TlsAcceptor;
 
 use super::*;
-use crate::remote::smtp::testserver::{FakeServer, Peer, pki};
+use crate::smtp::testserver::{FakeServer, Peer, pki};
 
 /// What a TLS server saw after the handshake and its second EHLO.
 #[derive(Debug, PartialEq, Eq)]
@@ -225,7 +225,7 @@ async fn no_mx_matching_an_enforced_policy_fails_after_a_refetch() {
         .await;
     assert_eq!(
         got.unwrap_err(),
-        crate::remote::smtp::Failure::Temporary(
+        crate::smtp::Failure::Temporary(
             "no MX matches the MTA-STS policy of example.net (MX: mx1.example.net, mx2.example.net; policy: mx.elsewhere.example)"
                 .into()
         )
