@@ -40,7 +40,7 @@ submission_address = []
 submission_over_tls_address = []
 data_dir = "$dir/data"
 max_queue_items = 100000
-$5
+${5:-}
 [tambo]
 runtime_dir = "$dir/run"
 maildir = "$dir/mail/%to_domain%/%to_user%"
