@@ -28,8 +28,21 @@ pub fn resolver(cfg: &Config) -> Result<TokioResolver, String> {
             b.options_mut().use_hosts_file = ResolveHosts::Never;
             b
         }
-        None => Resolver::builder_tokio()
-            .map_err(|e| format!("cannot read the system's DNS configuration: {e}"))?,
+        None => match Resolver::builder_tokio() {
+            Ok(b) => b,
+            // glibc's rule when /etc/resolv.conf is missing or unreadable:
+            // ask a resolver on this machine. Never a public one silently.
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read the system's DNS configuration ({e}); asking 127.0.0.1:53, as the C library does"
+                );
+                let ns = NameServerConfig::udp_and_tcp(std::net::Ipv4Addr::LOCALHOST.into());
+                Resolver::builder_with_config(
+                    ResolverConfig::from_name_servers(vec![ns]),
+                    TokioRuntimeProvider::default(),
+                )
+            }
+        },
     };
     builder
         .build()
