@@ -12,6 +12,11 @@ for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core; do
   tool=${pair%%:*}
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("${pair#*:}")
 done
+# Dovecot's LMTP server, which local delivery over LMTP is tested against
+# (`file:package`: it is no command on PATH, only a program dovecot runs).
+for pair in /usr/lib/dovecot/lmtp:dovecot-lmtpd; do
+  [ -x "${pair%%:*}" ] || missing+=("${pair#*:}")
+done
 # Python modules for Debian's /usr/bin/python3 (`module:package`): aiosmtpd
 # runs e2e/support/mx.py, the independent SMTP/LMTP server remote delivery
 # is tested against; dkimpy checks tambo's DKIM signatures, with PyNaCl for

@@ -1,13 +1,18 @@
-//! Dovecot as the fallback for authentication and user existence
-//! (REFERENCE §5.5), against a real Dovecot (Debian's `dovecot-core`,
-//! which scripts/test.sh installs): each test starts its own `dovecot -F`
-//! with a passwd-file in a temp dir, and tambo points at its sockets.
+//! Against a real Dovecot (Debian's `dovecot-core` and `dovecot-lmtpd`,
+//! which scripts/test.sh installs): Dovecot as the fallback for
+//! authentication and user existence (REFERENCE §5.5), and as the LMTP
+//! server local mail is delivered to (§4.3, `lmtp_address`). Each test
+//! starts its own `dovecot -F` with a passwd-file in a temp dir, and tambo
+//! points at its sockets.
 //!
 //! What is pinned down: a user only Dovecot knows logs in over TLS and
 //! gets mail; the users file is asked first and its "no" for a known user
 //! is final; wrong passwords and unknown users are refused like any
-//! others; and a stopped Dovecot gives quick temporary errors (454 4.7.0,
-//! 451 4.4.3), never a hang or a permanent refusal.
+//! others; a stopped Dovecot gives quick temporary errors (454 4.7.0,
+//! 451 4.4.3), never a hang or a permanent refusal. Over LMTP: one
+//! transaction lands in each Dovecot mailbox, a recipient Dovecot refuses
+//! is bounced with Dovecot's own words, and a stopped Dovecot only delays
+//! the mail.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -31,8 +36,13 @@ const ERIN_HASH: &str = "{SHA512-CRYPT}$6$rArYPqHJVh/r2h4I$BAi8wfgkFeuZZ4wL40xov
 /// password must not log her in.
 const CAROL_DOVECOT_PASSWORD: &str = "carol's dovecot password";
 
+/// The users Dovecot's LMTP server delivers to (passwd-file lines); not
+/// in the auth-only setup, where "only Dovecot knows dave" must stay true.
+const LMTP_USERS: &str = "ann@example.test:{PLAIN}unused::::::\n\
+                          bob@example.test:{PLAIN}unused::::::\n";
+
 /// One `dovecot -F`, in its own process group, with everything (config,
-/// sockets, state, logs) under `dir`.
+/// sockets, state, logs, and with LMTP the mailboxes) under `dir`.
 struct Dovecot {
     dir: PathBuf,
     master: Option<Child>,
@@ -40,6 +50,37 @@ struct Dovecot {
 }
 
 impl Dovecot {
+    /// Dovecot's LMTP socket (with [`Dovecot::start_lmtp`]).
+    fn lmtp(&self) -> PathBuf {
+        self.dir.join("lmtp")
+    }
+
+    /// The messages in `user@example.test`'s Dovecot Maildir `new/`, by
+    /// file name (not strictly by arrival: find them by content).
+    fn maildir(&self, user: &str) -> Vec<String> {
+        let new = self.dir.join("mail").join(DOMAIN).join(user).join("new");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(new)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect()
+    }
+
+    /// Waits until `user`'s Dovecot Maildir holds `count` messages.
+    fn wait_maildir(&self, user: &str, count: usize) -> Vec<String> {
+        wait_for(
+            &format!("{count} message(s) in Dovecot's mailbox of {user}"),
+            || {
+                let m = self.maildir(user);
+                (m.len() >= count).then_some(m)
+            },
+        )
+    }
+
     fn userdb(&self) -> PathBuf {
         self.dir.join("auth-userdb")
     }
@@ -52,9 +93,20 @@ impl Dovecot {
         std::fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default()
     }
 
-    /// Writes the config and users under `dir` and starts Dovecot, waiting
-    /// until both auth sockets answer.
+    /// Writes the config and users under `dir` and starts Dovecot (auth
+    /// only), waiting until both auth sockets answer.
     fn start(dir: &Path) -> Self {
+        Self::launch(dir, false)
+    }
+
+    /// As [`Dovecot::start`], plus Dovecot's LMTP server on `dir/lmtp`
+    /// for ann@ and bob@example.test, who get Maildirs under
+    /// `dir/mail/example.test/`; waits until it answers too.
+    fn start_lmtp(dir: &Path) -> Self {
+        Self::launch(dir, true)
+    }
+
+    fn launch(dir: &Path, lmtp: bool) -> Self {
         let bin = dovecot_bin();
         assert!(
             Command::new(&bin)
@@ -62,6 +114,10 @@ impl Dovecot {
                 .output()
                 .is_ok_and(|o| o.status.success()),
             "these tests need Dovecot: apt-get install dovecot-core (scripts/test.sh does)"
+        );
+        assert!(
+            !lmtp || Path::new("/usr/lib/dovecot/lmtp").is_file(),
+            "this test needs Dovecot's LMTP server: apt-get install dovecot-lmtpd (scripts/test.sh does)"
         );
         std::fs::create_dir_all(dir).unwrap();
         // The auth process runs as Dovecot's internal user: it must be
@@ -73,7 +129,8 @@ impl Dovecot {
             format!(
                 "dave@example.test:{{PLAIN}}{DAVE_PASSWORD}::::::\n\
                  erin:{ERIN_HASH}::::::\n\
-                 carol@example.test:{{PLAIN}}{CAROL_DOVECOT_PASSWORD}::::::\n"
+                 carol@example.test:{{PLAIN}}{CAROL_DOVECOT_PASSWORD}::::::\n{}",
+                if lmtp { LMTP_USERS } else { "" }
             ),
         )
         .unwrap();
@@ -100,11 +157,18 @@ impl Dovecot {
                  default_internal_group = {group}\nservice anvil {{\n  chroot =\n}}\n"
             )
         };
+        let lmtp_conf = if lmtp {
+            lmtp_conf(dir, &me)
+        } else {
+            String::new()
+        };
+        let protocols = if lmtp { "lmtp" } else { "" };
         let d = dir.display();
         // Nothing outside `dir`: no /etc/dovecot include, no /var/run, no
-        // protocols (only the auth service runs), no TLS.
+        // protocols but LMTP when asked (else only the auth service runs),
+        // no TLS.
         let conf = format!(
-            "protocols =
+            "protocols = {protocols}
 ssl = no
 base_dir = {d}/run
 state_dir = {d}/state
@@ -129,7 +193,7 @@ service auth {{
     user = {me}
   }}
 }}
-"
+{lmtp_conf}"
         );
         let conf_path = dir.join("dovecot.conf");
         std::fs::write(&conf_path, conf).unwrap();
@@ -152,7 +216,7 @@ service auth {{
             master: Some(master),
             pgid,
         };
-        wait_for("Dovecot's auth sockets", || {
+        wait_for("Dovecot's sockets", || {
             if let Some(Ok(Some(status))) = dc.master.as_mut().map(Child::try_wait) {
                 panic!(
                     "dovecot exited ({status}): {}{}",
@@ -160,9 +224,9 @@ service auth {{
                     dc.log()
                 );
             }
-            (std::os::unix::net::UnixStream::connect(dc.userdb()).is_ok()
-                && std::os::unix::net::UnixStream::connect(dc.client()).is_ok())
-            .then_some(())
+            let answers = |p: PathBuf| std::os::unix::net::UnixStream::connect(p).is_ok();
+            (answers(dc.userdb()) && answers(dc.client()) && (!lmtp || answers(dc.lmtp())))
+                .then_some(())
         });
         dc
     }
@@ -195,6 +259,47 @@ impl Drop for Dovecot {
         }
         self.stop();
     }
+}
+
+/// The LMTP part of the config, with `dir/mail` made ready for it: the
+/// mail is written as `nobody` when we are root (Dovecot will not write
+/// mail as root: `first_valid_uid` is 500), else as us.
+fn lmtp_conf(dir: &Path, me: &str) -> String {
+    let (uid, gid) = if is_root() {
+        let nobody = nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .expect("a user nobody");
+        (nobody.uid.as_raw(), nobody.gid.as_raw())
+    } else {
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
+    };
+    let mail = dir.join("mail");
+    std::fs::create_dir_all(&mail).unwrap();
+    std::os::unix::fs::chown(&mail, Some(uid), Some(gid)).unwrap();
+    let d = dir.display();
+    // mail_uid/mail_gid: the passwd-file has no uid fields. first_valid_uid
+    // down to that uid, for a developer's uid below 500.
+    // lmtp_save_to_detail_mailbox = no: ann+x@ goes to INBOX (tambo sends
+    // the clean form anyway). The listener: deliverd connects as root in
+    // CI, as us otherwise.
+    format!(
+        "mail_location = maildir:{d}/mail/%d/%n
+mail_uid = {uid}
+mail_gid = {gid}
+first_valid_uid = {uid}
+lmtp_save_to_detail_mailbox = no
+service lmtp {{
+  unix_listener {d}/lmtp {{
+    mode = 0660
+    user = {me}
+  }}
+}}
+"
+    )
 }
 
 /// `dovecot` from PATH, else /usr/sbin's (a normal user's PATH may lack
@@ -393,4 +498,162 @@ fn a_stopped_dovecot_gives_quick_temporary_errors() {
         t.log("queued")
             .contains("cannot check a password for dave@example.test: Dovecot")
     );
+}
+
+/// tambo delivering local mail to Dovecot's LMTP socket (no Maildir of its
+/// own), with users ann, bob and zed; zed is unknown to Dovecot.
+fn setup_lmtp(dc: &Dovecot) -> Tambo {
+    let t = Tambo::new(
+        "",
+        &format!(
+            "lmtp_address = \"{}\"\nmaildir = \"\"\n",
+            dc.lmtp().display()
+        ),
+        "",
+    );
+    std::fs::write(
+        t.config_dir.join("domains").join(DOMAIN).join("users"),
+        format!("ann {TEST_HASH}\nbob {TEST_HASH}\nzed {TEST_HASH}\n"),
+    )
+    .unwrap();
+    t
+}
+
+/// Waits until a queued recipient's last failure contains `needle`.
+fn wait_failure(t: &Tambo, needle: &str) -> String {
+    wait_for(&format!("a queued failure mentioning {needle:?}"), || {
+        t.queue_files()
+            .iter()
+            .filter(|n| n.starts_with("m:"))
+            .filter_map(|n| std::fs::read(t.data_dir.join("queue").join(n)).ok())
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .find_map(|item| {
+                item["recipients"].as_array()?.iter().find_map(|r| {
+                    let f = r["last_failure"].as_str()?;
+                    f.contains(needle).then(|| f.to_string())
+                })
+            })
+    })
+}
+
+#[test]
+fn lmtp_delivers_into_dovecots_mailboxes_with_per_recipient_replies() {
+    let root = tempfile::tempdir().unwrap();
+    let dc = Dovecot::start_lmtp(&root.path().join("dovecot"));
+    let mut t = setup_lmtp(&dc);
+    t.start_all();
+
+    let r = t.send(
+        "ann@example.test",
+        &["ann@example.test", "bob@example.test", "zed@example.test"],
+        &message("to-dovecot", "hello over LMTP\r\n"),
+    );
+    assert_eq!(r.code, 250, "{r:?}");
+
+    // bob's copy, as Dovecot stored it (with LF line ends, as Maildir
+    // files have): its own headers on top of tambo's.
+    let bob = dc.wait_maildir("bob", 1);
+    let m = &bob[0];
+    for want in [
+        "Return-Path: <ann@example.test>\n",
+        "Received: from mx.example.test\n\tby ",
+        " with LMTP\n",
+        "Received: from client.test ([127.0.0.1])\n\tby mx.example.test (tambo) with ESMTP",
+        "Subject: to-dovecot\n",
+        "\n\nhello over LMTP\n",
+    ] {
+        assert!(m.contains(want), "no {want:?} in {m}");
+    }
+    // ann gets the message and, from <>, the DSN for zed, whom Dovecot
+    // refused at RCPT (a 5xx: bounced at once, not retried).
+    let ann = dc.wait_maildir("ann", 2);
+    let copy = ann
+        .iter()
+        .find(|m| m.contains("Subject: to-dovecot\n"))
+        .expect("ann's copy");
+    assert!(copy.contains("\n\nhello over LMTP\n"), "{copy}");
+    let dsn = ann
+        .iter()
+        .find(|m| m.contains("Return-Path: <>\n"))
+        .expect("a DSN in ann's mailbox");
+    for want in [
+        "Delivered-To: ann@example.test\n",
+        "To: <ann@example.test>\n",
+        "X-Failed-Recipients: zed@example.test\n",
+        "Final-Recipient: rfc822; zed@example.test\n",
+        "Status: 5.1.1\n",
+        // Dovecot's own reply to RCPT, quoted.
+        "Diagnostic-Code: smtp; RCPT TO: 550 5.1.1 <zed@example.test> User doesn't exist",
+        "Subject: to-dovecot\n",
+    ] {
+        assert!(dsn.contains(want), "no {want:?} in the DSN: {dsn}");
+    }
+    // Nothing more comes: no retry, no second DSN.
+    t.wait_queue_empty();
+    assert_eq!(dc.maildir("ann").len(), 2);
+    assert_eq!(dc.maildir("bob").len(), 1);
+    assert!(dc.maildir("zed").is_empty());
+
+    // Dovecot's side: ann's and bob's copies saved in one LMTP
+    // transaction (Dovecot logs a recipient after the first with the
+    // transaction's id and ":R<n>"), the DSN in another one.
+    let log = dc.log();
+    let saved = |user: &str, msgid: &str| -> String {
+        log.lines()
+            .find(|l| {
+                l.contains(&format!("lmtp({user})<"))
+                    && l.contains(&format!("msgid=<{msgid}>: saved mail to INBOX"))
+            })
+            .unwrap_or_else(|| panic!("no {user} {msgid} in Dovecot's log:\n{log}"))
+            .to_string()
+    };
+    let transaction = |line: &str| -> String {
+        // lmtp(user)<pid><id[:Rn]>: Info: …
+        let id = line.split('<').nth(2).and_then(|r| r.split('>').next());
+        let id = id.unwrap_or_else(|| panic!("no session id in {line:?}"));
+        id.split(':').next().unwrap().to_string()
+    };
+    let ann_line = saved("ann@example.test", "to-dovecot@client.test");
+    let bob_line = saved("bob@example.test", "to-dovecot@client.test");
+    let dsn_id = dsn
+        .lines()
+        .find_map(|l| l.strip_prefix("Message-ID: <"))
+        .and_then(|r| r.strip_suffix('>'))
+        .unwrap_or_else(|| panic!("no Message-ID in the DSN: {dsn}"));
+    let dsn_line = saved("ann@example.test", dsn_id);
+    assert_eq!(transaction(&ann_line), transaction(&bob_line), "{log}");
+    assert_ne!(transaction(&ann_line), transaction(&dsn_line), "{log}");
+    assert!(!log.contains("Fatal") && !log.contains("Error"), "{log}");
+}
+
+#[test]
+fn a_stopped_dovecot_only_delays_lmtp_delivery() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("dovecot");
+    let mut dc = Dovecot::start_lmtp(&dir);
+    let mut t = setup_lmtp(&dc);
+    t.start_all();
+    dc.stop();
+
+    let r = t.send(
+        "ann@example.test",
+        &["bob@example.test"],
+        &message("while-down", "wait for me\r\n"),
+    );
+    assert_eq!(r.code, 250, "{r:?}");
+    // A connection error is temporary: bob stays queued, with the reason.
+    let failure = wait_failure(&t, "connect: ");
+    assert!(
+        failure.ends_with(&format!("(LMTP {})", dc.lmtp().display())),
+        "{failure}"
+    );
+    assert!(dc.maildir("bob").is_empty());
+
+    // Dovecot back (same config, same mailboxes): the next retry delivers.
+    dc = Dovecot::start_lmtp(&dir);
+    let bob = dc.wait_maildir("bob", 1);
+    assert!(bob[0].contains("Subject: while-down\n"), "{}", bob[0]);
+    t.wait_queue_empty();
+    // No bounce: ann got nothing.
+    assert!(dc.maildir("ann").is_empty());
 }
