@@ -29,7 +29,9 @@ pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// Delivers a Local job to the LMTP server at `address` (a Unix socket
 /// path starting with `/`, or host:port): one outcome per recipient.
 pub async fn deliver(cfg: &Config, address: &str, job: &Job, message: File) -> Vec<Outcome> {
-    let label = format!("LMTP {address}");
+    // The failure texts reach DSNs, possibly to outside senders: they say
+    // "LMTP", not where the server is (deliverd's log says that).
+    let label = "LMTP";
     let all = |f: Failure| vec![f.into_outcome(); job.to.len()];
     let limit = cfg.testing.smtp_out_timeout.unwrap_or(SESSION_TIMEOUT);
     let deadline = Instant::now() + limit;
@@ -37,6 +39,7 @@ pub async fn deliver(cfg: &Config, address: &str, job: &Job, message: File) -> V
     let stream = match tokio::time::timeout_at(until, connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            tracing::warn!(id = %job.queue_id, "cannot connect to the LMTP server {address}: {e}");
             return all(Failure::temporary(format!(
                 "{}: {e} ({label})",
                 Stage::Connect
@@ -165,7 +168,7 @@ mod tests {
             message(b"Subject: hi\r\n\r\n.x\r\n"),
         )
         .await;
-        let label = format!("LMTP {}", path.display());
+        let label = "LMTP";
         assert_eq!(
             got,
             [
@@ -218,7 +221,7 @@ mod tests {
         assert_eq!(
             got,
             [Outcome::TempFail(format!(
-                "MAIL FROM: 451 4.3.0 try later (LMTP {addr})"
+                "MAIL FROM: 451 4.3.0 try later (LMTP)"
             ))]
         );
         server.next().await;
