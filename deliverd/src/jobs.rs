@@ -57,7 +57,9 @@ pub async fn serve(ctx: Arc<Ctx>, stream: UnixStream) -> Result<(), Error> {
             let msg = match tokio::time::timeout(heartbeat, rx.recv()).await {
                 Ok(Some((job, (outcomes, seen)))) => FromDeliverd::Done {
                     job,
-                    outcomes,
+                    // queued reads results up to a size that assumes
+                    // capped texts (MAX_RESULT_FRAME).
+                    outcomes: outcomes.into_iter().map(Outcome::capped).collect(),
                     seen,
                 },
                 Ok(None) => break,

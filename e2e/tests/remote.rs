@@ -592,3 +592,38 @@ fn lmtp_gives_each_recipient_its_own_reply() {
         lmtp.log()
     );
 }
+
+#[test]
+fn a_big_destination_is_split_into_transactions_and_long_replies_survive() {
+    let w = World::new();
+    let ip = random_loopback();
+    // Every recipient refused with a long reply, except the first.
+    let long = format!(
+        "550 5.1.1 {}",
+        "no such mailbox, look it up again ".repeat(12)
+    );
+    let mx = PyMx::start(
+        MxOpts::at(ip.into())
+            .rcpt_reply("u0@far.test", "250 2.1.5 ok")
+            .rcpt_reply("*", &long),
+    );
+    w.mx("far.test", ip);
+    let mut a = w.sender(mx.port(), "", "", "");
+    a.start_all();
+    let to: Vec<String> = (0..60).map(|i| format!("u{i}@far.test")).collect();
+    let refs: Vec<&str> = to.iter().map(String::as_str).collect();
+    assert_eq!(submit(&a, &refs, &message("many", "sixty\r\n")), 250);
+    let got = mx.wait_messages(1);
+    assert_eq!(got[0].rcpt_tos, ["u0@far.test"]);
+    // One DSN naming the 59 others with the server's text, nothing lost to
+    // a frame limit, and the link to deliverd never reset.
+    let dsn = text(&a.wait_maildir("ann", 1)[0]);
+    for i in 1..60 {
+        assert!(dsn.contains(&format!("u{i}@far.test")), "u{i}: {dsn}");
+    }
+    assert!(dsn.contains("look it up again"), "{dsn}");
+    a.wait_queue_empty();
+    // 50 recipients per transaction at most: two transactions.
+    assert_eq!(mx.log().matches("MAIL FROM:").count(), 2, "{}", mx.log());
+    assert!(!a.log("queued").contains("deliverd went away"));
+}

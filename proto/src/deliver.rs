@@ -15,6 +15,23 @@ use serde::{Deserialize, Serialize};
 /// heartbeat) for this long; deliverd heartbeats well within it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 
+/// Most recipients in one job: Postfix's `smtp_destination_recipient_limit`
+/// default. Bigger groups are split into several jobs (several SMTP
+/// transactions), which also keeps every frame within its limit.
+pub const MAX_RECIPIENTS_PER_JOB: usize = 50;
+
+/// Most bytes of recipient addresses in one job, so a job frame (with its
+/// sender, ID and `via` list) stays within [`crate::frame::MAX_SMALL_FRAME`].
+pub const MAX_JOB_ADDRESS_BYTES: usize = 4096;
+
+/// Longest failure text per recipient in a result; deliverd cuts longer
+/// ones (at a character boundary) before sending.
+pub const MAX_FAILURE_TEXT: usize = 1024;
+
+/// Largest result frame: one outcome per recipient at most
+/// [`MAX_FAILURE_TEXT`] long, plus room for the encoding.
+pub const MAX_RESULT_FRAME: usize = 1024 + MAX_RECIPIENTS_PER_JOB * (MAX_FAILURE_TEXT + 64);
+
 /// What a recipient is, after alias resolution.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Target {
@@ -40,6 +57,27 @@ pub enum SecLevel {
     TlsInsecure,
     /// Outgoing TLS; the certificate chains to the roots and names the MX.
     TlsSecure,
+}
+
+impl Outcome {
+    /// The same outcome with its text cut to [`MAX_FAILURE_TEXT`] bytes.
+    pub fn capped(self) -> Self {
+        let cut = |mut t: String| {
+            if t.len() > MAX_FAILURE_TEXT {
+                let mut end = MAX_FAILURE_TEXT;
+                while !t.is_char_boundary(end) {
+                    end -= 1;
+                }
+                t.truncate(end);
+            }
+            t
+        };
+        match self {
+            Outcome::Delivered => Outcome::Delivered,
+            Outcome::TempFail(t) => Outcome::TempFail(cut(t)),
+            Outcome::PermFail(t) => Outcome::PermFail(cut(t)),
+        }
+    }
 }
 
 impl SecLevel {
@@ -122,4 +160,29 @@ pub enum FromDeliverd {
     /// Sent when deliverd has had nothing to say for a while, so queued
     /// can close a connection whose peer went silent.
     Heartbeat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_result_fits_its_frame_limit() {
+        // Texts over the cap, of 3-byte characters, for the most recipients.
+        let text = "é€".repeat(MAX_FAILURE_TEXT);
+        let outcomes: Vec<Outcome> = (0..MAX_RECIPIENTS_PER_JOB)
+            .map(|_| Outcome::PermFail(text.clone()).capped())
+            .collect();
+        for o in &outcomes {
+            let Outcome::PermFail(t) = o else { panic!() };
+            assert!(t.len() <= MAX_FAILURE_TEXT && t.len() > MAX_FAILURE_TEXT - 3);
+        }
+        let frame = crate::frame::encode(&FromDeliverd::Done {
+            job: u64::MAX,
+            outcomes,
+            seen: Some(SecLevel::TlsSecure),
+        })
+        .unwrap();
+        assert!(frame.len() - 4 <= MAX_RESULT_FRAME, "{}", frame.len());
+    }
 }

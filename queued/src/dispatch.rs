@@ -24,7 +24,7 @@ use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use tambo_common::loglimit::{LogLimiter, skipped};
-use tambo_proto::deliver::{FromDeliverd, Job, Outcome, SecLevel, ToDeliverd};
+use tambo_proto::deliver::{FromDeliverd, Job, MAX_RESULT_FRAME, Outcome, SecLevel, ToDeliverd};
 use tambo_proto::frame::{FrameReader, MAX_SMALL_FRAME, encode};
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
@@ -35,7 +35,7 @@ use tambo_proto::{Error, Role, fd, hello};
 pub const JOB_DEADLINE: Duration = Duration::from_secs(60 * 60);
 
 /// Longest failure text kept from deliverd (it reaches DSNs and logs).
-pub const MAX_FAILURE_TEXT: usize = 1024;
+pub use tambo_proto::deliver::MAX_FAILURE_TEXT;
 
 /// A deliverd connection that sends nothing (not even its heartbeat) for
 /// this long is closed.
@@ -402,7 +402,9 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
 
 async fn read_results(mut reader: FrameReader<OwnedReadHalf>, conn: Arc<Conn>, idle: Duration) {
     loop {
-        let msg = match tokio::time::timeout(idle, reader.read(MAX_SMALL_FRAME)).await {
+        // A result holds one outcome (with its failure text) per recipient
+        // of the job: larger than the other frames.
+        let msg = match tokio::time::timeout(idle, reader.read(MAX_RESULT_FRAME)).await {
             Err(_) => Err(Error::Idle(idle)),
             Ok(r) => r,
         };

@@ -44,6 +44,10 @@ pub enum Direction {
 pub struct DomainInfo {
     dir: PathBuf,
     levels: Mutex<HashMap<String, Levels>>,
+    /// Held while a record is written, so concurrent raises of one domain
+    /// reach the disk in order: each write takes the levels in memory at
+    /// the time it writes, never a copy that a later raise superseded.
+    writing: Mutex<()>,
 }
 
 impl DomainInfo {
@@ -55,6 +59,7 @@ impl DomainInfo {
         let me = Self {
             dir: dir.to_path_buf(),
             levels: Mutex::default(),
+            writing: Mutex::default(),
         };
         me.reload()?;
         Ok(me)
@@ -101,7 +106,8 @@ impl DomainInfo {
     /// The rule of REFERENCE §4.6 for a connection of level `seen`: lower
     /// than recorded → false; equal → true; higher → recorded (durably)
     /// and true. A failed write is logged; the check still passes, and the
-    /// level is kept in memory so it is enforced until a restart.
+    /// level is kept in memory so it is enforced until a restart. Writes
+    /// and fsyncs on a raise: call it where blocking is allowed.
     pub fn check(&self, domain: &str, dir: Direction, seen: SecLevel) -> bool {
         let key = domain.to_lowercase();
         let mut map = self.lock();
@@ -115,7 +121,6 @@ impl DomainInfo {
         }
         if seen > *recorded {
             *recorded = seen;
-            let levels = *levels;
             drop(map);
             tracing::info!(
                 "domaininfo: {domain}: {} level raised to {}",
@@ -125,7 +130,7 @@ impl DomainInfo {
                 },
                 seen.name()
             );
-            if let Err(e) = self.store(&key, levels) {
+            if let Err(e) = self.store(&key) {
                 tracing::error!("domaininfo: cannot record {domain}: {e}");
             }
         }
@@ -145,11 +150,14 @@ impl DomainInfo {
                 None => return Ok(false),
             }
         }
-        self.store(&key, Levels::default())?;
+        self.store(&key)?;
         Ok(true)
     }
 
-    fn store(&self, domain: &str, levels: Levels) -> io::Result<()> {
+    /// Writes the record of `domain` as memory holds it now.
+    fn store(&self, domain: &str) -> io::Result<()> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let levels = self.get(domain);
         let path = self.dir.join(format!("s:{}", escape(domain)));
         safeio::write_atomic(&path, format(domain, levels).as_bytes(), 0o600)
     }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use tokio::task::JoinSet;
 
 use tambo_common::address;
-use tambo_proto::deliver::{Job, Outcome, Target};
+use tambo_proto::deliver::{Job, MAX_JOB_ADDRESS_BYTES, MAX_RECIPIENTS_PER_JOB, Outcome, Target};
 use tambo_proto::metrics::{self, names};
 
 use super::{Queue, dovecot_knows};
@@ -92,7 +92,11 @@ impl Queue {
                 Target::Pipe(_) => false,
             };
             if shared {
-                let domain = address::split(&r.address).1.to_lowercase();
+                // One spelling per domain (Unicode, as chasquid keys its
+                // domaininfo), so `bücher.example` and its A-label share a
+                // security record.
+                let raw = address::split(&r.address).1;
+                let domain = address::normalize_domain(raw).unwrap_or_else(|_| raw.to_lowercase());
                 groups.entry((target, from, domain)).or_default().push(idx);
             } else {
                 let job = self.job(item, from, vec![r.address.clone()], target);
@@ -105,30 +109,41 @@ impl Queue {
                 });
             }
         }
-        for ((target, from, domain), idxs) in groups {
-            let to = idxs
+        for ((target, from, domain), group) in groups {
+            let addresses: Vec<&str> = group
                 .iter()
-                .map(|&i| item.recipients[i].address.clone())
+                .map(|&i| item.recipients[i].address.as_str())
                 .collect();
-            let mut job = self.job(item, from, to, target);
-            if matches!(job.target, Target::Remote | Target::Forward(_)) {
-                let recorded = self.domaininfo.get(&domain).outgoing;
-                job.security = Some((domain.clone(), recorded));
-            }
-            let rx = self.dispatcher.submit(job, body.clone());
-            let (n, domaininfo) = (idxs.len(), self.domaininfo.clone());
-            attempts.spawn(async move {
-                let result = rx
-                    .await
-                    .unwrap_or_else(|_| JobResult::temp_fail(n, "delivery was abandoned"));
-                if let Some(seen) = result.seen {
-                    // deliverd held the connection to the record it was
-                    // given; this records a raise (a lower level means the
-                    // record rose meanwhile, and changes nothing).
-                    domaininfo.check(&domain, Direction::Outgoing, seen);
+            for range in chunks(&addresses) {
+                let idxs = group[range].to_vec();
+                let to = idxs
+                    .iter()
+                    .map(|&i| item.recipients[i].address.clone())
+                    .collect();
+                let mut job = self.job(item, from.clone(), to, target.clone());
+                if matches!(job.target, Target::Remote | Target::Forward(_)) {
+                    let recorded = self.domaininfo.get(&domain).outgoing;
+                    job.security = Some((domain.clone(), recorded));
                 }
-                (idxs, result)
-            });
+                let rx = self.dispatcher.submit(job, body.clone());
+                let (n, domaininfo, domain) = (idxs.len(), self.domaininfo.clone(), domain.clone());
+                attempts.spawn(async move {
+                    let result = rx
+                        .await
+                        .unwrap_or_else(|_| JobResult::temp_fail(n, "delivery was abandoned"));
+                    if let Some(seen) = result.seen {
+                        // deliverd held the connection to the record it was
+                        // given; this records a raise (a lower level means
+                        // the record rose meanwhile, and changes nothing).
+                        // The write fsyncs: off the runtime's threads.
+                        let _ = tokio::task::spawn_blocking(move || {
+                            domaininfo.check(&domain, Direction::Outgoing, seen)
+                        })
+                        .await;
+                    }
+                    (idxs, result)
+                });
+            }
         }
         while let Some(res) = attempts.join_next().await {
             let Ok((idxs, result)) = res else { continue };
@@ -190,5 +205,67 @@ impl Queue {
             // again after a restart, never lost.
             Err(e) => tracing::error!(id = %item.id, "cannot rewrite queue item: {e}"),
         }
+    }
+}
+
+/// Splits a destination's recipients into jobs: at most
+/// [`MAX_RECIPIENTS_PER_JOB`] recipients and [`MAX_JOB_ADDRESS_BYTES`] of
+/// addresses each (one address alone always makes a job), in order.
+pub fn chunks(addresses: &[&str]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, a) in addresses.iter().enumerate() {
+        let full = i - start >= MAX_RECIPIENTS_PER_JOB || bytes + a.len() > MAX_JOB_ADDRESS_BYTES;
+        if i > start && full {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += a.len();
+    }
+    if start < addresses.len() {
+        out.push(start..addresses.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_destinations_are_split_into_jobs_that_fit() {
+        assert!(chunks(&[]).is_empty());
+        assert_eq!(chunks(&["a@x", "b@x"]), [0..2]);
+        let many: Vec<String> = (0..120).map(|i| format!("user{i}@example.org")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(chunks(&refs), [0..50, 50..100, 100..120]);
+        // Long addresses: by bytes before count.
+        let long: Vec<String> = (0..10)
+            .map(|i| format!("{i}{}@x", "a".repeat(997)))
+            .collect();
+        let refs: Vec<&str> = long.iter().map(String::as_str).collect();
+        let got = chunks(&refs);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got.iter().map(|r| r.len()).sum::<usize>(), 10);
+        for r in &got {
+            let bytes: usize = refs[r.clone()].iter().map(|a| a.len()).sum();
+            assert!(bytes <= MAX_JOB_ADDRESS_BYTES);
+        }
+        // A job of the biggest chunk fits in a frame.
+        let job = tambo_proto::deliver::Job {
+            job: u64::MAX,
+            queue_id: "x".repeat(11),
+            from: "s".repeat(1000),
+            to: refs[got[0].clone()].iter().map(|s| s.to_string()).collect(),
+            target: Target::Forward(vec!["h".repeat(255); 4]),
+            security: Some(("d".repeat(255), tambo_proto::deliver::SecLevel::TlsSecure)),
+        };
+        let frame =
+            tambo_proto::frame::encode(&tambo_proto::deliver::ToDeliverd::Job(job)).unwrap();
+        assert!(
+            frame.len() - 4 <= tambo_proto::frame::MAX_SMALL_FRAME,
+            "{}",
+            frame.len()
+        );
     }
 }
