@@ -54,11 +54,11 @@ pub async fn deliver(cfg: &Config, address: &str, job: &Job, message: File) -> V
     };
     metrics::inc(names::SMTP_OUT_CONNECTIONS);
     let mut conn = Conn::new(stream, deadline, limit);
-    if let Err(f) = greeting(&mut conn, &label).await {
+    if let Err(f) = greeting(&mut conn, label).await {
         return all(f);
     }
     let name = idna::domain_to_ascii(&cfg.hostname).unwrap_or_else(|_| cfg.hostname.clone());
-    let ext = match hello(&mut conn, Protocol::Lmtp, &name, &label).await {
+    let ext = match hello(&mut conn, Protocol::Lmtp, &name, label).await {
         Ok(ext) => ext,
         Err(f) => return all(f),
     };
