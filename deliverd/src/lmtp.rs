@@ -70,7 +70,7 @@ pub async fn deliver(cfg: &Config, address: &str, job: &Job, message: File) -> V
         &job.from,
         &job.to,
         &mut message,
-        &label,
+        label,
     )
     .await;
     tokio::spawn(conn.quit());
@@ -220,9 +220,9 @@ mod tests {
         let got = deliver(&config(), &addr, &j, message(b"x\r\n")).await;
         assert_eq!(
             got,
-            [Outcome::TempFail(format!(
-                "MAIL FROM: 451 4.3.0 try later (LMTP)"
-            ))]
+            [Outcome::TempFail(
+                "MAIL FROM: 451 4.3.0 try later (LMTP)".to_string()
+            )]
         );
         server.next().await;
     }

@@ -235,7 +235,10 @@ mod tests {
     #[test]
     fn big_destinations_are_split_into_jobs_that_fit() {
         assert!(chunks(&[]).is_empty());
-        assert_eq!(chunks(&["a@x", "b@x"]), vec![std::ops::Range { start: 0, end: 2 }]);
+        assert_eq!(
+            chunks(&["a@x", "b@x"]),
+            vec![std::ops::Range { start: 0, end: 2 }]
+        );
         let many: Vec<String> = (0..120).map(|i| format!("user{i}@example.org")).collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
         assert_eq!(chunks(&refs), [0..50, 50..100, 100..120]);
