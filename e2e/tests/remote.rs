@@ -509,7 +509,10 @@ fn forwarding_via_servers_rewrites_the_sender_of_outside_mail() {
     let w = World::new();
     let ip = random_loopback();
     let mx = PyMx::start(MxOpts::at(ip.into()));
-    let mut a = w.sender(mx.port(), "", "", "");
+    // Outgoing connections from a chosen local address (chasquid #22).
+    let source = random_loopback();
+    let tambo_extra = format!("outgoing_source_address = [\"{source}\"]\n");
+    let mut a = w.sender(mx.port(), "", &tambo_extra, "");
     std::fs::write(
         a.config_dir.join("domains").join(DOMAIN).join("aliases"),
         format!("list: dave@via.test via {ip}\nout: erin@far.test\n"),
@@ -536,6 +539,11 @@ fn forwarding_via_servers_rewrites_the_sender_of_outside_mail() {
             m.mail_from,
             format!("{alias}+fwd_from=carol=elsewhere.test@example.test"),
             "send-only SRS"
+        );
+        let peer = m.peer.clone().unwrap_or_default();
+        assert!(
+            peer.contains(&source.to_string()),
+            "from {peer}, not {source}"
         );
     }
     assert_eq!(var(&a, "chasquid/queue/deliverAttempts", "forward", 1), 1);
