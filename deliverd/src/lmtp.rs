@@ -54,11 +54,11 @@ pub async fn deliver(cfg: &Config, address: &str, job: &Job, message: File) -> V
     };
     metrics::inc(names::SMTP_OUT_CONNECTIONS);
     let mut conn = Conn::new(stream, deadline, limit);
-    if let Err(f) = greeting(&mut conn, &label).await {
+    if let Err(f) = greeting(&mut conn, label).await {
         return all(f);
     }
     let name = idna::domain_to_ascii(&cfg.hostname).unwrap_or_else(|_| cfg.hostname.clone());
-    let ext = match hello(&mut conn, Protocol::Lmtp, &name, &label).await {
+    let ext = match hello(&mut conn, Protocol::Lmtp, &name, label).await {
         Ok(ext) => ext,
         Err(f) => return all(f),
     };
@@ -70,7 +70,7 @@ pub async fn deliver(cfg: &Config, address: &str, job: &Job, message: File) -> V
         &job.from,
         &job.to,
         &mut message,
-        &label,
+        label,
     )
     .await;
     tokio::spawn(conn.quit());
@@ -220,9 +220,9 @@ mod tests {
         let got = deliver(&config(), &addr, &j, message(b"x\r\n")).await;
         assert_eq!(
             got,
-            [Outcome::TempFail(format!(
-                "MAIL FROM: 451 4.3.0 try later (LMTP)"
-            ))]
+            [Outcome::TempFail(
+                "MAIL FROM: 451 4.3.0 try later (LMTP)".into()
+            )]
         );
         server.next().await;
     }
