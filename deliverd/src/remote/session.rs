@@ -34,11 +34,16 @@ pub struct Timeouts {
     pub session: Duration,
     /// Any single wait for the server, within the session.
     pub wait: Duration,
+    /// The first command on a cached connection (MAIL) and its reply. A
+    /// connection the server dropped or forgot while idle often gives no
+    /// answer at all; a new one must not wait the whole session for it.
+    pub reuse: Duration,
 }
 
 impl Timeouts {
     pub const CONNECT: Duration = Duration::from_secs(60);
     pub const SESSION: Duration = Duration::from_secs(10 * 60);
+    pub const REUSE: Duration = Duration::from_secs(30);
 
     /// The defaults, or `[testing] smtp_out_timeout` in their place.
     pub fn new(testing: Option<Duration>) -> Self {
@@ -47,11 +52,13 @@ impl Timeouts {
                 connect: Self::CONNECT.min(t),
                 session: t,
                 wait: t,
+                reuse: Self::REUSE.min(t),
             },
             None => Timeouts {
                 connect: Self::CONNECT,
                 session: Self::SESSION,
                 wait: Self::SESSION,
+                reuse: Self::REUSE,
             },
         }
     }

@@ -3,6 +3,8 @@
 //! server), or as a `via` list of IP addresses.
 
 mod dialog;
+mod limits;
+mod order;
 mod reuse;
 mod security;
 
