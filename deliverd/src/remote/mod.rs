@@ -5,6 +5,8 @@
 //! - [`session`]: connect, EHLO, STARTTLS, the security checks.
 //! - [`tls`]: the certificate verdict (TLS_SECURE or TLS_INSECURE).
 //! - [`pool`]: connections kept open for the next job.
+//! - [`source`]: the source address of outgoing connections (MTA-STS
+//!   fetches use it too).
 //!
 //! The hosts are tried in order. Recipients with a final result
 //! (delivered, or refused with a 5xx) are done; those with a temporary
@@ -16,6 +18,7 @@ mod meter;
 mod mx;
 mod pool;
 mod session;
+mod source;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -44,9 +47,11 @@ use pool::Pool;
 use session::{Dialer, Session, Timeouts};
 use tls::TlsClient;
 
+pub(crate) use source::connect_from;
+
 /// How long deliverd waits for an MTA-STS policy during a delivery
 /// (REFERENCE §4.7); the cache bounds its own fetch too.
-const STS_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const STS_WAIT: Duration = Duration::from_secs(60);
 
 /// A connection with less reply budget left than this is not kept: its
 /// next transaction could run out in the middle.
@@ -123,6 +128,9 @@ impl Remote {
         sts: Arc<Sts>,
     ) -> Self {
         let hello = idna::domain_to_ascii(&cfg.hostname).unwrap_or_else(|_| cfg.hostname.clone());
+        // Here, where the configuration meets the cache: policy fetches
+        // leave from the same address as the mail they are for.
+        sts.set_source_addresses(&cfg.tambo.outgoing_source_address);
         Remote {
             resolver,
             sts,
