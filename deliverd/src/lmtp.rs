@@ -221,7 +221,7 @@ mod tests {
         assert_eq!(
             got,
             [Outcome::TempFail(
-                "MAIL FROM: 451 4.3.0 try later (LMTP)".to_string()
+                "MAIL FROM: 451 4.3.0 try later (LMTP)".into()
             )]
         );
         server.next().await;

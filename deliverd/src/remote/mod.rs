@@ -5,16 +5,20 @@
 //! - [`session`]: connect, EHLO, STARTTLS, the security checks.
 //! - [`tls`]: the certificate verdict (TLS_SECURE or TLS_INSECURE).
 //! - [`pool`]: connections kept open for the next job.
+//! - [`source`]: the source address of outgoing connections (MTA-STS
+//!   fetches use it too).
 //!
 //! The hosts are tried in order. Recipients with a final result
 //! (delivered, or refused with a 5xx) are done; those with a temporary
-//! one go on to the next host; a permanent failure of the whole
-//! transaction stops the attempt.
+//! one go on to the next host, unless a host may have taken their message
+//! (the connection was lost after the final dot); a permanent failure of
+//! the whole transaction stops the attempt.
 
 mod meter;
 mod mx;
 mod pool;
 mod session;
+mod source;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -43,9 +47,11 @@ use pool::Pool;
 use session::{Dialer, Session, Timeouts};
 use tls::TlsClient;
 
+pub(crate) use source::connect_from;
+
 /// How long deliverd waits for an MTA-STS policy during a delivery
 /// (REFERENCE §4.7); the cache bounds its own fetch too.
-const STS_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const STS_WAIT: Duration = Duration::from_secs(60);
 
 /// A connection with less reply budget left than this is not kept: its
 /// next transaction could run out in the middle.
@@ -105,8 +111,13 @@ pub(crate) struct Host {
 enum HostResult {
     /// The same for every recipient tried there.
     All(Failure),
-    /// One result per recipient tried, in order.
-    Each(Vec<Result<(), Failure>>),
+    /// One result per recipient tried, in order, and whether the host may
+    /// have taken the message despite a failure (see
+    /// [`Transaction::Each`]).
+    Each {
+        results: Vec<Result<(), Failure>>,
+        doubt: Vec<bool>,
+    },
 }
 
 impl Remote {
@@ -117,6 +128,9 @@ impl Remote {
         sts: Arc<Sts>,
     ) -> Self {
         let hello = idna::domain_to_ascii(&cfg.hostname).unwrap_or_else(|_| cfg.hostname.clone());
+        // Here, where the configuration meets the cache: policy fetches
+        // leave from the same address as the mail they are for.
+        sts.set_source_addresses(&cfg.tambo.outgoing_source_address);
         Remote {
             resolver,
             sts,
@@ -272,24 +286,30 @@ impl Remote {
 
     /// Tries `hosts` in order until every recipient has a final result
     /// (REFERENCE §4.5 step 4). Tests call this with hosts of their own.
+    ///
+    /// Always in preference order: a cached connection is used only when
+    /// its host's turn comes. Trying hosts with one first would keep mail
+    /// on a backup MX for as long as steady traffic keeps its connection
+    /// alive, long after the primary is back.
     pub(crate) async fn deliver_to(
         &self,
         job: &Job,
         message: &mut tokio::fs::File,
         dest: &Dest,
-        mut hosts: Vec<Host>,
+        hosts: Vec<Host>,
     ) -> (Vec<Outcome>, Option<SecLevel>) {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; job.to.len()];
+        // Recipients whose message a host may have taken (the connection
+        // was lost after the final dot): no other host gets it in this
+        // attempt, as that could deliver it twice; the next attempt may.
+        let mut in_doubt = vec![false; job.to.len()];
         // The check is against the recorded level, raised by every session
         // that passes it, as chasquid's domaininfo does within a delivery.
         let mut required = job.security.as_ref().map_or(SecLevel::Plain, |s| s.1);
         let mut seen = None;
-        // Hosts with an open connection this job may use first: it is
-        // proof they work.
-        let cached = self.pool.hosts(&dest.key, |l| dest.fits(l, required));
-        hosts.sort_by_key(|h| !cached.contains(&h.name));
         for host in &hosts {
             let pending: Vec<usize> = (0..job.to.len())
+                .filter(|&i| !in_doubt[i])
                 .filter(|&i| matches!(outcomes[i], None | Some(Outcome::TempFail(_))))
                 .collect();
             if pending.is_empty() {
@@ -311,8 +331,13 @@ impl Remote {
                         break;
                     }
                 }
-                HostResult::Each(results) => {
-                    for (&i, r) in pending.iter().zip(results) {
+                HostResult::Each { results, doubt } => {
+                    for ((&i, r), d) in pending.iter().zip(results).zip(doubt) {
+                        if d {
+                            tracing::info!(id = %job.queue_id, host = %host.name, to = %job.to[i],
+                                "connection lost after the message was sent; no other host tried in this attempt");
+                        }
+                        in_doubt[i] = d;
                         outcomes[i] =
                             Some(r.map_or_else(Failure::into_outcome, |()| Outcome::Delivered));
                     }
@@ -326,8 +351,9 @@ impl Remote {
         (outcomes, seen)
     }
 
-    /// One host: a cached connection if one fits, else a new one. The
-    /// level is that of the session used, if it passed the checks.
+    /// One host: its cached connection if one fits and still works, else
+    /// a new one. The level is that of the session used, if it passed the
+    /// checks.
     async fn try_host(
         &self,
         job: &Job,
@@ -337,45 +363,20 @@ impl Remote {
         to: &[String],
         required: &mut SecLevel,
     ) -> (HostResult, Option<SecLevel>) {
-        let deadline = Instant::now() + self.dialer.timeouts.session;
         let enforce = dest.sts_enforce();
         let need = *required;
-        if let Some(mut s) = self
+        if let Some(s) = self
             .pool
             .take(&dest.key, &host.name, |l| dest.fits(l, need))
+            && let Some(done) = self
+                .try_cached(job, message, dest, host, to, s, required)
+                .await
         {
-            self.dialer.meter.inc(names::SMTP_OUT_REUSED);
-            s.conn.set_deadline(deadline);
-            // Passes by construction; run so the checks are counted per job.
-            if let Err(f) = self
-                .dialer
-                .check(s.level, need, &dest.domain, enforce, &host.name)
-            {
-                tokio::spawn(s.conn.quit());
-                return (HostResult::All(f), None);
-            }
-            let tx = transaction(
-                &mut s.conn,
-                s.ext,
-                Protocol::Smtp,
-                &job.from,
-                to,
-                message,
-                &host.name,
-            )
-            .await;
-            match tx {
-                // Closed while idle: not the host's fault, and not a
-                // failure of the delivery; a new connection follows.
-                Transaction::Whole {
-                    dead: true,
-                    failure,
-                } => {
-                    tracing::debug!(host = %host.name, "cached connection was dead: {}", failure.text());
-                }
-                tx => return self.finish(dest, host, s, tx, required),
-            }
+            return done;
         }
+        // A new connection gets a whole session, whatever time a dead
+        // cached one took.
+        let deadline = Instant::now() + self.dialer.timeouts.session;
         let addrs = match &host.addrs {
             Some(a) => a.clone(),
             None => match mx::lookup_addrs(&self.resolver, &host.name, self.port).await {
@@ -422,34 +423,106 @@ impl Remote {
             &host.name,
         )
         .await;
-        self.finish(dest, host, s, tx, required)
+        self.finish(dest, host, s, tx, required).await
+    }
+
+    /// A transaction on a cached connection. None: the connection turned
+    /// out dead (closed or talking out of turn while idle, or MAIL got no
+    /// answer or a 4xx within [`Timeouts::reuse`]); that is no failure of
+    /// the host or of the delivery, and a new connection follows.
+    #[allow(clippy::too_many_arguments)]
+    async fn try_cached(
+        &self,
+        job: &Job,
+        message: &mut tokio::fs::File,
+        dest: &Dest,
+        host: &Host,
+        to: &[String],
+        mut s: Session,
+        required: &mut SecLevel,
+    ) -> Option<(HostResult, Option<SecLevel>)> {
+        if let Err(e) = s.conn.check_idle().await {
+            tracing::debug!(host = %host.name, "cached connection unusable: {e}");
+            tokio::spawn(s.conn.quit());
+            return None;
+        }
+        s.conn
+            .set_deadline(Instant::now() + self.dialer.timeouts.session);
+        // Passes by construction; run so the checks are counted per job.
+        if let Err(f) = self.dialer.check(
+            s.level,
+            *required,
+            &dest.domain,
+            dest.sts_enforce(),
+            &host.name,
+        ) {
+            tokio::spawn(s.conn.quit());
+            return Some((HostResult::All(f), None));
+        }
+        s.conn.limit_next_reply(self.dialer.timeouts.reuse);
+        let tx = transaction(
+            &mut s.conn,
+            s.ext,
+            Protocol::Smtp,
+            &job.from,
+            to,
+            message,
+            &host.name,
+        )
+        .await;
+        match tx {
+            // Closed, stuck or limited (421 after n messages, say) while
+            // idle: a new connection may well work.
+            Transaction::Whole { failure } if !failure.is_permanent() => {
+                tracing::debug!(host = %host.name, "cached connection failed: {}", failure.text());
+                tokio::spawn(s.conn.quit());
+                None
+            }
+            tx => {
+                self.dialer.meter.inc(names::SMTP_OUT_REUSED);
+                Some(self.finish(dest, host, s, tx, required).await)
+            }
+        }
     }
 
     /// After a transaction on a session that passed the checks: keep the
     /// connection if it is fit for another, else QUIT (in the background:
     /// the result need not wait for it).
-    fn finish(
+    async fn finish(
         &self,
         dest: &Dest,
         host: &Host,
-        s: Session,
+        mut s: Session,
         tx: Transaction,
         required: &mut SecLevel,
     ) -> (HostResult, Option<SecLevel>) {
         *required = (*required).max(s.level);
         let level = Some(s.level);
         match tx {
-            Transaction::Whole { failure, .. } => {
+            Transaction::Whole { failure } => {
                 tokio::spawn(s.conn.quit());
                 (HostResult::All(failure), level)
             }
-            Transaction::Each { results, reusable } => {
-                if reusable && s.conn.budget_left() >= MIN_BUDGET_TO_KEEP {
+            Transaction::Each {
+                results,
+                reusable,
+                in_doubt,
+            } => {
+                // Bytes the server sent after its last reply would be
+                // taken for the reply to the next job's MAIL.
+                if reusable
+                    && s.conn.budget_left() >= MIN_BUDGET_TO_KEEP
+                    && s.conn.check_idle().await.is_ok()
+                {
                     self.pool.put(&dest.key, &host.name, s);
                 } else {
                     tokio::spawn(s.conn.quit());
                 }
-                (HostResult::Each(results), level)
+                let each = HostResult::Each {
+                    results,
+                    doubt: in_doubt,
+                };
+                (each, level)
             }
         }
     }

@@ -99,12 +99,20 @@ enum DnsFailure {
     NoSuchName,
     /// The name exists, without records of that type.
     NoData,
-    /// SERVFAIL, a timeout, no server reachable: may work later.
+    /// Anything else: SERVFAIL, REFUSED, FORMERR, a timeout, no server
+    /// reachable, a malformed or mismatched answer... None of these says
+    /// anything about the domain, only about the path to its answer, and
+    /// a mail bounced for a resolver's fault is lost for good; retrying
+    /// costs only time (the give-up deadline still ends it).
     Temporary,
-    /// Anything else (REFUSED, a malformed answer...).
-    Other,
 }
 
+/// Only an answer that proves the name absent (NXDOMAIN) or without
+/// records of the type asked (NOERROR, no data) is taken as final; every
+/// other error is temporary. REFERENCE §4.5 step 2 says "other DNS errors
+/// → permanent"; this is deliberately narrower, after review: the only
+/// permanent cases are NXDOMAIN, a null MX, an IDNA error, and a domain
+/// with neither MX nor address.
 fn classify(e: &NetError) -> DnsFailure {
     match e {
         NetError::Dns(DnsError::NoRecordsFound(nr))
@@ -112,13 +120,9 @@ fn classify(e: &NetError) -> DnsFailure {
         {
             DnsFailure::NoSuchName
         }
+        // hickory builds NoRecordsFound only from NOERROR or NXDOMAIN.
         NetError::Dns(DnsError::NoRecordsFound(_)) => DnsFailure::NoData,
-        NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail))
-        | NetError::Timeout
-        | NetError::Busy
-        | NetError::NoConnections
-        | NetError::Io(_) => DnsFailure::Temporary,
-        _ => DnsFailure::Other,
+        _ => DnsFailure::Temporary,
     }
 }
 
@@ -153,11 +157,6 @@ pub async fn lookup_mx(resolver: &TokioResolver, domain: &str) -> Result<MxHosts
             }
             DnsFailure::Temporary => {
                 return Err(Failure::temporary(format!(
-                    "MX lookup for {domain} failed: {e}"
-                )));
-            }
-            DnsFailure::Other => {
-                return Err(Failure::permanent(format!(
                     "MX lookup for {domain} failed: {e}"
                 )));
             }
@@ -318,6 +317,47 @@ mod tests {
         // A "." beside real hosts is only skipped.
         let got = select("example.org", recs(&[(0, "."), (10, "mx")]), |_| 0).unwrap();
         assert_eq!(got.hosts, ["mx"]);
+    }
+
+    #[test]
+    fn only_nxdomain_and_nodata_are_final() {
+        use hickory_resolver::net::NoRecords;
+        use hickory_resolver::proto::ProtoError;
+        use hickory_resolver::proto::op::Query;
+        use hickory_resolver::proto::rr::RecordType;
+        use std::sync::Arc;
+
+        let query = || Query::query(Name::from_ascii("example.org.").unwrap(), RecordType::MX);
+        let no_records =
+            |code| NetError::Dns(DnsError::NoRecordsFound(NoRecords::new(query(), code)));
+        assert_eq!(
+            classify(&no_records(ResponseCode::NXDomain)),
+            DnsFailure::NoSuchName
+        );
+        assert_eq!(
+            classify(&no_records(ResponseCode::NoError)),
+            DnsFailure::NoData
+        );
+        let temporary = [
+            NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)),
+            NetError::Dns(DnsError::ResponseCode(ResponseCode::Refused)),
+            NetError::Dns(DnsError::ResponseCode(ResponseCode::FormErr)),
+            NetError::Dns(DnsError::ResponseCode(ResponseCode::NotImp)),
+            NetError::Dns(DnsError::ResponseCode(ResponseCode::NotAuth)),
+            NetError::Dns(DnsError::DnssecBogus),
+            NetError::Proto(ProtoError::from("bad label")),
+            NetError::Msg("something odd".into()),
+            NetError::Message("something odd"),
+            NetError::QueryCaseMismatch,
+            NetError::Truncated,
+            NetError::Timeout,
+            NetError::Busy,
+            NetError::NoConnections,
+            NetError::Io(Arc::new(std::io::Error::other("reset"))),
+        ];
+        for e in &temporary {
+            assert_eq!(classify(e), DnsFailure::Temporary, "{e:?}");
+        }
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Open connections kept after a delivery, for the next message to the
 //! same destination (REFERENCE §4.5; `smtp_connection_cache_time`).
 //!
-//! A connection is kept only when its last transaction went through, for
-//! a short time, and at most [`MAX_IDLE`] of them in all. Each is filed
+//! A connection is kept only when its last transaction went through and
+//! nothing the server sent is left unread, for a short time, and at most
+//! [`MAX_IDLE`] of them in all. A job takes only the connection to the
+//! host whose turn it is (the MX order never bends to the pool), and
+//! checks it again before use. Each is filed
 //! under its destination (a domain's MX set, or a `via` list) and the host
 //! it is connected to, and keeps the security level it was opened with:
 //! a job takes one only if that level passes the job's own checks.
@@ -51,6 +54,7 @@ impl Pool {
     }
 
     /// The hosts of `dest` with an idle connection whose level `fits`.
+    #[cfg(test)]
     pub fn hosts(&self, dest: &str, fits: impl Fn(SecLevel) -> bool) -> Vec<String> {
         let inner = self.lock();
         inner

@@ -6,13 +6,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use tambo_proto::deliver::SecLevel;
 use tambo_proto::metrics::names;
 
 use super::meter::Meter;
+use super::source::connect_from;
 use super::tls::TlsClient;
 use crate::smtp::client::{greeting, hello};
 use crate::smtp::{Conn, Extensions, Failure, Protocol, Stage, Stream};
@@ -34,11 +35,16 @@ pub struct Timeouts {
     pub session: Duration,
     /// Any single wait for the server, within the session.
     pub wait: Duration,
+    /// The first command on a cached connection (MAIL) and its reply. A
+    /// connection the server dropped or forgot while idle often gives no
+    /// answer at all; a new one must not wait the whole session for it.
+    pub reuse: Duration,
 }
 
 impl Timeouts {
     pub const CONNECT: Duration = Duration::from_secs(60);
     pub const SESSION: Duration = Duration::from_secs(10 * 60);
+    pub const REUSE: Duration = Duration::from_secs(30);
 
     /// The defaults, or `[testing] smtp_out_timeout` in their place.
     pub fn new(testing: Option<Duration>) -> Self {
@@ -47,11 +53,13 @@ impl Timeouts {
                 connect: Self::CONNECT.min(t),
                 session: t,
                 wait: t,
+                reuse: Self::REUSE.min(t),
             },
             None => Timeouts {
                 connect: Self::CONNECT,
                 session: Self::SESSION,
                 wait: Self::SESSION,
+                reuse: Self::REUSE,
             },
         }
     }
@@ -191,7 +199,7 @@ impl Dialer {
                 break;
             }
             let share = (until - now) / (addrs.len() - i) as u32;
-            match tokio::time::timeout(share, self.connect_one(addr)).await {
+            match tokio::time::timeout(share, connect_from(&self.sources, addr)).await {
                 Ok(Ok(s)) => {
                     self.meter.inc(names::SMTP_OUT_CONNECTIONS);
                     return Ok((s, addr));
@@ -204,21 +212,6 @@ impl Dialer {
             "{}: {last} ({host})",
             Stage::Connect
         )))
-    }
-
-    /// From the configured source address of the destination's family, if
-    /// there is one.
-    async fn connect_one(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
-        let Some(&src) = self.sources.iter().find(|s| s.is_ipv4() == addr.is_ipv4()) else {
-            return TcpStream::connect(addr).await;
-        };
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.bind(SocketAddr::new(src, 0))?;
-        socket.connect(addr).await
     }
 
     /// The checks a session must pass for a job (REFERENCE §4.5–4.7): not

@@ -8,7 +8,7 @@ use tokio::fs::File;
 
 use tambo_common::address;
 
-use super::conn::Conn;
+use super::conn::{Conn, ConnError};
 use super::data::send_message;
 use super::failure::{Failure, Stage};
 use super::reply::Reply;
@@ -125,16 +125,20 @@ pub fn wire_address(addr: &str, smtputf8: bool) -> Result<(Cow<'_, str>, bool), 
 #[derive(Debug)]
 pub enum Transaction {
     /// Failed before any recipient had an answer of its own (MAIL, or
-    /// the sender's address). `dead` says the session was found closed
-    /// or closing at MAIL (an I/O error, no answer, or 421): on a cached
-    /// connection that means it timed out while idle, not that the
-    /// server refused anything.
-    Whole { failure: Failure, dead: bool },
+    /// the sender's address). Temporary exactly when MAIL got no answer
+    /// or a 4xx: on a cached connection that may only mean it was closed
+    /// or limited while idle, not that the server refused anything.
+    Whole { failure: Failure },
     /// One result per recipient, in order. `reusable`: the server took
     /// the message and the session is ready for another transaction.
     Each {
         results: Vec<Result<(), Failure>>,
         reusable: bool,
+        /// Per recipient: the whole message, final dot included, went
+        /// out for it, and the connection failed before the server's
+        /// answer. The server may have taken it: sending it elsewhere
+        /// now could deliver it twice.
+        in_doubt: Vec<bool>,
     },
 }
 
@@ -156,7 +160,6 @@ pub async fn transaction(
         Err(why) => {
             return Transaction::Whole {
                 failure: Failure::permanent(format!("{}: {why} ({host})", Stage::Mail)),
-                dead: false,
             };
         }
     };
@@ -178,6 +181,7 @@ pub async fn transaction(
         }
     }
     let finished = |results: Vec<Option<Result<(), Failure>>>, reusable| Transaction::Each {
+        in_doubt: vec![false; results.len()],
         results: results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect(),
         reusable,
     };
@@ -197,13 +201,11 @@ pub async fn transaction(
         Ok(r) => {
             return Transaction::Whole {
                 failure: Failure::reply(Stage::Mail, &r, host),
-                dead: r.code == 421,
             };
         }
         Err(e) => {
             return Transaction::Whole {
                 failure: Failure::conn(Stage::Mail, &e, host),
-                dead: true,
             };
         }
     }
@@ -238,9 +240,28 @@ pub async fn transaction(
         }
     }
     if let Err(e) = send_message(conn, message).await {
+        // Cut off inside the data: anything sent now would be data.
+        conn.set_broken();
         fill(&mut results, Failure::conn(Stage::Data, &e, host));
         return finished(results, false);
     }
+    // From here the server has the whole message: a lost connection
+    // leaves every recipient still without an answer in doubt.
+    let lost = |results: Vec<Option<Result<(), Failure>>>, e: &ConnError| {
+        let failure = Failure::temporary(format!(
+            "{}: connection lost after the message was sent ({e}); will retry ({host})",
+            Stage::EndOfData
+        ));
+        let in_doubt = results.iter().map(Option::is_none).collect();
+        Transaction::Each {
+            results: results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(failure.clone())))
+                .collect(),
+            reusable: false,
+            in_doubt,
+        }
+    };
 
     match protocol {
         Protocol::Smtp => match conn.read_reply().await {
@@ -252,10 +273,7 @@ pub async fn transaction(
                 fill(&mut results, Failure::reply(Stage::EndOfData, &r, host));
                 finished(results, false)
             }
-            Err(e) => {
-                fill(&mut results, Failure::conn(Stage::EndOfData, &e, host));
-                finished(results, false)
-            }
+            Err(e) => lost(results, &e),
         },
         // RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
         Protocol::Lmtp => {
@@ -263,10 +281,7 @@ pub async fn transaction(
                 match conn.read_reply().await {
                     Ok(r) if r.is_positive() => results[i] = Some(Ok(())),
                     Ok(r) => results[i] = Some(Err(Failure::reply(Stage::EndOfData, &r, host))),
-                    Err(e) => {
-                        fill(&mut results, Failure::conn(Stage::EndOfData, &e, host));
-                        return finished(results, false);
-                    }
+                    Err(e) => return lost(results, &e),
                 }
             }
             finished(results, true)

@@ -2,9 +2,14 @@
 //! deadline and with bounded reads.
 //!
 //! Everything the server sends is read through [`Conn::read_reply`], which
-//! holds at most one line of [`MAX_LINE`] bytes at a time in its buffer and
-//! stops after [`REPLY_BUDGET`] bytes on the connection, so a hostile
-//! server can make deliverd neither wait forever nor hold much memory.
+//! holds at most one line of [`MAX_LINE`] bytes at a time in its buffer,
+//! at most [`MAX_REPLY`] bytes in one reply, and stops after
+//! [`REPLY_BUDGET`] bytes on the connection, so a hostile server can make
+//! deliverd neither wait forever nor hold much memory.
+//!
+//! A connection that failed (an error, a timeout, a reply out of bounds)
+//! is out of step with the server: it only gets closed, never another
+//! command, not even QUIT.
 
 use std::io;
 use std::pin::Pin;
@@ -26,6 +31,12 @@ pub const MAX_LINE: usize = 4096;
 /// chasquid's client: plenty for any number of transactions a cached
 /// connection carries, far too little to exhaust memory.
 pub const REPLY_BUDGET: usize = 2 * 1024 * 1024;
+
+/// Most bytes of one reply, all its lines and line ends together. The
+/// longest real replies (EHLO lists, multi-line rejections) are a few
+/// KiB; without this cap one reply could take the whole budget, 2 MiB
+/// held as text.
+pub const MAX_REPLY: usize = 64 * 1024;
 
 /// What a connection runs over.
 pub enum Stream {
@@ -94,6 +105,10 @@ pub enum ConnError {
     Malformed(String),
     #[error("the server sent more than {REPLY_BUDGET} bytes of replies on this connection")]
     TooMuch,
+    #[error("a reply longer than {MAX_REPLY} bytes")]
+    ReplyTooLong,
+    #[error("the server sent data while the connection was idle")]
+    Unsolicited,
     #[error("the server sent data ahead of the TLS handshake")]
     DataBeforeHandshake,
     #[error("cannot read the queued message: {0}")]
@@ -114,6 +129,11 @@ pub struct Conn {
     deadline: Instant,
     /// The longest any single wait may take, within the deadline.
     wait: Duration,
+    /// A shorter limit for the next command and its reply only (the first
+    /// command on a cached connection, so a dead one is found out fast).
+    once: Option<Duration>,
+    /// Something failed: the connection is out of step with the server.
+    broken: bool,
 }
 
 impl Conn {
@@ -126,6 +146,8 @@ impl Conn {
             budget: REPLY_BUDGET,
             deadline,
             wait,
+            once: None,
+            broken: false,
         }
     }
 
@@ -139,9 +161,28 @@ impl Conn {
         self.budget
     }
 
+    /// Limits the next command (its write and its reply) to `wait`, if
+    /// that is shorter than the usual wait; later ones get the usual one.
+    pub fn limit_next_reply(&mut self, wait: Duration) {
+        self.once = Some(wait.min(self.wait));
+    }
+
+    /// Marks the connection out of step with the server (a command was
+    /// abandoned half sent): it will only be closed.
+    pub fn set_broken(&mut self) {
+        self.broken = true;
+    }
+
     /// Until when the next wait may last.
     fn wait_until(&self) -> Instant {
-        self.deadline.min(Instant::now() + self.wait)
+        self.deadline
+            .min(Instant::now() + self.once.unwrap_or(self.wait))
+    }
+
+    /// Notes that `e` happened, so the connection is only closed now.
+    fn failed(&mut self, e: ConnError) -> ConnError {
+        self.broken = true;
+        e
     }
 
     /// Bounds `fut` by the wait limit.
@@ -175,25 +216,39 @@ impl Conn {
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
         let until = self.wait_until();
         match tokio::time::timeout_at(until, self.stream.write_all(bytes)).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(ConnError::Timeout),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.failed(e.into())),
+            Err(_) => Err(self.failed(ConnError::Timeout)),
         }
     }
 
     pub async fn flush(&mut self) -> Result<(), ConnError> {
         let until = self.wait_until();
         match tokio::time::timeout_at(until, self.stream.flush()).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(ConnError::Timeout),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.failed(e.into())),
+            Err(_) => Err(self.failed(ConnError::Timeout)),
         }
     }
 
     /// Reads one whole reply. Continuation lines must carry the same code.
+    /// Any error leaves the connection broken.
     pub async fn read_reply(&mut self) -> Result<Reply, ConnError> {
+        let r = self.read_reply_inner().await;
+        self.once = None;
+        r.map_err(|e| self.failed(e))
+    }
+
+    async fn read_reply_inner(&mut self) -> Result<Reply, ConnError> {
         let mut text = String::new();
         let mut code = None;
+        let mut size = 0;
         loop {
-            let raw = self.read_line().await?;
+            let (raw, len) = self.read_line().await?;
+            size += len;
+            if size > MAX_REPLY {
+                return Err(ConnError::ReplyTooLong);
+            }
             let line = parse_line(&raw).map_err(|_| ConnError::Malformed(snippet(&raw)))?;
             if code.is_some_and(|c| c != line.code) {
                 return Err(ConnError::Malformed(snippet(&raw)));
@@ -213,15 +268,16 @@ impl Conn {
     }
 
     /// One line, without its line end (CRLF, or a bare LF: being lenient
-    /// here cannot smuggle anything, the line is only read).
-    async fn read_line(&mut self) -> Result<String, ConnError> {
+    /// here cannot smuggle anything, the line is only read), and how many
+    /// bytes it took, line end included.
+    async fn read_line(&mut self) -> Result<(String, usize), ConnError> {
         loop {
             let unread = &self.buf[self.start..self.end];
             if let Some(pos) = unread.iter().position(|&b| b == b'\n') {
                 let line = unread[..pos].strip_suffix(b"\r").unwrap_or(&unread[..pos]);
                 let line = String::from_utf8_lossy(line).into_owned();
                 self.start += pos + 1;
-                return Ok(line);
+                return Ok((line, pos + 1));
             }
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
@@ -247,6 +303,43 @@ impl Conn {
             self.end += n;
             self.budget -= n;
         }
+    }
+
+    /// Whether the connection is fit to be parked or taken again: not
+    /// broken, nothing unread in the buffer, and nothing (bytes, or the
+    /// end of the stream) waiting on the socket. Whatever a server sends
+    /// unasked would be read as the reply to the next command and put
+    /// every later reply out of step, so it makes the connection unfit
+    /// (and broken). Waits [`IDLE_PEEK`] at most.
+    pub async fn check_idle(&mut self) -> Result<(), ConnError> {
+        if self.broken {
+            return Err(ConnError::Closed);
+        }
+        if self.start != self.end {
+            return Err(self.failed(ConnError::Unsolicited));
+        }
+        if self.budget == 0 {
+            return Err(self.failed(ConnError::TooMuch));
+        }
+        self.start = 0;
+        self.end = 0;
+        let room = self.buf.len().min(self.budget);
+        // A read that is still pending after the peek: nothing was there.
+        // Bytes already in the kernel's buffer are always found: the wait
+        // lets tokio's reactor see the socket readable, and the read is
+        // polled before the timer.
+        let n = match tokio::time::timeout(IDLE_PEEK, self.stream.read(&mut self.buf[..room])).await
+        {
+            Err(_) => return Ok(()),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(self.failed(e.into())),
+        };
+        if n == 0 {
+            return Err(self.failed(ConnError::Closed));
+        }
+        self.end = n;
+        self.budget -= n;
+        Err(self.failed(ConnError::Unsolicited))
     }
 
     /// The plain TCP stream, to start TLS on, and what is left of the
@@ -282,10 +375,14 @@ impl Conn {
     }
 
     /// Sends QUIT and waits a little for the answer; errors do not matter
-    /// any more, the connection is closed either way.
+    /// any more, the connection is closed either way. A broken connection
+    /// gets no QUIT: the server could take it for anything (message data,
+    /// say), and its reply would not be the one read.
     pub async fn quit(mut self) {
         self.deadline = Instant::now() + QUIT_WAIT.min(self.wait);
-        let _ = self.command("QUIT").await;
+        if !self.broken {
+            let _ = self.command("QUIT").await;
+        }
         let _ = tokio::time::timeout_at(self.deadline, self.stream.shutdown()).await;
     }
 }
@@ -293,86 +390,15 @@ impl Conn {
 /// How long QUIT may take.
 const QUIT_WAIT: Duration = Duration::from_secs(10);
 
+/// How long [`Conn::check_idle`] looks for unasked data. tokio learns
+/// that a socket is readable from its reactor, which a read that does not
+/// wait at all may not have asked yet.
+const IDLE_PEEK: Duration = Duration::from_millis(1);
+
 /// The start of a bad line, for the error text (which quotes it).
 fn snippet(line: &str) -> String {
     line.chars().take(64).collect()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::AsyncWriteExt;
-
-    async fn pair() -> (Conn, UnixStream) {
-        let (a, b) = UnixStream::pair().unwrap();
-        let conn = Conn::new(
-            Stream::Unix(a),
-            Instant::now() + Duration::from_secs(10),
-            Duration::from_secs(10),
-        );
-        (conn, b)
-    }
-
-    #[tokio::test]
-    async fn multiline_replies() {
-        let (mut c, mut s) = pair().await;
-        s.write_all(b"250-mx.test hi\r\n250-SMTPUTF8\n250 8BITMIME\r\n220 next\r\n")
-            .await
-            .unwrap();
-        let r = c.read_reply().await.unwrap();
-        assert_eq!(r.code, 250);
-        assert_eq!(
-            r.lines().collect::<Vec<_>>(),
-            ["mx.test hi", "SMTPUTF8", "8BITMIME"]
-        );
-        assert_eq!(c.read_reply().await.unwrap().text, "next");
-    }
-
-    #[tokio::test]
-    async fn bad_replies() {
-        let (mut c, mut s) = pair().await;
-        s.write_all(b"250-a\r\n251 b\r\n").await.unwrap();
-        assert!(matches!(c.read_reply().await, Err(ConnError::Malformed(_))));
-        let (mut c, mut s) = pair().await;
-        s.write_all(b"hello\r\n").await.unwrap();
-        assert!(matches!(c.read_reply().await, Err(ConnError::Malformed(_))));
-        let (mut c, s) = pair().await;
-        drop(s);
-        assert!(matches!(c.read_reply().await, Err(ConnError::Closed)));
-    }
-
-    #[tokio::test]
-    async fn long_lines_are_refused() {
-        let (mut c, mut s) = pair().await;
-        let mut line = b"250 ".to_vec();
-        line.resize(MAX_LINE + 10, b'x');
-        tokio::spawn(async move {
-            let _ = s.write_all(&line).await;
-            let _ = s.write_all(b"\r\n").await;
-            s
-        });
-        assert!(matches!(c.read_reply().await, Err(ConnError::LineTooLong)));
-    }
-
-    #[tokio::test]
-    async fn a_silent_server_times_out() {
-        let (a, _s) = UnixStream::pair().unwrap();
-        let mut c = Conn::new(
-            Stream::Unix(a),
-            Instant::now() + Duration::from_secs(60),
-            Duration::from_millis(50),
-        );
-        assert!(matches!(c.read_reply().await, Err(ConnError::Timeout)));
-    }
-
-    #[tokio::test]
-    async fn data_ahead_of_a_handshake_is_refused() {
-        let (mut c, mut s) = pair().await;
-        // One write: the client's one read takes both lines.
-        s.write_all(b"220 go ahead\r\n250 injected\r\n")
-            .await
-            .unwrap();
-        assert_eq!(c.read_reply().await.unwrap().text, "go ahead");
-        assert!(matches!(c.into_tcp(), Err(ConnError::DataBeforeHandshake)));
-    }
-}
+mod tests;

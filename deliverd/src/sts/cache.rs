@@ -36,6 +36,44 @@ const FILE_MODE: u32 = 0o600;
 /// The largest file read: ours stay near 10 KiB (the largest policy).
 const MAX_FILE: u64 = 64 * 1024;
 
+/// Most policies cached. Each domain mail went to that publishes one
+/// stays until it expires and cannot be renewed: without a bound the
+/// periodic refresh (one fetch per entry) and the directory would grow
+/// with every such domain. Far more than a normal server sees.
+pub const MAX_ENTRIES: usize = 10_000;
+
+/// Makes room for `domain` in `entries` before it goes in, so that at
+/// most `max` are held: if it is new and they are full, the entries that
+/// expire first are dropped (expired ones first, then the soonest to; a
+/// long-lived policy is the more valuable one to keep). Returns the
+/// dropped domains, whose files must go too.
+pub fn make_room(entries: &mut HashMap<String, Entry>, domain: &str, max: usize) -> Vec<String> {
+    if entries.contains_key(domain) {
+        return Vec::new();
+    }
+    trim(entries, max.max(1) - 1)
+}
+
+/// Drops the entries that expire first until at most `keep` are left;
+/// returns their domains, in that order.
+fn trim(entries: &mut HashMap<String, Entry>, keep: usize) -> Vec<String> {
+    let Some(excess) = entries.len().checked_sub(keep).filter(|&n| n > 0) else {
+        return Vec::new();
+    };
+    let mut by_expiry: Vec<(SystemTime, &String)> =
+        entries.iter().map(|(d, e)| (e.expires(), d)).collect();
+    by_expiry.sort_unstable();
+    let dropped: Vec<String> = by_expiry
+        .into_iter()
+        .take(excess)
+        .map(|(_, d)| d.clone())
+        .collect();
+    for d in &dropped {
+        entries.remove(d);
+    }
+    dropped
+}
+
 /// A cached policy.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -140,8 +178,24 @@ fn domain_of(name: &OsStr) -> Option<String> {
 }
 
 /// Creates the directory if missing and reads every entry in it (expired
-/// ones too: a refresh may renew them).
-pub fn load_dir(dir: &Path, now: SystemTime, stats: &Stats) -> HashMap<String, Entry> {
+/// ones too: a refresh may renew them), at most `max`: beyond that, those
+/// that expire first are dropped and their files removed.
+pub fn load_dir(dir: &Path, now: SystemTime, stats: &Stats, max: usize) -> HashMap<String, Entry> {
+    let mut entries = read_dir(dir, now, stats);
+    if entries.len() > max {
+        let dropped = trim(&mut entries, max);
+        tracing::warn!(
+            "MTA-STS cache: {} policies beyond the {max} kept were dropped",
+            dropped.len()
+        );
+        for domain in dropped {
+            remove(dir, &domain, stats);
+        }
+    }
+    entries
+}
+
+fn read_dir(dir: &Path, now: SystemTime, stats: &Stats) -> HashMap<String, Entry> {
     let mut entries = HashMap::new();
     if let Err(e) = safeio::create_dir_all_durable(dir, DIR_MODE) {
         stats.inc(Counter::IoErrors);
@@ -301,6 +355,45 @@ mod tests {
         let e = decode(&encode(&entry(2_000_000)).unwrap(), now).unwrap();
         assert_eq!(e.fetched, now);
         assert_eq!(e.expires(), now + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn room_goes_to_the_longest_lived() {
+        let with_age = |fetched: u64, max_age: u64| Entry {
+            policy: Arc::new(Policy {
+                max_age: Duration::from_secs(max_age),
+                ..(*entry(0).policy).clone()
+            }),
+            fetched: UNIX_EPOCH + Duration::from_secs(fetched),
+        };
+        let mut entries = HashMap::new();
+        entries.insert("a".to_string(), with_age(100, 1000)); // expires 1100
+        entries.insert("b".to_string(), with_age(0, 500)); // 500
+        entries.insert("c".to_string(), with_age(200, 2000)); // 2200
+        // Room left, or a domain already in: nothing goes.
+        assert!(make_room(&mut entries, "d", 4).is_empty());
+        assert!(make_room(&mut entries, "a", 3).is_empty());
+        assert_eq!(entries.len(), 3);
+        // Full: the one to expire first.
+        assert_eq!(make_room(&mut entries, "d", 3), ["b"]);
+        assert_eq!(make_room(&mut entries, "d", 1), ["a", "c"]);
+        assert!(entries.is_empty());
+    }
+
+    #[test]
+    fn loading_keeps_at_most_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Stats::default();
+        for (domain, fetched) in [("a.example", 300), ("b.example", 100), ("c.example", 200)] {
+            write(dir.path(), domain, &entry(fetched), &stats);
+        }
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let got = load_dir(dir.path(), now, &stats, 2);
+        let mut kept: Vec<_> = got.keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, ["a.example", "c.example"]);
+        assert!(!path(dir.path(), "b.example").exists(), "its file went too");
+        assert_eq!(load_dir(dir.path(), now, &stats, 2).len(), 2);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tambo_proto::metrics::{self, names};
 /// with tambo's in-memory cache and `refetch` fitted in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counter {
-    /// Lookups: every `policy` and `refetch` call.
+    /// Lookups: every `policy` and `refetch` call, fetching or not.
     Fetches,
     /// Lookups answered from an unexpired cached policy, with no fetch.
     Hits,
@@ -19,6 +19,8 @@ pub enum Counter {
     /// Lookups that needed a fetch which failed: no TXT record (most
     /// domains), DNS, connection, TLS or HTTP errors, timeouts, invalid
     /// policies. Lookups that waited on another's fetch count its result.
+    /// Lookups answered from the memory of a recent failure (no fetch)
+    /// count only in `Fetches`.
     FailedFetch,
     /// Invalid policies: fetched ones (lookup or refresh) that fail the
     /// parse or the checks, and cache files whose policy fails the checks.

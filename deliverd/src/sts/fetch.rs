@@ -6,7 +6,7 @@
 //! whole fetch with a timeout and parses the body.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::policy::{PolicyError, excerpt};
+use crate::remote::connect_from;
 
 /// The most of a policy body read (RFC 8461 §3.3 leaves the limit to the
 /// sender; REFERENCE §4.7 sets it). A larger body is a failed fetch.
@@ -110,6 +111,9 @@ pub struct Https {
     /// as nothing could be verified.
     tls: Option<Arc<ClientConfig>>,
     port: u16,
+    /// `[tambo] outgoing_source_address`, set once by remote delivery
+    /// (see [`Https::set_sources`]); unset: the system picks.
+    sources: OnceLock<Vec<IpAddr>>,
 }
 
 impl Https {
@@ -121,7 +125,15 @@ impl Https {
             resolver,
             tls,
             port,
+            sources: OnceLock::new(),
         }
+    }
+
+    /// Fetches from now on leave from `sources` (at most one address per
+    /// family), as remote SMTP does. Set once; a second call changes
+    /// nothing (the configuration does not change while deliverd runs).
+    pub fn set_sources(&self, sources: &[IpAddr]) {
+        let _ = self.sources.set(sources.to_vec());
     }
 
     async fn fetch(&self, domain: &str) -> Result<Vec<u8>, FetchError> {
@@ -130,9 +142,10 @@ impl Https {
         let host = format!("mta-sts.{domain}");
         let ips = resolve(&self.resolver, &host).await?;
         let mut last = FetchError::NoAddress(host.clone());
+        let sources = self.sources.get().map_or(&[][..], Vec::as_slice);
         for ip in ips {
             let addr = SocketAddr::new(ip, self.port);
-            match connect(addr).await {
+            match connect(sources, addr).await {
                 Ok(tcp) => return get(tcp, &host, self.port, tls).await,
                 Err(e) => last = e,
             }
@@ -249,8 +262,8 @@ async fn resolve(resolver: &TokioResolver, host: &str) -> Result<Vec<IpAddr>, Fe
     }
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream, FetchError> {
-    let error = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+async fn connect(sources: &[IpAddr], addr: SocketAddr) -> Result<TcpStream, FetchError> {
+    let error = match tokio::time::timeout(CONNECT_TIMEOUT, connect_from(sources, addr)).await {
         Ok(Ok(tcp)) => return Ok(tcp),
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no answer within {CONNECT_TIMEOUT:?}"),
@@ -266,7 +279,7 @@ pub async fn get_from(
     host: &str,
     tls: Arc<ClientConfig>,
 ) -> Result<Vec<u8>, FetchError> {
-    get(connect(addr).await?, host, addr.port(), tls).await
+    get(connect(&[], addr).await?, host, addr.port(), tls).await
 }
 
 /// TLS to `host` over `tcp`, then `GET` [`PATH`]: status 200 only (a 3xx

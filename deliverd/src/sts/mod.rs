@@ -5,6 +5,7 @@
 //! - `fetch`: the `_mta-sts` TXT record and the HTTPS GET.
 //! - `cache`: cache entries and their files in `sts-cache/`.
 //! - `counters`: the `chasquid/sts/cache/*` variables.
+//! - `negative`: domains whose fetch failed lately.
 //! - here: [`Sts`], which ties them together: lookups during delivery,
 //!   the periodic refresh.
 //!
@@ -14,6 +15,12 @@
 //! - A failed fetch means no policy (fail open), except that an unexpired
 //!   cached policy stays in force: a network attacker who blocks the
 //!   fetch must not switch a known policy off.
+//! - A failed fetch is remembered for 5 minutes (memory only): lookups of
+//!   the domain then answer as the failure did, without fetching, so a
+//!   black-holed policy host costs one timeout per 5 minutes, not one
+//!   per delivery.
+//! - At most [`cache::MAX_ENTRIES`] policies are cached; when full, the
+//!   one that expires first makes room.
 //! - Concurrent lookups of one domain share one fetch, so a burst of mail
 //!   to a domain costs one GET (and a broken domain one timeout).
 //! - Every `period`, every cached policy is fetched again (expired ones
@@ -27,9 +34,11 @@
 mod cache;
 mod counters;
 mod fetch;
+mod negative;
 mod policy;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -41,10 +50,17 @@ use tokio::sync::OnceCell;
 use cache::Entry;
 use counters::{Counter, Stats};
 use fetch::{FetchError, Fetcher, Https};
+use negative::Negative;
 pub use policy::{Mode, Policy};
 
-/// The most a lookup during delivery waits for a fetch (REFERENCE §4.7).
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(60);
+#[cfg(test)]
+pub use fetch::fake::Fake;
+
+/// The most a lookup during delivery waits for a fetch (REFERENCE §4.7:
+/// 1 minute). A little less than the minute remote delivery gives the
+/// whole lookup, so the fetch ends by its own timeout, counted and
+/// logged and remembered, rather than by the lookup being dropped.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(55);
 
 /// The most one refresh fetch takes (REFERENCE §4.7).
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,8 +81,12 @@ pub struct Sts {
     /// One cell per domain being fetched by a lookup: later lookups of the
     /// domain wait for its outcome instead of fetching too.
     inflight: Mutex<HashMap<String, Arc<OnceCell<Outcome>>>>,
+    /// Domains whose fetch for a lookup failed lately.
+    negative: Mutex<Negative>,
     lookup_timeout: Duration,
     refresh_timeout: Duration,
+    /// Most cached policies ([`cache::MAX_ENTRIES`]; tests lower it).
+    max_entries: usize,
     warned: Mutex<HashMap<String, Instant>>,
 }
 
@@ -123,9 +143,27 @@ impl Sts {
         Self::build(dir, fetcher, Clock::System)
     }
 
+    /// A cache over `dir` whose fetches are `fake`'s script, for the
+    /// tests of other modules.
+    #[cfg(test)]
+    pub fn scripted(dir: PathBuf, fake: Arc<Fake>) -> Self {
+        Self::build(dir, Fetcher::Fake(fake), Clock::System)
+    }
+
+    /// Fetches leave from `sources` (`[tambo] outgoing_source_address`),
+    /// as remote SMTP does. Remote delivery sets it, once, where it meets
+    /// the configuration.
+    pub fn set_source_addresses(&self, sources: &[IpAddr]) {
+        match &self.fetcher {
+            Fetcher::Https(h) => h.set_sources(sources),
+            #[cfg(test)]
+            Fetcher::Fake(_) => {}
+        }
+    }
+
     fn build(dir: PathBuf, fetcher: Fetcher, clock: Clock) -> Self {
         let stats = Stats::default();
-        let entries = cache::load_dir(&dir, clock.now(), &stats);
+        let entries = cache::load_dir(&dir, clock.now(), &stats, cache::MAX_ENTRIES);
         if !entries.is_empty() {
             tracing::info!("MTA-STS cache: {} policies read", entries.len());
         }
@@ -139,15 +177,22 @@ impl Sts {
             fetcher,
             clock,
             inflight: Mutex::new(HashMap::new()),
+            negative: Mutex::new(Negative::default()),
             lookup_timeout: LOOKUP_TIMEOUT,
             refresh_timeout: REFRESH_TIMEOUT,
+            max_entries: cache::MAX_ENTRIES,
             warned: Mutex::new(HashMap::new()),
         }
     }
 
     /// The policy of `domain` (IDNA-ASCII, lower case): from the cache if
-    /// fresh, else fetched (1 minute at most). None when the domain has no
-    /// policy or it cannot be fetched (fail open).
+    /// fresh, else fetched (55 s at most). None when the domain has no
+    /// policy or it cannot be fetched (fail open), or its last fetch
+    /// failed less than 5 minutes ago (no fetch then).
+    ///
+    /// Counters: every call counts in `fetches` (lookups, as chasquid
+    /// counts them). An answer from the memory of a failure counts
+    /// nothing more: it is no fetch, so not a `failedFetch` either.
     pub async fn policy(&self, domain: &str) -> Option<Arc<Policy>> {
         self.count(Counter::Fetches);
         let domain = self.key(domain)?;
@@ -159,15 +204,23 @@ impl Sts {
             Some(_) => self.count(Counter::Expired),
             None => {}
         }
+        if self.failed_lately(&domain) {
+            return None;
+        }
         self.fetch_shared(&domain).await
     }
 
     /// Fetches the policy again, bypassing the cache (RFC 8461 §5: before
     /// giving up on a domain whose MX hosts all fail the policy). If that
-    /// fails, an unexpired cached policy still applies.
+    /// fails, an unexpired cached policy still applies; after a failure
+    /// less than 5 minutes ago, that is the answer without a fetch (it
+    /// would most likely fail again, after the whole timeout).
     pub async fn refetch(&self, domain: &str) -> Option<Arc<Policy>> {
         self.count(Counter::Fetches);
         let domain = self.key(domain)?;
+        if self.failed_lately(&domain) {
+            return self.fresh_cached(&domain);
+        }
         self.fetch_shared(&domain).await
     }
 
@@ -226,25 +279,16 @@ impl Sts {
     /// Fetches for a lookup, sharing the fetch with concurrent lookups of
     /// the same domain.
     async fn fetch_shared(&self, domain: &str) -> Option<Arc<Policy>> {
-        let cell = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(domain.to_string())
-            .or_default()
-            .clone();
+        let joined = Joined::new(self, domain);
         // If the lookup running the fetch is dropped (its delivery timed
-        // out), one of the waiters runs it instead.
-        let outcome = cell
+        // out), one of the waiters runs it instead; the last one to leave
+        // takes the domain's entry out of `inflight`, however it leaves.
+        let outcome = joined
+            .cell()
             .get_or_init(|| self.fetch_for_lookup(domain))
             .await
             .clone();
-        {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if inflight.get(domain).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                inflight.remove(domain);
-            }
-        }
+        drop(joined);
         if outcome.failed {
             self.count(Counter::FailedFetch);
         }
@@ -260,11 +304,10 @@ impl Sts {
             Err(e) => {
                 // RFC 8461 §3.3: with no fresh policy to be had, a valid
                 // cached one still applies.
-                let now = self.clock.now();
-                let kept = self
-                    .cached(domain)
-                    .filter(|c| c.is_fresh(now))
-                    .map(|c| c.policy);
+                let kept = self.fresh_cached(domain);
+                if !e.is_absent() {
+                    self.lock_negative().insert(domain, self.clock.now());
+                }
                 if e.is_absent() {
                     tracing::debug!("MTA-STS: {domain}: {e}");
                 } else {
@@ -294,16 +337,45 @@ impl Sts {
         })
     }
 
-    /// Caches a freshly fetched policy, in memory and then on disk.
+    /// Caches a freshly fetched policy, in memory and then on disk; when
+    /// the cache is full, the entry that expires first makes room.
     async fn insert(&self, domain: &str, policy: Policy) -> Arc<Policy> {
         let entry = Entry {
             policy: Arc::new(policy),
             fetched: self.clock.now(),
         };
         let policy = entry.policy.clone();
-        self.lock_entries().insert(domain.to_string(), entry);
+        let dropped = {
+            let mut entries = self.lock_entries();
+            let dropped = cache::make_room(&mut entries, domain, self.max_entries);
+            entries.insert(domain.to_string(), entry);
+            dropped
+        };
+        self.lock_negative().remove(domain);
+        for d in &dropped {
+            tracing::info!("MTA-STS cache: full; the policy of {d} is dropped to make room");
+            self.sync_file(d).await;
+        }
         self.sync_file(domain).await;
         policy
+    }
+
+    /// Whether a fetch of `domain` for a lookup failed in the last 5
+    /// minutes.
+    fn failed_lately(&self, domain: &str) -> bool {
+        self.lock_negative().contains(domain, self.clock.now())
+    }
+
+    fn lock_negative(&self) -> std::sync::MutexGuard<'_, Negative> {
+        self.negative.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cached policy of `domain` if it has not expired.
+    fn fresh_cached(&self, domain: &str) -> Option<Arc<Policy>> {
+        let now = self.clock.now();
+        self.cached(domain)
+            .filter(|c| c.is_fresh(now))
+            .map(|c| c.policy)
     }
 
     /// Makes the file of `domain` match memory: written if cached, removed
@@ -374,6 +446,65 @@ impl Sts {
         }
         tracing::warn!("MTA-STS: {domain}: {what}");
         true
+    }
+}
+
+/// A lookup's share of the in-flight fetch of a domain. The entry in
+/// `inflight` goes when the fetch is done or when the last lookup waiting
+/// on it leaves, whichever comes first, in drop: a lookup dropped while
+/// it waits (its delivery timed out) leaves no entry behind.
+struct Joined<'a> {
+    sts: &'a Sts,
+    domain: &'a str,
+    /// Always Some until drop.
+    cell: Option<Arc<OnceCell<Outcome>>>,
+}
+
+impl<'a> Joined<'a> {
+    fn new(sts: &'a Sts, domain: &'a str) -> Self {
+        let cell = sts
+            .lock_inflight()
+            .entry(domain.to_string())
+            .or_default()
+            .clone();
+        Joined {
+            sts,
+            domain,
+            cell: Some(cell),
+        }
+    }
+
+    fn cell(&self) -> &OnceCell<Outcome> {
+        // An invariant, not data: set in `new`, taken only in `drop`.
+        self.cell.as_deref().expect("the cell is held until drop")
+    }
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        let Some(cell) = self.cell.take() else { return };
+        // Every clone is made and (here) dropped under the lock, so the
+        // count is exact: 1 means only the map still holds the cell.
+        let mut inflight = self.sts.lock_inflight();
+        let listed = inflight
+            .get(self.domain)
+            .is_some_and(|c| Arc::ptr_eq(c, &cell));
+        let done = cell.initialized();
+        drop(cell);
+        let alone = || {
+            inflight
+                .get(self.domain)
+                .is_some_and(|c| Arc::strong_count(c) == 1)
+        };
+        if listed && (done || alone()) {
+            inflight.remove(self.domain);
+        }
+    }
+}
+
+impl Sts {
+    fn lock_inflight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OnceCell<Outcome>>>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

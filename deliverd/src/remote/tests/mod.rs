@@ -3,6 +3,8 @@
 //! server), or as a `via` list of IP addresses.
 
 mod dialog;
+mod limits;
+mod order;
 mod reuse;
 mod security;
 
@@ -21,7 +23,7 @@ use tambo_common::config::Config;
 use tambo_proto::deliver::{Job, Outcome, SecLevel, Target};
 
 use super::{Dest, Host, Remote};
-use crate::sts::{Mode, Policy, Sts};
+use crate::sts::{Fake, Mode, Policy, Sts};
 
 /// A Remote for the tests, with the MTA-STS cache directory it owns.
 pub struct TestRemote {
@@ -39,6 +41,25 @@ impl std::ops::Deref for TestRemote {
 /// `hostname` is `tambo.test`, no connection is kept unless `tweak` says
 /// so, and DNS fails at once.
 pub fn remote(roots: Arc<RootCertStore>, tweak: impl FnOnce(&mut Config)) -> TestRemote {
+    with_sts(roots, tweak, |dir, resolver, roots| {
+        Sts::new(dir.join("sts-cache"), resolver, roots, 443)
+    })
+}
+
+/// As [`remote`], with MTA-STS policies from `fake`'s script.
+pub fn remote_scripted(roots: Arc<RootCertStore>, fake: Arc<Fake>) -> TestRemote {
+    with_sts(
+        roots,
+        |_| {},
+        |dir, _, _| Sts::scripted(dir.join("sts-cache"), fake),
+    )
+}
+
+fn with_sts(
+    roots: Arc<RootCertStore>,
+    tweak: impl FnOnce(&mut Config),
+    sts: impl FnOnce(&Path, TokioResolver, Arc<RootCertStore>) -> Sts,
+) -> TestRemote {
     let mut cfg = Config::defaults(Path::new("/nonexistent"));
     cfg.hostname = "tambo.test".into();
     cfg.tambo.smtp_connection_cache_time = Duration::ZERO;
@@ -46,12 +67,7 @@ pub fn remote(roots: Arc<RootCertStore>, tweak: impl FnOnce(&mut Config)) -> Tes
     tweak(&mut cfg);
     let resolver = dead_resolver();
     let dir = tempfile::tempdir().unwrap();
-    let sts = Arc::new(Sts::new(
-        dir.path().join("sts-cache"),
-        resolver.clone(),
-        roots.clone(),
-        443,
-    ));
+    let sts = Arc::new(sts(dir.path(), resolver.clone(), roots.clone()));
     TestRemote {
         remote: Remote::new(Arc::new(cfg), resolver, roots, sts),
         _sts_dir: dir,

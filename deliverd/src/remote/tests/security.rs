@@ -211,18 +211,16 @@ async fn a_failed_handshake_retries_in_plain() {
 
 #[tokio::test]
 async fn no_mx_matching_an_enforced_policy_fails_after_a_refetch() {
-    let r = remote(no_roots(), |_| {});
-    let policy = |mode| {
-        Some(Arc::new(Policy {
-            mode,
-            max_age: Duration::from_secs(3600),
-            mx: vec!["mx.elsewhere.example".into()],
-        }))
-    };
+    let fake = Arc::new(Fake::new());
+    let r = remote_scripted(no_roots(), fake.clone());
+    let elsewhere = "version: STSv1\nmode: enforce\nmx: mx.elsewhere.example\nmax_age: 3600\n";
+    fake.set("example.net", Ok(elsewhere));
+    let policy = r.sts.policy("example.net").await;
+    assert_eq!(fake.calls().len(), 1);
     let hosts = vec!["mx1.example.net".to_string(), "mx2.example.net".to_string()];
-    let got = r
-        .apply_sts("example.net", hosts.clone(), policy(Mode::Enforce))
-        .await;
+    // No MX matches: the policy is fetched again before giving up; the
+    // same policy comes back, and the failure says why.
+    let got = r.apply_sts("example.net", hosts.clone(), policy).await;
     assert_eq!(
         got.unwrap_err(),
         crate::smtp::Failure::Temporary(
@@ -230,8 +228,15 @@ async fn no_mx_matching_an_enforced_policy_fails_after_a_refetch() {
                 .into()
         )
     );
+    assert_eq!(fake.calls().len(), 2, "refetched");
+    // `testing` and no policy only count; nothing is fetched for them.
+    let testing = Arc::new(Policy {
+        mode: Mode::Testing,
+        max_age: Duration::from_secs(3600),
+        mx: vec!["mx.elsewhere.example".into()],
+    });
     let (kept, _) = r
-        .apply_sts("example.net", hosts.clone(), policy(Mode::Testing))
+        .apply_sts("example.net", hosts.clone(), Some(testing))
         .await
         .unwrap();
     assert_eq!(kept, hosts);
@@ -240,7 +245,51 @@ async fn no_mx_matching_an_enforced_policy_fails_after_a_refetch() {
         .await
         .unwrap();
     assert_eq!((kept, none), (hosts, None));
+    assert_eq!(fake.calls().len(), 2);
     let m = &r.dialer.meter;
     assert_eq!(m.get(names::SMTP_OUT_STS_MODE, "enforce"), 1);
     assert_eq!(m.get(names::SMTP_OUT_STS_MODE, "testing"), 1);
+}
+
+#[tokio::test]
+async fn a_policy_changed_since_is_applied_after_the_refetch() {
+    let p = pki();
+    let mut server = tls_server(p.ca_signed.clone()).await;
+    let fake = Arc::new(Fake::new());
+    let r = remote_scripted(p.roots.clone(), fake.clone());
+    // The cached policy predates the domain's move to mx.test.
+    fake.set(
+        "example.net",
+        Ok("version: STSv1\nmode: enforce\nmx: mx.old.example\nmax_age: 3600\n"),
+    );
+    let cached = r.sts.policy("example.net").await;
+    fake.set(
+        "example.net",
+        Ok("version: STSv1\nmode: enforce\nmx: mx.test\nmax_age: 3600\n"),
+    );
+    // As deliver_mx does after the MX lookup.
+    let (names, policy) = r
+        .apply_sts("example.net", vec!["mx.test".into()], cached)
+        .await
+        .unwrap();
+    assert_eq!(fake.calls().len(), 2, "refetched");
+    assert_eq!(names, ["mx.test"]);
+    let policy = policy.unwrap();
+    assert_eq!(policy.mx, ["mx.test"], "the new policy applies");
+    let dest = Dest {
+        key: "mx example.net".into(),
+        domain: "example.net".into(),
+        policy: Some(policy),
+    };
+    let got = deliver_to(
+        &r,
+        &job(&["a@example.net"]),
+        b"x\r\n",
+        &dest,
+        vec![host("mx.test", server.addr)],
+    )
+    .await;
+    assert_eq!(got, (vec![Outcome::Delivered], Some(SecLevel::TlsSecure)));
+    assert_eq!(server.next().await, Saw::Mail);
+    assert_eq!(r.dialer.meter.get(names::SMTP_OUT_STS_SECURITY, "pass"), 1);
 }

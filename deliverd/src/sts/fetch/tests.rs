@@ -397,3 +397,36 @@ async fn the_cache_fetches_through_dns_and_https() {
         Err(FetchError::NoAddress("mta-sts.example.net".into()))
     );
 }
+
+/// `[tambo] outgoing_source_address` applies to policy fetches as to
+/// remote SMTP (remote delivery hands it over).
+#[tokio::test]
+async fn fetches_leave_from_the_configured_source_address() {
+    use hickory_resolver::proto::rr::rdata::A;
+
+    // Takes one connection and notes where it came from; the handshake
+    // then fails, which does not matter here.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = tokio::spawn(async move { listener.accept().await.unwrap().1.ip() });
+    let dns = dns_server(vec![
+        (
+            "_mta-sts.example.com.",
+            RData::TXT(txt(&["v=STSv1; id=20240101;"])),
+        ),
+        ("mta-sts.example.com.", RData::A(A::new(127, 0, 0, 1))),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sts = crate::sts::Sts::new(
+        dir.path().join("sts-cache"),
+        resolver(dns),
+        pki().roots,
+        port,
+    );
+    // Loopback is a /8: 127.0.0.2 is ours too. The IPv6 entry is for the
+    // other family and must not be used here.
+    sts.set_source_addresses(&["::1".parse().unwrap(), "127.0.0.2".parse().unwrap()]);
+    assert!(sts.policy("example.com").await.is_none());
+    assert_eq!(seen.await.unwrap().to_string(), "127.0.0.2");
+}

@@ -1,5 +1,9 @@
 //! The cache's logic over a scripted fetcher: no DNS, no network, a clock
 //! turned by hand.
+//!
+//! - `lately`: remembered failures, in-flight fetches, the bound.
+
+mod lately;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -152,6 +156,8 @@ async fn no_policy_or_a_failed_fetch_is_none() {
         D,
         Ok("version: STSv1\nmode: enforce\nmax_age: 0\nmx: a.b\n"),
     );
+    // Past the memory of that failure (see `lately`).
+    t.advance(300);
     assert!(t.sts.policy(D).await.is_none());
     // Nothing was cached: each lookup fetched.
     assert_eq!(t.fake.calls().len(), 3);
@@ -177,16 +183,21 @@ async fn a_failed_fetch_keeps_an_unexpired_cached_policy() {
         t.fake.set(D, failure);
         let kept = t.sts.refetch(D).await.unwrap();
         assert!(Arc::ptr_eq(&p, &kept));
+        // Past the memory of the failure: the next one fetches.
+        t.advance(300);
     }
     assert_eq!(t.get(Counter::FailedFetch), 3);
+    assert_eq!(t.fake.calls().len(), 4);
     // Expired, it no longer applies (and the junk is still served).
     t.advance(3600);
     assert!(t.sts.policy(D).await.is_none());
+    // That failure is remembered: no fetch, the same answer.
     assert!(t.sts.refetch(D).await.is_none());
+    assert_eq!(t.fake.calls().len(), 5);
     use Counter::*;
     assert_eq!(
         counts(&t.sts.shared.stats),
-        [(Fetches, 6), (Expired, 1), (FailedFetch, 5), (Invalid, 3)]
+        [(Fetches, 6), (Expired, 1), (FailedFetch, 4), (Invalid, 2)]
     );
 }
 
