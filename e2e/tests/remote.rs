@@ -635,3 +635,19 @@ fn a_big_destination_is_split_into_transactions_and_long_replies_survive() {
     assert_eq!(mx.log().matches("MAIL FROM:").count(), 2, "{}", mx.log());
     assert!(!a.log("queued").contains("deliverd went away"));
 }
+
+#[test]
+fn an_mx_with_only_an_ipv6_address_is_reached() {
+    let w = World::new();
+    let mx = PyMx::start(MxOpts::at(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)));
+    w.dns.add_mx("six.test", 10, "mx.six.test");
+    w.dns.add_aaaa("mx.six.test", std::net::Ipv6Addr::LOCALHOST);
+    let mut a = w.sender(mx.port(), "", "", "");
+    a.start_all();
+    assert_eq!(submit(&a, &["x@six.test"], &message("six", "v6\r\n")), 250);
+    let got = mx.wait_messages(1);
+    assert_eq!(got[0].rcpt_tos, ["x@six.test"]);
+    let peer = got[0].peer.clone().unwrap_or_default();
+    assert!(peer.contains("::1"), "{peer}");
+    a.wait_queue_empty();
+}
