@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tambo_common::safeio;
 
 use super::counters::{Counter, Stats};
-use super::policy::{self, Fields, Policy, PolicyError};
+use super::policy::{self, Fields, Mode, Policy, PolicyError};
 
 /// Prefix of a cache file's name; the rest is the domain.
 pub const PREFIX: &str = "pol:";
@@ -43,27 +43,48 @@ const MAX_FILE: u64 = 64 * 1024;
 pub const MAX_ENTRIES: usize = 10_000;
 
 /// Makes room for `domain` in `entries` before it goes in, so that at
-/// most `max` are held: if it is new and they are full, the entries that
-/// expire first are dropped (expired ones first, then the soonest to; a
-/// long-lived policy is the more valuable one to keep). Returns the
-/// dropped domains, whose files must go too.
-pub fn make_room(entries: &mut HashMap<String, Entry>, domain: &str, max: usize) -> Vec<String> {
+/// most `max` are held: if it is new and they are full, entries are
+/// dropped — expired ones first, then the weaker policies (`none`,
+/// `testing`) soonest to expire first. An unexpired `enforce` policy is
+/// never dropped to make room: otherwise whoever can make this server
+/// mail 10 000 domains of theirs with long-lived policies could push a
+/// victim's `enforce` out of the cache, then block its re-fetch and so
+/// turn it off (fail open). Returns the dropped domains (whose files
+/// must go too), or None when no room can be made: the newcomer is then
+/// used for this delivery but not cached.
+pub fn make_room(
+    entries: &mut HashMap<String, Entry>,
+    domain: &str,
+    max: usize,
+    now: SystemTime,
+) -> Option<Vec<String>> {
     if entries.contains_key(domain) {
-        return Vec::new();
+        return Some(Vec::new());
     }
-    trim(entries, max.max(1) - 1)
+    let keep = max.max(1) - 1;
+    let dropped = trim(entries, keep, now);
+    (entries.len() <= keep).then_some(dropped)
 }
 
-/// Drops the entries that expire first until at most `keep` are left;
+/// Whether an entry may be dropped to make room (see [`make_room`]).
+fn evictable(e: &Entry, now: SystemTime) -> bool {
+    e.policy.mode != Mode::Enforce || e.expires() <= now
+}
+
+/// Drops evictable entries, expired ones first and then those that
+/// expire first, until at most `keep` are left (or none is evictable);
 /// returns their domains, in that order.
-fn trim(entries: &mut HashMap<String, Entry>, keep: usize) -> Vec<String> {
+fn trim(entries: &mut HashMap<String, Entry>, keep: usize, now: SystemTime) -> Vec<String> {
     let Some(excess) = entries.len().checked_sub(keep).filter(|&n| n > 0) else {
         return Vec::new();
     };
-    let mut by_expiry: Vec<(SystemTime, &String)> =
-        entries.iter().map(|(d, e)| (e.expires(), d)).collect();
-    by_expiry.sort_unstable();
-    let dropped: Vec<String> = by_expiry
+    let mut candidates: Vec<(SystemTime, &String)> = entries
+        .iter()
+        .filter(|(_, e)| evictable(e, now))
+        .map(|(d, e)| (e.expires(), d))
+        .collect();
+    candidates.sort_unstable();
+    let dropped: Vec<String> = candidates
         .into_iter()
         .take(excess)
         .map(|(_, d)| d.clone())
@@ -183,7 +204,7 @@ fn domain_of(name: &OsStr) -> Option<String> {
 pub fn load_dir(dir: &Path, now: SystemTime, stats: &Stats, max: usize) -> HashMap<String, Entry> {
     let mut entries = read_dir(dir, now, stats);
     if entries.len() > max {
-        let dropped = trim(&mut entries, max);
+        let dropped = trim(&mut entries, max, now);
         tracing::warn!(
             "MTA-STS cache: {} policies beyond the {max} kept were dropped",
             dropped.len()
@@ -358,26 +379,41 @@ mod tests {
     }
 
     #[test]
-    fn room_goes_to_the_longest_lived() {
-        let with_age = |fetched: u64, max_age: u64| Entry {
+    fn room_goes_to_the_longest_lived_and_never_from_an_enforce_policy() {
+        let with = |mode: Mode, fetched: u64, max_age: u64| Entry {
             policy: Arc::new(Policy {
+                mode,
                 max_age: Duration::from_secs(max_age),
                 ..(*entry(0).policy).clone()
             }),
             fetched: UNIX_EPOCH + Duration::from_secs(fetched),
         };
+        let now = UNIX_EPOCH + Duration::from_secs(300);
         let mut entries = HashMap::new();
-        entries.insert("a".to_string(), with_age(100, 1000)); // expires 1100
-        entries.insert("b".to_string(), with_age(0, 500)); // 500
-        entries.insert("c".to_string(), with_age(200, 2000)); // 2200
+        entries.insert("a".to_string(), with(Mode::Testing, 100, 1000)); // expires 1100
+        entries.insert("b".to_string(), with(Mode::None, 0, 500)); // 500
+        entries.insert("c".to_string(), with(Mode::Testing, 200, 2000)); // 2200
+        entries.insert("e".to_string(), with(Mode::Enforce, 0, 400)); // 400
+        entries.insert("x".to_string(), with(Mode::Enforce, 0, 100)); // expired
         // Room left, or a domain already in: nothing goes.
-        assert!(make_room(&mut entries, "d", 4).is_empty());
-        assert!(make_room(&mut entries, "a", 3).is_empty());
-        assert_eq!(entries.len(), 3);
-        // Full: the one to expire first.
-        assert_eq!(make_room(&mut entries, "d", 3), ["b"]);
-        assert_eq!(make_room(&mut entries, "d", 1), ["a", "c"]);
-        assert!(entries.is_empty());
+        assert_eq!(make_room(&mut entries, "d", 6, now), Some(vec![]));
+        assert_eq!(make_room(&mut entries, "a", 5, now), Some(vec![]));
+        assert_eq!(entries.len(), 5);
+        // Full: an expired policy first, even an enforce one.
+        assert_eq!(
+            make_room(&mut entries, "d", 5, now),
+            Some(vec!["x".to_string()])
+        );
+        // Then the weaker ones, soonest to expire first; the unexpired
+        // enforce policy stays although it expires first of all.
+        assert_eq!(
+            make_room(&mut entries, "d", 2, now),
+            Some(vec!["b".to_string(), "a".to_string(), "c".to_string()])
+        );
+        assert!(entries.contains_key("e"));
+        // Nothing left that may go: the newcomer is not cached.
+        assert_eq!(make_room(&mut entries, "d", 1, now), None);
+        assert!(entries.contains_key("e"));
     }
 
     #[test]
@@ -387,7 +423,9 @@ mod tests {
         for (domain, fetched) in [("a.example", 300), ("b.example", 100), ("c.example", 200)] {
             write(dir.path(), domain, &entry(fetched), &stats);
         }
-        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        // b has expired (100 + 3600 s); a and c are unexpired enforce
+        // policies, which are never dropped for room.
+        let now = UNIX_EPOCH + Duration::from_secs(3750);
         let got = load_dir(dir.path(), now, &stats, 2);
         let mut kept: Vec<_> = got.keys().cloned().collect();
         kept.sort();

@@ -345,11 +345,21 @@ impl Sts {
             fetched: self.clock.now(),
         };
         let policy = entry.policy.clone();
+        let now = self.clock.now();
         let dropped = {
             let mut entries = self.lock_entries();
-            let dropped = cache::make_room(&mut entries, domain, self.max_entries);
-            entries.insert(domain.to_string(), entry);
-            dropped
+            match cache::make_room(&mut entries, domain, self.max_entries, now) {
+                Some(dropped) => {
+                    entries.insert(domain.to_string(), entry);
+                    dropped
+                }
+                None => {
+                    tracing::warn!(
+                        "MTA-STS cache: full of unexpired enforce policies; the policy of {domain} is used but not cached"
+                    );
+                    return policy;
+                }
+            }
         };
         self.lock_negative().remove(domain);
         for d in &dropped {

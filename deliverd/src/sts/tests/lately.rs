@@ -140,15 +140,20 @@ async fn the_cache_holds_at_most_its_bound() {
         t.sts.policy(d).await.unwrap();
     }
     t.advance(10);
-    // Full: a expires first and makes room, in memory and on disk.
+    // Full: a expires first, but an unexpired enforce policy is never
+    // dropped for room; the testing one goes, in memory and on disk.
     t.sts.policy("c.example").await.unwrap();
     let mut kept: Vec<_> = t.sts.lock_entries().keys().cloned().collect();
     kept.sort();
-    assert_eq!(kept, ["b.example", "c.example"]);
-    assert!(!path_exists(&cache::path(&t.cache_dir(), "a.example")));
+    assert_eq!(kept, ["a.example", "c.example"]);
+    assert!(!path_exists(&cache::path(&t.cache_dir(), "b.example")));
     assert!(path_exists(&cache::path(&t.cache_dir(), "c.example")));
     // A renewal takes no room.
-    t.sts.refetch("b.example").await.unwrap();
+    t.sts.refetch("a.example").await.unwrap();
     assert_eq!(t.sts.lock_entries().len(), 2);
+    // Full of enforce policies: a newcomer is used, not cached.
+    t.fake.set("d.example", Ok(TESTING));
+    assert!(t.sts.policy("d.example").await.is_some());
+    assert!(t.sts.cached("d.example").is_none());
     assert!(t.sts.cached("c.example").is_some());
 }
