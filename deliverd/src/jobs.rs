@@ -114,6 +114,9 @@ pub async fn deliver(ctx: &Ctx, job: &Job, message: File) -> Done {
             Target::Remote | Target::Forward(_) => ctx.remote.deliver(job, message).await,
         }
     };
+    // Cut here, before logging: a hostile server's 64 KiB replies must not
+    // reach the log (or queued) whole.
+    let outcomes: Vec<Outcome> = outcomes.into_iter().map(Outcome::capped).collect();
     for (to, outcome) in job.to.iter().zip(&outcomes) {
         match outcome {
             Outcome::Delivered => {

@@ -111,6 +111,16 @@ impl Dispatcher {
     /// Queues a job; the receiver gets its result once deliverd reports.
     pub fn submit(&self, job: Job, body: PathBuf) -> oneshot::Receiver<JobResult> {
         let (reply, rx) = oneshot::channel();
+        // Results are read up to a size that assumes this bound
+        // (MAX_RESULT_FRAME); the queue's rounds never exceed it.
+        if job.to.is_empty() || job.to.len() > tambo_proto::deliver::MAX_RECIPIENTS_PER_JOB {
+            tracing::error!(id = %job.queue_id, "internal error: a job of {} recipients", job.to.len());
+            let _ = reply.send(JobResult::temp_fail(
+                job.to.len(),
+                "internal error: a delivery job of the wrong size",
+            ));
+            return rx;
+        }
         if let Err(mpsc::error::SendError(p)) = self.tx.send(PendingJob { job, body, reply }) {
             let n = p.job.to.len();
             let _ = p.reply.send(JobResult::temp_fail(n, "dispatcher closed"));
@@ -330,7 +340,7 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
                 tracing::error!(id = %pending.job.queue_id, "a delivery job of {} bytes is over the {MAX_SMALL_FRAME}-byte limit", b.len());
                 let _ = pending.reply.send(JobResult::perm_fail(
                     pending.job.to.len(),
-                    "the recipient (a pipe command or forward list) is too long to deliver",
+                    "the delivery job is too large to hand to deliverd (a pipe command, forward list or sender too long)",
                 ));
                 continue;
             }

@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use tambo_common::safeio;
+use tambo_common::{address, safeio};
 use tambo_proto::deliver::SecLevel;
 
 /// The two levels of one domain.
@@ -66,8 +66,12 @@ impl DomainInfo {
     }
 
     /// Reads the directory again (SIGHUP), replacing what is in memory.
+    /// Two files naming one domain (a Unicode and an A-label spelling)
+    /// merge into the higher levels.
     pub fn reload(&self) -> io::Result<usize> {
-        let mut map = HashMap::new();
+        // No write between the read and the swap: it would be undone.
+        let _writing = self.writing();
+        let mut map: HashMap<String, Levels> = HashMap::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
             let name = entry.file_name();
@@ -81,7 +85,9 @@ impl DomainInfo {
                 .and_then(|t| parse(&t))
             {
                 Ok((domain, levels)) => {
-                    map.insert(domain.to_lowercase(), levels);
+                    let l = map.entry(key(&domain)).or_default();
+                    l.incoming = l.incoming.max(levels.incoming);
+                    l.outgoing = l.outgoing.max(levels.outgoing);
                 }
                 Err(e) => tracing::error!("domaininfo {}: {e}; ignored", path.display()),
             }
@@ -95,12 +101,14 @@ impl DomainInfo {
         self.levels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Taken before `levels` whenever both are held.
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The recorded levels of `domain` (PLAIN for an unknown one).
     pub fn get(&self, domain: &str) -> Levels {
-        self.lock()
-            .get(&domain.to_lowercase())
-            .copied()
-            .unwrap_or_default()
+        self.lock().get(&key(domain)).copied().unwrap_or_default()
     }
 
     /// The rule of REFERENCE §4.6 for a connection of level `seen`: lower
@@ -109,29 +117,44 @@ impl DomainInfo {
     /// level is kept in memory so it is enforced until a restart. Writes
     /// and fsyncs on a raise: call it where blocking is allowed.
     pub fn check(&self, domain: &str, dir: Direction, seen: SecLevel) -> bool {
-        let key = domain.to_lowercase();
+        let key = key(domain);
+        let recorded = |l: &Levels| match dir {
+            Direction::Incoming => l.incoming,
+            Direction::Outgoing => l.outgoing,
+        };
+        {
+            let map = self.lock();
+            let now = map.get(&key).map(recorded).unwrap_or(SecLevel::Plain);
+            if seen <= now {
+                return seen == now;
+            }
+        }
+        // A raise: in memory and on disk under the write lock, so raises
+        // and reloads of one domain land in order.
+        let _writing = self.writing();
         let mut map = self.lock();
         let levels = map.entry(key.clone()).or_default();
-        let recorded = match dir {
+        let slot = match dir {
             Direction::Incoming => &mut levels.incoming,
             Direction::Outgoing => &mut levels.outgoing,
         };
-        if seen < *recorded {
+        if seen < *slot {
             return false;
         }
-        if seen > *recorded {
-            *recorded = seen;
+        if seen > *slot {
+            *slot = seen;
+            let snapshot = *levels;
             drop(map);
             tracing::info!(
-                "domaininfo: {domain}: {} level raised to {}",
+                "domaininfo: {key}: {} level raised to {}",
                 match dir {
                     Direction::Incoming => "incoming",
                     Direction::Outgoing => "outgoing",
                 },
                 seen.name()
             );
-            if let Err(e) = self.store(&key) {
-                tracing::error!("domaininfo: cannot record {domain}: {e}");
+            if let Err(e) = self.store(&key, snapshot) {
+                tracing::error!("domaininfo: cannot record {key}: {e}");
             }
         }
         true
@@ -142,7 +165,8 @@ impl DomainInfo {
     /// the domain is unknown.
     #[allow(dead_code)]
     pub fn clear(&self, domain: &str) -> io::Result<bool> {
-        let key = domain.to_lowercase();
+        let key = key(domain);
+        let _writing = self.writing();
         {
             let mut map = self.lock();
             match map.get_mut(&key) {
@@ -150,17 +174,22 @@ impl DomainInfo {
                 None => return Ok(false),
             }
         }
-        self.store(&key)?;
+        self.store(&key, Levels::default())?;
         Ok(true)
     }
 
-    /// Writes the record of `domain` as memory holds it now.
-    fn store(&self, domain: &str) -> io::Result<()> {
-        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let levels = self.get(domain);
+    /// Writes a record; the caller holds the write lock.
+    fn store(&self, domain: &str, levels: Levels) -> io::Result<()> {
         let path = self.dir.join(format!("s:{}", escape(domain)));
         safeio::write_atomic(&path, format(domain, levels).as_bytes(), 0o600)
     }
+}
+
+/// One key per domain however it is spelt: Unicode, NFC, lower case (as
+/// chasquid names its records), so `bücher.example` and
+/// `xn--bcher-kva.example` share one record.
+fn key(domain: &str) -> String {
+    address::normalize_domain(domain).unwrap_or_else(|_| domain.to_lowercase())
 }
 
 /// Form-urlencoding of the name (REFERENCE §1.4): `A-Z a-z 0-9 - _ . ~`
@@ -276,7 +305,7 @@ mod tests {
         // A broken record is skipped, not fatal.
         std::fs::write(dir.path().join("s:broken"), "name: unquoted\n").unwrap();
         let d = DomainInfo::load(dir.path()).unwrap();
-        let l = d.get("xn--bcher-kva.example");
+        let l = d.get("bücher.example");
         assert_eq!(l.incoming, SecLevel::TlsClient);
         assert_eq!(l.outgoing, SecLevel::TlsInsecure);
         assert_eq!(d.get("broken"), Levels::default());
@@ -284,7 +313,8 @@ mod tests {
         let file = dir.path().join("s:b%C3%BCcher.example");
         assert_eq!(
             std::fs::read_to_string(file).unwrap(),
-            "name: \"bücher.example\"\noutgoing_sec_level: TLS_SECURE\n"
+            "name: \"bücher.example\"\nincoming_sec_level: TLS_CLIENT\noutgoing_sec_level: TLS_SECURE\n",
+            "one record for both spellings"
         );
     }
 

@@ -24,19 +24,26 @@ pub fn envelope_sender(from: &str, r: &Recipient, domains: &Domains) -> String {
         Kind::Email => !r.local,
         Kind::Pipe => false,
     };
-    if from.is_empty() || !leaves || domains.is_local(&address::split(from).1.to_lowercase()) {
+    let is_local = |domain: &str| {
+        let d = address::normalize_domain(domain).unwrap_or_else(|_| domain.to_lowercase());
+        domains.is_local(&d)
+    };
+    let (sender_user, sender_domain) = address::split(from);
+    if from.is_empty() || !leaves || is_local(sender_domain) {
         return from.to_string();
     }
     let (user, domain) = match r.original_address.rsplit_once('@') {
         Some((u, d)) => (u, d),
         None => return from.to_string(),
     };
-    if !domains.is_local(&domain.to_lowercase()) {
+    if !is_local(domain) {
         // An authenticated user relaying directly keeps their sender.
         return from.to_string();
     }
     let ascii = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_string());
-    format!("{user}+fwd_from={}@{ascii}", from.replacen('@', "=", 1))
+    // At the last `@`, as `split` reads it: a quoted local part may hold
+    // one.
+    format!("{user}+fwd_from={sender_user}={sender_domain}@{ascii}")
 }
 
 #[cfg(test)]
@@ -81,6 +88,32 @@ mod tests {
             envelope_sender("ann@elsewhere.example", &fwd, &d),
             "list+fwd_from=ann=elsewhere.example@xn--bcher-kva.example",
             "the domain part is IDNA-ASCII"
+        );
+    }
+
+    #[test]
+    fn the_sender_splits_at_its_last_at_and_domains_compare_normalised() {
+        let d = domains();
+        let remote = rcpt("bob@far.example", Kind::Email, false, "list@EXAMPLE.org");
+        assert_eq!(
+            envelope_sender("\"a@b\"@elsewhere.example", &remote, &d),
+            "list+fwd_from=\"a@b\"=elsewhere.example@example.org"
+        );
+        // The A-label of a local domain is local.
+        let remote = rcpt(
+            "bob@far.example",
+            Kind::Email,
+            false,
+            "list@xn--bcher-kva.example",
+        );
+        assert_eq!(
+            envelope_sender("ann@elsewhere.example", &remote, &d),
+            "list+fwd_from=ann=elsewhere.example@xn--bcher-kva.example"
+        );
+        assert_eq!(
+            envelope_sender("ann@XN--BCHER-KVA.example", &remote, &d),
+            "ann@XN--BCHER-KVA.example",
+            "a sender of ours, in any spelling, is kept"
         );
     }
 

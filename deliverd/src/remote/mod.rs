@@ -53,6 +53,12 @@ pub(crate) use source::connect_from;
 /// (REFERENCE §4.7); the cache bounds its own fetch too.
 pub(crate) const STS_WAIT: Duration = Duration::from_secs(60);
 
+/// No host is tried once an attempt has run this long: queued fails a job
+/// without a result after 60 minutes and retries it, and a delivery still
+/// going on here then could deliver it twice. (Five MX hosts each slow to
+/// their 10-minute session limit, plus MTA-STS waits, come close.)
+pub(crate) const ATTEMPT_LIMIT: Duration = Duration::from_secs(50 * 60);
+
 /// A connection with less reply budget left than this is not kept: its
 /// next transaction could run out in the middle.
 const MIN_BUDGET_TO_KEEP: usize = 256 * 1024;
@@ -159,7 +165,12 @@ impl Remote {
                     domain: job_domain(job),
                     policy: None,
                 };
-                let hosts = via.iter().map(|v| self.via_host(v)).collect();
+                // As many as MX hosts: the attempt's time is bounded.
+                let hosts = via
+                    .iter()
+                    .take(mx::MAX_MX)
+                    .map(|v| self.via_host(v))
+                    .collect();
                 self.deliver_to(job, &mut message, &dest, hosts).await
             }
             Target::Local | Target::Pipe(_) => {
@@ -307,7 +318,12 @@ impl Remote {
         // that passes it, as chasquid's domaininfo does within a delivery.
         let mut required = job.security.as_ref().map_or(SecLevel::Plain, |s| s.1);
         let mut seen = None;
+        let started = tokio::time::Instant::now();
         for host in &hosts {
+            if started.elapsed() >= ATTEMPT_LIMIT {
+                tracing::info!(id = %job.queue_id, host = %host.name, "attempt time used up; the remaining hosts wait for the next round");
+                break;
+            }
             let pending: Vec<usize> = (0..job.to.len())
                 .filter(|&i| !in_doubt[i])
                 .filter(|&i| matches!(outcomes[i], None | Some(Outcome::TempFail(_))))

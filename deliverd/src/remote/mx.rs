@@ -120,6 +120,12 @@ fn classify(e: &NetError) -> DnsFailure {
         {
             DnsFailure::NoSuchName
         }
+        // A referral (name servers, no SOA) is not an answer: a
+        // non-recursive or broken upstream resolver, not proof that the
+        // domain has no records.
+        NetError::Dns(DnsError::NoRecordsFound(nr)) if nr.soa.is_none() && nr.ns.is_some() => {
+            DnsFailure::Temporary
+        }
         // hickory builds NoRecordsFound only from NOERROR or NXDOMAIN.
         NetError::Dns(DnsError::NoRecordsFound(_)) => DnsFailure::NoData,
         _ => DnsFailure::Temporary,
@@ -337,6 +343,13 @@ mod tests {
         assert_eq!(
             classify(&no_records(ResponseCode::NoError)),
             DnsFailure::NoData
+        );
+        // A referral instead of an answer proves nothing.
+        let mut referral = NoRecords::new(query(), ResponseCode::NoError);
+        referral.ns = Some(Arc::from(Vec::new()));
+        assert_eq!(
+            classify(&NetError::Dns(DnsError::NoRecordsFound(referral))),
+            DnsFailure::Temporary
         );
         let temporary = [
             NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)),

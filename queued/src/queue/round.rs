@@ -114,7 +114,16 @@ impl Queue {
                 .iter()
                 .map(|&i| item.recipients[i].address.as_str())
                 .collect();
-            for range in chunks(&addresses) {
+            // What else the job frame carries (sender, via list, domain)
+            // comes out of the address budget.
+            let overhead = from.len()
+                + domain.len()
+                + match &target {
+                    Target::Forward(via) => via.iter().map(|v| v.len() + 8).sum(),
+                    _ => 0,
+                };
+            let budget = MAX_JOB_ADDRESS_BYTES.saturating_sub(overhead).max(1024);
+            for range in chunks(&addresses, budget) {
                 let idxs = group[range].to_vec();
                 let to = idxs
                     .iter()
@@ -209,13 +218,13 @@ impl Queue {
 }
 
 /// Splits a destination's recipients into jobs: at most
-/// [`MAX_RECIPIENTS_PER_JOB`] recipients and [`MAX_JOB_ADDRESS_BYTES`] of
-/// addresses each (one address alone always makes a job), in order.
-pub fn chunks(addresses: &[&str]) -> Vec<std::ops::Range<usize>> {
+/// [`MAX_RECIPIENTS_PER_JOB`] recipients and `budget` bytes of addresses
+/// each (one address alone always makes a job), in order.
+pub fn chunks(addresses: &[&str], budget: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, a) in addresses.iter().enumerate() {
-        let full = i - start >= MAX_RECIPIENTS_PER_JOB || bytes + a.len() > MAX_JOB_ADDRESS_BYTES;
+        let full = i - start >= MAX_RECIPIENTS_PER_JOB || bytes + a.len() > budget;
         if i > start && full {
             out.push(start..i);
             (start, bytes) = (i, 0);
@@ -234,27 +243,31 @@ mod tests {
 
     #[test]
     fn big_destinations_are_split_into_jobs_that_fit() {
-        assert!(chunks(&[]).is_empty());
+        assert!(chunks(&[], MAX_JOB_ADDRESS_BYTES).is_empty());
         assert_eq!(
-            chunks(&["a@x", "b@x"]),
+            chunks(&["a@x", "b@x"], MAX_JOB_ADDRESS_BYTES),
             vec![std::ops::Range { start: 0, end: 2 }]
         );
         let many: Vec<String> = (0..120).map(|i| format!("user{i}@example.org")).collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert_eq!(chunks(&refs), [0..50, 50..100, 100..120]);
+        assert_eq!(
+            chunks(&refs, MAX_JOB_ADDRESS_BYTES),
+            [0..50, 50..100, 100..120]
+        );
         // Long addresses: by bytes before count.
         let long: Vec<String> = (0..10)
             .map(|i| format!("{i}{}@x", "a".repeat(997)))
             .collect();
         let refs: Vec<&str> = long.iter().map(String::as_str).collect();
-        let got = chunks(&refs);
+        let got = chunks(&refs, MAX_JOB_ADDRESS_BYTES);
         assert_eq!(got.len(), 3);
         assert_eq!(got.iter().map(|r| r.len()).sum::<usize>(), 10);
         for r in &got {
             let bytes: usize = refs[r.clone()].iter().map(|a| a.len()).sum();
             assert!(bytes <= MAX_JOB_ADDRESS_BYTES);
         }
-        // A job of the biggest chunk fits in a frame.
+        // A job of the biggest chunk, with the longest sender and a long via
+        // list, fits in a frame.
         let job = tambo_proto::deliver::Job {
             job: u64::MAX,
             queue_id: "x".repeat(11),
