@@ -14,6 +14,8 @@
 //! - [`sockets`]: the IPC sockets, who may connect to each, binding them.
 //! - [`build`]: version and build time; [`daemon`]: the startup sequence,
 //!   signals and accept loops every daemon shares.
+//! - `dkimkey` (feature `dkim`, for queued and the CLI only): the DKIM key
+//!   file format and selector rule.
 //!
 //! Nothing here runs a program: it is safe to link into every process,
 //! including the internet-facing one.
@@ -24,6 +26,8 @@ pub mod aliases;
 pub mod build;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "dkim")]
+pub mod dkimkey;
 pub mod domains;
 pub mod duration;
 pub mod lockfile;

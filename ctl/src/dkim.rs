@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use ring::signature::{Ed25519KeyPair, KeyPair, RsaKeyPair};
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding, SecretDocument};
-use rustls_pki_types::pem::{PemObject, SectionKind};
 
+use tambo_common::dkimkey::{self, DkimKey};
 use tambo_common::{address, safeio};
 
 /// The key `dkim-keygen` makes.
@@ -93,11 +93,13 @@ pub fn keygen(
         return Err(Error::Exists(path));
     }
     let pkcs8 = generate(algorithm)?;
-    let record = dns_record(&domain.ascii, &selector, pkcs8.as_bytes()).map_err(|reason| {
-        Error::Generate(format!(
-            "the new key does not load as queued loads keys: {reason}"
-        ))
-    })?;
+    let record = dkimkey::parse_pkcs8(pkcs8.as_bytes())
+        .and_then(|key| dns_record(&domain.ascii, &selector, &key))
+        .map_err(|reason| {
+            Error::Generate(format!(
+                "the new key does not load as queued loads keys: {reason}"
+            ))
+        })?;
     let pem = pkcs8
         .to_pem("PRIVATE KEY", LineEnding::LF)
         .map_err(|e| Error::Generate(e.to_string()))?;
@@ -131,8 +133,9 @@ pub fn dns(
         path: path.clone(),
         reason,
     };
-    let der = pkcs8_der(&pem).map_err(bad_key)?;
-    let record = dns_record(&domain.ascii, &selector, &der).map_err(bad_key)?;
+    let record = dkimkey::parse(&pem)
+        .and_then(|key| dns_record(&domain.ascii, &selector, &key))
+        .map_err(bad_key)?;
     Ok(format!("{record}\n"))
 }
 
@@ -187,19 +190,9 @@ impl Domain {
     }
 }
 
-/// The same rule as queued's: dot-separated labels of letters, digits,
-/// '-' and '_', nothing that could end a tag or a file name.
+/// queued's rule (`tambo_common::dkimkey::valid_selector`), as an error.
 fn checked_selector(s: &str) -> Result<String, Error> {
-    let ok = !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if ok {
+    if dkimkey::valid_selector(s) {
         Ok(s.to_string())
     } else {
         Err(Error::Selector(s.to_string()))
@@ -213,10 +206,7 @@ fn first_key(dir: &Path) -> Result<(String, PathBuf), Error> {
     for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
         let entry = entry.map_err(io_error(dir))?;
         let name = entry.file_name();
-        let selector = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("dkim:"))
-            .and_then(|n| n.strip_suffix(".pem"));
+        let selector = name.to_str().and_then(dkimkey::selector_of);
         if let Some(selector) = selector {
             found.push((selector.to_string(), entry.path()));
         }
@@ -249,41 +239,13 @@ fn generate(algorithm: Algorithm) -> Result<SecretDocument, Error> {
         .map_err(|e| Error::Generate(e.to_string()))
 }
 
-/// The DER inside a key file's first PEM block, which must be
-/// `PRIVATE KEY` (PKCS#8), as queued requires.
-fn pkcs8_der(pem: &[u8]) -> Result<Vec<u8>, String> {
-    match <(SectionKind, Vec<u8>)>::pem_slice_iter(pem).next() {
-        Some(Ok((SectionKind::PrivateKey, der))) => Ok(der),
-        Some(Ok((SectionKind::RsaPrivateKey, _))) => Err("the PEM block is \"RSA PRIVATE KEY\" \
-             (PKCS#1), but DKIM keys must be \"PRIVATE KEY\" (PKCS#8): convert it with \
-             `openssl pkcs8 -topk8 -nocrypt`"
-            .into()),
-        Some(Ok((kind, _))) => Err(format!(
-            "the first PEM block is {kind:?}, not a \"PRIVATE KEY\" (PKCS#8)"
-        )),
-        Some(Err(e)) => Err(format!("bad PEM: {e}")),
-        None => Err("no PEM key block: a DKIM key must be an unencrypted PEM \
-                     \"PRIVATE KEY\" (PKCS#8)"
-            .into()),
-    }
-}
-
 /// `<selector>._domainkey.<domain>` TAB `TXT` TAB `"v=DKIM1; k=…; p=…"`,
 /// with `p=` the SubjectPublicKeyInfo DER (RSA) or the raw 32-byte key
 /// (Ed25519, RFC 8463 §4.2), in base64.
-fn dns_record(domain: &str, selector: &str, pkcs8: &[u8]) -> Result<String, String> {
-    // As queued parses keys: see queued/src/dkim.rs parse_key.
-    let (k, public) = match Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8) {
-        Ok(pair) => ("ed25519", pair.public_key().as_ref().to_vec()),
-        Err(e) if e.to_string() == "WrongAlgorithm" => {
-            let pair = RsaKeyPair::from_pkcs8(pkcs8).map_err(|e| match e.to_string().as_str() {
-                "WrongAlgorithm" => "unsupported key type: DKIM keys must be RSA or Ed25519".into(),
-                "TooSmall" => "RSA key too small: the modulus needs at least 2048 bits \
-                               (and the public exponent at least 65537)"
-                    .into(),
-                "TooLarge" => "RSA key too large: at most 4096 bits are supported".into(),
-                other => format!("invalid RSA key: {other}"),
-            })?;
+fn dns_record(domain: &str, selector: &str, key: &DkimKey) -> Result<String, String> {
+    let (k, public) = match key {
+        DkimKey::Ed25519(pair) => ("ed25519", pair.public_key().as_ref().to_vec()),
+        DkimKey::Rsa(pair) => {
             // ring gives the public key as a PKCS#1 RSAPublicKey; DNS
             // carries it wrapped in a SubjectPublicKeyInfo, as everyone
             // publishes it.
@@ -294,10 +256,6 @@ fn dns_record(domain: &str, selector: &str, pkcs8: &[u8]) -> Result<String, Stri
                 .map_err(|e| format!("cannot encode the RSA public key: {e}"))?;
             ("rsa", spki.as_bytes().to_vec())
         }
-        Err(e) if e.to_string() == "InvalidEncoding" => {
-            return Err(format!("invalid PKCS#8 key: {e}"));
-        }
-        Err(e) => return Err(format!("invalid Ed25519 key: {e}")),
     };
     Ok(format!(
         "{selector}._domainkey.{domain}\tTXT\t\"v=DKIM1; k={k}; p={}\"",

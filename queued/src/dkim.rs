@@ -20,11 +20,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use ring::rand::SystemRandom;
-use ring::signature::{Ed25519KeyPair, RsaKeyPair};
-use rustls_pki_types::pem::{PemObject, SectionKind};
 
 use tambo_common::address;
 use tambo_common::config::{Config, ConfigError};
+use tambo_common::dkimkey::{self, DkimKey as KeyPair};
 
 /// Why a message could not be signed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,11 +54,6 @@ struct DomainKeys {
 struct Key {
     selector: String,
     pair: KeyPair,
-}
-
-enum KeyPair {
-    Rsa(RsaKeyPair),
-    Ed25519(Ed25519KeyPair),
 }
 
 impl fmt::Debug for DkimKeys {
@@ -241,7 +235,7 @@ fn load_domain(dir: &Path) -> Result<Vec<Key>, ConfigError> {
         else {
             continue;
         };
-        if !valid_selector(selector) {
+        if !dkimkey::valid_selector(selector) {
             return Err(ConfigError::file(
                 &path,
                 format!(
@@ -258,22 +252,6 @@ fn load_domain(dir: &Path) -> Result<Vec<Key>, ConfigError> {
     }
     keys.sort_by(|a, b| a.selector.cmp(&b.selector));
     Ok(keys)
-}
-
-/// Whether `s` can be a selector: it goes into `s=` and into a DNS name,
-/// so it is dot-separated labels (RFC 6376 §3.1: letters, digits, '-').
-/// '_' is accepted too, as DNS and verifiers take it and existing setups
-/// use it; nothing that could end a tag (';', '=', spaces) gets through.
-fn valid_selector(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
 }
 
 fn read_key(path: &Path) -> Result<KeyPair, ConfigError> {
@@ -294,67 +272,5 @@ fn read_key(path: &Path) -> Result<KeyPair, ConfigError> {
     }
     let mut pem = Vec::new();
     file.read_to_end(&mut pem).map_err(unreadable)?;
-    parse_key(&pem).map_err(|reason| ConfigError::file(path, reason))
-}
-
-/// Parses a PEM `PRIVATE KEY` (PKCS#8) block holding an RSA or Ed25519
-/// key; the error is the reason, for the startup message.
-fn parse_key(pem: &[u8]) -> Result<KeyPair, String> {
-    // The first PEM block must be the key (as in chasquid); blocks with
-    // labels rustls-pki-types does not know (e.g. "ENCRYPTED PRIVATE KEY",
-    // "OPENSSH PRIVATE KEY") are skipped, so those files find no block.
-    let (kind, der) = match <(SectionKind, Vec<u8>)>::pem_slice_iter(pem).next() {
-        None => {
-            return Err("no PEM key block: a DKIM key must be an unencrypted PEM \
-                        \"PRIVATE KEY\" (PKCS#8)"
-                .into());
-        }
-        Some(Err(e)) => return Err(format!("bad PEM: {e}")),
-        Some(Ok(block)) => block,
-    };
-    match kind {
-        SectionKind::PrivateKey => {}
-        SectionKind::RsaPrivateKey => {
-            return Err(
-                "the PEM block is \"RSA PRIVATE KEY\" (PKCS#1), but DKIM keys must \
-                        be \"PRIVATE KEY\" (PKCS#8): convert it with \
-                        `openssl pkcs8 -topk8 -nocrypt`"
-                    .into(),
-            );
-        }
-        SectionKind::EcPrivateKey => {
-            return Err(
-                "the PEM block is \"EC PRIVATE KEY\": DKIM keys must be RSA or \
-                        Ed25519, in a \"PRIVATE KEY\" (PKCS#8) block"
-                    .into(),
-            );
-        }
-        other => {
-            return Err(format!(
-                "the first PEM block is {other:?}, not a \"PRIVATE KEY\" (PKCS#8)"
-            ));
-        }
-    }
-    // ring tells the key types apart by the PKCS#8 algorithm identifier:
-    // "WrongAlgorithm" means "not this type" (ring's KeyRejected is only a
-    // reason string). from_pkcs8_maybe_unchecked takes PKCS#8 v1, which
-    // OpenSSL and Go (chasquid-util) write; a v2 key's public half is still
-    // checked against the private one.
-    match Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| e.to_string()) {
-        Ok(k) => return Ok(KeyPair::Ed25519(k)),
-        Err(e) if e == "WrongAlgorithm" => {}
-        // Not even PKCS#8's outer structure, so no type to name.
-        Err(e) if e == "InvalidEncoding" => return Err(format!("invalid PKCS#8 key: {e}")),
-        Err(e) => return Err(format!("invalid Ed25519 key: {e}")),
-    }
-    RsaKeyPair::from_pkcs8(&der)
-        .map(KeyPair::Rsa)
-        .map_err(|e| match e.to_string().as_str() {
-            "WrongAlgorithm" => "unsupported key type: DKIM keys must be RSA or Ed25519".into(),
-            "TooSmall" => "RSA key too small: the modulus needs at least 2048 bits \
-                           (and the public exponent at least 65537)"
-                .into(),
-            "TooLarge" => "RSA key too large: at most 4096 bits are supported".into(),
-            other => format!("invalid RSA key: {other}"),
-        })
+    dkimkey::parse(&pem).map_err(|reason| ConfigError::file(path, reason))
 }

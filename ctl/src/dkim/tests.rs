@@ -11,7 +11,7 @@ const ED25519_RAW: &str = include_str!("../../../queued/src/dkim/testdata/ed2551
 const P256: &str = include_str!("../../../queued/src/dkim/testdata/p256.pem");
 
 fn record(pem: &str) -> Result<String, String> {
-    dns_record("example.org", "sel", &pkcs8_der(pem.as_bytes())?)
+    dns_record("example.org", "sel", &dkimkey::parse(pem.as_bytes())?)
 }
 
 #[test]
@@ -57,7 +57,8 @@ fn refuses_keys_queued_refuses() {
 #[test]
 fn generated_keys_load_and_have_records() {
     let pkcs8 = generate(Algorithm::Ed25519).unwrap();
-    let record = dns_record("example.org", "s", pkcs8.as_bytes()).unwrap();
+    let key = dkimkey::parse_pkcs8(pkcs8.as_bytes()).unwrap();
+    let record = dns_record("example.org", "s", &key).unwrap();
     assert!(record.starts_with("s._domainkey.example.org\tTXT\t\"v=DKIM1; k=ed25519; p="));
     // RSA generation is slow unoptimised; ctl/tests/dkim.rs makes one.
 }
