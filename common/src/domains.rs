@@ -3,7 +3,7 @@
 //! whole on reload.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::address;
 use crate::aliases::Aliases;
@@ -26,22 +26,8 @@ impl Domains {
     /// domain directory (regular files in it are ignored).
     pub fn load(cfg: &Config) -> Result<Self, ConfigError> {
         let dir = cfg.config_dir.join("domains");
-        let entries = std::fs::read_dir(&dir).map_err(|e| {
-            ConfigError::file(&dir, format!("cannot read the domains directory: {e}"))
-        })?;
         let mut domains = BTreeMap::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| ConfigError::file(&dir, e.to_string()))?;
-            let path = entry.path();
-            if !path.is_dir() {
-                continue;
-            }
-            let raw = entry.file_name();
-            let raw = raw
-                .to_str()
-                .ok_or_else(|| ConfigError::file(&path, "domain directory name is not UTF-8"))?;
-            let name = address::normalize_domain(raw)
-                .map_err(|e| ConfigError::file(&path, format!("invalid domain name: {e}")))?;
+        for (name, path) in domain_dirs(&dir)? {
             let users = UserDb::load(&path.join("users"))?;
             let aliases = Aliases::load(
                 &path.join("aliases"),
@@ -99,12 +85,67 @@ pub fn exists(config_dir: &Path) -> bool {
     config_dir.join("domains").is_dir()
 }
 
+/// The domain directories under `dir` (`domains/`), with their normalised
+/// names, in name order: directories only (regular files are ignored).
+/// Every reader of `domains/` finds domains this way. A name that does
+/// not normalise, or two directories naming one domain (`Example.org` and
+/// `example.org`), is an error naming the directory: silently merging
+/// them would make one of them not apply.
+pub fn domain_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>, ConfigError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| ConfigError::file(dir, format!("cannot read the domains directory: {e}")))?;
+    let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| ConfigError::file(dir, e.to_string()))?;
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let raw = entry.file_name();
+        let raw = raw
+            .to_str()
+            .ok_or_else(|| ConfigError::file(&path, "domain directory name is not UTF-8"))?;
+        let name = address::normalize_domain(raw)
+            .map_err(|e| ConfigError::file(&path, format!("invalid domain name: {e}")))?;
+        if let Some(other) = found.get(&name) {
+            // Report the pair the same way whatever order readdir gave.
+            let (a, b) = if other < &path {
+                (other, &path)
+            } else {
+                (&path, other)
+            };
+            return Err(ConfigError::file(
+                b,
+                format!(
+                    "names the same domain as {}: keep one directory per domain",
+                    a.display()
+                ),
+            ));
+        }
+        found.insert(name, path);
+    }
+    Ok(found.into_iter().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn cfg(dir: &Path) -> Config {
         Config::defaults(dir)
+    }
+
+    #[test]
+    fn two_directories_of_one_domain_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("domains/Example.ORG")).unwrap();
+        std::fs::create_dir_all(dir.path().join("domains/example.org")).unwrap();
+        let e = Domains::load(&cfg(dir.path())).err().unwrap().to_string();
+        assert!(e.contains("names the same domain as"), "{e}");
+        assert!(
+            e.contains("Example.ORG") && e.contains("example.org"),
+            "{e}"
+        );
     }
 
     #[test]

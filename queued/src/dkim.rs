@@ -17,13 +17,14 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ring::rand::SystemRandom;
 
 use tambo_common::address;
 use tambo_common::config::{Config, ConfigError};
 use tambo_common::dkimkey::{self, DkimKey as KeyPair};
+use tambo_common::domains::domain_dirs;
 
 /// Why a message could not be signed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,33 +93,8 @@ impl DkimKeys {
     /// normalise to the same domain.
     pub fn load(cfg: &Config) -> Result<Self, ConfigError> {
         let dir = cfg.config_dir.join("domains");
-        let entries = std::fs::read_dir(&dir).map_err(|e| {
-            ConfigError::file(&dir, format!("cannot read the domains directory: {e}"))
-        })?;
-        let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut domains = BTreeMap::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| ConfigError::file(&dir, e.to_string()))?;
-            let path = entry.path();
-            if !path.is_dir() {
-                continue;
-            }
-            let raw = entry.file_name();
-            let raw = raw
-                .to_str()
-                .ok_or_else(|| ConfigError::file(&path, "domain directory name is not UTF-8"))?;
-            let name = address::normalize_domain(raw)
-                .map_err(|e| ConfigError::file(&path, format!("invalid domain name: {e}")))?;
-            if let Some(other) = seen.get(&name) {
-                return Err(ConfigError::file(
-                    &path,
-                    format!(
-                        "names the same domain as {}: keep one directory per domain",
-                        other.display()
-                    ),
-                ));
-            }
-            seen.insert(name.clone(), path.clone());
+        for (name, path) in domain_dirs(&dir)? {
             let keys = load_domain(&path)?;
             if keys.is_empty() {
                 continue;
