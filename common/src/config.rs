@@ -324,10 +324,13 @@ impl Config {
                 ),
             ));
         }
-        if self.mail_delivery_agent_bin.is_empty() && self.tambo.maildir.is_none() {
+        if self.mail_delivery_agent_bin.is_empty()
+            && self.tambo.maildir.is_none()
+            && self.tambo.lmtp_address.is_none()
+        {
             return Err(g.err(
                 "mail_delivery_agent_bin",
-                "is empty and [tambo] maildir is not set: local mail could not be delivered",
+                "is empty and neither [tambo] maildir nor [tambo] lmtp_address is set: local mail could not be delivered",
             ));
         }
         Ok(())

@@ -183,3 +183,74 @@ fn missing_file_is_named() {
         "{e}"
     );
 }
+
+#[test]
+fn remote_delivery_keys() {
+    let c = load("").unwrap();
+    assert_eq!(c.tambo.lmtp_address, None);
+    assert!(c.tambo.outgoing_source_address.is_empty());
+    assert_eq!(c.tambo.smtp_connection_cache_time, Duration::from_secs(2));
+    let c = load(
+        r#"
+mail_delivery_agent_bin = ""
+[tambo]
+lmtp_address = "/run/dovecot/lmtp"
+outgoing_source_address = ["192.0.2.7", "2001:db8::7"]
+smtp_connection_cache_time = "0s"
+[testing]
+dns_server = "127.0.0.1:5353"
+smtp_port = 2525
+sts_https_port = 8443
+tls_roots = "roots.pem"
+smtp_out_timeout = "2s"
+sts_refresh_period = "1s"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.tambo.lmtp_address.as_deref(), Some("/run/dovecot/lmtp"));
+    assert_eq!(c.tambo.outgoing_source_address.len(), 2);
+    assert_eq!(c.tambo.smtp_connection_cache_time, Duration::ZERO);
+    assert_eq!(c.testing.smtp_port, Some(2525));
+    assert_eq!(
+        c.testing.dns_server,
+        Some("127.0.0.1:5353".parse().unwrap())
+    );
+    let c = c.resolve_paths();
+    assert_eq!(
+        c.testing.tls_roots,
+        Some(PathBuf::from("/etc/tambo/roots.pem"))
+    );
+    assert_eq!(
+        load("[tambo]\nlmtp_address = \"localhost:24\"")
+            .unwrap()
+            .tambo
+            .lmtp_address
+            .as_deref(),
+        Some("localhost:24")
+    );
+    for (text, problem) in [
+        ("[tambo]\nlmtp_address = \"lmtp\"", "neither a socket path"),
+        (
+            "[tambo]\noutgoing_source_address = [\"mx.example\"]",
+            "not an IP address",
+        ),
+        (
+            "[tambo]\noutgoing_source_address = [\"192.0.2.1\", \"192.0.2.2\"]",
+            "at most one IPv4",
+        ),
+        (
+            "[tambo]\nsmtp_connection_cache_time = \"soon\"",
+            "smtp_connection_cache_time",
+        ),
+        ("[testing]\nsmtp_port = 0", "testing.smtp_port"),
+        ("[testing]\nsmtp_port = 70000", "port number"),
+        ("[testing]\ndns_server = \"nowhere\"", "not an address"),
+        (
+            "mail_delivery_agent_bin = \"\"",
+            "local mail could not be delivered",
+        ),
+    ] {
+        let e = load(text).err().unwrap().to_string();
+        assert!(e.contains(problem), "{text}: {e}");
+    }
+}
