@@ -205,10 +205,14 @@ impl Remote {
                 "internal error: the recipients of one job are in different domains",
             ));
         }
-        let mx = match mx::lookup_mx(&self.resolver, &ascii).await {
+        let mut mx = match mx::lookup_mx(&self.resolver, &ascii).await {
             Ok(mx) => mx,
             Err(f) => return all(f),
         };
+        let key = format!("mx {ascii}");
+        // Only reorders within a preference; whether a pooled connection
+        // may carry this job is decided when it is taken.
+        mx::prefer_pooled(&mut mx, &self.pool.hosts(&key, |_| true));
         let policy = tokio::time::timeout(STS_WAIT, self.sts.policy(&ascii))
             .await
             .ok()
@@ -218,7 +222,7 @@ impl Remote {
             Err(f) => return all(f),
         };
         let dest = Dest {
-            key: format!("mx {ascii}"),
+            key,
             domain: job_domain(job),
             policy,
         };

@@ -26,6 +26,8 @@ pub const MAX_ADDRS: usize = 8;
 pub struct MxHosts {
     /// Lower case, no trailing dot, in the order to try.
     pub hosts: Vec<String>,
+    /// The preference of each host (0 for the implicit MX).
+    pub prefs: Vec<u16>,
     /// The domain has no MX: `hosts` is the domain itself (RFC 5321
     /// §5.1), and a domain without addresses either cannot get mail.
     pub implicit: bool,
@@ -47,6 +49,7 @@ pub fn select(
     if records.is_empty() {
         return Ok(MxHosts {
             hosts: vec![domain.to_string()],
+            prefs: vec![0],
             implicit: true,
         });
     }
@@ -69,18 +72,42 @@ pub fn select(
         start = end;
     }
     let mut hosts: Vec<String> = Vec::with_capacity(MAX_MX);
-    for (_, name) in records {
+    let mut prefs = Vec::with_capacity(MAX_MX);
+    for (pref, name) in records {
         if hosts.len() == MAX_MX {
             break;
         }
         if !hosts.contains(&name) {
             hosts.push(name);
+            prefs.push(pref);
         }
     }
     Ok(MxHosts {
         hosts,
+        prefs,
         implicit: false,
     })
+}
+
+/// Among hosts of equal preference, those with an open connection come
+/// first (in their shuffled order), so connection reuse works for domains
+/// with several equal MX hosts; the order between preferences is never
+/// touched (RFC 5321 §5.1 leaves only the order within one to us).
+pub fn prefer_pooled(mx: &mut MxHosts, pooled: &[String]) {
+    let mut start = 0;
+    while start < mx.hosts.len() {
+        let pref = mx.prefs.get(start).copied();
+        let end = start
+            + mx.prefs[start..]
+                .iter()
+                .take_while(|p| Some(**p) == pref)
+                .count()
+                .max(1);
+        let end = end.min(mx.hosts.len());
+        // Stable: pooled hosts keep their relative (random) order.
+        mx.hosts[start..end].sort_by_key(|h| !pooled.contains(h));
+        start = end;
+    }
 }
 
 /// A uniform-enough number below `n` for shuffling (modulo bias is
@@ -323,6 +350,25 @@ mod tests {
         // A "." beside real hosts is only skipped.
         let got = select("example.org", recs(&[(0, "."), (10, "mx")]), |_| 0).unwrap();
         assert_eq!(got.hosts, ["mx"]);
+    }
+
+    #[test]
+    fn pooled_hosts_go_first_only_within_their_preference() {
+        let mut mx = MxHosts {
+            hosts: ["a", "b", "c", "d", "e"].map(String::from).to_vec(),
+            prefs: vec![10, 10, 10, 20, 20],
+            implicit: false,
+        };
+        prefer_pooled(&mut mx, &["c".to_string(), "e".to_string()]);
+        assert_eq!(mx.hosts, ["c", "a", "b", "e", "d"]);
+        // A pooled backup never jumps ahead of the primaries.
+        let mut mx = MxHosts {
+            hosts: ["a", "b"].map(String::from).to_vec(),
+            prefs: vec![10, 20],
+            implicit: false,
+        };
+        prefer_pooled(&mut mx, &["b".to_string()]);
+        assert_eq!(mx.hosts, ["a", "b"]);
     }
 
     #[test]

@@ -54,7 +54,6 @@ impl Pool {
     }
 
     /// The hosts of `dest` with an idle connection whose level `fits`.
-    #[cfg(test)]
     pub fn hosts(&self, dest: &str, fits: impl Fn(SecLevel) -> bool) -> Vec<String> {
         let inner = self.lock();
         inner
