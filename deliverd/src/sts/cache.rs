@@ -45,13 +45,15 @@ pub const MAX_ENTRIES: usize = 10_000;
 /// Makes room for `domain` in `entries` before it goes in, so that at
 /// most `max` are held: if it is new and they are full, entries are
 /// dropped — expired ones first, then the weaker policies (`none`,
-/// `testing`) soonest to expire first. An unexpired `enforce` policy is
-/// never dropped to make room: otherwise whoever can make this server
-/// mail 10 000 domains of theirs with long-lived policies could push a
-/// victim's `enforce` out of the cache, then block its re-fetch and so
-/// turn it off (fail open). Returns the dropped domains (whose files
-/// must go too), or None when no room can be made: the newcomer is then
-/// used for this delivery but not cached.
+/// `testing`) and `enforce` ones unused for [`IDLE_AFTER`], soonest to
+/// expire first. An `enforce` policy in use is never dropped to make
+/// room: otherwise whoever can make this server mail 10 000 domains of
+/// theirs could push a victim's `enforce` out of the cache, then block its
+/// re-fetch and so turn it off (fail open); and since the refresh stops
+/// renewing unused entries, such a flood ages out of the way. Returns the
+/// dropped domains (whose files must go too), or None — and nothing
+/// dropped — when no room can be made: the newcomer is then used for this
+/// delivery but not cached.
 pub fn make_room(
     entries: &mut HashMap<String, Entry>,
     domain: &str,
@@ -62,13 +64,17 @@ pub fn make_room(
         return Some(Vec::new());
     }
     let keep = max.max(1) - 1;
-    let dropped = trim(entries, keep, now);
-    (entries.len() <= keep).then_some(dropped)
+    let excess = entries.len().saturating_sub(keep);
+    let evictable = entries.values().filter(|e| evictable(e, now)).count();
+    if evictable < excess {
+        return None;
+    }
+    Some(trim(entries, keep, now))
 }
 
 /// Whether an entry may be dropped to make room (see [`make_room`]).
 fn evictable(e: &Entry, now: SystemTime) -> bool {
-    e.policy.mode != Mode::Enforce || e.expires() <= now
+    e.policy.mode != Mode::Enforce || e.expires() <= now || e.idle(now)
 }
 
 /// Drops evictable entries, expired ones first and then those that
@@ -101,9 +107,21 @@ pub struct Entry {
     pub policy: Arc<Policy>,
     /// When it was fetched; it is valid for `max_age` from then.
     pub fetched: SystemTime,
+    /// When a delivery last asked for it (memory only; at startup, the
+    /// time it was loaded). An entry unused for [`IDLE_AFTER`] is no
+    /// longer renewed by the refresh, and may make room for another.
+    pub used: SystemTime,
 }
 
+/// How long an unused policy is still renewed and kept over others.
+pub const IDLE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
 impl Entry {
+    /// Unused for [`IDLE_AFTER`].
+    pub fn idle(&self, now: SystemTime) -> bool {
+        now.duration_since(self.used).is_ok_and(|d| d >= IDLE_AFTER)
+    }
+
     pub fn expires(&self) -> SystemTime {
         // max_age ≤ one year, fetched ≤ now (see `decode`): no overflow in
         // practice; saturating all the same.
@@ -183,6 +201,7 @@ pub fn decode(data: &[u8], now: SystemTime) -> Result<Entry, LoadError> {
     Ok(Entry {
         policy: Arc::new(policy),
         fetched,
+        used: now,
     })
 }
 
@@ -327,6 +346,7 @@ mod tests {
                 mx: vec!["mx.example.com".into(), "*.example.net".into()],
             }),
             fetched: UNIX_EPOCH + Duration::from_secs(fetched),
+            used: UNIX_EPOCH + Duration::from_secs(fetched),
         }
     }
 
@@ -387,6 +407,7 @@ mod tests {
                 ..(*entry(0).policy).clone()
             }),
             fetched: UNIX_EPOCH + Duration::from_secs(fetched),
+            used: UNIX_EPOCH + Duration::from_secs(fetched),
         };
         let now = UNIX_EPOCH + Duration::from_secs(300);
         let mut entries = HashMap::new();
@@ -411,9 +432,27 @@ mod tests {
             Some(vec!["b".to_string(), "a".to_string(), "c".to_string()])
         );
         assert!(entries.contains_key("e"));
-        // Nothing left that may go: the newcomer is not cached.
+        // Nothing left that may go: the newcomer is not cached, and
+        // nothing was dropped for it.
         assert_eq!(make_room(&mut entries, "d", 1, now), None);
         assert!(entries.contains_key("e"));
+        // An enforce policy in use for a year stays; unused for a week,
+        // it may go.
+        let mut entries = HashMap::new();
+        let mut long = with(Mode::Enforce, 0, 31_000_000);
+        entries.insert("long".to_string(), long.clone());
+        let week = UNIX_EPOCH + IDLE_AFTER;
+        assert_eq!(
+            make_room(&mut entries, "d", 1, week - Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(
+            make_room(&mut entries, "d", 1, week),
+            Some(vec!["long".to_string()])
+        );
+        long.used = week;
+        entries.insert("long".to_string(), long);
+        assert_eq!(make_room(&mut entries, "d", 1, week), None);
     }
 
     #[test]

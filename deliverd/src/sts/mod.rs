@@ -19,8 +19,10 @@
 //!   the domain then answer as the failure did, without fetching, so a
 //!   black-holed policy host costs one timeout per 5 minutes, not one
 //!   per delivery.
-//! - At most [`cache::MAX_ENTRIES`] policies are cached; when full, the
-//!   one that expires first makes room.
+//! - At most [`cache::MAX_ENTRIES`] policies are cached; when full, an
+//!   expired, weaker (`none`, `testing`) or unused one makes room, never an
+//!   `enforce` policy in use (see [`cache::make_room`]). Policies no
+//!   delivery asked for in [`cache::IDLE_AFTER`] are no longer renewed.
 //! - Concurrent lookups of one domain share one fetch, so a burst of mail
 //!   to a domain costs one GET (and a broken domain one timeout).
 //! - Every `period`, every cached policy is fetched again (expired ones
@@ -199,6 +201,7 @@ impl Sts {
         match self.cached(&domain) {
             Some(e) if e.is_fresh(self.clock.now()) => {
                 self.count(Counter::Hits);
+                self.touch(&domain);
                 return Some(e.policy);
             }
             Some(_) => self.count(Counter::Expired),
@@ -242,13 +245,32 @@ impl Sts {
     /// pass is background work, and this keeps its load on the network
     /// and on the policy hosts small).
     async fn refresh_once(&self) {
-        let mut domains: Vec<String> = self.lock_entries().keys().cloned().collect();
+        let now = self.clock.now();
+        let (mut domains, idle): (Vec<String>, Vec<String>) = {
+            let entries = self.lock_entries();
+            let (busy, idle): (Vec<_>, Vec<_>) = entries.iter().partition(|(_, e)| !e.idle(now));
+            (
+                busy.into_iter().map(|(d, _)| d.clone()).collect(),
+                idle.into_iter()
+                    .filter(|(_, e)| !e.is_fresh(now))
+                    .map(|(d, _)| d.clone())
+                    .collect(),
+            )
+        };
+        // Policies no delivery asked for in IDLE_AFTER are not renewed:
+        // they expire, then go (a flood of domains mailed once cannot hold
+        // the cache for good).
+        for domain in idle {
+            self.lock_entries().remove(&domain);
+            self.sync_file(&domain).await;
+        }
         domains.sort();
         for domain in domains {
             self.count(Counter::Refreshes);
             match self.fetch_checked(&domain, self.refresh_timeout).await {
                 Ok(policy) => {
-                    self.insert(&domain, policy).await;
+                    let used = self.cached(&domain).map(|e| e.used);
+                    self.insert(&domain, policy, used).await;
                 }
                 Err(e) => {
                     self.count(Counter::RefreshErrors);
@@ -298,7 +320,7 @@ impl Sts {
     async fn fetch_for_lookup(&self, domain: &str) -> Outcome {
         match self.fetch_checked(domain, self.lookup_timeout).await {
             Ok(policy) => Outcome {
-                policy: Some(self.insert(domain, policy).await),
+                policy: Some(self.insert(domain, policy, None).await),
                 failed: false,
             },
             Err(e) => {
@@ -337,15 +359,19 @@ impl Sts {
         })
     }
 
-    /// Caches a freshly fetched policy, in memory and then on disk; when
-    /// the cache is full, the entry that expires first makes room.
-    async fn insert(&self, domain: &str, policy: Policy) -> Arc<Policy> {
+    /// Caches a freshly fetched policy, in memory and then on disk, last
+    /// used at `used` (None: now, a delivery asked for it); when the cache
+    /// is full, another entry may make room (see [`cache::make_room`]).
+    async fn insert(&self, domain: &str, policy: Policy, used: Option<SystemTime>) -> Arc<Policy> {
+        let now = self.clock.now();
         let entry = Entry {
             policy: Arc::new(policy),
-            fetched: self.clock.now(),
+            fetched: now,
+            used: used.unwrap_or(now),
         };
         let policy = entry.policy.clone();
-        let now = self.clock.now();
+        // A fresh policy ends the memory of a failed fetch, cached or not.
+        self.lock_negative().remove(domain);
         let dropped = {
             let mut entries = self.lock_entries();
             match cache::make_room(&mut entries, domain, self.max_entries, now) {
@@ -354,20 +380,29 @@ impl Sts {
                     dropped
                 }
                 None => {
-                    tracing::warn!(
-                        "MTA-STS cache: full of unexpired enforce policies; the policy of {domain} is used but not cached"
+                    drop(entries);
+                    self.warn(
+                        domain,
+                        "the cache is full of enforce policies in use; this one is used but not cached",
                     );
                     return policy;
                 }
             }
         };
-        self.lock_negative().remove(domain);
         for d in &dropped {
             tracing::info!("MTA-STS cache: full; the policy of {d} is dropped to make room");
             self.sync_file(d).await;
         }
         self.sync_file(domain).await;
         policy
+    }
+
+    /// A delivery asked for the cached policy of `domain`.
+    fn touch(&self, domain: &str) {
+        let now = self.clock.now();
+        if let Some(e) = self.lock_entries().get_mut(domain) {
+            e.used = now;
+        }
     }
 
     /// Whether a fetch of `domain` for a lookup failed in the last 5

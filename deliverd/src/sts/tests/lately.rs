@@ -157,3 +157,29 @@ async fn the_cache_holds_at_most_its_bound() {
     assert!(t.sts.cached("d.example").is_none());
     assert!(t.sts.cached("c.example").is_some());
 }
+
+#[tokio::test]
+async fn unused_policies_are_not_renewed_and_make_room_again() {
+    let mut t = T::new();
+    Arc::get_mut(&mut t.sts).unwrap().max_entries = 1;
+    t.fake.set("a.example", Ok(ENFORCE));
+    t.fake.set("b.example", Ok(ENFORCE));
+    t.sts.policy("a.example").await.unwrap();
+    // Full of an enforce policy in use: b is used, not cached.
+    assert!(t.sts.policy("b.example").await.is_some());
+    assert!(t.sts.cached("b.example").is_none());
+    assert!(!path_exists(&cache::path(&t.cache_dir(), "b.example")));
+    // In use, a is renewed by each refresh, whatever its age.
+    t.advance(3000);
+    t.sts.policy("a.example").await.unwrap();
+    t.sts.refresh_once().await;
+    // Then nobody asks for it for a week: not renewed, and once expired
+    // it is dropped, file and all.
+    t.advance(cache::IDLE_AFTER.as_secs());
+    t.sts.refresh_once().await;
+    assert!(t.sts.cached("a.example").is_none());
+    assert!(!path_exists(&cache::path(&t.cache_dir(), "a.example")));
+    // b gets the room.
+    t.sts.policy("b.example").await.unwrap();
+    assert!(t.sts.cached("b.example").is_some());
+}
