@@ -65,9 +65,12 @@ impl DomainInfo {
         Ok(me)
     }
 
-    /// Reads the directory again (SIGHUP), replacing what is in memory.
-    /// Two files naming one domain (a Unicode and an A-label spelling)
-    /// merge into the higher levels.
+    /// Reads the directory again (SIGHUP). Levels only go up (only
+    /// `clear` lowers one, and writes it): what is read is merged with
+    /// what memory holds, the higher level winning, so a file that cannot
+    /// be read now, or a raise whose write failed, is not forgotten. Two
+    /// files naming one domain (a Unicode and an A-label spelling) merge
+    /// the same way.
     pub fn reload(&self) -> io::Result<usize> {
         // No write between the read and the swap: it would be undone.
         let _writing = self.writing();
@@ -92,9 +95,13 @@ impl DomainInfo {
                 Err(e) => tracing::error!("domaininfo {}: {e}; ignored", path.display()),
             }
         }
-        let n = map.len();
-        *self.lock() = map;
-        Ok(n)
+        let mut memory = self.lock();
+        for (domain, levels) in map {
+            let l = memory.entry(domain).or_default();
+            l.incoming = l.incoming.max(levels.incoming);
+            l.outgoing = l.outgoing.max(levels.outgoing);
+        }
+        Ok(memory.len())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Levels>> {
@@ -175,6 +182,17 @@ impl DomainInfo {
             }
         }
         self.store(&key, Levels::default())?;
+        // Another spelling's file would bring the old level back at the
+        // next reload.
+        if let Ok(ascii) = idna::domain_to_ascii(&key)
+            && ascii != key
+        {
+            match std::fs::remove_file(self.dir.join(format!("s:{}", escape(&ascii)))) {
+                Ok(()) => safeio::fsync_dir(&self.dir)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(true)
     }
 
@@ -316,6 +334,30 @@ mod tests {
             "name: \"bücher.example\"\nincoming_sec_level: TLS_CLIENT\noutgoing_sec_level: TLS_SECURE\n",
             "one record for both spellings"
         );
+    }
+
+    #[test]
+    fn a_reload_never_lowers_a_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DomainInfo::load(dir.path()).unwrap();
+        assert!(d.check("a.example", Direction::Outgoing, SecLevel::TlsSecure));
+        // The file goes bad (or its write had failed): memory keeps it.
+        std::fs::write(dir.path().join("s:a.example"), "garbage\n").unwrap();
+        d.reload().unwrap();
+        assert_eq!(d.get("a.example").outgoing, SecLevel::TlsSecure);
+        // A legacy A-label file is merged, and cleared along with its
+        // domain.
+        std::fs::write(
+            dir.path().join("s:xn--bcher-kva.example"),
+            "name: \"xn--bcher-kva.example\"\noutgoing_sec_level: TLS_SECURE\n",
+        )
+        .unwrap();
+        d.reload().unwrap();
+        assert_eq!(d.get("bücher.example").outgoing, SecLevel::TlsSecure);
+        assert!(d.clear("bücher.example").unwrap());
+        assert!(!dir.path().join("s:xn--bcher-kva.example").exists());
+        let fresh = DomainInfo::load(dir.path()).unwrap();
+        assert_eq!(fresh.get("bücher.example").outgoing, SecLevel::Plain);
     }
 
     #[test]

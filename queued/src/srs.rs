@@ -41,9 +41,34 @@ pub fn envelope_sender(from: &str, r: &Recipient, domains: &Domains) -> String {
         return from.to_string();
     }
     let ascii = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_string());
-    // At the last `@`, as `split` reads it: a quoted local part may hold
-    // one.
-    format!("{user}+fwd_from={sender_user}={sender_domain}@{ascii}")
+    let sender_domain =
+        idna::domain_to_ascii(sender_domain).unwrap_or_else(|_| sender_domain.to_lowercase());
+    format!(
+        "{user}+fwd_from={}={sender_domain}@{ascii}",
+        atom(sender_user)
+    )
+}
+
+/// The sender's local part made fit for the middle of a dot-atom (RFC
+/// 5322 §3.2.3): quotes taken off, characters a dot-atom cannot hold
+/// (space, `"`, `,`, `@`, `\`, …) and a second dot in a row become `_`.
+/// Send-only SRS is never reversed, so this only has to be readable and
+/// valid; non-ASCII stays (RFC 6531 allows it; the sender's mail needed
+/// SMTPUTF8 already).
+fn atom(user: &str) -> String {
+    let user = user
+        .strip_prefix('"')
+        .and_then(|u| u.strip_suffix('"'))
+        .unwrap_or(user);
+    let mut out = String::with_capacity(user.len());
+    for c in user.chars() {
+        let ok = !c.is_ascii()
+            || c.is_ascii_alphanumeric()
+            || "!#$%&'*+-/=?^_`{|}~".contains(c)
+            || (c == '.' && !out.ends_with('.'));
+        out.push(if ok { c } else { '_' });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -92,12 +117,22 @@ mod tests {
     }
 
     #[test]
-    fn the_sender_splits_at_its_last_at_and_domains_compare_normalised() {
+    fn the_rewritten_sender_is_a_valid_ascii_domain_address() {
         let d = domains();
         let remote = rcpt("bob@far.example", Kind::Email, false, "list@EXAMPLE.org");
         assert_eq!(
-            envelope_sender("\"a@b\"@elsewhere.example", &remote, &d),
-            "list+fwd_from=\"a@b\"=elsewhere.example@example.org"
+            envelope_sender("\"a,b  c..d\"@elsewhere.example", &remote, &d),
+            "list+fwd_from=a_b__c._d=elsewhere.example@example.org"
+        );
+        // The sender's domain in its A-label form: no SMTPUTF8 needed.
+        assert_eq!(
+            envelope_sender("ann@bücher.example", &remote, &d),
+            "ann@bücher.example",
+            "bücher.example is ours: not rewritten"
+        );
+        assert_eq!(
+            envelope_sender("ann@Ñandú.example", &remote, &d),
+            "list+fwd_from=ann=xn--and-6ma2c.example@example.org"
         );
         // The A-label of a local domain is local.
         let remote = rcpt(

@@ -166,6 +166,9 @@ impl Remote {
                     policy: None,
                 };
                 // As many as MX hosts: the attempt's time is bounded.
+                if via.len() > mx::MAX_MX {
+                    tracing::warn!(id = %job.queue_id, "a via list of {} servers: only the first {} are tried", via.len(), mx::MAX_MX);
+                }
                 let hosts = via
                     .iter()
                     .take(mx::MAX_MX)

@@ -94,16 +94,15 @@ pub fn select(
 /// with several equal MX hosts; the order between preferences is never
 /// touched (RFC 5321 §5.1 leaves only the order within one to us).
 pub fn prefer_pooled(mx: &mut MxHosts, pooled: &[String]) {
+    debug_assert_eq!(mx.hosts.len(), mx.prefs.len());
+    // Without a preference for each host, nothing is known to be equal.
+    if mx.hosts.len() != mx.prefs.len() {
+        return;
+    }
     let mut start = 0;
     while start < mx.hosts.len() {
-        let pref = mx.prefs.get(start).copied();
-        let end = start
-            + mx.prefs[start..]
-                .iter()
-                .take_while(|p| Some(**p) == pref)
-                .count()
-                .max(1);
-        let end = end.min(mx.hosts.len());
+        let pref = mx.prefs[start];
+        let end = start + mx.prefs[start..].iter().take_while(|p| **p == pref).count();
         // Stable: pooled hosts keep their relative (random) order.
         mx.hosts[start..end].sort_by_key(|h| !pooled.contains(h));
         start = end;
