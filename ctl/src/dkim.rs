@@ -23,6 +23,7 @@ use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding, SecretDocument};
 
 use tambo_common::dkimkey::{self, DkimKey};
+use tambo_common::domains::domain_dirs;
 use tambo_common::{address, safeio};
 
 /// The key `dkim-keygen` makes.
@@ -45,6 +46,8 @@ pub enum Algorithm {
 pub enum Error {
     #[error("invalid domain {0:?}: {1}")]
     Domain(String, String),
+    #[error("{0}")]
+    Config(String),
     #[error("invalid selector {0:?}: use dot-separated labels of letters, digits, '-' and '_'")]
     Selector(String),
     #[error("{dir}: no directory for domain {domain}; add the domain first")]
@@ -170,23 +173,16 @@ impl Domain {
     /// name normalises to this domain, however it is spelt on disk.
     fn dir(&self, config_dir: &Path) -> Result<PathBuf, Error> {
         let domains = config_dir.join("domains");
-        let entries = std::fs::read_dir(&domains).map_err(io_error(&domains))?;
-        for entry in entries {
-            let entry = entry.map_err(io_error(&domains))?;
-            let path = entry.path();
-            let matches = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| address::normalize_domain(n).ok())
-                .is_some_and(|n| n == self.name);
-            if matches && path.is_dir() {
-                return Ok(path);
-            }
-        }
-        Err(Error::NoDomainDir {
-            domain: self.name.clone(),
-            dir: domains,
-        })
+        // Found as queued finds domains: the same names, the same refusal
+        // of a domain with two directories.
+        let dirs = domain_dirs(&domains).map_err(|e| Error::Config(e.to_string()))?;
+        dirs.into_iter()
+            .find(|(name, _)| *name == self.name)
+            .map(|(_, path)| path)
+            .ok_or(Error::NoDomainDir {
+                domain: self.name.clone(),
+                dir: domains,
+            })
     }
 }
 

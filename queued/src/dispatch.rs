@@ -441,6 +441,24 @@ async fn read_results(mut reader: FrameReader<OwnedReadHalf>, conn: Arc<Conn>, i
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn jobs_of_the_wrong_size_are_refused_before_deliverd() {
+        let d = Dispatcher::new(None, None);
+        for n in [0, tambo_proto::deliver::MAX_RECIPIENTS_PER_JOB + 1] {
+            let job = Job {
+                job: 0,
+                queue_id: "q".into(),
+                from: String::new(),
+                to: vec!["x@example.org".into(); n],
+                target: tambo_proto::deliver::Target::Remote,
+                security: None,
+            };
+            let r = d.submit(job, PathBuf::from("/nonexistent")).await.unwrap();
+            assert_eq!(r.outcomes.len(), n);
+            assert!(r.outcomes.iter().all(|o| matches!(o, Outcome::TempFail(_))));
+        }
+    }
+
     #[test]
     fn failure_texts_are_cut_and_cleaned() {
         let long = format!("550 {}\r\nInjected: yes\u{1b}[31m", "é".repeat(2000));

@@ -205,10 +205,7 @@ fn load_domain(dir: &Path) -> Result<Vec<Key>, ConfigError> {
             }
             continue;
         };
-        let Some(selector) = file_name
-            .strip_prefix("dkim:")
-            .and_then(|s| s.strip_suffix(".pem"))
-        else {
+        let Some(selector) = dkimkey::selector_of(file_name) else {
             continue;
         };
         if !dkimkey::valid_selector(selector) {
