@@ -53,10 +53,11 @@ pub(crate) use source::connect_from;
 /// (REFERENCE §4.7); the cache bounds its own fetch too.
 pub(crate) const STS_WAIT: Duration = Duration::from_secs(60);
 
-/// No host is tried once an attempt has run this long: queued fails a job
-/// without a result after 60 minutes and retries it, and a delivery still
-/// going on here then could deliver it twice. (Five MX hosts each slow to
-/// their 10-minute session limit, plus MTA-STS waits, come close.)
+/// An attempt's sessions end by this long after its first host was tried,
+/// and no host is tried after it: queued fails a job without a result
+/// after 60 minutes and retries it, and a delivery still going on here
+/// then could deliver it twice. (Five MX hosts each slow to their
+/// 10-minute session limit, plus DNS and MTA-STS waits, come close.)
 pub(crate) const ATTEMPT_LIMIT: Duration = Duration::from_secs(50 * 60);
 
 /// A connection with less reply budget left than this is not kept: its
@@ -325,7 +326,9 @@ impl Remote {
         // that passes it, as chasquid's domaininfo does within a delivery.
         let mut required = job.security.as_ref().map_or(SecLevel::Plain, |s| s.1);
         let mut seen = None;
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
+        // No session of this attempt outlives it, a cached one included.
+        let until = started + ATTEMPT_LIMIT;
         for host in &hosts {
             if started.elapsed() >= ATTEMPT_LIMIT {
                 tracing::info!(id = %job.queue_id, host = %host.name, "attempt time used up; the remaining hosts wait for the next round");
@@ -340,7 +343,7 @@ impl Remote {
             }
             let to: Vec<String> = pending.iter().map(|&i| job.to[i].clone()).collect();
             let (result, level) = self
-                .try_host(job, message, dest, host, &to, &mut required)
+                .try_host(job, message, dest, host, &to, &mut required, until)
                 .await;
             seen = seen.max(level);
             match result {
@@ -377,6 +380,7 @@ impl Remote {
     /// One host: its cached connection if one fits and still works, else
     /// a new one. The level is that of the session used, if it passed the
     /// checks.
+    #[allow(clippy::too_many_arguments)]
     async fn try_host(
         &self,
         job: &Job,
@@ -385,6 +389,7 @@ impl Remote {
         host: &Host,
         to: &[String],
         required: &mut SecLevel,
+        until: Instant,
     ) -> (HostResult, Option<SecLevel>) {
         let enforce = dest.sts_enforce();
         let need = *required;
@@ -392,14 +397,14 @@ impl Remote {
             .pool
             .take(&dest.key, &host.name, |l| dest.fits(l, need))
             && let Some(done) = self
-                .try_cached(job, message, dest, host, to, s, required)
+                .try_cached(job, message, dest, host, to, s, required, until)
                 .await
         {
             return done;
         }
         // A new connection gets a whole session, whatever time a dead
-        // cached one took.
-        let deadline = Instant::now() + self.dialer.timeouts.session;
+        // cached one took, within the attempt's limit.
+        let deadline = (Instant::now() + self.dialer.timeouts.session).min(until);
         let addrs = match &host.addrs {
             Some(a) => a.clone(),
             None => match mx::lookup_addrs(&self.resolver, &host.name, self.port).await {
@@ -463,6 +468,7 @@ impl Remote {
         to: &[String],
         mut s: Session,
         required: &mut SecLevel,
+        until: Instant,
     ) -> Option<(HostResult, Option<SecLevel>)> {
         if let Err(e) = s.conn.check_idle().await {
             tracing::debug!(host = %host.name, "cached connection unusable: {e}");
@@ -470,7 +476,7 @@ impl Remote {
             return None;
         }
         s.conn
-            .set_deadline(Instant::now() + self.dialer.timeouts.session);
+            .set_deadline((Instant::now() + self.dialer.timeouts.session).min(until));
         // Passes by construction; run so the checks are counted per job.
         if let Err(f) = self.dialer.check(
             s.level,
