@@ -40,6 +40,24 @@ pub enum Counter {
     UnmarshalErrors,
 }
 
+impl Counter {
+    /// Every counter, in declaration order.
+    #[cfg(test)]
+    pub const EVERY: [Counter; ALL] = [
+        Counter::Fetches,
+        Counter::Hits,
+        Counter::Expired,
+        Counter::FailedFetch,
+        Counter::Invalid,
+        Counter::RefreshCycles,
+        Counter::Refreshes,
+        Counter::RefreshErrors,
+        Counter::IoErrors,
+        Counter::MarshalErrors,
+        Counter::UnmarshalErrors,
+    ];
+}
+
 const ALL: usize = 11;
 
 impl Counter {
@@ -85,20 +103,7 @@ mod tests {
 
     #[test]
     fn every_counter_has_its_own_slot_and_name() {
-        use Counter::*;
-        let all = [
-            Fetches,
-            Hits,
-            Expired,
-            FailedFetch,
-            Invalid,
-            RefreshCycles,
-            Refreshes,
-            RefreshErrors,
-            IoErrors,
-            MarshalErrors,
-            UnmarshalErrors,
-        ];
+        let all = Counter::EVERY;
         assert_eq!(all.len(), ALL);
         let s = Stats::default();
         for (i, c) in all.iter().enumerate() {

@@ -70,24 +70,11 @@ fn over(dir: &Path, fake: &Arc<Fake>, clock: &Arc<Mutex<SystemTime>>) -> Sts {
 }
 
 fn counts(stats: &Stats) -> Vec<(Counter, u64)> {
-    use Counter::*;
-    [
-        Fetches,
-        Hits,
-        Expired,
-        FailedFetch,
-        Invalid,
-        RefreshCycles,
-        Refreshes,
-        RefreshErrors,
-        IoErrors,
-        MarshalErrors,
-        UnmarshalErrors,
-    ]
-    .into_iter()
-    .map(|c| (c, stats.get(c)))
-    .filter(|(_, n)| *n > 0)
-    .collect()
+    Counter::EVERY
+        .into_iter()
+        .map(|c| (c, stats.get(c)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 fn tls_error() -> FetchError {
