@@ -127,6 +127,9 @@ pub struct TamboConfig {
     /// How long an outgoing SMTP connection is kept open after a delivery,
     /// for the next message to the same destination. Zero: never reused.
     pub smtp_connection_cache_time: Duration,
+    /// Clients in these networks may relay without AUTH (chasquid #55).
+    /// Empty (the default): only authenticated sessions relay.
+    pub relay_networks: Vec<crate::cidr::Cidr>,
 }
 
 /// Test knobs (chasquid's `testing__*`). Not for production use.
@@ -170,6 +173,8 @@ pub struct Testing {
     pub smtp_out_timeout: Option<Duration>,
     /// Replaces the 10-minute period of the MTA-STS cache refresh.
     pub sts_refresh_period: Option<Duration>,
+    /// Replaces every hook's timeout (REFERENCE §6).
+    pub hook_timeout: Option<Duration>,
 }
 
 /// The effective configuration of one tambo installation.
@@ -243,6 +248,7 @@ impl Config {
                 lmtp_address: None,
                 outgoing_source_address: Vec::new(),
                 smtp_connection_cache_time: Duration::from_secs(2),
+                relay_networks: Vec::new(),
             },
             testing: Testing::default(),
         }
@@ -407,6 +413,13 @@ impl Config {
                         duration::parse(&s).map_err(|p| g.err(key, p))?
                     };
                 }
+                "relay_networks" => {
+                    let mut nets = Vec::new();
+                    for n in g.string_list(key, v)? {
+                        nets.push(n.parse().map_err(|p: String| g.err(key, p))?);
+                    }
+                    self.tambo.relay_networks = nets;
+                }
                 _ => return Err(g.err(key, "unknown key")),
             }
         }
@@ -464,6 +477,7 @@ impl Config {
                 "tls_roots" => self.testing.tls_roots = Some(g.path(key, v)?),
                 "smtp_out_timeout" => self.testing.smtp_out_timeout = Some(g.duration(key, v)?),
                 "sts_refresh_period" => self.testing.sts_refresh_period = Some(g.duration(key, v)?),
+                "hook_timeout" => self.testing.hook_timeout = Some(g.duration(key, v)?),
                 _ => return Err(g.err(key, "unknown key")),
             }
         }

@@ -5,6 +5,7 @@
 //! - [`duration`]: Go-style durations (`1h30m`), as chasquid.conf uses them.
 //! - [`address`]: address splitting and normalisation (domains, user parts).
 //! - [`users`], [`aliases`]: the per-domain files.
+//! - [`cidr`]: networks, for `[tambo] relay_networks`.
 //! - [`domains`]: loading `domains/` into one read-only snapshot.
 //! - [`safeio`]: atomic file writes (temp + fsync + rename + dir fsync), and
 //!   directories created durably.
@@ -16,6 +17,8 @@
 //!   signals and accept loops every daemon shares.
 //! - `dkimkey` (feature `dkim`, for queued and the CLI only): the DKIM key
 //!   file format and selector rule.
+//! - `dns` (feature `dns`, for smtpd and deliverd only): the resolver, built
+//!   from resolv.conf or the tests' `[testing] dns_server`.
 //!
 //! Nothing here runs a program: it is safe to link into every process,
 //! including the internet-facing one.
@@ -24,10 +27,13 @@
 pub mod address;
 pub mod aliases;
 pub mod build;
+pub mod cidr;
 pub mod config;
 pub mod daemon;
 #[cfg(feature = "dkim")]
 pub mod dkimkey;
+#[cfg(feature = "dns")]
+pub mod dns;
 pub mod domains;
 pub mod duration;
 pub mod lockfile;

@@ -77,7 +77,9 @@ pub async fn serve(ctx: Arc<Ctx>, stream: UnixStream) -> Result<(), Error> {
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
-        let ToDeliverd::Job(job) = msg;
+        let ToDeliverd::Job(job) = msg else {
+            break Err(Error::Unexpected("a hook call on the delivery connection"));
+        };
         let Some(fd) = reader.take_fd() else {
             break Err(Error::MissingFd);
         };

@@ -8,7 +8,6 @@
 #![forbid(unsafe_code)]
 
 mod children;
-mod dns;
 mod jobs;
 mod lmtp;
 mod maildir;
@@ -86,7 +85,7 @@ fn main() -> ExitCode {
 /// What remote delivery needs, made once: the resolver, the roots, the
 /// MTA-STS cache (and its refresh task).
 fn setup(cfg: Arc<tambo_common::config::Config>) -> Result<jobs::Ctx, String> {
-    let resolver = dns::resolver(&cfg)?;
+    let resolver = tambo_common::dns::resolver(&cfg)?;
     let roots = roots::load(&cfg)?;
     let sts = Arc::new(sts::Sts::new(
         cfg.sts_cache_dir(),

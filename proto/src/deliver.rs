@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::submit::{SpfReport, SpfResult};
+
 /// queued closes a deliver.sock connection that sends nothing (not even a
 /// heartbeat) for this long; deliverd heartbeats well within it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
@@ -130,6 +132,124 @@ pub struct Job {
 pub enum ToDeliverd {
     /// A job; one file descriptor accompanies this frame.
     Job(Job),
+    /// On a hook connection only: a hook to run. A `PostData` call is
+    /// followed, in the same `sendmsg`, by a read-only descriptor of the
+    /// message; the others carry none.
+    Hook(HookCall),
+}
+
+/// Timeouts of the hooks (REFERENCE §6); deliverd kills the hook's whole
+/// process group when one passes.
+pub const POST_DATA_TIMEOUT: Duration = Duration::from_secs(60);
+pub const ALIAS_HOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// `hooks/rcpt` (tambo's own): long enough for a DNSBL query or a
+/// greylisting database, short enough that a client waiting at RCPT does
+/// not give up.
+pub const RCPT_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most bytes of a hook's standard output deliverd keeps; a hook that
+/// prints more has its output treated as invalid (post-data) or as an
+/// error (alias-resolve).
+pub const MAX_HOOK_OUTPUT: usize = 16 * 1024;
+
+/// Largest hook call frame: a post-data environment with 100 recipients
+/// of 256 characters (4 bytes each at worst) and its sender.
+pub const MAX_HOOK_CALL_FRAME: usize = 128 * 1024;
+
+/// Largest hook result frame: the hook's output, an
+/// Authentication-Results header for the signatures verified, the
+/// refusal text.
+pub const MAX_HOOK_RESULT_FRAME: usize = MAX_HOOK_OUTPUT + 16 * 1024;
+
+/// One hook to run on queued's behalf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookCall {
+    /// Unique on this connection; echoed in the result.
+    pub call: u64,
+    pub hook: Hook,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hook {
+    /// After DATA (REFERENCE §2.8 steps 3 to 5): verify the DKIM
+    /// signatures and write Authentication-Results if asked, then run
+    /// `hooks/post-data` on the message with that header on top.
+    PostData(PostData),
+    /// `hooks/alias-resolve <address>`.
+    AliasResolve { address: String },
+    /// `hooks/alias-exists <address>`.
+    AliasExists { address: String },
+    /// `hooks/rcpt`, with one recipient in `rcpt_to`.
+    Rcpt(HookEnv),
+}
+
+/// What a hook learns of the SMTP transaction, through its environment.
+/// deliverd builds the environment from these fields itself: queued never
+/// names a variable, so nothing like `LD_PRELOAD` can be passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookEnv {
+    /// The client, `ip:port` (or `local`).
+    pub remote_addr: String,
+    /// The HELO/EHLO argument as sent.
+    pub ehlo: String,
+    /// Empty for `<>`.
+    pub mail_from: String,
+    pub rcpt_to: Vec<String>,
+    /// `user@domain`, or empty.
+    pub auth_as: String,
+    pub on_tls: bool,
+    pub from_local_domain: bool,
+    pub spf: Option<SpfResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostData {
+    /// The queue ID the message will have, for logs.
+    pub queue_id: String,
+    pub env: HookEnv,
+    /// Whether queued found `hooks/post-data` (deliverd runs it only if it
+    /// is still there).
+    pub run_hook: bool,
+    /// For mail that was not authenticated: write Authentication-Results
+    /// with this authserv-id, this SPF report, and the verification of the
+    /// message's DKIM signatures.
+    pub auth_results: Option<AuthResultsRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthResultsRequest {
+    pub authserv_id: String,
+    pub spf: Option<SpfReport>,
+}
+
+/// A hook's decision on a recipient or a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HookVerdict {
+    Accept,
+    /// `permanent` for exit status 20; `text` is the hook's last complete
+    /// line of output, possibly empty.
+    Reject {
+        permanent: bool,
+        text: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HookOutcome {
+    PostData {
+        /// Valid hook output to prepend (empty if none or invalid), with
+        /// CRLF line ends.
+        headers: String,
+        /// The Authentication-Results header, CRLF line ends, if asked.
+        auth_results: String,
+        verdict: HookVerdict,
+    },
+    /// alias-resolve: its output (an aliases right-hand side, possibly
+    /// empty) on exit 0, else why not.
+    Resolve(Result<String, String>),
+    /// alias-exists: exit 0.
+    Exists(bool),
+    Rcpt(HookVerdict),
 }
 
 /// How an attempt ended. Temporary versus permanent is the type, never a
@@ -160,6 +280,12 @@ pub enum FromDeliverd {
     /// Sent when deliverd has had nothing to say for a while, so queued
     /// can close a connection whose peer went silent.
     Heartbeat,
+    /// Instead of `Ready`, first after the hello: this connection runs
+    /// hooks, at most `slots` at once. Hooks have their own connection so
+    /// a client waiting on one never queues behind deliveries.
+    HookReady { slots: u32 },
+    /// On a hook connection: what came of a call.
+    HookDone { call: u64, outcome: HookOutcome },
 }
 
 #[cfg(test)]

@@ -302,7 +302,13 @@ mod tests {
 
     #[tokio::test]
     async fn truncated_frames() {
-        let full = encode(&SubmitRequest::Mail { from: "a@b".into() }).unwrap();
+        let full = encode(&SubmitRequest::Mail {
+            from: "a@b".into(),
+            ehlo: String::new(),
+            server_name: String::new(),
+            spf: None,
+        })
+        .unwrap();
         for cut in 1..full.len() {
             let mut r = &full[..cut];
             let res = read_frame::<_, SubmitRequest>(&mut r).await;

@@ -86,7 +86,20 @@ pub enum SubmitRequest {
         password: Vec<u8>,
     },
     /// Starts a new envelope. `from` is empty for the null sender `<>`.
-    Mail { from: String },
+    /// The rest is what smtpd knows of the transaction, for queued's
+    /// checks, the hooks and the Authentication-Results header.
+    Mail {
+        from: String,
+        /// The HELO/EHLO argument as the client sent it (empty before
+        /// HELO: REFERENCE §2.3 allows MAIL without it).
+        ehlo: String,
+        /// The host name this connection answers as (`hostname`, or the
+        /// SNI name a certificate covers): the authserv-id.
+        server_name: String,
+        /// The SPF check of the sender, when one ran (REFERENCE §2.6:
+        /// not for `<>` nor for authenticated sessions).
+        spf: Option<SpfReport>,
+    },
     /// One recipient, as the client gave it.
     Rcpt { to: String },
     /// Forgets the envelope.
@@ -106,6 +119,56 @@ pub enum SubmitRequest {
     Ping,
 }
 
+/// An SPF result (RFC 7208 §2.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SpfResult {
+    None,
+    Neutral,
+    Pass,
+    Fail,
+    SoftFail,
+    TempError,
+    PermError,
+}
+
+impl SpfResult {
+    /// The name RFC 7208 gives it, as headers and counters spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SpfResult::None => "none",
+            SpfResult::Neutral => "neutral",
+            SpfResult::Pass => "pass",
+            SpfResult::Fail => "fail",
+            SpfResult::SoftFail => "softfail",
+            SpfResult::TempError => "temperror",
+            SpfResult::PermError => "permerror",
+        }
+    }
+
+    pub const EVERY: [SpfResult; 7] = [
+        SpfResult::None,
+        SpfResult::Neutral,
+        SpfResult::Pass,
+        SpfResult::Fail,
+        SpfResult::SoftFail,
+        SpfResult::TempError,
+        SpfResult::PermError,
+    ];
+}
+
+/// What smtpd's SPF check found: the result, and why (for the headers;
+/// may be empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpfReport {
+    pub result: SpfResult,
+    /// The sender domain checked.
+    pub domain: String,
+    pub reason: String,
+}
+
+/// Longest text of a hook's refusal that reaches the client.
+pub const MAX_HOOK_TEXT: usize = 400;
+
 /// queued's verdict on a recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RcptVerdict {
@@ -120,6 +183,12 @@ pub enum RcptVerdict {
     TempError(String),
     /// Too many recipients in this transaction (452 4.5.3).
     TooMany,
+    /// `hooks/rcpt` refused it: 550 5.7.1 if permanent (exit 20), else
+    /// 451 4.7.1; `text` is the hook's last line (may be empty).
+    HookRejected {
+        permanent: bool,
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +218,15 @@ pub enum SubmitReply {
     /// MAIL refused: the authenticated user may not send as this address
     /// (550 5.7.1).
     SenderNotAllowed,
+    /// MAIL refused: the sender domain was seen over TLS before, and this
+    /// session is plain text (550 5.7.3, REFERENCE §2.6).
+    SecurityLevelTooLow,
+    /// The post-data hook refused the message: 554 5.7.1 if permanent
+    /// (exit 20), else 451 4.7.1; `text` is its last line (may be empty).
+    HookRejected {
+        permanent: bool,
+        text: String,
+    },
     Auth(AuthVerdict),
     Certificates(Vec<CertEntry>),
     Signature(#[serde(with = "serde_bytes")] Vec<u8>),

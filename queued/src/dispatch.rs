@@ -425,7 +425,12 @@ async fn read_results(mut reader: FrameReader<OwnedReadHalf>, conn: Arc<Conn>, i
                 seen,
             })) => conn.finish(job, outcomes, seen),
             Ok(Some(FromDeliverd::Heartbeat)) => Ok(()),
-            Ok(Some(FromDeliverd::Ready { .. })) => Err(Error::Unexpected("Ready")),
+            Ok(Some(FromDeliverd::Ready { .. } | FromDeliverd::HookReady { .. })) => {
+                Err(Error::Unexpected("Ready"))
+            }
+            Ok(Some(FromDeliverd::HookDone { .. })) => Err(Error::Unexpected(
+                "a hook result on the delivery connection",
+            )),
             Ok(None) => return,
             Err(e) => Err(e),
         };

@@ -117,7 +117,7 @@ impl Session {
             SubmitRequest::Auth { identity, password } => {
                 SubmitReply::Auth(self.authenticate(identity, password).await)
             }
-            SubmitRequest::Mail { from } => {
+            SubmitRequest::Mail { from, .. } => {
                 self.reset();
                 // Submission ports need AUTH before MAIL (REFERENCE §2.1).
                 if self.mode != Mode::Smtp && self.auth.is_none() {

@@ -190,6 +190,7 @@ fn remote_delivery_keys() {
     assert_eq!(c.tambo.lmtp_address, None);
     assert!(c.tambo.outgoing_source_address.is_empty());
     assert_eq!(c.tambo.smtp_connection_cache_time, Duration::from_secs(2));
+    assert!(c.tambo.relay_networks.is_empty());
     let c = load(
         r#"
 mail_delivery_agent_bin = ""
@@ -197,6 +198,7 @@ mail_delivery_agent_bin = ""
 lmtp_address = "/run/dovecot/lmtp"
 outgoing_source_address = ["192.0.2.7", "2001:db8::7"]
 smtp_connection_cache_time = "0s"
+relay_networks = ["192.168.0.0/16", "2001:db8::/32", "10.0.0.1"]
 [testing]
 dns_server = "127.0.0.1:5353"
 smtp_port = 2525
@@ -204,12 +206,16 @@ sts_https_port = 8443
 tls_roots = "roots.pem"
 smtp_out_timeout = "2s"
 sts_refresh_period = "1s"
+hook_timeout = "2s"
 "#,
     )
     .unwrap();
     assert_eq!(c.tambo.lmtp_address.as_deref(), Some("/run/dovecot/lmtp"));
     assert_eq!(c.tambo.outgoing_source_address.len(), 2);
     assert_eq!(c.tambo.smtp_connection_cache_time, Duration::ZERO);
+    assert_eq!(c.tambo.relay_networks.len(), 3);
+    assert!(c.tambo.relay_networks[0].contains("192.168.1.1".parse().unwrap()));
+    assert_eq!(c.testing.hook_timeout, Some(Duration::from_secs(2)));
     assert_eq!(c.testing.smtp_port, Some(2525));
     assert_eq!(
         c.testing.dns_server,
@@ -242,6 +248,11 @@ sts_refresh_period = "1s"
             "[tambo]\nsmtp_connection_cache_time = \"soon\"",
             "smtp_connection_cache_time",
         ),
+        (
+            "[tambo]\nrelay_networks = [\"192.168.1.1/16\"]",
+            "bits set after its /16",
+        ),
+        ("[tambo]\nrelay_networks = \"10.0.0.0/8\"", "relay_networks"),
         ("[testing]\nsmtp_port = 0", "testing.smtp_port"),
         ("[testing]\nsmtp_port = 70000", "port number"),
         ("[testing]\ndns_server = \"nowhere\"", "not an address"),

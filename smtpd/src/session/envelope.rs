@@ -55,6 +55,9 @@ impl Session {
         match queue
             .call(&SubmitRequest::Mail {
                 from: path.address.clone(),
+                ehlo: self.ehlo.clone().unwrap_or_default(),
+                server_name: self.hostname.clone(),
+                spf: None,
             })
             .await
         {
@@ -160,6 +163,14 @@ impl Session {
                 self.reply(451, "4.4.3", "Temporary error checking address")
             }
             RcptVerdict::TooMany => self.reply(452, "4.5.3", "Too many recipients"),
+            RcptVerdict::HookRejected { permanent, text } => {
+                let (code, enh) = if permanent {
+                    (550, "5.7.1")
+                } else {
+                    (451, "4.7.1")
+                };
+                self.hook_reply(code, enh, &text)
+            }
         }
         Next::Continue
     }

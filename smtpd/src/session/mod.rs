@@ -353,6 +353,24 @@ impl Session {
         self.out.extend_from_slice(b"\r\n");
     }
 
+    /// A hook's refusal (REFERENCE §6): its last line, made safe for the
+    /// wire, or a generic text. A line that already starts with an
+    /// enhanced code of the reply's class is used as it is (§2.4).
+    fn hook_reply(&mut self, code: u16, enhanced: &str, text: &str) {
+        let text = hook_text(text);
+        let text = if text.is_empty() {
+            "Rejected by local policy".to_string()
+        } else {
+            text
+        };
+        match text.split_once(' ') {
+            Some((first, rest)) if is_enhanced_code(first, enhanced) => {
+                self.reply(code, first, rest.trim_start())
+            }
+            _ => self.reply(code, enhanced, &text),
+        }
+    }
+
     fn reply_multi(&mut self, code: u16, lines: &[String]) {
         metrics::inc_label(names::SMTP_IN_RESPONSE_CODE_COUNT, &code.to_string());
         for (i, l) in lines.iter().enumerate() {
@@ -426,4 +444,32 @@ async fn read_line<S: AsyncRead + Unpin>(conn: &mut BufReader<S>) -> Result<Vec<
         return Err(LineError::TooLong);
     }
     Ok(line)
+}
+
+/// A hook's text as it may go on the wire: printable ASCII only (others
+/// become `?`), at most [`MAX_HOOK_TEXT`] bytes, trimmed.
+fn hook_text(text: &str) -> String {
+    text.chars()
+        .take(tambo_proto::submit::MAX_HOOK_TEXT)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+/// Whether `word` is an enhanced status code (RFC 3463) of the same class
+/// as `ours`.
+fn is_enhanced_code(word: &str, ours: &str) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        && word.as_bytes().first() == ours.as_bytes().first()
 }

@@ -1,4 +1,5 @@
-//! The one DNS resolver of deliverd (MX, A/AAAA, MTA-STS TXT).
+//! The DNS resolver of the processes that may resolve: smtpd (SPF) and
+//! deliverd (MX, A/AAAA, MTA-STS TXT, DKIM keys).
 //!
 //! It reads /etc/resolv.conf, as every resolver on the machine does; tests
 //! (and only tests) replace every server with one of their own through
@@ -8,7 +9,7 @@ use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 
-use tambo_common::config::Config;
+use crate::config::Config;
 
 /// Builds the resolver from the config; an error names what is wrong
 /// (an unreadable resolv.conf, say).
