@@ -38,6 +38,14 @@ pub mod names {
     pub const SMTP_IN_DKIM_SIGNED: &str = "chasquid/smtpIn/dkimSigned";
     pub const SMTP_IN_DKIM_SIGN_ERRORS: &str = "chasquid/smtpIn/dkimSignErrors";
     pub const SMTP_OUT_SECURITY_LEVEL_CHECKS: &str = "chasquid/smtpOut/securityLevelChecks";
+    pub const SMTP_IN_SECURITY_LEVEL_CHECKS: &str = "chasquid/smtpIn/securityLevelChecks";
+    pub const SMTP_IN_SPF_RESULT_COUNT: &str = "chasquid/smtpIn/spfResultCount";
+    pub const SMTP_IN_HOOK_RESULTS: &str = "chasquid/smtpIn/hookResults";
+    pub const ALIASES_HOOK_RESULTS: &str = "chasquid/aliases/hookResults";
+    pub const SMTP_IN_DKIM_VERIFY_FOUND: &str = "chasquid/smtpIn/dkimVerifyFound";
+    pub const SMTP_IN_DKIM_VERIFY_NOT_FOUND: &str = "chasquid/smtpIn/dkimVerifyNotFound";
+    pub const SMTP_IN_DKIM_VERIFY_VALID: &str = "chasquid/smtpIn/dkimVerifyValid";
+    pub const SMTP_IN_DKIM_VERIFY_ERRORS: &str = "chasquid/smtpIn/dkimVerifyErrors";
     pub const SMTP_OUT_STS_MODE: &str = "chasquid/smtpOut/sts/mode";
     pub const SMTP_OUT_STS_SECURITY: &str = "chasquid/smtpOut/sts/security";
     pub const SMTP_OUT_TLS_COUNT: &str = "chasquid/smtpOut/tlsCount";
