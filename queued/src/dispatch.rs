@@ -41,8 +41,9 @@ pub use tambo_proto::deliver::MAX_FAILURE_TEXT;
 /// this long is closed.
 pub use tambo_proto::deliver::IDLE_TIMEOUT;
 
-/// Most deliver.sock connections at once (deliverd holds one; a restart
-/// may overlap the old one briefly).
+/// Most deliver.sock connections at once (deliverd holds two, one for
+/// deliveries and one for hooks; a restart may overlap the old ones
+/// briefly).
 pub const MAX_CONNECTIONS: usize = 4;
 
 /// How long sending one job may take before deliverd counts as gone.
@@ -91,10 +92,16 @@ pub struct Dispatcher {
     refused_stranger: LogLimiter,
     refused_full: LogLimiter,
     refused_hello: LogLimiter,
+    /// Where a hook connection goes.
+    pub hooks: Arc<crate::hooks::Hooks>,
 }
 
 impl Dispatcher {
-    pub fn new(deadline: Option<Duration>, idle_timeout: Option<Duration>) -> Self {
+    pub fn new(
+        deadline: Option<Duration>,
+        idle_timeout: Option<Duration>,
+        hooks: Arc<crate::hooks::Hooks>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         Self {
             tx,
@@ -105,6 +112,7 @@ impl Dispatcher {
             refused_stranger: LogLimiter::new(),
             refused_full: LogLimiter::new(),
             refused_hello: LogLimiter::new(),
+            hooks,
         }
     }
 
@@ -286,6 +294,11 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, ids: Arc<Identities>, mut stream
     let ready = tokio::time::timeout(hello::HELLO_TIMEOUT, reader.read(MAX_SMALL_FRAME)).await;
     let slots = match ready {
         Ok(Ok(Some(FromDeliverd::Ready { slots }))) => slots.clamp(1, 1024) as usize,
+        Ok(Ok(Some(FromDeliverd::HookReady { slots }))) => {
+            let slots = slots.clamp(1, 1024) as usize;
+            let hooks = dispatcher.hooks.clone();
+            return crate::hooks::serve(hooks, reader, w, slots, dispatcher.idle_timeout).await;
+        }
         other => {
             metrics::inc_label(names::IPC_ERRORS, "queued");
             tracing::warn!("deliver.sock: expected Ready first, got {other:?}; closing");
@@ -448,7 +461,8 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_of_the_wrong_size_are_refused_before_deliverd() {
-        let d = Dispatcher::new(None, None);
+        let cfg = tambo_common::config::Config::defaults(std::path::Path::new("/nonexistent"));
+        let d = Dispatcher::new(None, None, Arc::new(crate::hooks::Hooks::new(&cfg)));
         for n in [0, tambo_proto::deliver::MAX_RECIPIENTS_PER_JOB + 1] {
             let job = Job {
                 job: 0,

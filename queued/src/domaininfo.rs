@@ -35,8 +35,6 @@ impl Default for Levels {
 /// Which half of a domain's record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
-    /// Checked by the inbound SPF/security-level work (not yet wired).
-    #[allow(dead_code)]
     Incoming,
     Outgoing,
 }

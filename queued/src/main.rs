@@ -16,6 +16,7 @@ mod domaininfo;
 mod dovecot;
 mod dsn;
 mod handshake;
+mod hooks;
 mod item;
 mod keylink;
 mod policy;

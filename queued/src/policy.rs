@@ -55,14 +55,20 @@ pub enum Lookup {
     AskDovecot(String),
 }
 
-/// The RCPT decision, or the one question left for Dovecot.
+/// The RCPT decision, or the questions left for the hooks and Dovecot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptCheck {
     Done(RcptVerdict),
-    /// A local address no alias, catch-all or users file knows: accepted
-    /// if Dovecot knows this id, `NoSuchUser` if not, `TempError`
-    /// (451 4.4.3) if Dovecot cannot be asked.
-    AskDovecot(String),
+    /// A local address no alias, catch-all or users file knows. It exists
+    /// if `hooks/alias-resolve` has an entry for `exact` (then `clean`),
+    /// if `hooks/alias-exists` says yes for `clean`, or if Dovecot knows
+    /// `dovecot` (when it is on); else `NoSuchUser`. Any of them failing
+    /// is a `TempError` (451 4.4.3), never a 550.
+    Unknown {
+        exact: String,
+        clean: String,
+        dovecot: Option<String>,
+    },
 }
 
 /// Why [`Policy::resolve_with`] gave no recipients.
@@ -73,6 +79,17 @@ pub enum Unresolved {
     /// Whether this id is a Dovecot user decides where the mail goes: ask,
     /// then resolve again with the answer.
     AskDovecot(String),
+    /// `hooks/alias-resolve` must be asked about this address: ask, then
+    /// resolve again with its answer.
+    AskHook(String),
+}
+
+/// What the resolution knows beyond the files: Dovecot's answers (id →
+/// is a user) and the alias-resolve hook's (address → its targets). None:
+/// not asked yet.
+pub struct Oracles<'a> {
+    pub dovecot: &'a dyn Fn(&str) -> Option<bool>,
+    pub hook: &'a dyn Fn(&str) -> Option<Vec<Target>>,
 }
 
 pub struct Policy<'a> {
@@ -119,15 +136,22 @@ impl Policy<'_> {
         format!("postmaster@{domain}")
     }
 
-    /// Decides one RCPT, as far as tambo's files can.
-    pub fn check_rcpt(&self, to: &str, auth: Option<&Authenticated>) -> RcptCheck {
+    /// Decides one RCPT, as far as tambo's files can. Mail to another
+    /// domain needs an authenticated session, or a client in
+    /// `relay_networks` (`trusted_network`).
+    pub fn check_rcpt(
+        &self,
+        to: &str,
+        auth: Option<&Authenticated>,
+        trusted_network: bool,
+    ) -> RcptCheck {
         let (_, raw_domain) = address::split(to);
         let domain = match address::normalize_domain(raw_domain) {
             Ok(d) => d,
             Err(e) => return RcptCheck::Done(RcptVerdict::Invalid(e.to_string())),
         };
         if !self.domains.is_local(&domain) {
-            return RcptCheck::Done(if auth.is_some() {
+            return RcptCheck::Done(if auth.is_some() || trusted_network {
                 RcptVerdict::Accepted
             } else {
                 RcptVerdict::RelayDenied
@@ -137,10 +161,15 @@ impl Policy<'_> {
             Ok(a) => a,
             Err(e) => return RcptCheck::Done(RcptVerdict::Invalid(e)),
         };
+        let unknown = |dovecot| RcptCheck::Unknown {
+            exact: join(&self.exact_key(&a.user), &a.domain),
+            clean: join(&self.clean(&a.user), &a.domain),
+            dovecot,
+        };
         match self.exists(&a) {
             Lookup::Yes => RcptCheck::Done(RcptVerdict::Accepted),
-            Lookup::No => RcptCheck::Done(RcptVerdict::NoSuchUser),
-            Lookup::AskDovecot(id) => RcptCheck::AskDovecot(id),
+            Lookup::No => unknown(None),
+            Lookup::AskDovecot(id) => unknown(Some(id)),
         }
     }
 
@@ -252,24 +281,28 @@ impl Policy<'_> {
     /// address the files do not know as no user (without asking Dovecot:
     /// a conservative answer, for the checks that cannot wait for it).
     pub fn resolve(&self, rcpt: &str) -> Result<Vec<Recipient>, String> {
-        self.resolve_with(rcpt, &|_| Some(false))
-            .map_err(|e| match e {
-                Unresolved::Failed(e) => e,
-                Unresolved::AskDovecot(id) => format!("{id}: Dovecot was not asked"),
-            })
+        let oracles = Oracles {
+            dovecot: &|_| Some(false),
+            hook: &|_| Some(Vec::new()),
+        };
+        self.resolve_with(rcpt, &oracles).map_err(|e| match e {
+            Unresolved::Failed(e) => e,
+            Unresolved::AskDovecot(id) => format!("{id}: Dovecot was not asked"),
+            Unresolved::AskHook(a) => format!("{a}: the alias-resolve hook was not asked"),
+        })
     }
 
-    /// Expands one accepted RCPT into final recipients. `dovecot` holds
-    /// Dovecot's answers so far (id → is a user); an id it has no answer
+    /// Expands one accepted RCPT into final recipients. `oracles` hold
+    /// the answers so far beyond the files; a question they have no answer
     /// for, when the answer matters, ends the resolution with
-    /// [`Unresolved::AskDovecot`].
+    /// [`Unresolved::AskDovecot`] or [`Unresolved::AskHook`].
     pub fn resolve_with(
         &self,
         rcpt: &str,
-        dovecot: &dyn Fn(&str) -> Option<bool>,
+        oracles: &Oracles<'_>,
     ) -> Result<Vec<Recipient>, Unresolved> {
         let mut out = Vec::new();
-        self.resolve_into(rcpt, rcpt, 0, dovecot, &mut out)?;
+        self.resolve_into(rcpt, rcpt, 0, oracles, &mut out)?;
         // The same final address reached twice gets one delivery.
         let mut seen = std::collections::HashSet::new();
         out.retain(|r| seen.insert((r.address.clone(), format!("{:?}", r.kind))));
@@ -281,7 +314,7 @@ impl Policy<'_> {
         addr: &str,
         original: &str,
         depth: usize,
-        dovecot: &dyn Fn(&str) -> Option<bool>,
+        oracles: &Oracles<'_>,
         out: &mut Vec<Recipient>,
     ) -> Result<(), Unresolved> {
         if depth > MAX_ALIAS_DEPTH {
@@ -318,16 +351,33 @@ impl Policy<'_> {
                 return Ok(true);
             }
             match self.beyond_the_files(&clean, &a.domain) {
-                Lookup::AskDovecot(id) => dovecot(&id).ok_or(Unresolved::AskDovecot(id)),
+                Lookup::AskDovecot(id) => (oracles.dovecot)(&id).ok_or(Unresolved::AskDovecot(id)),
                 Lookup::Yes => Ok(true),
                 Lookup::No => Ok(false),
             }
         };
-        let targets = match d
-            .aliases
-            .get(&self.exact_key(&a.user))
-            .or_else(|| d.aliases.get(&clean))
-        {
+        // REFERENCE §5.3 steps 2 and 3: the file's entry plus the hook's,
+        // for the exact form, then for the clean form. Never the hook for
+        // the catch-all.
+        let hook = |user: &str| -> Result<Vec<Target>, Unresolved> {
+            let addr = join(user, &a.domain);
+            (oracles.hook)(&addr).ok_or(Unresolved::AskHook(addr))
+        };
+        let exact = self.exact_key(&a.user);
+        let entry = |key: &str| -> Result<Vec<Target>, Unresolved> {
+            let mut t: Vec<Target> = d
+                .aliases
+                .get(key)
+                .map(<[Target]>::to_vec)
+                .unwrap_or_default();
+            t.extend(hook(key)?);
+            Ok(t)
+        };
+        let mut found = entry(&exact)?;
+        if found.is_empty() && clean != exact {
+            found = entry(&clean)?;
+        }
+        let targets = match (!found.is_empty()).then_some(&found[..]) {
             Some(t) => t,
             // A user beats the catch-all; without a catch-all, user or
             // not, the clean form is the result (a non-user fails later).
@@ -367,7 +417,7 @@ impl Policy<'_> {
                         out.push(email(clean_addr.clone(), true));
                         continue;
                     }
-                    self.resolve_into(&target, original, depth + 1, dovecot, out)?;
+                    self.resolve_into(&target, original, depth + 1, oracles, out)?;
                 }
             }
         }

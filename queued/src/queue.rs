@@ -23,8 +23,9 @@ use crate::dispatch::Dispatcher;
 use crate::dkim::DkimKeys;
 use crate::domaininfo::DomainInfo;
 use crate::dovecot::{self, Dovecot};
+use crate::hooks::Hooks;
 use crate::item::{self, FORMAT_VERSION, Item};
-use crate::policy::{Lookup, Policy, Unresolved};
+use crate::policy::{Lookup, Oracles, Policy, Unresolved};
 use crate::retry::Schedule;
 use crate::spool::Spool;
 
@@ -38,6 +39,8 @@ pub struct Queue {
     /// which do not, so clients stalling in DATA cannot fill the queue.
     ids: Mutex<Ids>,
     pub dispatcher: Arc<Dispatcher>,
+    /// Hooks, run by deliverd (REFERENCE §6).
+    pub hooks: Arc<Hooks>,
     schedule: Schedule,
     /// Bytes of message bodies being received right now, over all
     /// sessions ([`Queue::reserve_in_flight`]).
@@ -64,6 +67,17 @@ pub async fn dovecot_knows(dovecot: Option<&Dovecot>, id: &str) -> Result<bool, 
         Some(d) => d.exists(id).await,
         None => Ok(false),
     }
+}
+
+/// The alias-resolve hook's answers in one transaction: address → its
+/// targets (none if it had no entry).
+pub type HookAnswers = HashMap<String, Vec<tambo_common::aliases::Target>>;
+
+/// What a put learned beyond the files while resolving.
+#[derive(Default)]
+struct Answers {
+    dovecot: HashMap<String, bool>,
+    hook: HookAnswers,
 }
 
 #[derive(Default)]
@@ -110,9 +124,11 @@ impl Queue {
         if let Some(j) = cfg.testing.retry_jitter {
             schedule.jitter = j;
         }
+        let hooks = Arc::new(Hooks::new(&cfg));
         let dispatcher = Arc::new(Dispatcher::new(
             cfg.testing.delivery_job_deadline,
             cfg.testing.ipc_idle_timeout,
+            hooks.clone(),
         ));
         Self {
             domains: RwLock::new(Arc::new(domains)),
@@ -120,6 +136,7 @@ impl Queue {
             spool,
             ids: Mutex::default(),
             dispatcher,
+            hooks,
             schedule,
             in_flight: AtomicU64::new(0),
             dovecot: Dovecot::from_config(&cfg).map(Arc::new),
@@ -184,31 +201,59 @@ impl Queue {
         }
     }
 
-    /// Resolves one RCPT (REFERENCE §5.3), asking Dovecot whatever the
-    /// resolution needs to know; `answers` carries the answers across a
-    /// put's recipients.
+    /// Resolves one RCPT (REFERENCE §5.3), asking Dovecot and the
+    /// alias-resolve hook whatever the resolution needs to know; `answers`
+    /// carry their answers across a put's recipients, so each address is
+    /// asked about once per message.
     async fn resolve(
         &self,
         policy: &Policy<'_>,
         rcpt: &str,
-        answers: &mut HashMap<String, bool>,
+        answers: &mut Answers,
     ) -> Result<Vec<item::Recipient>, PutError> {
+        let hook_exists = self.hooks.exists(crate::hooks::Name::AliasResolve);
         loop {
-            let resolved = policy.resolve_with(rcpt, &|id| answers.get(id).copied());
+            let resolved = {
+                let oracles = Oracles {
+                    dovecot: &|id| answers.dovecot.get(id).copied(),
+                    hook: &|addr| {
+                        if hook_exists {
+                            answers.hook.get(addr).cloned()
+                        } else {
+                            Some(Vec::new())
+                        }
+                    },
+                };
+                policy.resolve_with(rcpt, &oracles)
+            };
             match resolved {
                 Ok(rs) => return Ok(rs),
                 Err(Unresolved::Failed(e)) => return Err(PutError::Resolve(e)),
                 // Each question is about an id not answered yet, so the
                 // loop ends: at the bound at the latest.
                 Err(Unresolved::AskDovecot(id)) => {
-                    if answers.len() >= MAX_DOVECOT_LOOKUPS_PER_PUT {
+                    if answers.dovecot.len() >= MAX_DOVECOT_LOOKUPS_PER_PUT {
                         return Err(PutError::Resolve(format!(
                             "more than {MAX_DOVECOT_LOOKUPS_PER_PUT} Dovecot lookups resolving {rcpt}"
                         )));
                     }
                     let what = format!("resolving <{rcpt}>");
                     let known = self.lookup(Lookup::AskDovecot(id.clone()), &what).await?;
-                    answers.insert(id, known);
+                    answers.dovecot.insert(id, known);
+                }
+                Err(Unresolved::AskHook(addr)) => {
+                    if answers.hook.len() >= MAX_DOVECOT_LOOKUPS_PER_PUT {
+                        return Err(PutError::Resolve(format!(
+                            "more than {MAX_DOVECOT_LOOKUPS_PER_PUT} alias-resolve hook runs resolving {rcpt}"
+                        )));
+                    }
+                    let targets = self
+                        .hooks
+                        .alias_resolve(&addr)
+                        .await
+                        .map_err(PutError::Resolve)?
+                        .unwrap_or_default();
+                    answers.hook.insert(addr, targets);
                 }
             }
         }
@@ -261,6 +306,7 @@ impl Queue {
         rcpts: Vec<String>,
         client: String,
         bypass_limit: bool,
+        hook_answers: HookAnswers,
     ) -> Result<(), PutError> {
         // Checked again now that the body is in: DATA transfers that ran
         // concurrently must not push the queue past its limit.
@@ -293,7 +339,10 @@ impl Queue {
             return Err(PutError::NoRecipients);
         }
         let mut recipients = Vec::new();
-        let mut answers = HashMap::new();
+        let mut answers = Answers {
+            hook: hook_answers,
+            ..Answers::default()
+        };
         for r in &rcpts {
             recipients.extend(self.resolve(&policy, r, &mut answers).await?);
         }

@@ -6,16 +6,21 @@
 //! a successful password check makes. A message out of place is an error
 //! that closes the connection.
 
+mod postdata;
+mod rcpt;
+
 use std::sync::Arc;
 
 use tambo_common::address;
 use tambo_proto::Error;
+use tambo_proto::deliver::SecLevel;
 use tambo_proto::metrics::{self, names};
-use tambo_proto::submit::{AuthVerdict, Mode, RcptVerdict, SubmitReply, SubmitRequest};
+use tambo_proto::submit::{AuthVerdict, Mode, SpfReport, SpfResult, SubmitReply, SubmitRequest};
 
 use crate::auth;
-use crate::policy::{Authenticated, Policy, RcptCheck};
-use crate::queue::{PutError, Queue, dovecot_knows};
+use crate::domaininfo::Direction;
+use crate::policy::{Authenticated, Policy};
+use crate::queue::{HookAnswers, PutError, Queue};
 use crate::signing;
 use crate::spool::BodyWriter;
 
@@ -57,8 +62,21 @@ pub struct Session {
     /// AUTH attempts refused in this session.
     auth_failures: u32,
     from: Option<String>,
+    /// What smtpd told of the transaction at MAIL.
+    txn: Txn,
     rcpts: Vec<String>,
+    /// The alias-resolve hook's answers at RCPT, reused when the message
+    /// is queued: one run per address per transaction (REFERENCE §6).
+    alias_answers: HookAnswers,
     body: Option<Body>,
+}
+
+/// What smtpd said at MAIL, for the hooks and Authentication-Results.
+#[derive(Default)]
+struct Txn {
+    ehlo: String,
+    server_name: String,
+    spf: Option<SpfReport>,
 }
 
 impl Session {
@@ -72,7 +90,9 @@ impl Session {
             auth: None,
             auth_failures: 0,
             from: None,
+            txn: Txn::default(),
             rcpts: Vec::new(),
+            alias_answers: HookAnswers::new(),
             body: None,
         }
     }
@@ -117,7 +137,12 @@ impl Session {
             SubmitRequest::Auth { identity, password } => {
                 SubmitReply::Auth(self.authenticate(identity, password).await)
             }
-            SubmitRequest::Mail { from, .. } => {
+            SubmitRequest::Mail {
+                from,
+                ehlo,
+                server_name,
+                spf,
+            } => {
                 self.reset();
                 // Submission ports need AUTH before MAIL (REFERENCE §2.1).
                 if self.mode != Mode::Smtp && self.auth.is_none() {
@@ -149,51 +174,20 @@ impl Session {
                         "invalid sender address".into(),
                     )));
                 }
+                if !from.is_empty() && !self.security_level_ok(&from, spf.as_ref()).await {
+                    return Ok(Some(SubmitReply::SecurityLevelTooLow));
+                }
                 self.from = Some(from);
+                self.txn = Txn {
+                    ehlo,
+                    server_name,
+                    // An authenticated session is not checked (REFERENCE
+                    // §2.6); smtpd says so too, but it is not believed.
+                    spf: spf.filter(|_| self.auth.is_none()),
+                };
                 SubmitReply::Ok
             }
-            SubmitRequest::Rcpt { to } => {
-                if self.from.is_none() {
-                    return Ok(Some(SubmitReply::BadSequence("RCPT before MAIL".into())));
-                }
-                if self.rcpts.len() >= MAX_RCPTS {
-                    return Ok(Some(SubmitReply::Rcpt(RcptVerdict::TooMany)));
-                }
-                if !address::is_plausible(&to) || to.starts_with('-') {
-                    return Ok(Some(SubmitReply::Rcpt(RcptVerdict::Invalid(
-                        "not an address".into(),
-                    ))));
-                }
-                let domains = self.queue.domains();
-                let policy = Policy {
-                    cfg: &self.queue.cfg,
-                    domains: &domains,
-                };
-                let to = policy.qualify(&to);
-                let verdict = match policy.check_rcpt(&to, self.auth.as_ref()) {
-                    RcptCheck::Done(v) => v,
-                    // The files said no; Dovecot has the last word
-                    // (REFERENCE §5.3), and its failure is a 451 4.4.3,
-                    // never a 550 the sender would take as final.
-                    RcptCheck::AskDovecot(id) => {
-                        match dovecot_knows(self.queue.dovecot.as_deref(), &id).await {
-                            Ok(true) => RcptVerdict::Accepted,
-                            Ok(false) => RcptVerdict::NoSuchUser,
-                            Err(e) => {
-                                tracing::warn!(client = ?self.client, "cannot ask Dovecot whether {} is a user: {e}", id.escape_debug());
-                                // smtpd logs this; the details stay here.
-                                RcptVerdict::TempError("the Dovecot user lookup failed".into())
-                            }
-                        }
-                    }
-                };
-                if verdict == RcptVerdict::Accepted {
-                    self.rcpts.push(to);
-                } else {
-                    tracing::info!(client = ?self.client, "rejected to=<{}>: {verdict:?}", to.escape_debug());
-                }
-                SubmitReply::Rcpt(verdict)
-            }
+            SubmitRequest::Rcpt { to } => self.rcpt(to).await,
             SubmitRequest::Rset => {
                 self.reset();
                 SubmitReply::Ok
@@ -305,27 +299,81 @@ impl Session {
             }
             None => {}
         }
-        let synced = tokio::task::spawn_blocking(move || writer.finish()).await;
-        let synced = synced
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|r| r);
-        if let Err(e) = synced {
-            tracing::error!(%id, "cannot sync the message body: {e}");
-            self.queue.release_id(&id);
-            return Ok(SubmitReply::Failed {
-                reason: format!("queue write failed: {e}"),
-            });
+        // Each rewrite below (signing, added headers) fsyncs the new body;
+        // only a body none of them touches is synced as written.
+        let signing = self.auth.is_some() && self.signs_for(&from);
+        let checking = self.needs_post_data();
+        let mut synced = false;
+        if signing || checking {
+            drop(writer);
+        } else {
+            let r = tokio::task::spawn_blocking(move || writer.finish()).await;
+            if let Err(e) = r
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|r| r)
+            {
+                tracing::error!(%id, "cannot sync the message body: {e}");
+                self.queue.release_id(&id);
+                return Ok(SubmitReply::Failed {
+                    reason: format!("queue write failed: {e}"),
+                });
+            }
+            synced = true;
         }
         // Authenticated mail is signed with its sender domain's keys before
         // it becomes an item (REFERENCE §2.8 step 3): a failure is a 451.
-        if self.auth.is_some()
-            && let Err(reason) = self.sign(&id, &from).await
-        {
-            self.queue.release_id(&id);
-            return Ok(SubmitReply::Failed { reason });
+        if signing {
+            if let Err(reason) = self.sign(&id, &from).await {
+                self.queue.release_id(&id);
+                return Ok(SubmitReply::Failed { reason });
+            }
+            synced = true;
+        }
+        if checking {
+            match self.post_data(&id, &rcpts).await {
+                postdata::AfterData::Reject { permanent, text } => {
+                    self.queue.release_id(&id);
+                    return Ok(SubmitReply::HookRejected { permanent, text });
+                }
+                postdata::AfterData::Accept(prefix) if !prefix.is_empty() => {
+                    let (spool, id2) = (self.queue.spool.clone(), id.clone());
+                    let r = tokio::task::spawn_blocking(move || spool.prepend(&id2, &prefix)).await;
+                    if let Err(e) = r
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                        .and_then(|r| r)
+                    {
+                        tracing::error!(%id, "cannot add the checks' headers to the message: {e}");
+                        self.queue.release_id(&id);
+                        return Ok(SubmitReply::Failed {
+                            reason: format!("queue write failed: {e}"),
+                        });
+                    }
+                    synced = true;
+                }
+                postdata::AfterData::Accept(_) => {}
+            }
+        }
+        if !synced {
+            let (spool, id2) = (self.queue.spool.clone(), id.clone());
+            let r = tokio::task::spawn_blocking(move || spool.sync_body(&id2)).await;
+            if let Err(e) = r
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|r| r)
+            {
+                tracing::error!(%id, "cannot sync the message body: {e}");
+                self.queue.release_id(&id);
+                return Ok(SubmitReply::Failed {
+                    reason: format!("queue write failed: {e}"),
+                });
+            }
         }
         let client = self.client.clone().unwrap_or_default();
-        match self.queue.put(id.clone(), from, rcpts, client, false).await {
+        let answers = std::mem::take(&mut self.alias_answers);
+        match self
+            .queue
+            .put(id.clone(), from, rcpts, client, false, answers)
+            .await
+        {
             Ok(()) => Ok(SubmitReply::Queued { id }),
             Err(e) => {
                 if let PutError::Io(io) = &e {
@@ -337,6 +385,44 @@ impl Session {
                 })
             }
         }
+    }
+
+    /// The incoming security level check (REFERENCE §2.6, §4.6), only
+    /// after an SPF pass: a sender domain once seen over TLS may not come
+    /// back in plain text. Without a pass it is skipped: anyone could
+    /// otherwise raise the level of any domain and lock its mail out.
+    async fn security_level_ok(&self, from: &str, spf: Option<&SpfReport>) -> bool {
+        if self.auth.is_some() || spf.is_none_or(|s| s.result != SpfResult::Pass) {
+            metrics::inc_label(names::SMTP_IN_SECURITY_LEVEL_CHECKS, "skip");
+            return true;
+        }
+        let Ok(domain) = address::normalize_domain(address::split(from).1) else {
+            metrics::inc_label(names::SMTP_IN_SECURITY_LEVEL_CHECKS, "skip");
+            return true;
+        };
+        let seen = if self.tls {
+            SecLevel::TlsClient
+        } else {
+            SecLevel::Plain
+        };
+        let (info, d) = (self.queue.domaininfo.clone(), domain.clone());
+        // A raise writes and fsyncs the record.
+        let ok = tokio::task::spawn_blocking(move || info.check(&d, Direction::Incoming, seen))
+            .await
+            .unwrap_or(true);
+        if ok {
+            metrics::inc_label(names::SMTP_IN_SECURITY_LEVEL_CHECKS, "pass");
+        } else {
+            metrics::inc_label(names::SMTP_IN_SECURITY_LEVEL_CHECKS, "fail");
+            tracing::info!(client = ?self.client, "security level check failed for {domain}: {} in plain text after TLS", from.escape_debug());
+        }
+        ok
+    }
+
+    /// Whether mail from `from` gets signed: its domain has keys.
+    fn signs_for(&self, from: &str) -> bool {
+        address::normalize_domain(address::split(from).1)
+            .is_ok_and(|d| self.queue.dkim.count(&d) > 0)
     }
 
     /// DKIM-signs the spooled body `id` with every key of the domain of
@@ -482,6 +568,8 @@ impl Session {
 
     pub fn reset(&mut self) {
         self.from = None;
+        self.txn = Txn::default();
+        self.alias_answers.clear();
         self.rcpts.clear();
         self.abort_body();
     }

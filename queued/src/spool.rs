@@ -110,6 +110,36 @@ impl Spool {
         safeio::replace(&self.item_path(&item.id), &item.to_json(), 0o600)
     }
 
+    /// Puts `prefix` (header fields) on top of the body `id`, rewriting it
+    /// atomically: temp file, copy, fsync, rename. Durable once the
+    /// directory is synced (the item's write does it).
+    pub fn prepend(&self, id: &str, prefix: &[u8]) -> io::Result<()> {
+        self.check_writable()?;
+        let path = self.body_path(id);
+        let tmp = safeio::temp_path(&path)?;
+        let written = (|| {
+            let mut src = File::open(&path)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(prefix)?;
+            io::copy(&mut src, &mut f)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    /// fsyncs a body written earlier (one that no rewrite synced).
+    pub fn sync_body(&self, id: &str) -> io::Result<()> {
+        File::open(self.body_path(id))?.sync_all()
+    }
+
     /// Opens a message body read-only, to hand to deliverd.
     pub fn open_body(&self, id: &str) -> io::Result<File> {
         File::open(self.body_path(id))
@@ -237,6 +267,34 @@ mod tests {
             client: "local".into(),
             recipients: vec![],
         }
+    }
+
+    #[test]
+    fn prepending_rewrites_the_body_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        let mut w = spool.create_body("m1").unwrap();
+        w.write(b"Received: x\r\n\r\nbody\r\n").unwrap();
+        drop(w);
+        spool.prepend("m1", b"X-Spam: 0\r\n").unwrap();
+        assert_eq!(
+            std::fs::read(spool.body_path("m1")).unwrap(),
+            b"X-Spam: 0\r\nReceived: x\r\n\r\nbody\r\n"
+        );
+        // No temp file (a dot file next to the body) is left behind.
+        let dots = std::fs::read_dir(spool.body_path("m1").parent().unwrap())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count();
+        assert_eq!(dots, 0);
+        spool.sync_body("m1").unwrap();
+        assert!(spool.prepend("missing", b"X: y\r\n").is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 use super::*;
 use std::path::Path;
-use tambo_common::aliases::Aliases;
+use tambo_common::aliases::{Aliases, Target};
 use tambo_common::domains::Domain;
 use tambo_common::users::UserDb;
 
@@ -40,10 +40,19 @@ fn setup() -> (Config, Domains) {
 impl Policy<'_> {
     /// The RCPT verdict from the files alone.
     fn rcpt(&self, to: &str, auth: Option<&Authenticated>) -> RcptVerdict {
-        match self.check_rcpt(to, auth) {
+        match self.check_rcpt(to, auth, false) {
             RcptCheck::Done(v) => v,
+            RcptCheck::Unknown { dovecot: None, .. } => RcptVerdict::NoSuchUser,
             other => panic!("{to}: {other:?}"),
         }
+    }
+}
+
+/// Answers from Dovecot only; the alias-resolve hook has no entries.
+fn dovecot_only<'a>(dovecot: &'a dyn Fn(&str) -> Option<bool>) -> Oracles<'a> {
+    Oracles {
+        dovecot,
+        hook: &|_| Some(Vec::new()),
     }
 }
 
@@ -233,7 +242,11 @@ fn dovecot_is_asked_only_when_the_files_say_no() {
         cfg: &cfg,
         domains: &domains,
     };
-    let ask = |id: &str| RcptCheck::AskDovecot(id.to_string());
+    let ask = |id: &str| Some(id.to_string());
+    let asks = |to: &str| match p.check_rcpt(to, None, false) {
+        RcptCheck::Unknown { dovecot, .. } => dovecot,
+        other => panic!("{to}: {other:?}"),
+    };
     // The files know these: Dovecot is never asked.
     assert_eq!(p.rcpt("ann@example.org", None), RcptVerdict::Accepted);
     assert_eq!(
@@ -247,13 +260,10 @@ fn dovecot_is_asked_only_when_the_files_say_no() {
         RcptVerdict::RelayDenied
     );
     // The clean form, users file first.
-    assert_eq!(
-        p.check_rcpt("D.ave+x@Plain.Example", None),
-        ask("dave@plain.example")
-    );
+    assert_eq!(asks("D.ave+x@Plain.Example"), ask("dave@plain.example"));
     // Local domains without a users file; but not domain-less
     // recipients, which only AUTH sends to Dovecot.
-    assert_eq!(p.check_rcpt("root@localhost", None), ask("root@localhost"));
+    assert_eq!(asks("root@localhost"), ask("root@localhost"));
     assert_eq!(p.rcpt("Dave", None), RcptVerdict::NoSuchUser);
     assert_eq!(p.is_user("dave"), Lookup::No);
     assert_eq!(p.is_user("zed@plain.example"), Lookup::Yes);
@@ -281,22 +291,32 @@ fn a_dovecot_user_beats_the_catch_all() {
     let dave = |id: &str| Some(id == "dave@example.org" || id == "dovey@example.org");
     // example.org has a catch-all: whether dave is a user decides.
     assert_eq!(
-        p.resolve_with("dave@example.org", &|_| None),
+        p.resolve_with("dave@example.org", &dovecot_only(&|_| None)),
         Err(Unresolved::AskDovecot("dave@example.org".into()))
     );
-    let rs = p.resolve_with("Da.ve+x@example.org", &dave).unwrap();
+    let rs = p
+        .resolve_with("Da.ve+x@example.org", &dovecot_only(&dave))
+        .unwrap();
     assert_eq!(addrs(&rs), ["dave@example.org"]);
     assert!(rs[0].local);
-    let rs = p.resolve_with("nobody@example.org", &dave).unwrap();
+    let rs = p
+        .resolve_with("nobody@example.org", &dovecot_only(&dave))
+        .unwrap();
     assert_eq!(addrs(&rs), ["ann@example.org"]);
     // Without a catch-all the answer changes nothing: not asked.
-    let rs = p.resolve_with("dave@plain.example", &|_| None).unwrap();
+    let rs = p
+        .resolve_with("dave@plain.example", &dovecot_only(&|_| None))
+        .unwrap();
     assert_eq!(addrs(&rs), ["dave@plain.example"]);
     // Users and aliases in the files are never asked about.
-    let rs = p.resolve_with("postmaster@example.org", &|_| None).unwrap();
+    let rs = p
+        .resolve_with("postmaster@example.org", &dovecot_only(&|_| None))
+        .unwrap();
     assert_eq!(addrs(&rs), ["ann@example.org"]);
     // An alias naming itself delivers to a Dovecot user too.
-    let rs = p.resolve_with("dovey@example.org", &dave).unwrap();
+    let rs = p
+        .resolve_with("dovey@example.org", &dovecot_only(&dave))
+        .unwrap();
     assert_eq!(addrs(&rs), ["dovey@example.org", "bob@example.org"]);
     // `resolve` counts what only Dovecot could know as no user.
     assert_eq!(
@@ -320,5 +340,75 @@ fn loops_fail_and_self_reference_delivers() {
     assert_eq!(
         addrs(&p.resolve("self@example.org").unwrap()),
         ["ann@example.org", "self@example.org"]
+    );
+}
+
+#[test]
+fn the_alias_resolve_hook_adds_to_the_files_exact_form_first() {
+    let (cfg, domains) = setup();
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    let asked = std::cell::RefCell::new(Vec::new());
+    let hook = |addr: &str| -> Option<Vec<Target>> {
+        asked.borrow_mut().push(addr.to_string());
+        match addr {
+            "sales+eu@example.org" => Some(vec![Target::Email("eu@partner.example".into())]),
+            "list@example.org" => Some(vec![Target::Email("bob@elsewhere.example".into())]),
+            _ => Some(Vec::new()),
+        }
+    };
+    let oracles = Oracles {
+        dovecot: &|_| Some(false),
+        hook: &hook,
+    };
+    // The exact form's entry wins; the clean form is not looked up.
+    let rs = p.resolve_with("sales+eu@example.org", &oracles).unwrap();
+    assert_eq!(addrs(&rs), ["eu@partner.example"]);
+    assert_eq!(*asked.borrow(), ["sales+eu@example.org"]);
+    // Nothing for the exact form: the clean form's, hook and file merged.
+    asked.borrow_mut().clear();
+    let rs = p.resolve_with("list+x@example.org", &oracles).unwrap();
+    assert_eq!(addrs(&rs), ["bob@elsewhere.example"]);
+    assert_eq!(*asked.borrow(), ["list+x@example.org", "list@example.org"]);
+    // Nothing anywhere: the catch-all, which the hook is never asked about.
+    asked.borrow_mut().clear();
+    let rs = p.resolve_with("nobody@example.org", &oracles).unwrap();
+    assert_eq!(addrs(&rs), ["ann@example.org"]);
+    assert!(!asked.borrow().iter().any(|a| a.starts_with('*')));
+    // An address not answered yet is a question.
+    let unknown = Oracles {
+        dovecot: &|_| Some(false),
+        hook: &|_| None,
+    };
+    assert_eq!(
+        p.resolve_with("ann@example.org", &unknown),
+        Err(Unresolved::AskHook("ann@example.org".into()))
+    );
+}
+
+#[test]
+fn trusted_networks_relay_and_unknown_local_addresses_go_to_the_hooks() {
+    let (cfg, domains) = setup();
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    assert_eq!(
+        p.check_rcpt("x@elsewhere.example", None, true),
+        RcptCheck::Done(RcptVerdict::Accepted)
+    );
+    assert_eq!(
+        p.check_rcpt("x@elsewhere.example", None, false),
+        RcptCheck::Done(RcptVerdict::RelayDenied)
+    );
+    assert_eq!(
+        p.check_rcpt("D.ave+x@Plain.Example", None, false),
+        RcptCheck::Unknown {
+            exact: "dave+x@plain.example".into(),
+            clean: "dave@plain.example".into(),
+            dovecot: None,
+        }
     );
 }

@@ -126,6 +126,7 @@ impl Queue {
                 vec![item.from.clone()],
                 "local".into(),
                 true,
+                Default::default(),
             )
             .await
         {
