@@ -89,9 +89,17 @@ pub struct Hooks {
     timeout: Option<Duration>,
     tx: mpsc::UnboundedSender<Pending>,
     rx: Mutex<mpsc::UnboundedReceiver<Pending>>,
-    /// Hook connections up right now; with none, calls fail at once.
+    /// Hook connections up right now; with none, calls fail after
+    /// [`GRACE`].
     live: AtomicUsize,
+    /// Rings when a hook connection comes up.
+    up: tokio::sync::Notify,
 }
+
+/// How long a call waits for deliverd's hook connection when none is up:
+/// long enough to ride over deliverd (re)connecting, short enough that a
+/// client hears its 451 promptly when deliverd is really down.
+const GRACE: Duration = Duration::from_secs(2);
 
 /// Beyond the hook's own timeout, how long a call may wait for a slot and
 /// for deliverd to report (deliverd kills the hook at its timeout).
@@ -106,6 +114,7 @@ impl Hooks {
             tx,
             rx: Mutex::new(rx),
             live: AtomicUsize::new(0),
+            up: tokio::sync::Notify::new(),
         }
     }
 
@@ -118,7 +127,7 @@ impl Hooks {
     /// Runs `hook` in deliverd and waits for what came of it.
     pub async fn call(&self, hook: Hook, body: Option<PathBuf>) -> Result<HookOutcome, HookError> {
         let name = Name::of(&hook);
-        if self.live.load(Ordering::Acquire) == 0 {
+        if !self.wait_live().await {
             return Err(HookError::NoDeliverd);
         }
         let (reply, rx) = oneshot::channel();
@@ -163,9 +172,24 @@ impl Hooks {
         }
     }
 
+    /// Whether a hook connection is up, waiting up to [`GRACE`] for one.
+    async fn wait_live(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + GRACE;
+        loop {
+            let rung = self.up.notified();
+            if self.live.load(Ordering::Acquire) > 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rung).await.is_err() {
+                return self.live.load(Ordering::Acquire) > 0;
+            }
+        }
+    }
+
     /// A hook connection came up.
     fn connected(&self) {
         self.live.fetch_add(1, Ordering::AcqRel);
+        self.up.notify_waiters();
     }
 
     /// A hook connection went away; with it the last one, calls still
