@@ -362,3 +362,47 @@ fn alias_hooks_extend_the_aliases_file() {
     assert!(counter(&t, "chasquid/aliases/hookResults", "resolve:parse_err") >= 1);
     assert!(counter(&t, "chasquid/aliases/hookResults", "exists:true") >= 1);
 }
+
+#[test]
+fn the_greylisting_example_in_the_docs_works() {
+    let dns = TestDns::start();
+    let t = setup(&dns, "10s");
+    let state = t.dir.path().join("greylist");
+    let script = include_str!("../../docs/hooks/rcpt-greylist")
+        .replace(
+            "DIR=/var/lib/tambo-greylist",
+            &format!("DIR={}", state.display()),
+        )
+        .replace("DELAY=300", "DELAY=1");
+    hook(&t, "rcpt", script.trim_start_matches("#!/bin/sh\n"));
+    // Each attempt in its own session, as a retrying server makes them
+    // (and since smtpd closes a session at its third error).
+    let attempt = |to: &str| {
+        let mut c = t.smtp();
+        c.expect("EHLO client.test", 250);
+        c.expect("MAIL FROM:<sender@sender.example>", 250);
+        let r = c.cmd(&format!("RCPT TO:<{to}>"));
+        (r, c)
+    };
+    let (r, _) = attempt("ann@example.test");
+    assert_eq!(
+        (r.code, r.text()),
+        (
+            451,
+            "4.7.1 Greylisted, please try again in 1 seconds".into()
+        )
+    );
+    // Another recipient is another triplet: greylisted on its own.
+    assert_eq!(attempt("bob@example.test").0.code, 451);
+    // The retry, once the delay passed, is accepted (as a real server's
+    // would be, minutes later).
+    let mut c = wait_for("the greylisting delay to pass", || {
+        let (r, c) = attempt("ann@example.test");
+        (r.code == 250).then_some(c)
+    });
+    c.expect("DATA", 354);
+    c.send_raw(&message("greylisted", "hi\r\n"));
+    c.send_raw(b".\r\n");
+    assert_eq!(c.reply().code, 250);
+    t.wait_maildir_in(DOMAIN, "ann", 1);
+}

@@ -18,7 +18,13 @@ async fn call(s: &mut UnixStream, req: SubmitRequest) -> SubmitReply {
 }
 
 async fn mail(s: &mut UnixStream, from: &str) -> SubmitReply {
-    call(s, SubmitRequest::Mail { from: from.into() }).await
+    let mail = SubmitRequest::Mail {
+        from: from.into(),
+        ehlo: "client.test".into(),
+        server_name: "mx.example.test".into(),
+        spf: None,
+    };
+    call(s, mail).await
 }
 
 async fn rcpt(s: &mut UnixStream, to: &str) -> SubmitReply {

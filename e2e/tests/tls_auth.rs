@@ -351,6 +351,9 @@ async fn only_an_authenticated_submit_session_relays() {
     t.start("queued");
     let mail = || SubmitRequest::Mail {
         from: "ann@example.test".into(),
+        ehlo: "client.test".into(),
+        server_name: "mx.example.test".into(),
+        spf: None,
     };
     let far = || SubmitRequest::Rcpt {
         to: "someone@elsewhere.example".into(),
