@@ -6,6 +6,7 @@
 //! - [`address`]: address splitting and normalisation (domains, user parts).
 //! - [`users`], [`aliases`]: the per-domain files.
 //! - [`cidr`]: networks, for `[tambo] relay_networks`.
+//! - [`authres`]: the Authentication-Results header, every piece escaped.
 //! - [`domains`]: loading `domains/` into one read-only snapshot.
 //! - [`safeio`]: atomic file writes (temp + fsync + rename + dir fsync), and
 //!   directories created durably.
@@ -26,6 +27,7 @@
 
 pub mod address;
 pub mod aliases;
+pub mod authres;
 pub mod build;
 pub mod cidr;
 pub mod config;

@@ -1,13 +1,19 @@
 //! tambo-deliverd: delivers what queued hands it — local mail through the
-//! MDA or tambo's Maildir writer, pipe aliases (and later remote SMTP, LMTP
-//! and hooks). The only tambo process that runs other programs.
+//! MDA, tambo's Maildir writer or LMTP, pipe aliases, remote SMTP — and
+//! runs the hooks (and the DKIM verification of incoming mail) on queued's
+//! behalf. The only tambo process that runs other programs.
 //!
-//! Holds: one deliver.sock link, one read-only descriptor per job.
+//! Holds: two deliver.sock links (deliveries, hooks), one read-only
+//! descriptor per job or post-data call.
 //! Must never: open the queue directory, read users or keys, or accept
 //! network connections.
 #![forbid(unsafe_code)]
 
+mod calls;
 mod children;
+mod dkim;
+mod hookconn;
+mod hooks;
 mod jobs;
 mod lmtp;
 mod maildir;
@@ -16,17 +22,21 @@ mod remote;
 mod roots;
 mod smtp;
 mod sts;
+mod supervise;
 mod template;
 #[cfg(test)]
 mod testutil;
 
+use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::UnixStream;
+
 use tambo_common::daemon;
 use tambo_proto::identity::Identities;
-use tambo_proto::{Role, hello};
+use tambo_proto::{Error, Role, hello};
 
 fn main() -> ExitCode {
     // A session of its own, first thing: every program deliverd runs is
@@ -60,18 +70,27 @@ fn main() -> ExitCode {
     let _ = mda::environment();
     let cfg = Arc::new(cfg);
     rt.block_on(async move {
-        let ctx = match setup(cfg.clone()) {
-            Ok(ctx) => Arc::new(ctx),
+        let (ctx, hook_ctx) = match setup(cfg.clone()) {
+            Ok((ctx, hook_ctx)) => (Arc::new(ctx), Arc::new(hook_ctx)),
             Err(e) => {
                 tracing::error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
+        let path = cfg.deliver_socket();
+        let idle = cfg.testing.ipc_idle_timeout;
         daemon::on_sighup(|| tracing::info!("SIGHUP: deliverd has nothing to reload"));
         daemon::push_metrics(Role::Deliverd, &flags, &cfg, &ids);
         daemon::notify_ready();
+        let deliveries = keep_connected("deliveries", &path, &ids, |stream| {
+            jobs::serve(ctx.clone(), stream)
+        });
+        let hooks = keep_connected("hooks", &path, &ids, |stream| {
+            hookconn::serve(hook_ctx.clone(), stream, idle)
+        });
         tokio::select! {
-            _ = pull_forever(ctx, ids) => {},
+            _ = deliveries => {},
+            _ = hooks => {},
             _ = daemon::wait_for_shutdown() => {},
         }
         // Killed before exiting: an MDA left running would go on
@@ -83,9 +102,14 @@ fn main() -> ExitCode {
 }
 
 /// What remote delivery needs, made once: the resolver, the roots, the
-/// MTA-STS cache (and its refresh task).
-fn setup(cfg: Arc<tambo_common::config::Config>) -> Result<jobs::Ctx, String> {
+/// MTA-STS cache (and its refresh task); and what hook calls need: the
+/// hooks' place and the DKIM verifier, on the same resolver.
+fn setup(cfg: Arc<tambo_common::config::Config>) -> Result<(jobs::Ctx, calls::Ctx), String> {
     let resolver = tambo_common::dns::resolver(&cfg)?;
+    let hook_ctx = calls::Ctx {
+        hooks: hooks::Hooks::new(&cfg),
+        auth: Arc::new(mail_auth::MessageAuthenticator(resolver.clone())),
+    };
     let roots = roots::load(&cfg)?;
     let sts = Arc::new(sts::Sts::new(
         cfg.sts_cache_dir(),
@@ -99,29 +123,40 @@ fn setup(cfg: Arc<tambo_common::config::Config>) -> Result<jobs::Ctx, String> {
         .unwrap_or(Duration::from_secs(10 * 60));
     tokio::spawn(sts.clone().refresh_forever(period));
     let remote = remote::Remote::new(cfg.clone(), resolver, roots, sts);
-    Ok(jobs::Ctx { cfg, remote })
+    Ok((jobs::Ctx { cfg, remote }, hook_ctx))
 }
 
-/// Connects to queued and serves jobs, reconnecting with backoff.
-async fn pull_forever(ctx: Arc<jobs::Ctx>, ids: Identities) {
-    let path = ctx.cfg.deliver_socket();
+/// Connects to queued and serves the connection (`what` it is for) with
+/// `serve`, reconnecting with backoff whenever it ends.
+async fn keep_connected<F, Fut>(
+    what: &'static str,
+    path: &std::path::Path,
+    ids: &Identities,
+    mut serve: F,
+) where
+    F: FnMut(UnixStream) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        match hello::connect(&path, Role::Deliverd, Role::Queued, &ids).await {
+        match hello::connect(path, Role::Deliverd, Role::Queued, ids).await {
             Ok(stream) => {
-                tracing::info!("connected to queued at {}", path.display());
+                tracing::info!("connected to queued at {} ({what})", path.display());
                 warned = false;
                 backoff = Duration::from_millis(100);
-                if let Err(e) = jobs::serve(ctx.clone(), stream).await {
-                    tracing::warn!("deliver.sock: {e}");
+                if let Err(e) = serve(stream).await {
+                    tracing::warn!("deliver.sock ({what}): {e}");
                 } else {
-                    tracing::info!("queued closed the connection");
+                    tracing::info!("queued closed the connection ({what})");
                 }
             }
             Err(e) => {
                 if !warned {
-                    tracing::warn!("cannot reach queued at {}: {e}; retrying", path.display());
+                    tracing::warn!(
+                        "cannot reach queued at {} ({what}): {e}; retrying",
+                        path.display()
+                    );
                     warned = true;
                 }
             }

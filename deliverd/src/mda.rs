@@ -9,35 +9,21 @@
 //! open forever.
 
 use std::fs::File;
-use std::future::Future;
-use std::io;
 use std::process::{ExitStatus, Stdio};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use tambo_common::duration;
 use tambo_proto::deliver::Outcome;
 
-use crate::{children, template};
+use crate::supervise::{self, Limits, Waited};
+use crate::template;
 
 /// How long an MDA or pipe may run (REFERENCE §4.2, §4.4).
 /// `[testing] mda_timeout` replaces it.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
-/// How long output is still read once the program has exited. What is in
-/// the pipe by then takes microseconds to read; a pipe still open after
-/// this is held by something the program left in the background (`cmd &`
-/// inheriting stdout), and waiting for its end would hold the delivery
-/// hostage to that process.
-pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
-/// How long a program killed on a timeout gets to be reaped. SIGKILL
-/// takes effect at once unless it cannot reach the program: it runs setuid
-/// under another user (EPERM), it left its process group, or it is stuck
-/// in the kernel (D state). Waiting longer for those would hold the
-/// delivery until queued's job deadline, an hour away.
-pub const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Most output kept for the failure text.
 const MAX_OUTPUT: usize = 4096;
 /// EX_TEMPFAIL: the program asks to be retried.
@@ -156,12 +142,10 @@ pub async fn run(
         // paths must not reach them. Pipe commands are given with absolute
         // paths.
         .current_dir("/")
-        .process_group(0)
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+        .stderr(Stdio::piped());
+    let (mut child, mut group) = match supervise::spawn(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!("cannot run {bin}: {e}");
@@ -170,8 +154,18 @@ pub async fn run(
     };
     // The message descriptor: the child has its own copy now.
     drop(cmd);
-    let mut group = children::LIVE.register(child.id());
-    let waited = wait(&mut child, &mut group, timeout).await;
+    let limits = Limits {
+        stdout: MAX_OUTPUT,
+        stderr: MAX_OUTPUT,
+    };
+    let waited = supervise::wait(
+        &mut child,
+        &mut group,
+        timeout,
+        limits,
+        std::future::ready(()),
+    )
+    .await;
     // A group whose leader has exited stays listed while anything it left
     // behind lives, so deliverd's exit still kills that.
     drop(group);
@@ -181,8 +175,11 @@ pub async fn run(
 /// The outcome of a run, from how the wait for it ended.
 fn outcome(name: &str, waited: Waited, timeout: Duration) -> Outcome {
     match waited {
-        Waited::Exited(status, output) => classify(name, status, &output),
-        Waited::TimedOut => Outcome::TempFail(format!(
+        Waited::Exited(status, mut output, stderr) => {
+            output.head.extend_from_slice(&stderr.head);
+            classify(name, status, &output.head)
+        }
+        Waited::TimedOut(_) => Outcome::TempFail(format!(
             "the {name} timed out after {}",
             duration::format(timeout)
         )),
@@ -191,104 +188,6 @@ fn outcome(name: &str, waited: Waited, timeout: Duration) -> Outcome {
             duration::format(timeout)
         )),
         Waited::Failed(e) => Outcome::TempFail(format!("waiting for the {name}: {e}")),
-    }
-}
-
-enum Waited {
-    /// The exit status, and stdout then stderr as far as they were read.
-    Exited(ExitStatus, Vec<u8>),
-    /// Timed out, killed and reaped.
-    TimedOut,
-    /// Timed out, and still not reaped [`KILL_WAIT`] after the kill.
-    Unstoppable,
-    Failed(io::Error),
-}
-
-/// How the wait for a killed program ended.
-#[derive(Debug, PartialEq, Eq)]
-enum AfterKill {
-    Reaped,
-    /// waitpid failed: nothing is known of the program.
-    WaitFailed,
-    /// Not reaped within the limit.
-    StillThere,
-}
-
-/// Waits at most `limit` for `exit`, the exit of a program just killed.
-async fn after_kill(
-    exit: impl Future<Output = io::Result<ExitStatus>>,
-    limit: Duration,
-) -> AfterKill {
-    match tokio::time::timeout(limit, exit).await {
-        Ok(Ok(_)) => AfterKill::Reaped,
-        Ok(Err(_)) => AfterKill::WaitFailed,
-        Err(_) => AfterKill::StillThere,
-    }
-}
-
-/// Waits for the child's exit, reading its output meanwhile (a chatty
-/// program would otherwise block on a full pipe), then for at most
-/// [`OUTPUT_GRACE`] more output. On a timeout the whole group is killed.
-async fn wait(child: &mut Child, group: &mut children::Group, timeout: Duration) -> Waited {
-    let (out, err) = (child.stdout.take(), child.stderr.take());
-    let (mut o, mut e) = (Vec::new(), Vec::new());
-    let exited = {
-        let mut reading = std::pin::pin!(async {
-            tokio::join!(read_capped(out, &mut o), read_capped(err, &mut e))
-        });
-        let mut read_all = false;
-        let waited = {
-            let mut exit = std::pin::pin!(tokio::time::timeout(timeout, child.wait()));
-            loop {
-                tokio::select! {
-                    r = &mut exit => break r,
-                    _ = &mut reading, if !read_all => read_all = true,
-                }
-            }
-        };
-        let exited = match waited {
-            Ok(Ok(status)) => {
-                group.leader_reaped();
-                Ok(status)
-            }
-            // The group is killed when it is dropped, leader unreaped.
-            Ok(Err(e)) => Err(Waited::Failed(e)),
-            Err(_) => {
-                group.kill();
-                match after_kill(child.wait(), KILL_WAIT).await {
-                    AfterKill::Reaped => {
-                        group.leader_reaped();
-                        Err(Waited::TimedOut)
-                    }
-                    AfterKill::WaitFailed => Err(Waited::TimedOut),
-                    // Left unreaped: the group stays registered while it
-                    // has a member, so deliverd's stop tries to kill it
-                    // again, and tokio reaps the leader whenever it exits.
-                    AfterKill::StillThere => {
-                        let pid = child
-                            .id()
-                            .map(|p| format!(" (pid {p})"))
-                            .unwrap_or_default();
-                        tracing::warn!(
-                            "a timed-out program{pid} still runs {}s after SIGKILL; giving up on it",
-                            KILL_WAIT.as_secs()
-                        );
-                        Err(Waited::Unstoppable)
-                    }
-                }
-            }
-        };
-        if !read_all {
-            let _ = tokio::time::timeout(OUTPUT_GRACE, &mut reading).await;
-        }
-        exited
-    };
-    match exited {
-        Ok(status) => {
-            o.extend_from_slice(&e);
-            Waited::Exited(status, o)
-        }
-        Err(w) => w,
     }
 }
 
@@ -306,18 +205,10 @@ fn classify(name: &str, status: ExitStatus, output: &[u8]) -> Outcome {
     }
 }
 
-/// Keeps the first [`MAX_OUTPUT`] bytes in `buf` and drains the rest: a
-/// program blocked on a full pipe would otherwise never exit. Bytes read
-/// stay in `buf` if this is abandoned half-way.
-async fn read_capped<R: AsyncRead + Unpin>(src: Option<R>, buf: &mut Vec<u8>) {
-    let Some(mut src) = src else { return };
-    let _ = (&mut src).take(MAX_OUTPUT as u64).read_to_end(buf).await;
-    let _ = tokio::io::copy(&mut src, &mut tokio::io::sink()).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::supervise::{KILL_WAIT, OUTPUT_GRACE};
     use crate::testutil::{WAIT, read_pid, wait_dead};
     use std::io::{Seek, Write};
     use std::time::Instant;
@@ -510,20 +401,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_wait_after_a_kill_is_bounded() {
-        // A program SIGKILL cannot reach (setuid, D state) never exits: a
-        // wait that never ends stands in for it.
-        let limit = Duration::from_millis(200);
-        let start = Instant::now();
-        assert_eq!(
-            after_kill(std::future::pending(), limit).await,
-            AfterKill::StillThere
-        );
-        assert!(start.elapsed() >= limit && start.elapsed() < WAIT);
-        let exited = async { Ok(ExitStatus::default()) };
-        assert_eq!(after_kill(exited, limit).await, AfterKill::Reaped);
-        let failed = async { Err(io::Error::from(io::ErrorKind::Other)) };
-        assert_eq!(after_kill(failed, limit).await, AfterKill::WaitFailed);
+    async fn a_program_that_cannot_be_stopped_is_a_temporary_failure() {
         // Given up on, the delivery is retried later, and says why.
         match outcome("MDA", Waited::Unstoppable, Duration::from_secs(30)) {
             Outcome::TempFail(t) => {
