@@ -277,7 +277,9 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            let ToDeliverd::Job(job) = msg;
+            let ToDeliverd::Job(job) = msg else {
+                panic!("not a job: {msg:?}")
+            };
             assert_eq!(job.job, i);
             let mut f = std::fs::File::from(r.take_fd().expect("fd"));
             let mut s = String::new();

@@ -101,9 +101,16 @@ pub struct Hooks {
 /// client hears its 451 promptly when deliverd is really down.
 const GRACE: Duration = Duration::from_secs(2);
 
-/// Beyond the hook's own timeout, how long a call may wait for a slot and
-/// for deliverd to report (deliverd kills the hook at its timeout).
-const MARGIN: Duration = Duration::from_secs(15);
+/// Beyond the hook's own timeout, how long a call may take in deliverd
+/// (before the hook: up to 15 s of DKIM key lookups and the hashing; after
+/// it: the kill and the last output) and waiting for a slot. Within
+/// smtpd's 120 s wait for queued's answer.
+fn margin(name: Name) -> Duration {
+    match name {
+        Name::PostData => Duration::from_secs(35),
+        _ => Duration::from_secs(12),
+    }
+}
 
 impl Hooks {
     pub fn new(cfg: &Config) -> Self {
@@ -134,7 +141,7 @@ impl Hooks {
         if self.tx.send(Pending { hook, body, reply }).is_err() {
             return Err(HookError::NoDeliverd);
         }
-        let limit = self.timeout.unwrap_or(name.timeout()) + MARGIN;
+        let limit = self.timeout.unwrap_or(name.timeout()) + margin(name);
         match tokio::time::timeout(limit, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(HookError::Lost(name.file())),

@@ -26,15 +26,17 @@ impl Session {
     /// Authentication-Results header), and every message goes through
     /// the post-data hook when the site has one.
     pub(super) fn needs_post_data(&self) -> bool {
-        self.auth.is_none() || self.queue.hooks.exists(Name::PostData)
+        let needed = self.auth.is_none() || self.queue.hooks.exists(Name::PostData);
+        if !needed {
+            metrics::inc_label(names::SMTP_IN_HOOK_RESULTS, "post-data:skip");
+        }
+        needed
     }
 
     /// Runs the checks after DATA on the spooled body `id`.
     pub(super) async fn post_data(&self, id: &str, rcpts: &[String]) -> AfterData {
+        // deliverd counts what came of the hook, `skip` included.
         let run_hook = self.queue.hooks.exists(Name::PostData);
-        if !run_hook {
-            metrics::inc_label(names::SMTP_IN_HOOK_RESULTS, "post-data:skip");
-        }
         // Never for authenticated mail (REFERENCE §2.8): its headers are
         // ours to vouch for, and it was signed instead.
         let auth_results = self.auth.is_none().then(|| AuthResultsRequest {
