@@ -100,8 +100,8 @@ fn eight_bit_values_header_only_and_empty_messages_are_accepted() {
     let mut t = Tambo::default_setup();
     t.start_all();
     let cases: [&[u8]; 3] = [
-        "Subject: caf\u{e9} \u{2615}\r\nX-Raw: \xff\xfe\x01\r\n\tcontinued\r\n\r\nbody\r\n"
-            .as_bytes(),
+        // UTF-8 (SMTPUTF8), and bytes that are not even that.
+        b"Subject: caf\xc3\xa9 \xe2\x98\x95\r\nX-Raw: \xff\xfe\x01\r\n\tcontinued\r\n\r\nbody\r\n",
         b"Subject: headers only\r\n",
         b"",
     ];

@@ -76,7 +76,10 @@ impl std::fmt::Display for HeaderError {
                 write!(f, "header line {line} has white space in its field name")
             }
             HeaderError::BadCharInName { line } => {
-                write!(f, "header line {line} has an invalid character in its field name")
+                write!(
+                    f,
+                    "header line {line} has an invalid character in its field name"
+                )
             }
         }
     }
@@ -269,7 +272,10 @@ mod tests {
         for (msg, want) in [
             (&b"hello\r\n"[..], NoColon { line: 1 }),
             (b"hello world\r\n", NoColon { line: 1 }),
-            (b"Subject: a\r\nTo: b\r\nnot a header\r\n\r\n", NoColon { line: 3 }),
+            (
+                b"Subject: a\r\nTo: b\r\nnot a header\r\n\r\n",
+                NoColon { line: 3 },
+            ),
             (b" Subject: a\r\n", FirstLineContinued),
             (b"\tSubject: a\r\n", FirstLineContinued),
             (b"Subject : a\r\n", SpaceInName { line: 1 }),
@@ -282,12 +288,7 @@ mod tests {
             (b"Sub\x7fject: a\r\n", BadCharInName { line: 1 }),
             ("b\u{e9}dy\r\n".as_bytes(), NoColon { line: 1 }),
         ] {
-            assert_eq!(
-                error(msg),
-                Some(want),
-                "{:?}",
-                String::from_utf8_lossy(msg)
-            );
+            assert_eq!(error(msg), Some(want), "{:?}", String::from_utf8_lossy(msg));
         }
     }
 

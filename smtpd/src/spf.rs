@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use mail_auth::common::parse::TxtRecordParser;
 use mail_auth::hickory_resolver::TokioResolver;
+use mail_auth::hickory_resolver::net::{DnsError, NetError};
+use mail_auth::hickory_resolver::proto::op::ResponseCode;
 use mail_auth::hickory_resolver::proto::rr::RData;
 use mail_auth::spf::Spf;
 use mail_auth::spf::verify::SpfParameters;
@@ -163,8 +165,14 @@ impl SpfChecker {
     async fn record(&self, domain: &str) -> Result<Spf, Early> {
         let lookup = match self.auth.0.txt_lookup(fqdn(domain)).await {
             Ok(l) => l,
-            // NXDOMAIN, or no TXT records.
-            Err(e) if e.is_no_records_found() => {
+            // NXDOMAIN, or no TXT records (RFC 7208 §4.3, §4.5). Any other
+            // answer without records (SERVFAIL, REFUSED) is an error.
+            Err(NetError::Dns(DnsError::NoRecordsFound(nr)))
+                if matches!(
+                    nr.response_code,
+                    ResponseCode::NoError | ResponseCode::NXDomain
+                ) =>
+            {
                 return Err(Early(
                     SpfResult::None,
                     format!("{domain} has no SPF record"),
@@ -204,12 +212,16 @@ impl SpfChecker {
                 ));
             }
         };
-        Spf::parse(&record).map_err(|_| {
+        let unparseable = |why: &str| {
             Early(
                 SpfResult::PermError,
-                format!("the SPF record of {domain} does not parse"),
+                format!("the SPF record of {domain} does not parse{why}"),
             )
-        })
+        };
+        if let Some(why) = strict_problem(&record) {
+            return Err(unparseable(why));
+        }
+        Spf::parse(&record).map_err(|_| unparseable(""))
     }
 }
 
@@ -230,8 +242,48 @@ fn checked(domain: &str, result: SpfResult, reason: String) -> Checked {
 /// RFC 7208 §4.5: an SPF record is a TXT record that starts with exactly
 /// `v=spf1` (any case) followed by a space or nothing.
 fn is_spf_record(text: &[u8]) -> bool {
-    text.get(..6).is_some_and(|v| v.eq_ignore_ascii_case(b"v=spf1"))
+    text.get(..6)
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"v=spf1"))
         && matches!(text.get(6), None | Some(b' '))
+}
+
+/// What RFC 7208 makes a `permerror` in a record but mail-auth's parser
+/// lets through: an unknown mechanism (§5; mail-auth ignores it, so a typo
+/// such as `include_spf.example.org -all` would end in `fail`), and an
+/// `ip4:`/`ip6:` that is not an address (mail-auth reads `300` as `255`).
+/// Only the sender domain's own record: included ones are mail-auth's.
+fn strict_problem(record: &[u8]) -> Option<&'static str> {
+    // mail-auth refuses what is not text.
+    let text = std::str::from_utf8(record).ok()?;
+    for term in text.split_ascii_whitespace().skip(1) {
+        let body = term.strip_prefix(['+', '-', '~', '?']).unwrap_or(term);
+        let (name, rest) = body.split_at(body.find([':', '=', '/']).unwrap_or(body.len()));
+        // A modifier: unknown ones are ignored (§6).
+        if rest.starts_with('=') {
+            continue;
+        }
+        match name.to_ascii_lowercase().as_str() {
+            "all" | "include" | "a" | "mx" | "ptr" | "exists" => {}
+            v @ ("ip4" | "ip6") => {
+                let value = rest.strip_prefix(':').unwrap_or("");
+                let (addr, cidr) = match value.split_once('/') {
+                    Some((a, c)) => (a, Some(c)),
+                    None => (value, None),
+                };
+                let (addr_ok, max) = if v == "ip4" {
+                    (addr.parse::<std::net::Ipv4Addr>().is_ok(), 32)
+                } else {
+                    (addr.parse::<std::net::Ipv6Addr>().is_ok(), 128)
+                };
+                let cidr_ok = cidr.is_none_or(|c| c.parse::<u8>().is_ok_and(|c| c <= max));
+                if !addr_ok || !cidr_ok {
+                    return Some(": a bad ip4 or ip6 address");
+                }
+            }
+            _ => return Some(": an unknown mechanism"),
+        }
+    }
+    None
 }
 
 /// The ASCII (A-label) form of a sender domain, if it is a name SPF can
@@ -306,8 +358,10 @@ fn reason(result: SpfResult, domain: &str, client: IpAddr) -> String {
         SpfResult::Fail => {
             format!("domain of {domain} does not designate {client} as permitted sender")
         }
+        // libspf2's words: the domain is moving to a `-all` it does not
+        // trust yet.
         SpfResult::SoftFail => format!(
-            "domain of {domain} does not designate {client} as permitted sender, but only softly"
+            "transitioning domain of {domain} does not designate {client} as permitted sender"
         ),
         SpfResult::Neutral => {
             format!("{client} is neither permitted nor denied by domain of {domain}")
@@ -317,7 +371,7 @@ fn reason(result: SpfResult, domain: &str, client: IpAddr) -> String {
             format!("DNS error while checking the SPF record of {domain}")
         }
         SpfResult::PermError => format!(
-            "the SPF policy of {domain} is invalid (a bad include or redirect, or too many DNS lookups)"
+            "the SPF policy of {domain} is invalid: a bad include or redirect, or too many DNS lookups"
         ),
     }
 }
@@ -327,7 +381,13 @@ fn reason(result: SpfResult, domain: &str, client: IpAddr) -> String {
 pub fn printable(s: &str, max: usize) -> String {
     s.chars()
         .take(max)
-        .map(|c| if c == ' ' || c.is_ascii_graphic() { c } else { '?' })
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect::<String>()
         .trim()
         .to_string()
@@ -425,11 +485,7 @@ fn atom_or_quoted(s: &str) -> String {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || SPECIAL.contains(c))
         });
-    if dot_atom {
-        s.to_string()
-    } else {
-        quoted(s)
-    }
+    if dot_atom { s.to_string() } else { quoted(s) }
 }
 
 #[cfg(test)]

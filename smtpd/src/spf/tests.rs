@@ -72,10 +72,7 @@ fn assert_one_header(h: &str) {
 #[test]
 fn hostile_text_cannot_inject_headers() {
     let h = received_spf(
-        &report(
-            SpfResult::Fail,
-            "x)\r\nX-Injected: 1\r\n(y\\ \u{7f}\u{e9}",
-        ),
+        &report(SpfResult::Fail, "x)\r\nX-Injected: 1\r\n(y\\ \u{7f}\u{e9}"),
         &info(
             "\"a\\\"\r\nX-Evil: 1\"@b.example",
             Some("evil\r\nX-Helo: 1 (x) \"q\""),
@@ -133,7 +130,10 @@ fn fail_replies_carry_the_explanation_made_safe() {
     c.explanation = Some(printable("Go away\r\n250 ok \u{e9}", MAX_EXPLANATION));
     assert_eq!(fail_text(&c), "SPF check failed: Go away??250 ok ?");
     c.explanation = Some(printable(&"x".repeat(1000), MAX_EXPLANATION));
-    assert_eq!(fail_text(&c).len(), "SPF check failed: ".len() + MAX_EXPLANATION);
+    assert_eq!(
+        fail_text(&c).len(),
+        "SPF check failed: ".len() + MAX_EXPLANATION
+    );
     c.explanation = Some(String::new());
     assert_eq!(fail_text(&c), "SPF check failed");
 }
@@ -197,7 +197,11 @@ async fn a_dead_dns_server_gives_temperror_in_time() {
     let c = checker
         .check("192.0.2.1".parse().unwrap(), "ann@example.org", "mx.test")
         .await;
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
     // Timed out, or the resolver gave up first: temperror either way.
     assert_eq!(c.report.result, SpfResult::TempError, "{c:?}");
     assert_eq!(c.report.domain, "example.org");
@@ -216,4 +220,45 @@ async fn a_bad_domain_is_none() {
         .await;
     assert_eq!(c.report.result, SpfResult::None);
     assert_eq!(c.report.domain, "localhost");
+}
+
+#[test]
+fn what_mail_auth_lets_through_is_still_a_permerror() {
+    for good in [
+        "v=spf1",
+        "v=spf1 -all",
+        "v=spf1 +a mx/24 ?ptr ~include:_spf.example.org exists:%{i}.x.example -all",
+        "v=spf1 ip4:192.0.2.0/24 ip4:192.0.2.1 ip6:2001:db8::/32 ip6:::1 -ALL",
+        "v=spf1 a:mail.example.org/24//64 redirect=other.example",
+        // Unknown modifiers are ignored (RFC 7208 §6).
+        "v=spf1 foo=bar -all",
+    ] {
+        assert_eq!(strict_problem(good.as_bytes()), None, "{good}");
+    }
+    for bad in [
+        "v=spf1 include_spf.example.org -all",
+        "v=spf1 foo:bar -all",
+        "v=spf1 -spf2.0 ~all",
+    ] {
+        assert_eq!(
+            strict_problem(bad.as_bytes()),
+            Some(": an unknown mechanism"),
+            "{bad}"
+        );
+    }
+    for bad in [
+        "v=spf1 ip4:300.1.2.3 -all",
+        "v=spf1 ip4:192.0.2.0/33 -all",
+        "v=spf1 ip4 -all",
+        "v=spf1 ip4:2001:db8::1 -all",
+        "v=spf1 ip6:192.0.2.1 -all",
+        "v=spf1 ip6:2001:db8::/129 -all",
+        "v=spf1 ip6:2001:db8::/x -all",
+    ] {
+        assert_eq!(
+            strict_problem(bad.as_bytes()),
+            Some(": a bad ip4 or ip6 address"),
+            "{bad}"
+        );
+    }
 }
