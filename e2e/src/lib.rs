@@ -270,13 +270,20 @@ pub struct Tambo {
     pub log_dir: PathBuf,
     bins: PathBuf,
     procs: HashMap<String, Child>,
+    /// The DNS server smtpd and deliverd ask, unless the test named its
+    /// own `dns_server`: no test may ask the real DNS, and smtpd looks up
+    /// the SPF record of every unauthenticated sender.
+    dns: Option<dns::TestDns>,
 }
 
 impl Tambo {
     /// A config with smtp and monitoring on ephemeral loopback ports, users
     /// `ann` and `bob` in example.test, Maildir delivery, and fast retries.
     /// `extra` is appended to tambo.conf top-level keys; `tambo_extra` to
-    /// `[tambo]`; `testing_extra` to `[testing]`.
+    /// `[tambo]`; `testing_extra` to `[testing]`. Every lookup goes to a
+    /// [`TestDns`](dns::TestDns) of this installation's own ([`Tambo::dns`];
+    /// empty: every name is NXDOMAIN, so SPF says `none`), unless
+    /// `testing_extra` names a `dns_server` itself.
     pub fn new(extra: &str, tambo_extra: &str, testing_extra: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tambo-e2e")
@@ -296,6 +303,7 @@ impl Tambo {
             dir,
             bins: bin_dir(),
             procs: HashMap::new(),
+            dns: (!testing_extra.contains("dns_server")).then(dns::TestDns::start),
         };
         let domain = t.config_dir.join("domains").join(DOMAIN);
         std::fs::create_dir_all(&domain).unwrap();
@@ -312,13 +320,16 @@ impl Tambo {
                 t.mail_dir.display()
             )
         };
-        let testing = if testing_extra.contains("retry_delays") {
+        let mut testing = if testing_extra.contains("retry_delays") {
             testing_extra.to_string()
         } else {
             format!(
                 "retry_delays = [\"200ms\", \"200ms\", \"200ms\", \"200ms\"]\nretry_jitter = \"0s\"\n{testing_extra}"
             )
         };
+        if let Some(dns) = &t.dns {
+            testing.push_str(&format!("\ndns_server = \"{}\"\n", dns.addr()));
+        }
         let conf = format!(
             "hostname = \"mx.example.test\"
 smtp_address = [\"127.0.0.1:0\"]
@@ -343,6 +354,15 @@ runtime_dir = \"{run}\"
     /// The default test setup.
     pub fn default_setup() -> Self {
         Self::new("", "", "")
+    }
+
+    /// This installation's DNS server, to add records to (SPF TXT records,
+    /// MX hosts…) while it runs. Panics if the test gave its own
+    /// `dns_server`: that one is the test's.
+    pub fn dns(&self) -> &dns::TestDns {
+        self.dns
+            .as_ref()
+            .expect("this Tambo uses the test's own dns_server")
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {

@@ -14,6 +14,8 @@
 //! - [`session`]: the SMTP state machine, limits and replies.
 //! - [`command`]: command-line parsing (verbs, MAIL/RCPT paths).
 //! - [`dotreader`]: DATA decoding (dot-unstuffing, strict CRLF).
+//! - [`headers`]: the header section check of DATA, while it streams.
+//! - [`spf`]: SPF at MAIL FROM, and the Received-SPF header.
 //! - [`sasl`]: AUTH PLAIN/LOGIN response decoding (queued checks them).
 //! - [`received`]: the Received header.
 //! - [`queue`]: the per-session link to queued.
@@ -24,10 +26,12 @@
 pub mod command;
 pub mod conn;
 pub mod dotreader;
+pub mod headers;
 pub mod proxy;
 pub mod queue;
 pub mod received;
 pub mod sasl;
 pub mod server;
 pub mod session;
+pub mod spf;
 pub mod tls;

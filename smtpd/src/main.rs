@@ -10,7 +10,7 @@ use tambo_common::daemon;
 use tambo_common::sockets::IpcSocket;
 use tambo_proto::Role;
 use tambo_proto::submit::Mode;
-use tambo_smtpd::{server, session, tls};
+use tambo_smtpd::{server, session, spf, tls};
 
 fn main() -> ExitCode {
     let started = match daemon::boot(Role::Smtpd, "tambo-smtpd", "tambo's SMTP server") {
@@ -112,6 +112,13 @@ fn main() -> ExitCode {
             t.clone().refresh_until_ready().await;
             t.follow(period, hup).await;
         });
+        // SPF at MAIL (REFERENCE §2.6), on the system's resolver (or the
+        // test's, `[testing] dns_server`). One for all sessions, so they
+        // share the resolver's cache.
+        let spf = match tambo_common::dns::resolver(&cfg) {
+            Ok(r) => Arc::new(spf::SpfChecker::new(r)),
+            Err(e) => return daemon::startup_failed(e),
+        };
         let sessions = server::Sessions::new(server::Caps {
             total: cfg.tambo.max_sessions,
             per_client: cfg.tambo.max_sessions_per_client,
@@ -140,6 +147,7 @@ fn main() -> ExitCode {
             // never have its link (and its transaction) closed by queued.
             scfg.link_keepalive = link_keepalive;
             scfg.tls = Some(tls.clone());
+            scfg.spf = Some(spf.clone());
             let l = match daemon::tokio_tcp(l) {
                 Ok(l) => l,
                 Err(e) => return daemon::startup_failed(format!("SMTP listener: {e}")),

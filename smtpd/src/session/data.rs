@@ -1,5 +1,6 @@
 //! DATA: the body is read to its terminator and streamed to queued in
-//! chunks as it arrives, so smtpd never holds more than one chunk.
+//! chunks as it arrives, so smtpd never holds more than one chunk. The
+//! header section is checked on the way (`crate::headers`).
 
 use std::time::Instant;
 
@@ -11,11 +12,15 @@ use tambo_proto::submit::{SubmitReply, SubmitRequest};
 
 use super::{MAX_RECEIVED, Next, Session};
 use crate::dotreader::{DotDecoder, DotError, Progress};
+use crate::headers::{HeaderError, HeaderScan};
 use crate::received::{self, ReceivedInfo};
+use crate::spf::{self, HeaderInfo};
 
 enum BodyOutcome {
     Complete,
     TooBig,
+    /// The header section does not parse.
+    Unparseable(HeaderError),
     Loop,
     BareLineEnding,
     /// The whole session ran out of time.
@@ -62,7 +67,7 @@ impl Session {
             }
             return Next::Close;
         }
-        let header = received::header(&ReceivedInfo {
+        let received = received::header(&ReceivedInfo {
             ehlo: self.ehlo.as_deref().unwrap_or("unknown"),
             esmtp: self.esmtp,
             client: self.peer,
@@ -75,12 +80,28 @@ impl Session {
                 .map(|t| (t.version.as_str(), t.cipher.as_str())),
             authenticated: self.auth.is_some(),
         });
+        // Received-SPF goes directly above Received (REFERENCE §2.8 step
+        // 4); queued adds what goes above both.
+        let mut headers = match &self.spf {
+            Some(report) => spf::received_spf(
+                report,
+                &HeaderInfo {
+                    client: self.peer.ip(),
+                    sender: &from,
+                    helo: self.ehlo.as_deref(),
+                    receiver: &self.hostname,
+                },
+            ),
+            None => String::new(),
+        };
+        headers.push_str(&received);
         let deadline = self.started + self.cfg.lifetime;
-        let outcome = self.stream_body(header.into_bytes(), deadline).await;
+        let outcome = self.stream_body(headers.into_bytes(), deadline).await;
         // The final reply to message content clears the envelope, whatever
         // it was (REFERENCE §2.3).
         self.mail_from = None;
         self.rcpts = 0;
+        self.spf = None;
         match outcome {
             BodyOutcome::Complete => {
                 let Some(queue) = self.queue.as_mut() else {
@@ -104,6 +125,12 @@ impl Session {
             }
             BodyOutcome::TooBig => {
                 self.reply(552, "5.3.4", "Message too big");
+                Next::Continue
+            }
+            BodyOutcome::Unparseable(e) => {
+                tracing::info!(peer = %self.peer, "refused an unparseable message: {e}");
+                let text = format!("Unparseable message: {e}");
+                self.reply(554, "5.6.0", &text);
                 Next::Continue
             }
             BodyOutcome::Loop => {
@@ -147,6 +174,15 @@ impl Session {
                     "4.3.1",
                     "Too much mail being received right now, try again later",
                 );
+            }
+            SubmitReply::HookRejected { permanent, text } => {
+                tracing::info!(peer = %self.peer, "the post-data hook refused the message at {stage}");
+                let (code, enhanced) = if *permanent {
+                    (554, "5.7.1")
+                } else {
+                    (451, "4.7.1")
+                };
+                self.hook_reply(code, enhanced, text);
             }
             SubmitReply::Failed { reason } => {
                 tracing::warn!(peer = %self.peer, "queue refused the message at {stage}: {reason}");
@@ -246,7 +282,12 @@ impl Session {
                 sending = false;
                 result = Some(BodyOutcome::TooBig);
             }
-            if sending && headers.received > MAX_RECEIVED {
+            if sending && let Some(e) = headers.error() {
+                // Like an oversized message: read on to the terminator.
+                sending = false;
+                result = Some(BodyOutcome::Unparseable(e));
+            }
+            if sending && headers.received() > MAX_RECEIVED {
                 sending = false;
                 result = Some(BodyOutcome::Loop);
             }
@@ -285,59 +326,5 @@ impl Session {
                 r
             }
         }
-    }
-}
-
-/// Counts `Received:` lines in the header section of the (unstuffed)
-/// message as it streams past, for loop detection.
-#[derive(Default)]
-struct HeaderScan {
-    done: bool,
-    /// Bytes of the current line seen so far, up to 9.
-    prefix: Vec<u8>,
-    /// Past the prefix of the current line.
-    line_len: usize,
-    received: u32,
-}
-
-impl HeaderScan {
-    fn scan(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if self.done {
-                return;
-            }
-            if b == b'\n' {
-                // A line that is just CRLF ends the header section.
-                if self.line_len == 1 && self.prefix.first() == Some(&b'\r') {
-                    self.done = true;
-                }
-                self.prefix.clear();
-                self.line_len = 0;
-                continue;
-            }
-            self.line_len += 1;
-            if self.prefix.len() < 9 {
-                self.prefix.push(b);
-                if self.prefix.len() == 9 && self.prefix.eq_ignore_ascii_case(b"received:") {
-                    self.received += 1;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_scan_counts_only_headers() {
-        let mut h = HeaderScan::default();
-        let msg = b"Received: a\r\nRECEIVED: b\r\nSubject: x\r\n\r\nReceived: in body\r\n";
-        for piece in msg.chunks(3) {
-            h.scan(piece);
-        }
-        assert_eq!(h.received, 2);
-        assert!(h.done);
     }
 }

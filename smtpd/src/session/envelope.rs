@@ -1,10 +1,13 @@
-//! MAIL, RCPT and RSET, and the link to queued they need.
+//! MAIL (with its SPF check), RCPT and RSET, and the link to queued they
+//! need.
 
-use tambo_proto::submit::{Mode, RcptVerdict, SubmitReply, SubmitRequest};
+use tambo_proto::metrics::{self, names};
+use tambo_proto::submit::{Mode, RcptVerdict, SpfResult, SubmitReply, SubmitRequest};
 
 use super::{MAX_RCPTS, Next, Session};
 use crate::command::{self, PathError};
 use crate::queue::QueueLink;
+use crate::spf::{self, Checked};
 
 impl Session {
     pub(super) async fn mail(&mut self, arg: &[u8]) -> Next {
@@ -46,6 +49,29 @@ impl Session {
         // A second MAIL starts over (no 503).
         self.mail_from = None;
         self.rcpts = 0;
+        self.spf = None;
+        // REFERENCE §2.6: not for `<>`, nor for authenticated sessions
+        // (they may send as anyone, by design).
+        let spf = if path.address.is_empty() || self.auth.is_some() {
+            None
+        } else {
+            self.check_spf(&path.address).await
+        };
+        if let Some(c) = spf.as_ref().filter(|c| c.report.result == SpfResult::Fail) {
+            tracing::info!(
+                peer = %self.peer,
+                "rejected from={:?}: failed SPF: {}",
+                path.address,
+                c.report.reason
+            );
+            // queued may still hold the envelope of an earlier MAIL.
+            if !self.reset_envelope().await {
+                return self.queue_lost();
+            }
+            let text = spf::fail_text(c);
+            self.reply(550, "5.7.23", &text);
+            return Next::Continue;
+        }
         if !self.open_link().await {
             return self.queue_lost();
         }
@@ -57,13 +83,19 @@ impl Session {
                 from: path.address.clone(),
                 ehlo: self.ehlo.clone().unwrap_or_default(),
                 server_name: self.hostname.clone(),
-                spf: None,
+                spf: spf.as_ref().map(|c| c.report.clone()),
             })
             .await
         {
             Ok(SubmitReply::Ok) => {
                 self.mail_from = Some(path.address);
+                self.spf = spf.map(|c| c.report);
                 self.reply(250, "2.1.5", "Ok");
+            }
+            Ok(SubmitReply::SecurityLevelTooLow) => {
+                // The sender's domain came over TLS before (queued's
+                // domaininfo, REFERENCE §2.6).
+                self.reply(550, "5.7.3", "Security level check failed");
             }
             Ok(SubmitReply::BadSequence(why)) => {
                 tracing::info!(peer = %self.peer, "queued refused the sender: {why}");
@@ -175,6 +207,21 @@ impl Session {
         Next::Continue
     }
 
+    /// Checks the sender's SPF from the client's address and counts the
+    /// result. None when this smtpd has no checker.
+    async fn check_spf(&self, sender: &str) -> Option<Checked> {
+        let checker = self.cfg.spf.as_ref()?;
+        let c = checker.check(self.peer.ip(), sender, &self.hostname).await;
+        metrics::inc_label(names::SMTP_IN_SPF_RESULT_COUNT, c.report.result.name());
+        tracing::debug!(
+            peer = %self.peer,
+            "SPF for {sender:?}: {} ({})",
+            c.report.result.name(),
+            c.report.reason
+        );
+        Some(c)
+    }
+
     /// Opens the link to queued if this session has none yet. False (and
     /// one log line) if queued cannot be reached or is not who answers.
     pub(super) async fn open_link(&mut self) -> bool {
@@ -209,6 +256,7 @@ impl Session {
     pub(super) async fn reset_envelope(&mut self) -> bool {
         self.mail_from = None;
         self.rcpts = 0;
+        self.spf = None;
         match self.queue.as_mut() {
             None => true,
             Some(q) => matches!(q.call(&SubmitRequest::Rset).await, Ok(SubmitReply::Ok)),

@@ -7,7 +7,8 @@
 //! # Layout
 //! - this file: the session, its command loop, replies and line reading;
 //! - `hello`: HELO and EHLO;
-//! - `envelope`: MAIL, RCPT, RSET and the link to queued;
+//! - `envelope`: MAIL (with its SPF check), RCPT, RSET and the link to
+//!   queued;
 //! - `data`: DATA, streaming the body to queued.
 //! - `starttls`: STARTTLS, and the implicit TLS of port 465.
 //! - `auth`: AUTH PLAIN and LOGIN, checked by queued.
@@ -28,11 +29,12 @@ use tokio::net::TcpStream;
 
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
-use tambo_proto::submit::Mode;
+use tambo_proto::submit::{Mode, SpfReport};
 
 use crate::command::{self, Verb};
 use crate::conn::Conn;
 use crate::queue::QueueLink;
+use crate::spf::SpfChecker;
 use crate::tls::Tls;
 
 /// Longest command line, without its line ending (REFERENCE §2.2).
@@ -72,6 +74,9 @@ pub struct SessionConfig {
     pub tls: Option<Arc<Tls>>,
     /// `haproxy_incoming`: every connection starts with a PROXY header.
     pub haproxy: bool,
+    /// Checks the sender's SPF at MAIL. None: no check (a library user
+    /// without a resolver); tambo-smtpd always has one.
+    pub spf: Option<Arc<SpfChecker>>,
 }
 
 impl SessionConfig {
@@ -94,6 +99,7 @@ impl SessionConfig {
             link_keepalive: Duration::from_secs(60),
             tls: None,
             haproxy: false,
+            spf: None,
         }
     }
 }
@@ -148,9 +154,11 @@ struct Session {
     /// EHLO/HELO name, once given.
     ehlo: Option<String>,
     esmtp: bool,
-    /// The envelope: sender (empty for `<>`) and accepted recipients.
+    /// The envelope: sender (empty for `<>`), accepted recipients, and
+    /// the sender's SPF check when one ran (for Received-SPF).
     mail_from: Option<String>,
     rcpts: usize,
+    spf: Option<SpfReport>,
 }
 
 /// Serves one connection until it ends. Never panics on client input.
@@ -179,6 +187,7 @@ pub async fn serve(
         esmtp: false,
         mail_from: None,
         rcpts: 0,
+        spf: None,
     };
     if s.cfg.mode == Mode::SubmissionTls && !s.implicit_tls().await {
         return;

@@ -57,6 +57,7 @@ impl Session {
                 self.esmtp = false;
                 self.mail_from = None;
                 self.rcpts = 0;
+                self.spf = None;
                 // A link to queued opened in plain text says so; drop it, and
                 // the next MAIL opens one that says TLS.
                 self.queue = None;
