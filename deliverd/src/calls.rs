@@ -51,6 +51,25 @@ impl Call {
             (Hook::Rcpt(env), None) => Ok(Call::Rcpt(env)),
         }
     }
+
+    /// What to answer if the call cannot finish (its task panicked): a
+    /// temporary failure of its kind, never an accept.
+    pub fn failure(&self) -> HookOutcome {
+        let reject = HookVerdict::Reject {
+            permanent: false,
+            text: String::new(),
+        };
+        match self {
+            Call::PostData(..) => HookOutcome::PostData {
+                headers: String::new(),
+                auth_results: String::new(),
+                verdict: reject,
+            },
+            Call::Resolve(_) => HookOutcome::Resolve(Err("internal error in deliverd".into())),
+            Call::Exists(_) => HookOutcome::Exists(false),
+            Call::Rcpt(_) => HookOutcome::Rcpt(reject),
+        }
+    }
 }
 
 /// Runs one call to its outcome, counting it.
@@ -58,7 +77,17 @@ pub async fn run(ctx: &Ctx, call: Call) -> HookOutcome {
     let outcome = match call {
         Call::PostData(pd, file) => post_data(ctx, &pd, file).await,
         Call::Resolve(address) => {
-            let r = ctx.hooks.alias_resolve(&address).await;
+            let mut r = ctx.hooks.alias_resolve(&address).await;
+            // Parsed here too (queued parses it again to use it), so
+            // `resolve:parse_err` and `resolve:success` stay exclusive,
+            // as in chasquid.
+            if let Ok(out) = &r.result {
+                let domain = tambo_common::address::split(&address).1;
+                if let Err(e) = tambo_common::aliases::parse_rhs(out.trim(), domain) {
+                    r.label = "resolve:parse_err";
+                    r.result = Err(format!("its output does not parse: {e}"));
+                }
+            }
             metrics::inc_label(names::ALIASES_HOOK_RESULTS, r.label);
             if let Err(why) = &r.result {
                 tracing::info!(address = %address.escape_debug(), "alias-resolve: {why}");
@@ -72,7 +101,7 @@ pub async fn run(ctx: &Ctx, call: Call) -> HookOutcome {
         }
         Call::Rcpt(env) => {
             let r = ctx.hooks.rcpt(&env).await;
-            metrics::inc_label(names::SMTP_IN_HOOK_RESULTS, r.label);
+            metrics::inc_label(names::SMTP_IN_RCPT_HOOK_RESULTS, r.label);
             if let HookVerdict::Reject { permanent, text } = &r.verdict {
                 tracing::info!(
                     to = %env.rcpt_to.join(" ").escape_debug(),

@@ -87,7 +87,19 @@ pub async fn serve(
         };
         let (ctx, tx, id) = (ctx.clone(), tx.clone(), hc.call);
         running.spawn(async move {
-            let outcome = calls::run(&ctx, call).await;
+            // A call that panics still gets an answer (a temporary
+            // failure), so queued's slot comes back. The inner task dies
+            // with this one, and its hook's process group with it.
+            let failure = call.failure();
+            let inner = tokio::spawn(async move { calls::run(&ctx, call).await });
+            let _abort = AbortOnDrop(inner.abort_handle());
+            let outcome = match inner.await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!("a hook call failed inside deliverd: {e}");
+                    failure
+                }
+            };
             // Freed before the answer goes out: queued may send the next
             // call as soon as it reads it.
             drop(permit);
@@ -104,6 +116,15 @@ pub async fn serve(
     running.abort_all();
     results.abort();
     result
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

@@ -376,7 +376,8 @@ runtime_dir = \"{run}\"
             "smtpd" => "smtpd listening on",
             "queued" => "queued listening on",
             "monitord" => "monitord listening on",
-            "deliverd" => "connected to queued",
+            // Both of its connections: deliveries and hooks.
+            "deliverd" => return self.start_until_n(name, "connected to queued at", 2),
             _ => "",
         };
         self.start_until(name, ready);
@@ -393,6 +394,12 @@ runtime_dir = \"{run}\"
     /// Starts one daemon and waits for `ready` (a new log line containing
     /// it); `""` waits for nothing.
     pub fn start_until(&mut self, name: &str, ready: &str) {
+        self.start_until_n(name, ready, 1)
+    }
+
+    /// Starts one daemon and waits for `n` new log lines containing
+    /// `ready`.
+    pub fn start_until_n(&mut self, name: &str, ready: &str, n: usize) {
         // A restarted daemon's log already has the line from its last run.
         let seen = self.log(name).matches(ready).count();
         let log = OpenOptions::new()
@@ -412,7 +419,7 @@ runtime_dir = \"{run}\"
         self.procs.insert(name.to_string(), child);
         if !ready.is_empty() {
             wait_for(&format!("tambo-{name} to be ready"), || {
-                (self.log(name).matches(ready).count() > seen).then_some(())
+                (self.log(name).matches(ready).count() >= seen + n).then_some(())
             });
         }
     }

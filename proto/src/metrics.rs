@@ -63,6 +63,8 @@ pub mod names {
     /// Outgoing SMTP connections opened, and deliveries that reused one.
     pub const SMTP_OUT_CONNECTIONS: &str = "tambo/smtpOut/connections";
     pub const SMTP_OUT_REUSED: &str = "tambo/smtpOut/reused";
+    /// `hooks/rcpt`, tambo's own: skip (no hook), success, fail.
+    pub const SMTP_IN_RCPT_HOOK_RESULTS: &str = "tambo/smtpIn/rcptHookResults";
     pub const IPC_ERRORS: &str = "tambo/ipc/errors";
     pub const IPC_REFUSED: &str = "tambo/ipc/refused";
     pub const SMTP_IN_SESSIONS_REFUSED: &str = "tambo/smtpIn/sessionsRefused";
@@ -353,6 +355,11 @@ pub const VARIABLES: &[(&str, Kind, &str)] = &[
         "tambo/smtpOut/reused",
         Kind::Counter,
         "outgoing deliveries that reused an open connection",
+    ),
+    (
+        "tambo/smtpIn/rcptHookResults",
+        Kind::Map,
+        "rcpt hook results, by result",
     ),
 ];
 

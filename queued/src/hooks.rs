@@ -73,6 +73,8 @@ pub enum HookError {
     Timeout(&'static str, Duration),
     #[error("deliverd answered the {0} hook with the wrong kind of result")]
     WrongAnswer(&'static str),
+    #[error("the {0} hook call does not fit its frame limit")]
+    TooLarge(&'static str),
 }
 
 /// A call waiting for a deliverd slot.
@@ -81,6 +83,8 @@ struct Pending {
     /// The message, for post-data: sent as a read-only descriptor.
     body: Option<PathBuf>,
     reply: oneshot::Sender<Result<HookOutcome, HookError>>,
+    /// How long the caller waits.
+    limit: Duration,
 }
 
 pub struct Hooks {
@@ -138,10 +142,21 @@ impl Hooks {
             return Err(HookError::NoDeliverd);
         }
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Pending { hook, body, reply }).is_err() {
+        let limit = self.timeout.unwrap_or(name.timeout()) + margin(name);
+        let pending = Pending {
+            hook,
+            body,
+            reply,
+            limit,
+        };
+        if self.tx.send(pending).is_err() {
             return Err(HookError::NoDeliverd);
         }
-        let limit = self.timeout.unwrap_or(name.timeout()) + margin(name);
+        // The last connection may have gone (and failed what waited) just
+        // before this call was queued: fail it now, not at its timeout.
+        if self.live.load(Ordering::Acquire) == 0 {
+            self.fail_waiting().await;
+        }
         match tokio::time::timeout(limit, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(HookError::Lost(name.file())),
@@ -170,12 +185,10 @@ impl Hooks {
         // The whole output is one right-hand side, as in chasquid.
         match aliases::parse_rhs(out.trim(), domain) {
             Ok(targets) => Ok(Some(targets)),
-            Err(e) => {
-                metrics::inc_label(names::ALIASES_HOOK_RESULTS, "resolve:parse_err");
-                Err(format!(
-                    "alias-resolve {addr}: its output does not parse: {e}"
-                ))
-            }
+            // deliverd parsed it and counted it already.
+            Err(e) => Err(format!(
+                "alias-resolve {addr}: its output does not parse: {e}"
+            )),
         }
     }
 
@@ -203,16 +216,28 @@ impl Hooks {
     /// waiting for a slot fail now rather than at their timeout.
     async fn disconnected(&self) {
         if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let mut rx = self.rx.lock().await;
-            while let Ok(p) = rx.try_recv() {
-                let _ = p.reply.send(Err(HookError::NoDeliverd));
-            }
+            self.fail_waiting().await;
+        }
+    }
+
+    /// Fails every call waiting for a slot.
+    async fn fail_waiting(&self) {
+        let mut rx = self.rx.lock().await;
+        while let Ok(p) = rx.try_recv() {
+            let _ = p.reply.send(Err(HookError::NoDeliverd));
         }
     }
 }
 
+/// Whether a hook is there. Only "no such file" means no: a hook that
+/// cannot be looked at (permissions, a broken link) is taken as present,
+/// so the call fails (temporarily) instead of the site's policy being
+/// skipped in silence.
 fn is_file(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    }
 }
 
 #[cfg(test)]

@@ -73,11 +73,22 @@ pub async fn dovecot_knows(dovecot: Option<&Dovecot>, id: &str) -> Result<bool, 
 /// targets (none if it had no entry).
 pub type HookAnswers = HashMap<String, Vec<tambo_common::aliases::Target>>;
 
+/// What a put from an SMTP session brings beyond the envelope.
+#[derive(Default)]
+pub struct FromSession {
+    /// The alias-resolve hook's answers at RCPT.
+    pub hook_answers: HookAnswers,
+    /// The message must be an item by then, or not at all.
+    pub deadline: Option<std::time::Instant>,
+}
+
 /// What a put learned beyond the files while resolving.
 #[derive(Default)]
 struct Answers {
     dovecot: HashMap<String, bool>,
     hook: HookAnswers,
+    /// No more hook runs past it.
+    deadline: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -91,6 +102,8 @@ struct Ids {
 pub enum PutError {
     #[error("queue is full, try again later")]
     Full,
+    #[error("the checks after DATA took too long")]
+    TooLate,
     #[error(
         "an fsync of the queue directory failed earlier; new mail is refused until queued restarts"
     )]
@@ -242,6 +255,12 @@ impl Queue {
                     answers.dovecot.insert(id, known);
                 }
                 Err(Unresolved::AskHook(addr)) => {
+                    if answers
+                        .deadline
+                        .is_some_and(|d| std::time::Instant::now() >= d)
+                    {
+                        return Err(PutError::TooLate);
+                    }
                     if answers.hook.len() >= MAX_DOVECOT_LOOKUPS_PER_PUT {
                         return Err(PutError::Resolve(format!(
                             "more than {MAX_DOVECOT_LOOKUPS_PER_PUT} alias-resolve hook runs resolving {rcpt}"
@@ -306,7 +325,7 @@ impl Queue {
         rcpts: Vec<String>,
         client: String,
         bypass_limit: bool,
-        hook_answers: HookAnswers,
+        session: FromSession,
     ) -> Result<(), PutError> {
         // Checked again now that the body is in: DATA transfers that ran
         // concurrently must not push the queue past its limit.
@@ -340,7 +359,8 @@ impl Queue {
         }
         let mut recipients = Vec::new();
         let mut answers = Answers {
-            hook: hook_answers,
+            hook: session.hook_answers,
+            deadline: session.deadline,
             ..Answers::default()
         };
         for r in &rcpts {
@@ -355,6 +375,14 @@ impl Queue {
             client,
             recipients,
         };
+        // Past this, smtpd may have given up waiting and told the client
+        // to try again: a message queued now would arrive twice.
+        if session
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            return Err(PutError::TooLate);
+        }
         let spool = self.spool.clone();
         let to_write = item.clone();
         tokio::task::spawn_blocking(move || spool.stage_item(&to_write))

@@ -20,7 +20,7 @@ use tambo_proto::submit::{AuthVerdict, Mode, SpfReport, SpfResult, SubmitReply, 
 use crate::auth;
 use crate::domaininfo::Direction;
 use crate::policy::{Authenticated, Policy};
-use crate::queue::{HookAnswers, PutError, Queue};
+use crate::queue::{FromSession, HookAnswers, PutError, Queue};
 use crate::signing;
 use crate::spool::BodyWriter;
 
@@ -45,6 +45,11 @@ enum BodyError {
     /// Anything else (451 4.3.0); the text is for the log.
     Failed(String),
 }
+
+/// Longest the end of DATA may take here, the checks and hooks after it
+/// included: smtpd waits 120 s for the answer, then tells the client to
+/// retry, so a message must not become an item later than this.
+const DATA_END_BUDGET: std::time::Duration = std::time::Duration::from_secs(100);
 
 /// AUTH failures one session may have; smtpd closes the session at its
 /// third error of any kind (REFERENCE §2.2), so a fourth AUTH can only come
@@ -274,6 +279,7 @@ impl Session {
     }
 
     async fn data_end(&mut self) -> Result<SubmitReply, Error> {
+        let deadline = std::time::Instant::now() + DATA_END_BUDGET;
         let Some(body) = self.body.take() else {
             return Err(Error::Unexpected("DataEnd outside DATA"));
         };
@@ -330,7 +336,7 @@ impl Session {
             synced = true;
         }
         if checking {
-            match self.post_data(&id, &rcpts).await {
+            match self.post_data(&id, &from, &rcpts).await {
                 postdata::AfterData::Reject { permanent, text } => {
                     self.queue.release_id(&id);
                     return Ok(SubmitReply::HookRejected { permanent, text });
@@ -368,10 +374,13 @@ impl Session {
             }
         }
         let client = self.client.clone().unwrap_or_default();
-        let answers = std::mem::take(&mut self.alias_answers);
+        let session = FromSession {
+            hook_answers: std::mem::take(&mut self.alias_answers),
+            deadline: Some(deadline),
+        };
         match self
             .queue
-            .put(id.clone(), from, rcpts, client, false, answers)
+            .put(id.clone(), from, rcpts, client, false, session)
             .await
         {
             Ok(()) => Ok(SubmitReply::Queued { id }),

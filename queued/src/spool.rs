@@ -204,7 +204,10 @@ impl Spool {
                 }
             } else if let Some(id) = name.strip_prefix("d:") {
                 bodies.push((id.to_string(), path));
-            } else if name.starts_with(".m:") {
+            } else if name.starts_with(".m:") || name.starts_with(".d:") {
+                // A temporary item, or a body rewrite (DKIM signing, added
+                // headers) a crash interrupted: the rename never happened,
+                // so the real file is whole without it.
                 let _ = std::fs::remove_file(&path);
                 loaded.removed_orphans += 1;
             }
@@ -295,6 +298,11 @@ mod tests {
         assert_eq!(dots, 0);
         spool.sync_body("m1").unwrap();
         assert!(spool.prepend("missing", b"X: y\r\n").is_err());
+        // A rewrite a crash cut short is cleaned up at the next start.
+        let tmp = tambo_common::safeio::temp_path(&spool.body_path("m1")).unwrap();
+        std::fs::write(&tmp, b"half").unwrap();
+        spool.load().unwrap();
+        assert!(!tmp.exists());
     }
 
     #[test]

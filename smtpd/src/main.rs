@@ -148,6 +148,7 @@ fn main() -> ExitCode {
             scfg.link_keepalive = link_keepalive;
             scfg.tls = Some(tls.clone());
             scfg.spf = Some(spf.clone());
+            scfg.relay_networks = cfg.tambo.relay_networks.clone();
             let l = match daemon::tokio_tcp(l) {
                 Ok(l) => l,
                 Err(e) => return daemon::startup_failed(format!("SMTP listener: {e}")),

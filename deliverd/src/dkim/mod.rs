@@ -43,10 +43,16 @@ pub use keys::{KeyError, KeySource};
 /// Most signatures evaluated (REFERENCE §4.9), the first ones in the
 /// message; more are ignored, as in chasquid.
 pub const MAX_SIGNATURES: usize = 5;
-/// Longest header section read. Far over any real one (Postfix's
+/// Longest header section read. Over any real one (Postfix's
 /// `header_size_limit` is 100 KiB), and small enough that every hook slot
-/// verifying at once stays within a few tens of MiB.
-pub const MAX_HEADER_SECTION: usize = 1024 * 1024;
+/// verifying at once stays within a few MiB, and that matching `h=`
+/// against the fields (mail-auth scans every field for each name, work
+/// that grows with both) stays in milliseconds.
+pub const MAX_HEADER_SECTION: usize = 256 * 1024;
+/// Most field names a signature's `h=` may list: real signers list a few
+/// dozen (REFERENCE §4.9's own list, over-signed, is 26). More is refused
+/// as a permerror before any work is done for it.
+pub const MAX_SIGNED_FIELDS: usize = 100;
 /// Longest wait for one key lookup; lookups run concurrently, so this
 /// bounds them all together.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);

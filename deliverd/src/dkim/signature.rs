@@ -62,6 +62,9 @@ pub fn precheck(sig: &Signature, tags: &Tags) -> Result<(), DkimResult> {
     if sig.a == Algorithm::RsaSha1 {
         return perm("rsa-sha1 is not accepted (RFC 8301)");
     }
+    if sig.h.len() > super::MAX_SIGNED_FIELDS {
+        return perm("h= lists too many fields");
+    }
     if !sig.h.iter().any(|h| h.trim().eq_ignore_ascii_case("from")) {
         return perm("From is not signed");
     }

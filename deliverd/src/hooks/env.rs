@@ -42,7 +42,16 @@ pub fn post_data(env: &HookEnv) -> Vec<Var> {
         ("REMOTE_ADDR", text(&env.remote_addr)),
         ("EHLO_DOMAIN", OsString::from(sanitize_ehlo(&env.ehlo))),
         ("EHLO_DOMAIN_RAW", text(&env.ehlo)),
-        ("MAIL_FROM", text(&env.mail_from)),
+        // chasquid passes the null sender as `<>`: hooks written for it
+        // test for that.
+        (
+            "MAIL_FROM",
+            if env.mail_from.is_empty() {
+                OsString::from("<>")
+            } else {
+                text(&env.mail_from)
+            },
+        ),
         ("RCPT_TO", text(&env.rcpt_to.join(" "))),
         ("AUTH_AS", text(&env.auth_as)),
         ("ON_TLS", flag(env.on_tls)),

@@ -87,8 +87,8 @@ impl PostDataRun {
 }
 
 /// What came of the rcpt hook: its verdict and its label in
-/// `chasquid/smtpIn/hookResults` (`rcpt:skip`, `rcpt:success`,
-/// `rcpt:fail`, after post-data's).
+/// `tambo/smtpIn/rcptHookResults` (`skip`, `success`, `fail`: a tambo
+/// hook, so not among chasquid's labels).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RcptRun {
     pub verdict: HookVerdict,
@@ -192,16 +192,16 @@ impl Hooks {
         spec.env = env::rcpt(env);
         let reject = |permanent, text| RcptRun {
             verdict: HookVerdict::Reject { permanent, text },
-            label: "rcpt:fail",
+            label: "fail",
         };
         match run::run(spec).await {
             Ran::Missing => RcptRun {
                 verdict: HookVerdict::Accept,
-                label: "rcpt:skip",
+                label: "skip",
             },
             Ran::Exited { code: Some(0), .. } => RcptRun {
                 verdict: HookVerdict::Accept,
-                label: "rcpt:success",
+                label: "success",
             },
             Ran::Exited { code, stdout } => {
                 reject(code == Some(EXIT_PERMANENT), output::last_line(&stdout))

@@ -112,7 +112,7 @@ async fn missing_hooks_are_skipped() {
     assert_eq!(post_data(&s).await, PostDataRun::Skipped);
     assert_eq!(PostDataRun::Skipped.label(), "post-data:skip");
     let r = s.hooks.rcpt(&env()).await;
-    assert_eq!((r.verdict, r.label), (HookVerdict::Accept, "rcpt:skip"));
+    assert_eq!((r.verdict, r.label), (HookVerdict::Accept, "skip"));
     let r = s.hooks.alias_resolve("a@b").await;
     assert_eq!((r.result, r.label), (Ok(String::new()), "resolve:skip"));
     let r = s.hooks.alias_exists("a@b").await;
@@ -225,7 +225,7 @@ async fn rcpt_hook_gets_the_spf_result_too() {
     e.spf = Some(SpfResult::SoftFail);
     e.auth_as = "ann@example.net".into();
     let r = s.hooks.rcpt(&e).await;
-    assert_eq!((r.verdict, r.label), (HookVerdict::Accept, "rcpt:success"));
+    assert_eq!((r.verdict, r.label), (HookVerdict::Accept, "success"));
     let got = lines(&out);
     for want in [
         "SPF_RESULT=softfail",
@@ -251,7 +251,7 @@ async fn rcpt_hook_gets_the_spf_result_too() {
                     permanent,
                     text: "not here".into()
                 },
-                "rcpt:fail"
+                "fail"
             )
         );
     }

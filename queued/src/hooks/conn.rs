@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -26,7 +26,14 @@ use super::{HookError, Hooks, Pending};
 /// How long sending one call may take before deliverd counts as gone.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
-type Waiting = Mutex<HashMap<u64, oneshot::Sender<Result<HookOutcome, HookError>>>>;
+/// Calls deliverd is running: where each answer goes, and when it is
+/// overdue.
+type Waiting = Mutex<HashMap<u64, (oneshot::Sender<Result<HookOutcome, HookError>>, Instant)>>;
+
+/// Past the time its caller gave up, how long deliverd has to answer a
+/// call before the connection counts as broken: a call it never answers
+/// would hold its slot for good.
+const OVERDUE: Duration = Duration::from_secs(60);
 
 /// Serves one hook connection (its `HookReady` already read) until it
 /// closes.
@@ -55,17 +62,30 @@ pub async fn serve(
                 _ = &mut results => None,
             }
         };
-        let Some(Pending { hook, body, reply }) = pending else {
+        let Some(Pending {
+            hook,
+            body,
+            reply,
+            limit,
+        }) = pending
+        else {
             break;
         };
+        // Its caller gave up (timed out, or the client left): running the
+        // hook now would only take a slot, and could have effects (a
+        // greylisting entry) for a transaction that is over.
+        if reply.is_closed() {
+            continue;
+        }
         next += 1;
+        let name = super::Name::of(&hook).file();
         let file = match &body {
             None => None,
             Some(path) => match tokio::task::block_in_place(|| std::fs::File::open(path)) {
                 Ok(f) => Some(f),
                 Err(e) => {
                     tracing::error!("cannot open {} for the post-data hook: {e}", path.display());
-                    let _ = reply.send(Err(HookError::Lost("post-data")));
+                    let _ = reply.send(Err(HookError::Lost(name)));
                     continue;
                 }
             },
@@ -74,14 +94,14 @@ pub async fn serve(
             Ok(b) if b.len() - 4 <= MAX_HOOK_CALL_FRAME => b,
             _ => {
                 tracing::error!("a hook call does not fit its frame limit; refusing it");
-                let _ = reply.send(Err(HookError::WrongAnswer("call too large")));
+                let _ = reply.send(Err(HookError::TooLarge(name)));
                 continue;
             }
         };
         waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(next, reply);
+            .insert(next, (reply, Instant::now() + limit + OVERDUE));
         let sent = match &file {
             Some(f) => {
                 tokio::time::timeout(
@@ -111,7 +131,7 @@ pub async fn serve(
             lost.len()
         );
     }
-    for (_, reply) in lost {
+    for (_, (reply, _)) in lost {
         let _ = reply.send(Err(HookError::Lost("any")));
     }
     hooks.disconnected().await;
@@ -124,10 +144,28 @@ async fn read_outcomes(
     free: Arc<Semaphore>,
     idle: Duration,
 ) {
+    let mut check = tokio::time::interval(Duration::from_secs(10));
     loop {
-        let msg = match tokio::time::timeout(idle, reader.read(MAX_HOOK_RESULT_FRAME)).await {
-            Err(_) => Err(Error::Idle(idle)),
-            Ok(r) => r,
+        let read = tokio::time::timeout(idle, reader.read(MAX_HOOK_RESULT_FRAME));
+        let msg = tokio::select! {
+            r = read => match r {
+                Err(_) => Err(Error::Idle(idle)),
+                Ok(r) => r,
+            },
+            _ = check.tick() => {
+                let now = Instant::now();
+                let overdue = waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .any(|(_, at)| *at <= now);
+                if overdue {
+                    metrics::inc_label(names::IPC_ERRORS, "queued");
+                    tracing::warn!("deliver.sock (hooks): a hook call got no answer long past its timeout; closing");
+                    return;
+                }
+                continue;
+            }
         };
         let result = match msg {
             Ok(Some(FromDeliverd::HookDone { call, outcome })) => {
@@ -136,7 +174,7 @@ async fn read_outcomes(
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&call);
                 match reply {
-                    Some(r) => {
+                    Some((r, _)) => {
                         let _ = r.send(Ok(outcome));
                         free.add_permits(1);
                         Ok(())

@@ -110,10 +110,11 @@ impl Session {
     async fn rcpt_hook(&self, to: &str) -> RcptVerdict {
         let hooks = &self.queue.hooks;
         if !hooks.exists(Name::Rcpt) {
-            metrics::inc_label(names::SMTP_IN_HOOK_RESULTS, "rcpt:skip");
+            metrics::inc_label(names::SMTP_IN_RCPT_HOOK_RESULTS, "skip");
             return RcptVerdict::Accepted;
         }
-        let env = self.hook_env(vec![to.to_string()]);
+        let from = self.from.clone().unwrap_or_default();
+        let env = self.hook_env(&from, vec![to.to_string()]);
         match hooks.call(Hook::Rcpt(env), None).await {
             Ok(HookOutcome::Rcpt(HookVerdict::Accept)) => RcptVerdict::Accepted,
             Ok(HookOutcome::Rcpt(HookVerdict::Reject { permanent, text })) => {
@@ -125,15 +126,14 @@ impl Session {
     }
 
     /// What a hook learns of this transaction (REFERENCE §6).
-    pub(super) fn hook_env(&self, rcpt_to: Vec<String>) -> HookEnv {
-        let from = self.from.clone().unwrap_or_default();
+    pub(super) fn hook_env(&self, from: &str, rcpt_to: Vec<String>) -> HookEnv {
         let from_local_domain = !from.is_empty()
             && address::normalize_domain(address::split(&from).1)
                 .is_ok_and(|d| self.queue.domains().is_local(&d));
         HookEnv {
             remote_addr: self.client.clone().unwrap_or_default(),
             ehlo: self.txn.ehlo.clone(),
-            mail_from: from,
+            mail_from: from.to_string(),
             rcpt_to,
             auth_as: self
                 .auth
@@ -150,7 +150,7 @@ impl Session {
 /// A hook that could not be asked: a temporary refusal, never an accept.
 fn hook_failed(e: HookError) -> RcptVerdict {
     tracing::warn!("the rcpt hook failed: {e}");
-    metrics::inc_label(names::SMTP_IN_HOOK_RESULTS, "rcpt:fail");
+    metrics::inc_label(names::SMTP_IN_RCPT_HOOK_RESULTS, "fail");
     RcptVerdict::HookRejected {
         permanent: false,
         text: String::new(),

@@ -51,8 +51,14 @@ impl Session {
         self.rcpts = 0;
         self.spf = None;
         // REFERENCE §2.6: not for `<>`, nor for authenticated sessions
-        // (they may send as anyone, by design).
-        let spf = if path.address.is_empty() || self.auth.is_some() {
+        // (they may send as anyone, by design), nor for the clients of
+        // `relay_networks` (which relay as if authenticated).
+        let trusted = self
+            .cfg
+            .relay_networks
+            .iter()
+            .any(|n| n.contains(self.peer.ip()));
+        let spf = if path.address.is_empty() || self.auth.is_some() || trusted {
             None
         } else {
             self.check_spf(&path.address).await

@@ -77,6 +77,10 @@ pub struct SessionConfig {
     /// Checks the sender's SPF at MAIL. None: no check (a library user
     /// without a resolver); tambo-smtpd always has one.
     pub spf: Option<Arc<SpfChecker>>,
+    /// `[tambo] relay_networks`: their clients relay without AUTH and,
+    /// like authenticated sessions, are not SPF-checked (they send as our
+    /// own domains, from hosts our SPF record rarely lists).
+    pub relay_networks: Vec<tambo_common::cidr::Cidr>,
 }
 
 impl SessionConfig {
@@ -100,6 +104,7 @@ impl SessionConfig {
             tls: None,
             haproxy: false,
             spf: None,
+            relay_networks: Vec::new(),
         }
     }
 }
