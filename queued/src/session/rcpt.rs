@@ -128,7 +128,7 @@ impl Session {
     /// What a hook learns of this transaction (REFERENCE §6).
     pub(super) fn hook_env(&self, from: &str, rcpt_to: Vec<String>) -> HookEnv {
         let from_local_domain = !from.is_empty()
-            && address::normalize_domain(address::split(&from).1)
+            && address::normalize_domain(address::split(from).1)
                 .is_ok_and(|d| self.queue.domains().is_local(&d));
         HookEnv {
             remote_addr: self.client.clone().unwrap_or_default(),
