@@ -20,8 +20,10 @@ fn message_arrives_byte_exact_with_received_header() {
     let split = find(got, b"\r\nFrom: ann@").expect("original headers after Received") + 2;
     let (received, rest) = got.split_at(split);
     let received = String::from_utf8_lossy(received);
-    // Received-SPF first (remote.example has no SPF record), then Received.
-    assert!(received.starts_with("Received-SPF: none "), "{received}");
+    // Authentication-Results, Received-SPF (remote.example has no SPF
+    // record), then Received.
+    assert!(received.starts_with("Authentication-Results: "), "{received}");
+    assert!(received.contains("\r\nReceived-SPF: none "), "{received}");
     let received = &received[received.find("\r\nReceived: ").expect("Received") + 2..];
     assert!(received.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mx.example.test (tambo) with ESMTP\r\n"), "{received}");
     assert!(
