@@ -18,7 +18,7 @@ pub const SUBMISSION_PORT: u16 = 2587;
 pub const SUBMISSION_TLS_PORT: u16 = 2465;
 pub const MONITORING: &str = "127.0.0.1:1099";
 
-pub async fn run(state_dir: &Path, inherited: Inherited) -> ExitCode {
+pub async fn run(state_dir: &Path, overrides: Option<String>, inherited: Inherited) -> ExitCode {
     let state = match absolute(state_dir) {
         Ok(p) => p,
         Err(e) => {
@@ -38,7 +38,7 @@ pub async fn run(state_dir: &Path, inherited: Inherited) -> ExitCode {
     let maildir = state.join("mail").join(DOMAIN).join(USER);
     // Bind first, then print what was bound: the config may have been
     // edited since it was written.
-    let prepared = match crate::supervisor::prepare(&config_dir, None, inherited) {
+    let prepared = match crate::supervisor::prepare(&config_dir, overrides, inherited) {
         Ok(p) => p,
         Err(e) => return tambo_common::daemon::startup_failed(e),
     };
@@ -69,7 +69,7 @@ pub async fn run(state_dir: &Path, inherited: Inherited) -> ExitCode {
     let mut try_it = String::new();
     if let Some(a) = smtp.first() {
         try_it.push_str(&format!(
-            "send a test message:\n  swaks --server {a} --from you@example.net --to {USER}@{DOMAIN}\n"
+            "send a test message:\n  swaks --server {a} --from you@example.test --to {USER}@{DOMAIN}\n"
         ));
     }
     if let Some(a) = submission.first() {

@@ -47,6 +47,10 @@ enum Command {
         /// Where config, queue, sockets and mail go.
         #[arg(long = "state_dir", alias = "state-dir", default_value = ".tambo-dev")]
         state_dir: PathBuf,
+        /// TOML applied on top of the dev config (e.g. `[testing]
+        /// dns_server`, as the tests use), as for `tambo run`.
+        #[arg(long = "config_overrides", alias = "config-overrides")]
+        config_overrides: Option<String>,
     },
     /// Generates a DKIM key for a domain and prints its DNS record.
     ///
@@ -139,8 +143,13 @@ fn main() -> ExitCode {
                 supervisor::run(&config_dir, config_overrides, inherited).await
             });
         }
-        Command::Dev { state_dir } => {
-            return supervise(|inherited| async move { dev::run(&state_dir, inherited).await });
+        Command::Dev {
+            state_dir,
+            config_overrides,
+        } => {
+            return supervise(|inherited| async move {
+                dev::run(&state_dir, config_overrides, inherited).await
+            });
         }
     };
     // Not print!, which panics when stdout is closed.

@@ -22,7 +22,10 @@ fn message_arrives_byte_exact_with_received_header() {
     let received = String::from_utf8_lossy(received);
     // Authentication-Results, Received-SPF (remote.example has no SPF
     // record), then Received.
-    assert!(received.starts_with("Authentication-Results: "), "{received}");
+    assert!(
+        received.starts_with("Authentication-Results: "),
+        "{received}"
+    );
     assert!(received.contains("\r\nReceived-SPF: none "), "{received}");
     let received = &received[received.find("\r\nReceived: ").expect("Received") + 2..];
     assert!(received.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mx.example.test (tambo) with ESMTP\r\n"), "{received}");

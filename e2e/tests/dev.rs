@@ -27,10 +27,14 @@ impl Drop for Stop {
 fn tambo_dev_runs_and_delivers() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
+    // The senders' SPF is looked up: here, never in the real DNS.
+    let dns = tambo_e2e::dns::TestDns::start();
     let mut dev = Command::new(bin_dir().join("tambo"))
         .arg("dev")
         .arg("--state_dir")
         .arg(&state)
+        .arg("--config_overrides")
+        .arg(format!("[testing]\ndns_server = \"{}\"", dns.addr()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -76,7 +80,11 @@ fn tambo_dev_runs_and_delivers() {
     // the backlog until smtpd is up and greets.
     let mut c = Smtp::connect(smtp);
     c.expect("EHLO dev.example", 250);
-    c.expect("MAIL FROM:<you@example.net>", 250);
+    c.expect("MAIL FROM:<you@example.test>", 250);
+    assert!(
+        dns.query_count("example.test") > 0,
+        "SPF asked the test's DNS"
+    );
     c.expect("RCPT TO:<user@tambo.test>", 250);
     c.expect("DATA", 354);
     c.send_raw(&message("dev", "hello from the README\r\n"));
