@@ -227,7 +227,13 @@ mod tests {
     async fn calls_are_answered_as_they_end() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("hooks")).unwrap();
-        install(dir.path(), "alias-exists", "sleep 2; exit 0");
+        // Held until the test has both other answers: the order is the
+        // test's doing, not a race of timings.
+        install(
+            dir.path(),
+            "alias-exists",
+            "while [ ! -e release ]; do sleep 0.05; done; exit 0",
+        );
         install(
             dir.path(),
             "post-data",
@@ -257,7 +263,11 @@ mod tests {
         write_frame(&mut q, &rcpt).await.unwrap();
 
         let mut got = Vec::new();
-        for _ in 0..3 {
+        for i in 0..3 {
+            if i == 2 {
+                // The two later calls were answered while the first runs.
+                std::fs::write(dir.path().join("release"), "").unwrap();
+            }
             let Some(FromDeliverd::HookDone { call, outcome }) = recv(&mut q).await else {
                 panic!("no answer");
             };

@@ -274,7 +274,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn without_deliverd_a_hook_fails_at_once() {
+    async fn without_deliverd_a_hook_fails_after_the_grace() {
         let dir = tempfile::tempdir().unwrap();
         let h = hooks(dir.path());
         let r = h
