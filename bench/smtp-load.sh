@@ -25,6 +25,9 @@ mkdir -p "$DIR/config/domains/example.test" "$DIR/logs"
 tambo_cert "$DIR/config" bench.example.test
 echo 'ann !' > "$DIR/config/domains/example.test/users"
 PORT=${PORT:-32525}
+# The sender's SPF is looked up on loopback, never in the real DNS.
+"$BIN/tambo-test-dns" "remote.example=v=spf1 ip4:127.0.0.0/8 -all" > "$DIR/dns.addr" &
+for _ in $(seq 50); do [ -s "$DIR/dns.addr" ] && break; sleep 0.1; done
 cat > "$DIR/config/tambo.conf" <<CONF
 hostname = "bench.example.test"
 smtp_address = ["127.0.0.1:$PORT"]
@@ -36,6 +39,8 @@ max_queue_items = 100000
 runtime_dir = "$DIR/run"
 maildir = "$DIR/mail/%to_domain%/%to_user%"
 $TAMBO_USERS
+[testing]
+dns_server = "$(cat "$DIR/dns.addr")"
 CONF
 
 "$BIN/tambo" run --config_dir "$DIR/config" 2>"$DIR/logs/tambo.log" &
