@@ -90,12 +90,21 @@ printf '#!/bin/sh\necho "X-Spam-Score: 0"\n' > "$ROOT/hook/config/hooks/post-dat
 chmod 755 "$ROOT/hook/config/hooks/post-data"
 for n in off checks hook; do start "$n" "${BIN[$n]}"; done
 
-# run NAME: msg/s accepted, after the queue emptied from the last run.
+# Whether any server still has a queue item (queued's .lock stays).
+busy() {
+  for n in off checks hook; do
+    [ -n "$(find "$ROOT/$n/data/queue" -name 'm:*' -print -quit 2>/dev/null)" ] && return 0
+  done
+  return 1
+}
+
+# run NAME: msg/s accepted, once every server's queue is empty (no
+# delivery of an earlier run competes for the CPU).
 run() {
-  local dir=$ROOT/$1 s e
-  while [ -n "$(ls -A "$dir/data/queue" 2>/dev/null)" ]; do sleep 0.05; done
+  local s e
+  while busy; do sleep 0.05; done
   s=$(date +%s.%N)
-  smtp-source -s "$SESSIONS" -m "$MESSAGES" -l 1024 -f "sender@$SENDER_DOMAIN" -t ann@example.test "127.0.0.1:${PORT[$1]}"
+  smtp-source -s "$SESSIONS" -m "$MESSAGES" -l 1024 -f "sender@$SENDER_DOMAIN" -t ann@example.test "127.0.0.1:${PORT[$1]}" >&2 || { echo "smtp-source failed against $1" >&2; exit 1; }
   e=$(date +%s.%N)
   awk -v s="$s" -v e="$e" -v m="$MESSAGES" 'BEGIN {printf "%.1f", m / (e - s)}'
 }
@@ -103,7 +112,7 @@ run() {
 declare -A RESULTS
 for r in $(seq "$ROUNDS"); do
   for n in off checks hook; do
-    v=$(run "$n")
+    v=$(run "$n") || exit 1
     RESULTS[$n]="${RESULTS[$n]:-} $v"
     echo "round $r $n: $v msg/s"
   done
@@ -115,5 +124,12 @@ for n in off checks hook; do
   m=$(echo "${RESULTS[$n]}" | median)
   awk -v n="$n" -v m="$m" -v o="$off" 'BEGIN {printf "%-7s %7.1f msg/s  %.2fx off\n", n, m, m / o}'
 done
-delivered=$(ls "$ROOT/hook/mail/example.test/ann/new" | head -1)
-grep -q '^X-Spam-Score: 0' "$ROOT/hook/mail/example.test/ann/new/$delivered" && echo "hook: X-Spam-Score present in the delivered mail"
+while busy; do sleep 0.05; done
+for n in off checks hook; do
+  got=$(find "$ROOT/$n/mail/example.test/ann/new" -type f | wc -l)
+  want=$((ROUNDS * MESSAGES))
+  [ "$got" = "$want" ] || { echo "$n delivered $got messages, not $want" >&2; exit 1; }
+done
+echo "every server delivered all $((ROUNDS * MESSAGES)) messages"
+one=$(find "$ROOT/hook/mail/example.test/ann/new" -type f -print -quit)
+grep -q '^X-Spam-Score: 0' "$one" && echo "hook: X-Spam-Score present in the delivered mail"

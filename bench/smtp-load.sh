@@ -52,7 +52,7 @@ done
 start=$(date +%s.%N)
 smtp-source -s "$SESSIONS" -m "$MESSAGES" -l 1024 -f sender@remote.example -t ann@example.test "127.0.0.1:$PORT"
 accepted=$(date +%s.%N)
-while [ -n "$(ls -A "$DIR/data/queue" 2>/dev/null)" ]; do sleep 0.05; done
+while [ -n "$(find "$DIR/data/queue" -name 'm:*' -print -quit 2>/dev/null)" ]; do sleep 0.05; done
 drained=$(date +%s.%N)
 delivered=$(ls "$DIR/mail/example.test/ann/new" | wc -l)
 

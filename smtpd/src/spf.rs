@@ -430,9 +430,15 @@ pub fn received_spf(report: &SpfReport, info: &HeaderInfo<'_>) -> String {
     if !reason.is_empty() {
         h.push_str(&format!(" ({reason})"));
     }
+    // An IPv6 address is not a dot-atom (RFC 7208 §9.1's grammar): quoted.
+    let ip = info.client.to_canonical();
+    let ip = if ip.is_ipv6() {
+        format!("\"{ip}\"")
+    } else {
+        ip.to_string()
+    };
     h.push_str(&format!(
-        "\r\n\tclient-ip={}; envelope-from={};",
-        info.client.to_canonical(),
+        "\r\n\tclient-ip={ip}; envelope-from={};",
         quoted(info.sender)
     ));
     if let Some(helo) = info.helo.filter(|h| !h.is_empty()) {

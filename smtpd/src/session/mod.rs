@@ -381,6 +381,10 @@ impl Session {
             Some((first, rest)) if is_enhanced_code(first, enhanced) => {
                 self.reply(code, first, rest.trim_start())
             }
+            // A line that is only a code: that code, and the generic text.
+            None if is_enhanced_code(&text, enhanced) => {
+                self.reply(code, &text, "Rejected by local policy")
+            }
             _ => self.reply(code, enhanced, &text),
         }
     }
@@ -477,13 +481,42 @@ fn hook_text(text: &str) -> String {
         .to_string()
 }
 
-/// Whether `word` is an enhanced status code (RFC 3463) of the same class
-/// as `ours`.
+/// Whether `word` is an enhanced status code (RFC 3463: class 2, 4 or 5,
+/// subject and detail of 1 to 3 digits) of the same class as `ours`.
 fn is_enhanced_code(word: &str, ours: &str) -> bool {
     let parts: Vec<&str> = word.split('.').collect();
+    let digits = |p: &str, max: usize| {
+        !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit())
+    };
     parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
-        && word.as_bytes().first() == ours.as_bytes().first()
+        && matches!(parts[0], "2" | "4" | "5")
+        && digits(parts[1], 3)
+        && digits(parts[2], 3)
+        && ours.starts_with(parts[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{hook_text, is_enhanced_code};
+
+    #[test]
+    fn a_hook_line_keeps_its_own_code_only_of_our_class() {
+        assert!(is_enhanced_code("5.7.1", "5.7.1"));
+        assert!(is_enhanced_code("5.1.10", "5.7.1"));
+        assert!(is_enhanced_code("4.7.0", "4.7.1"));
+        for bad in [
+            "4.7.1", "55.1.1", "500.0.0", "5.7", "5.7.1.2", "5..1", "5.1234.1", "x.7.1", "3.1.1",
+        ] {
+            assert!(!is_enhanced_code(bad, "5.7.1"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hook_text_is_safe_on_the_wire() {
+        assert_eq!(hook_text(" go\r\naway\u{7f} é "), "go??away? ?");
+        assert_eq!(
+            hook_text(&"x".repeat(1000)).len(),
+            tambo_proto::submit::MAX_HOOK_TEXT
+        );
+    }
 }

@@ -117,7 +117,8 @@ fn v4_mapped_clients_show_as_v4() {
     assert!(h.contains("client-ip=192.0.2.7;"), "{h}");
     i.client = "2001:db8::1".parse().unwrap();
     let h = received_spf(&report(SpfResult::Pass, ""), &i);
-    assert!(h.contains("client-ip=2001:db8::1;"), "{h}");
+    // Not a dot-atom: quoted (RFC 7208 §9.1).
+    assert!(h.contains("client-ip=\"2001:db8::1\";"), "{h}");
 }
 
 #[test]
