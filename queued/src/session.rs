@@ -313,16 +313,11 @@ impl Session {
         if signing || checking {
             drop(writer);
         } else {
-            let r = tokio::task::spawn_blocking(move || writer.finish()).await;
-            if let Err(e) = r
-                .map_err(|e| std::io::Error::other(e.to_string()))
-                .and_then(|r| r)
+            if let Err(reply) = self
+                .spool_io(&id, "sync the message body", move || writer.finish())
+                .await
             {
-                tracing::error!(%id, "cannot sync the message body: {e}");
-                self.queue.release_id(&id);
-                return Ok(SubmitReply::Failed {
-                    reason: format!("queue write failed: {e}"),
-                });
+                return Ok(reply);
             }
             synced = true;
         }
@@ -343,16 +338,12 @@ impl Session {
                 }
                 postdata::AfterData::Accept(prefix) if !prefix.is_empty() => {
                     let (spool, id2) = (self.queue.spool.clone(), id.clone());
-                    let r = tokio::task::spawn_blocking(move || spool.prepend(&id2, &prefix)).await;
-                    if let Err(e) = r
-                        .map_err(|e| std::io::Error::other(e.to_string()))
-                        .and_then(|r| r)
+                    let add = move || spool.prepend(&id2, &prefix);
+                    if let Err(reply) = self
+                        .spool_io(&id, "add the checks' headers to the message", add)
+                        .await
                     {
-                        tracing::error!(%id, "cannot add the checks' headers to the message: {e}");
-                        self.queue.release_id(&id);
-                        return Ok(SubmitReply::Failed {
-                            reason: format!("queue write failed: {e}"),
-                        });
+                        return Ok(reply);
                     }
                     synced = true;
                 }
@@ -361,16 +352,9 @@ impl Session {
         }
         if !synced {
             let (spool, id2) = (self.queue.spool.clone(), id.clone());
-            let r = tokio::task::spawn_blocking(move || spool.sync_body(&id2)).await;
-            if let Err(e) = r
-                .map_err(|e| std::io::Error::other(e.to_string()))
-                .and_then(|r| r)
-            {
-                tracing::error!(%id, "cannot sync the message body: {e}");
-                self.queue.release_id(&id);
-                return Ok(SubmitReply::Failed {
-                    reason: format!("queue write failed: {e}"),
-                });
+            let sync = move || spool.sync_body(&id2);
+            if let Err(reply) = self.spool_io(&id, "sync the message body", sync).await {
+                return Ok(reply);
             }
         }
         let client = self.client.clone().unwrap_or_default();
@@ -426,6 +410,28 @@ impl Session {
             tracing::info!(client = ?self.client, "security level check failed for {domain}: {} in plain text after TLS", from.escape_debug());
         }
         ok
+    }
+
+    /// Runs a blocking write to the spooled message `id`. On failure: one
+    /// log line saying what could not be done, the ID given back, and the
+    /// reply for smtpd (451 4.3.0).
+    async fn spool_io(
+        &self,
+        id: &str,
+        what: &str,
+        io: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), SubmitReply> {
+        let r = tokio::task::spawn_blocking(io)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r);
+        r.map_err(|e| {
+            tracing::error!(%id, "cannot {what}: {e}");
+            self.queue.release_id(id);
+            SubmitReply::Failed {
+                reason: format!("queue write failed: {e}"),
+            }
+        })
     }
 
     /// Whether mail from `from` gets signed: its domain has keys.
