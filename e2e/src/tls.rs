@@ -288,3 +288,21 @@ pub fn hash(password: &str) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Submits `body` as the authenticated `user` (submission port, STARTTLS,
+/// AUTH PLAIN), from `user` to `to`; the final reply's code.
+pub fn submit_as(addr: SocketAddr, user: &str, password: &str, to: &[&str], body: &[u8]) -> u16 {
+    let mut c = TlsSmtp::connect(addr);
+    c.expect("EHLO client.test", 250);
+    c.starttls("mx.example.test");
+    c.expect("EHLO client.test", 250);
+    c.expect(&format!("AUTH PLAIN {}", plain(user, password)), 235);
+    c.expect(&format!("MAIL FROM:<{user}>"), 250);
+    for r in to {
+        c.expect(&format!("RCPT TO:<{r}>"), 250);
+    }
+    c.expect("DATA", 354);
+    c.send_raw(body);
+    c.send_raw(b".\r\n");
+    c.reply().code
+}

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use tambo_e2e::dns::TestDns;
-use tambo_e2e::tls::{TlsSmtp, hash, plain};
+use tambo_e2e::tls::{TlsSmtp, hash, submit_as};
 use tambo_e2e::{DOMAIN, Tambo, message};
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -239,20 +239,15 @@ fn the_added_headers_come_in_reference_order() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let mut c = TlsSmtp::connect(t.submission_addr());
-    c.expect("EHLO client.test", 250);
-    c.starttls("mx.example.test");
-    c.expect("EHLO client.test", 250);
-    c.expect(
-        &format!("AUTH PLAIN {}", plain("ann@example.test", PASSWORD)),
-        235,
+    let body = message("authenticated", "hi\r\n");
+    let code = submit_as(
+        t.submission_addr(),
+        "ann@example.test",
+        PASSWORD,
+        &["ann@example.test"],
+        &body,
     );
-    c.expect("MAIL FROM:<ann@example.test>", 250);
-    c.expect("RCPT TO:<ann@example.test>", 250);
-    c.expect("DATA", 354);
-    c.send_raw(&message("authenticated", "hi\r\n"));
-    c.send_raw(b".\r\n");
-    assert_eq!(c.reply().code, 250);
+    assert_eq!(code, 250);
     let m = text(&t.wait_maildir_in(DOMAIN, "ann", 1)[0]);
     assert_eq!(
         &field_names(&m)[..4],

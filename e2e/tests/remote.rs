@@ -13,7 +13,7 @@ use tambo_e2e::ca::TestCa;
 use tambo_e2e::dns::{TestDns, random_loopback};
 use tambo_e2e::https::{PolicyResponse, PolicyServer};
 use tambo_e2e::pymx::{MxOpts, PYTHON, PyMx};
-use tambo_e2e::tls::{TlsSmtp, hash, plain};
+use tambo_e2e::tls::{hash, submit_as};
 use tambo_e2e::*;
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -81,22 +81,7 @@ impl World {
 /// Sends a message as the authenticated ann@example.test (submission,
 /// STARTTLS, AUTH PLAIN); returns the final reply's code.
 fn submit(t: &Tambo, to: &[&str], body: &[u8]) -> u16 {
-    let mut c = TlsSmtp::connect(t.submission_addr());
-    c.expect("EHLO client.test", 250);
-    c.starttls("mx.example.test");
-    c.expect("EHLO client.test", 250);
-    c.expect(
-        &format!("AUTH PLAIN {}", plain("ann@example.test", PASSWORD)),
-        235,
-    );
-    c.expect("MAIL FROM:<ann@example.test>", 250);
-    for r in to {
-        c.expect(&format!("RCPT TO:<{r}>"), 250);
-    }
-    c.expect("DATA", 354);
-    c.send_raw(body);
-    c.send_raw(b".\r\n");
-    c.reply().code
+    submit_as(t.submission_addr(), "ann@example.test", PASSWORD, to, body)
 }
 
 fn text(m: &[u8]) -> String {
