@@ -74,13 +74,7 @@ CONF
 
 # start NAME BIN_DIR
 start() {
-  "$2/tambo" run --config_dir "$ROOT/$1/config" 2>"$ROOT/$1/logs/tambo.log" &
-  for _ in $(seq 100); do
-    grep -q "smtpd listening" "$ROOT/$1/logs/tambo.log" && grep -q "connected to queued" "$ROOT/$1/logs/tambo.log" && return
-    sleep 0.1
-  done
-  echo "tambo $1 did not start; see $ROOT/$1/logs/tambo.log" >&2
-  exit 1
+  tambo_start "$2" "$ROOT/$1/config" "$ROOT/$1/logs/tambo.log"
 }
 
 declare -A PORT=([off]=32725 [checks]=32726 [hook]=32727) BIN=([off]=$BASE [checks]=$NEW [hook]=$NEW)

@@ -29,3 +29,16 @@ pss() {
   done
   echo "$total"
 }
+
+# tambo_start BIN_DIR CONFIG_DIR LOG: `tambo run` in the background, once
+# smtpd listens and deliverd is connected; exits the script if it does not
+# come up.
+tambo_start() {
+  "$1/tambo" run --config_dir "$2" 2>"$3" &
+  for _ in $(seq 100); do
+    grep -q "smtpd listening" "$3" && grep -q "connected to queued" "$3" && return 0
+    sleep 0.1
+  done
+  echo "tambo did not start; see $3" >&2
+  exit 1
+}

@@ -52,13 +52,7 @@ CONF
 }
 
 start() {
-  "$BIN/tambo" run --config_dir "$ROOT/$1/config" 2>"$ROOT/$1/logs/tambo.log" &
-  for _ in $(seq 100); do
-    grep -q "smtpd listening" "$ROOT/$1/logs/tambo.log" && grep -q "connected to queued" "$ROOT/$1/logs/tambo.log" && return
-    sleep 0.1
-  done
-  echo "tambo $1 did not start; see $ROOT/$1/logs/tambo.log" >&2
-  exit 1
+  tambo_start "$BIN" "$ROOT/$1/config" "$ROOT/$1/logs/tambo.log"
 }
 
 connections() {
