@@ -203,10 +203,60 @@ pub fn nofile_limit() -> u64 {
         .unwrap_or(1024)
 }
 
-/// Gives up root for `role`'s user: supplementary groups (the socket group
-/// if it exists), gid, uid, then no_new_privs, so nothing this process
-/// runs can regain privileges. A no-op when not root. Call it before the
-/// runtime starts its threads.
+/// Before [`drop_privileges`]: makes `dirs` (created if missing, mode
+/// 0700) and everything in them belong to `role`'s user, so the daemon
+/// can still use its state once it is not root — also state an earlier
+/// run left as root's. `data_dir`, their parent, is made traversable
+/// (0711) if root owns it. Symbolic links are neither followed nor
+/// changed. A no-op when not root or when the role's user is root.
+pub fn own_state_dirs(
+    role: Role,
+    ids: &Identities,
+    data_dir: &std::path::Path,
+    dirs: &[std::path::PathBuf],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !nix::unistd::geteuid().is_root() || ids.is_development() {
+        return Ok(());
+    }
+    let Some(account) = ids.account(role) else {
+        return Ok(());
+    };
+    if account.uid == 0 {
+        return Ok(());
+    }
+    crate::safeio::create_dir_all_durable(data_dir, 0o711)?;
+    let meta = std::fs::symlink_metadata(data_dir)?;
+    if meta.uid() == 0 && meta.mode() & 0o001 == 0 {
+        let mode = (meta.mode() & 0o7777) | 0o111;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode))?;
+    }
+    for dir in dirs {
+        crate::safeio::create_dir_all_durable(dir, 0o700)?;
+        chown_tree(dir, account.uid, account.gid)?;
+    }
+    Ok(())
+}
+
+/// `lchown` of `path` and, if it is a real directory, of everything under
+/// it; links are changed themselves, never followed.
+fn chown_tree(path: &std::path::Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives up root for `role`'s user: every capability out of the bounding,
+/// inheritable and ambient sets (while root may still drop them), the
+/// supplementary groups (the socket group if it exists), gid, uid — which
+/// empties the permitted and effective sets — then no_new_privs, so
+/// nothing this process runs can regain privileges; every set is checked
+/// empty afterwards. A no-op when not root. Call it before the runtime
+/// starts its threads.
 pub fn drop_privileges(role: Role, ids: &Identities) -> std::io::Result<()> {
     use nix::unistd::{Gid, Uid, getresgid, getresuid, setgroups, setresgid, setresuid};
     if !nix::unistd::geteuid().is_root() || ids.is_development() {
@@ -222,6 +272,16 @@ pub fn drop_privileges(role: Role, ids: &Identities) -> std::io::Result<()> {
     let group =
         tambo_proto::identity::lookup_group(crate::sockets::SOCKET_GROUP).unwrap_or(account.gid);
     let (uid, gid) = (Uid::from_raw(account.uid), Gid::from_raw(account.gid));
+    // The bounding set needs CAP_SETPCAP to shrink: before the uid change.
+    for set in [
+        caps::CapSet::Bounding,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Ambient,
+    ] {
+        caps::clear(None, set).map_err(|e| {
+            std::io::Error::other(format!("cannot clear the {set:?} capabilities: {e}"))
+        })?;
+    }
     setgroups(&[Gid::from_raw(group)]).map_err(std::io::Error::from)?;
     setresgid(gid, gid, gid).map_err(std::io::Error::from)?;
     setresuid(uid, uid, uid).map_err(std::io::Error::from)?;
@@ -231,6 +291,23 @@ pub fn drop_privileges(role: Role, ids: &Identities) -> std::io::Result<()> {
         return Err(std::io::Error::other("credentials did not change"));
     }
     nix::sys::prctl::set_no_new_privs().map_err(std::io::Error::from)?;
+    for set in [
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Ambient,
+        caps::CapSet::Bounding,
+    ] {
+        match caps::read(None, set) {
+            Ok(c) if c.is_empty() => {}
+            Ok(c) => {
+                return Err(std::io::Error::other(format!(
+                    "capabilities left in the {set:?} set: {c:?}"
+                )));
+            }
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        }
+    }
     // A change of credentials clears the parent-death signal: ask again,
     // or a killed supervisor would leave this daemon running.
     if follow_supervisor().is_err() {

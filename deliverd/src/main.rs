@@ -56,10 +56,17 @@ fn main() -> ExitCode {
             "cannot start a session of its own ({e}); the supervisor may not find what deliverd leaves behind if it dies"
         );
     }
-    if nix::unistd::geteuid().is_root() {
-        tracing::warn!(
-            "deliverd runs as root until privilege separation lands: MDA and pipe commands run as root"
-        );
+    // Its one piece of state, the MTA-STS cache, stays its own once it is
+    // not root; then root goes, before any thread or program starts: the
+    // MDA, pipe commands and hooks run as deliverd's user.
+    let state = [cfg.sts_cache_dir()];
+    if let Err(e) = daemon::own_state_dirs(Role::Deliverd, &ids, &cfg.data_dir, &state) {
+        return daemon::startup_failed(format!(
+            "cannot give the MTA-STS cache to deliverd's user: {e}"
+        ));
+    }
+    if let Err(e) = daemon::drop_privileges(Role::Deliverd, &ids) {
+        return daemon::startup_failed(format!("cannot drop privileges: {e}"));
     }
     let rt = match daemon::runtime(None) {
         Ok(rt) => rt,

@@ -29,6 +29,9 @@ fn tambo_dev_runs_and_delivers() {
     let state = dir.path().join("state");
     // The senders' SPF is looked up: here, never in the real DNS.
     let dns = tambo_e2e::dns::TestDns::start();
+    // The submitted message's remote domain stays unreachable for now (not
+    // NXDOMAIN, which would bounce it before the test sees it queued).
+    dns.servfail("example.com");
     let mut dev = Command::new(bin_dir().join("tambo"))
         .arg("dev")
         .arg("--state_dir")

@@ -55,8 +55,12 @@ fn main() -> ExitCode {
         ids,
         mut sockets,
     } = started;
-    if nix::unistd::geteuid().is_root() {
-        tracing::warn!("queued runs as root until privilege separation lands");
+    // Its state must stay its own once it is not root (DESIGN §1).
+    let state = [cfg.queue_dir(), cfg.domaininfo_dir()];
+    if let Err(e) = daemon::own_state_dirs(Role::Queued, &ids, &cfg.data_dir, &state) {
+        return daemon::startup_failed(format!(
+            "cannot give the queue directories to queued's user: {e}"
+        ));
     }
     let cfg = Arc::new(cfg);
     let domains = match Domains::load(&cfg) {
@@ -144,6 +148,11 @@ fn main() -> ExitCode {
             ));
         }
     };
+    // Everything below runs as queued's user: the config files it reloads
+    // (users, aliases, certificates) must be readable by it.
+    if let Err(e) = daemon::drop_privileges(Role::Queued, &ids) {
+        return daemon::startup_failed(format!("cannot drop privileges: {e}"));
+    }
     let rt = match daemon::runtime(None) {
         Ok(rt) => rt,
         Err(code) => return code,

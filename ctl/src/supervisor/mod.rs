@@ -209,8 +209,8 @@ pub async fn serve(p: Prepared) -> ExitCode {
     }
     tracing::info!("{}", p.ids.describe());
     if nix::unistd::geteuid().is_root() {
-        tracing::warn!(
-            "running as root: smtpd and monitord drop to their users, but queued and deliverd stay root until privilege separation lands, so deliverd's children (the MDA and pipe commands) run as root"
+        tracing::info!(
+            "running as root: each daemon drops to its own user, with no capabilities and no_new_privs (a role whose user is root stays root, and says so)"
         );
     } else {
         tracing::info!(

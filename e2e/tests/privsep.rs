@@ -1,0 +1,244 @@
+//! Privilege separation as `tambo run` does it when started as root
+//! (DESIGN §1): each daemon under its own system user, with every
+//! capability set empty (the bounding set included) and no_new_privs; mail
+//! still flows end to end; and code running inside deliverd's role (a
+//! hook) cannot read what only queued may.
+//!
+//! The test creates the four system users it needs and removes them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tambo_e2e::*;
+
+/// System users made for one test, removed when it ends.
+struct SystemUsers(Vec<(String, u32, u32)>);
+
+impl SystemUsers {
+    fn create(names: &[String]) -> Self {
+        let mut made = SystemUsers(Vec::new());
+        for n in names {
+            let ok = Command::new("useradd")
+                .args(["--system", "--user-group", "--no-create-home"])
+                .args(["--shell", "/usr/sbin/nologin", n])
+                .status()
+                .expect("useradd");
+            assert!(ok.success(), "useradd {n}");
+            let u = nix::unistd::User::from_name(n).unwrap().unwrap();
+            made.0.push((n.clone(), u.uid.as_raw(), u.gid.as_raw()));
+        }
+        made
+    }
+
+    fn get(&self, i: usize) -> (u32, u32) {
+        (self.0[i].1, self.0[i].2)
+    }
+}
+
+impl Drop for SystemUsers {
+    fn drop(&mut self) {
+        for (n, _, _) in &self.0 {
+            let _ = Command::new("userdel").arg(n).status();
+        }
+    }
+}
+
+/// `tambo run`, stopped when the test ends.
+struct Run(Child);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
+        let _ = wait_for("tambo run to stop", || self.0.try_wait().ok().flatten());
+    }
+}
+
+/// The pid of `daemon` from the supervisor's `started <daemon> (pid N)`.
+fn pid_of(t: &Tambo, daemon: &str) -> i32 {
+    let marker = format!("started {daemon} (pid ");
+    let line = t.wait_log("tambo", &marker);
+    line[line.find(&marker).unwrap() + marker.len()..]
+        .trim_end_matches(')')
+        .parse()
+        .unwrap()
+}
+
+/// The value of `field` in /proc/PID/status.
+fn status(pid: i32, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+    if std::fs::symlink_metadata(path).unwrap().is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            chown_tree(&e.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+#[test]
+fn every_daemon_runs_as_its_own_user_with_nothing_more_and_mail_flows() {
+    if !is_root() {
+        eprintln!("skipped: needs root to create users and drop to them (CI is root)");
+        return;
+    }
+    let tag = std::process::id() % 100_000;
+    let names: Vec<String> = ["s", "q", "d", "m"]
+        .iter()
+        .map(|r| format!("tt{tag}{r}"))
+        .collect();
+    let users = SystemUsers::create(&names);
+    let t = Tambo::new("", "", "");
+    // The roles' users instead of the harness's.
+    let conf = std::fs::read_to_string(t.config_dir.join("tambo.conf")).unwrap();
+    let ours = format!(
+        "smtpd_user = \"{}\"\nqueued_user = \"{}\"\ndeliverd_user = \"{}\"\nmonitord_user = \"{}\"\n",
+        names[0], names[1], names[2], names[3]
+    );
+    std::fs::write(
+        t.config_dir.join("tambo.conf"),
+        conf.replace(&role_users(), &ours),
+    )
+    .unwrap();
+    let (queue_uid, queue_gid) = users.get(1);
+    let (deliver_uid, deliver_gid) = users.get(2);
+    // As a package installs it: the config is queued's to read (keys and
+    // users files only for it), tambo.conf for everyone; the Maildirs are
+    // deliverd's.
+    chown_tree(&t.config_dir, queue_uid, queue_gid);
+    std::fs::set_permissions(
+        t.config_dir.join("tambo.conf"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::set_permissions(&t.config_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        t.config_dir.join("certs/mx/privkey.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::create_dir_all(&t.mail_dir).unwrap();
+    chown_tree(&t.mail_dir, deliver_uid, deliver_gid);
+    // A hook runs inside deliverd's role: it plays the attacker, and says
+    // what it could do in a directory of its own.
+    let out = t.dir.path().join("attacker");
+    std::fs::create_dir(&out).unwrap();
+    chown_tree(&out, deliver_uid, deliver_gid);
+    let hooks = t.config_dir.join("hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    std::fs::set_permissions(&hooks, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        hooks.join("post-data"),
+        format!(
+            "#!/bin/sh\nexec > {out}/report 2>&1\necho \"uid=$(id -u)\"\nls {queue} && echo 'read the queue: yes'\ncat {key} > /dev/null && echo 'read the TLS key: yes'\ntouch {queue}/planted && echo 'wrote the queue: yes'\necho done\n",
+            out = out.display(),
+            queue = t.data_dir.join("queue").display(),
+            key = t.config_dir.join("certs/mx/privkey.pem").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        hooks.join("post-data"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+
+    let log = std::fs::File::create(t.log_path("tambo")).unwrap();
+    let _run = Run(Command::new(bin_dir().join("tambo"))
+        .arg("run")
+        .arg("--config_dir")
+        .arg(&t.config_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .env("TAMBO_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .spawn()
+        .unwrap());
+    t.wait_log("tambo", "all daemons are ready");
+
+    for (i, daemon) in [
+        "tambo-smtpd",
+        "tambo-queued",
+        "tambo-deliverd",
+        "tambo-monitord",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let pid = pid_of(&t, daemon);
+        let (uid, gid) = users.get(i);
+        let want_uid = format!("{uid}\t{uid}\t{uid}\t{uid}");
+        let want_gid = format!("{gid}\t{gid}\t{gid}\t{gid}");
+        assert_eq!(status(pid, "Uid"), want_uid, "{daemon}");
+        assert_eq!(status(pid, "Gid"), want_gid, "{daemon}");
+        assert_eq!(status(pid, "NoNewPrivs"), "1", "{daemon}");
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(status(pid, caps), "0000000000000000", "{daemon} {caps}");
+        }
+    }
+
+    // Mail flows end to end with every daemon dropped.
+    let mut c = Smtp::connect(t.listener("tambo", "SMTP"));
+    c.expect("EHLO client.test", 250);
+    c.expect("MAIL FROM:<x@remote.example>", 250);
+    c.expect("RCPT TO:<ann@example.test>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(&message("privsep", "hello\r\n"));
+    c.send_raw(b".\r\n");
+    assert_eq!(c.reply().code, 250);
+    let new = t.mail_dir.join(DOMAIN).join("ann").join("new");
+    let file = wait_for("the message in ann's Maildir", || {
+        std::fs::read_dir(&new).ok()?.next()?.ok().map(|e| e.path())
+    });
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().uid(), deliver_uid);
+    // The queue and domaininfo are queued's alone, the MTA-STS cache
+    // deliverd's.
+    for (dir, uid) in [
+        ("queue", queue_uid),
+        ("domaininfo", queue_uid),
+        ("sts-cache", deliver_uid),
+    ] {
+        let m = std::fs::metadata(t.data_dir.join(dir)).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o777), (uid, 0o700), "{dir}");
+    }
+
+    // What the hook, inside deliverd's role, could do.
+    let report = wait_for("the hook's report", || {
+        std::fs::read_to_string(out.join("report"))
+            .ok()
+            .filter(|r| r.contains("done"))
+    });
+    assert!(report.contains(&format!("uid={deliver_uid}")), "{report}");
+    assert!(!report.contains(": yes"), "{report}");
+    assert!(report.matches("Permission denied").count() >= 3, "{report}");
+    assert!(!t.data_dir.join("queue/planted").exists());
+
+    // Counters reached monitord (which runs as a user of its own too).
+    let http = {
+        let marker = "monitoring listening on ";
+        let line = t.wait_log("tambo", marker);
+        line[line.find(marker).unwrap() + marker.len()..]
+            .trim_start_matches("http://")
+            .split(|c: char| c.is_whitespace() || c == '/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    wait_for("chasquid/queue/putCount = 1 in monitord", || {
+        let (_, _, body) = http_get(http, "/debug/vars");
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (v["chasquid/queue/putCount"].as_u64() == Some(1)).then_some(())
+    });
+}
