@@ -14,6 +14,7 @@
 //! - [`loglimit`]: at most one log line a second per kind of event a peer
 //!   can cause.
 //! - [`sockets`]: the IPC sockets, who may connect to each, binding them.
+//! - [`sandbox`]: what each role may still do (Landlock, seccomp).
 //! - [`build`]: version and build time; [`daemon`]: the startup sequence,
 //!   signals and accept loops every daemon shares.
 //! - `dkimkey` (feature `dkim`, for queued and the CLI only): the DKIM key
@@ -41,5 +42,6 @@ pub mod duration;
 pub mod lockfile;
 pub mod loglimit;
 pub mod safeio;
+pub mod sandbox;
 pub mod sockets;
 pub mod users;

@@ -187,6 +187,14 @@ fn every_daemon_runs_as_its_own_user_with_nothing_more_and_mail_flows() {
         }
     }
 
+    // And each but deliverd locked itself down (this kernel has Landlock).
+    for role in ["smtpd", "queued", "monitord"] {
+        t.wait_log(
+            "tambo",
+            &format!("{role}: locked down (Landlock fully enforced, seccomp on)"),
+        );
+    }
+
     // Mail flows end to end with every daemon dropped.
     let mut c = Smtp::connect(t.listener("tambo", "SMTP"));
     c.expect("EHLO client.test", 250);
@@ -241,4 +249,86 @@ fn every_daemon_runs_as_its_own_user_with_nothing_more_and_mail_flows() {
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
         (v["chasquid/queue/putCount"].as_u64() == Some(1)).then_some(())
     });
+}
+
+/// Runs `tambo-test-peer attack`: locked down as `role` on `t`'s config,
+/// it tries each attempt; what each gave, by attempt.
+fn attack(t: &Tambo, role: &str, attempts: &[String]) -> std::collections::HashMap<String, String> {
+    let out = Command::new(bin_dir().join("tambo-test-peer"))
+        .arg("attack")
+        .arg(role)
+        .arg(&t.config_dir)
+        .args(attempts)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{role}: {text}");
+    text.lines()
+        .filter_map(|l| l.rsplit_once(": "))
+        .map(|(a, r)| (a.to_string(), r.to_string()))
+        .collect()
+}
+
+#[test]
+fn a_compromised_smtpd_queued_or_monitord_cannot_leave_its_role() {
+    // The sandbox binds root too: no other user is needed to show it.
+    let t = Tambo::default_setup();
+    let queue = t.data_dir.join("queue");
+    std::fs::create_dir_all(&queue).unwrap();
+    std::fs::write(queue.join("m:item"), "{}").unwrap();
+    // Something listening, so a refused connection is the sandbox's doing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = format!("tcp:{}", listener.local_addr().unwrap());
+    let p = |what: &str, path: &Path| format!("{what}:{}", path.display());
+    let key = t.config_dir.join("certs/mx/privkey.pem");
+    let users = t.config_dir.join("domains").join(DOMAIN).join("users");
+    let tmp = t.dir.path().join("planted");
+    let attempts = vec![
+        p("open", &key),
+        p("open", &users),
+        p("list", &queue),
+        p("open", &queue.join("m:item")),
+        p("write", &queue.join("m:planted")),
+        p("write", &tmp),
+        p("open", Path::new("/etc/passwd")),
+        "exec:/bin/sh".to_string(),
+        tcp.clone(),
+        "udp".to_string(),
+        "open:/etc/localtime".to_string(),
+    ];
+    let denied = |r: &str| r == "EACCES" || r == "EPERM";
+
+    // smtpd: no file but the time zone, no exec, TCP only to DNS.
+    let r = attack(&t, "smtpd", &attempts);
+    for a in &attempts[..8] {
+        assert!(denied(&r[a]), "smtpd {a}: {}", r[a]);
+    }
+    assert_eq!(r[&tcp], "EACCES", "smtpd connects only to DNS servers");
+    assert_eq!(r["udp"], "ok", "smtpd resolves (UDP)");
+    assert_eq!(r["exec:/bin/sh"], "EPERM");
+    assert_eq!(r["open:/etc/localtime"], "ok");
+
+    // queued: its config and data, nothing else; no exec, no network.
+    let r = attack(&t, "queued", &attempts);
+    for a in &attempts[..5] {
+        assert_eq!(r[a], "ok", "queued {a}");
+    }
+    for a in [
+        &attempts[5],
+        &attempts[6],
+        &attempts[7],
+        &tcp,
+        &"udp".to_string(),
+    ] {
+        assert!(denied(&r[a]), "queued {a}: {}", r[a]);
+    }
+    assert_eq!(r[&tcp], "EPERM", "no internet socket at all");
+
+    // monitord: nothing at all.
+    let r = attack(&t, "monitord", &attempts);
+    for a in attempts.iter().filter(|a| !a.ends_with("localtime")) {
+        assert!(denied(&r[a]), "monitord {a}: {}", r[a]);
+    }
+    // Only queued, in its own data directory, could write.
+    assert!(!tmp.exists());
 }

@@ -73,6 +73,9 @@ fn main() -> ExitCode {
     if let Err(e) = daemon::drop_privileges(Role::Monitord, &ids) {
         return daemon::startup_failed(format!("cannot drop privileges: {e}"));
     }
+    if let Err(e) = tambo_common::sandbox::lock_down(Role::Monitord, &cfg) {
+        return daemon::startup_failed(format!("cannot lock monitord down: {e}"));
+    }
     let rt = match daemon::runtime(Some(1)) {
         Ok(rt) => rt,
         Err(code) => return code,

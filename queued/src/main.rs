@@ -153,6 +153,9 @@ fn main() -> ExitCode {
     if let Err(e) = daemon::drop_privileges(Role::Queued, &ids) {
         return daemon::startup_failed(format!("cannot drop privileges: {e}"));
     }
+    if let Err(e) = tambo_common::sandbox::lock_down(Role::Queued, &cfg) {
+        return daemon::startup_failed(format!("cannot lock queued down: {e}"));
+    }
     let rt = match daemon::runtime(None) {
         Ok(rt) => rt,
         Err(code) => return code,

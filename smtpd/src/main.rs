@@ -76,8 +76,19 @@ fn main() -> ExitCode {
             cfg.file_path().display()
         ));
     }
+    // SPF at MAIL (REFERENCE §2.6), on the system's resolver (or the
+    // test's, `[testing] dns_server`): built here, since resolv.conf is
+    // out of reach once smtpd is locked down. One for all sessions, so they
+    // share the resolver's cache.
+    let resolver = match tambo_common::dns::resolver(&cfg) {
+        Ok(r) => r,
+        Err(e) => return daemon::startup_failed(e),
+    };
     if let Err(e) = daemon::drop_privileges(Role::Smtpd, &ids) {
         return daemon::startup_failed(format!("cannot drop privileges: {e}"));
+    }
+    if let Err(e) = tambo_common::sandbox::lock_down(Role::Smtpd, &cfg) {
+        return daemon::startup_failed(format!("cannot lock smtpd down: {e}"));
     }
     let rt = match daemon::runtime(None) {
         Ok(rt) => rt,
@@ -112,13 +123,7 @@ fn main() -> ExitCode {
             t.clone().refresh_until_ready().await;
             t.follow(period, hup).await;
         });
-        // SPF at MAIL (REFERENCE §2.6), on the system's resolver (or the
-        // test's, `[testing] dns_server`). One for all sessions, so they
-        // share the resolver's cache.
-        let spf = match tambo_common::dns::resolver(&cfg) {
-            Ok(r) => Arc::new(spf::SpfChecker::new(r)),
-            Err(e) => return daemon::startup_failed(e),
-        };
+        let spf = Arc::new(spf::SpfChecker::new(resolver));
         let sessions = server::Sessions::new(server::Caps {
             total: cfg.tambo.max_sessions,
             per_client: cfg.tambo.max_sessions_per_client,

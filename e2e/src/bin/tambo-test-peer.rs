@@ -19,6 +19,12 @@
 //!     them, or, given a role, a hello as that role. Prints "holding
 //!     <count>" once all are open at the same time, then "reopened <n>"
 //!     for every 1000 reopened.
+//! tambo-test-peer attack <role> <config_dir> <attempt>...
+//!     Locks itself down exactly as the daemon of <role> does (the same
+//!     `tambo_common::sandbox::lock_down` call on the same config), then
+//!     plays that daemon compromised: each attempt is `open:<path>`,
+//!     `list:<dir>`, `write:<path>`, `exec:<path>`, `tcp:<ip:port>` or
+//!     `udp`, and prints one line `<attempt>: ok` or `<attempt>: <ERRNO>`.
 //! ```
 #![forbid(unsafe_code)]
 
@@ -183,8 +189,48 @@ async fn serve(socket: &Path, me: Role, marker: &Path) {
     }
 }
 
+/// `attack`: lock down as `role`, then try each of `attempts`.
+fn attack(role: Role, config_dir: &Path, attempts: &[String]) {
+    let cfg = match tambo_common::config::Config::load(config_dir, None) {
+        Ok(c) => c.resolve_paths(),
+        Err(e) => {
+            println!("config: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = tambo_common::sandbox::lock_down(role, &cfg) {
+        println!("lock down: {e}");
+        std::process::exit(2);
+    }
+    for a in attempts {
+        let (what, arg) = a.split_once(':').unwrap_or((a.as_str(), ""));
+        let r: std::io::Result<()> = match what {
+            "open" => std::fs::File::open(arg).map(drop),
+            "list" => std::fs::read_dir(arg).map(drop),
+            "write" => std::fs::write(arg, b"planted"),
+            "exec" => std::process::Command::new(arg).status().map(drop),
+            "tcp" => std::net::TcpStream::connect(arg).map(drop),
+            "udp" => std::net::UdpSocket::bind("127.0.0.1:0").map(drop),
+            other => panic!("unknown attempt {other}"),
+        };
+        match r {
+            Ok(()) => println!("{a}: ok"),
+            Err(e) => match e.raw_os_error() {
+                Some(n) => println!("{a}: {:?}", nix::errno::Errno::from_raw(n)),
+                None => println!("{a}: {e}"),
+            },
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // Before any runtime thread: a Landlock domain covers the calling
+    // thread and its later children only.
+    if args.get(1).map(String::as_str) == Some("attack") && args.len() >= 4 {
+        attack(role(&args[2]), Path::new(&args[3]), &args[4..]);
+        return;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
