@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 # they authenticate against (Debian packages: `command:package`). dovecot
 # lives in /usr/sbin, which a normal user's PATH may lack.
 missing=()
-for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core; do
+# systemd-analyze, -sysusers and -tmpfiles check the units and the files
+# of packaging/ (they run on files, without a running systemd).
+for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd; do
   tool=${pair%%:*}
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("${pair#*:}")
 done
