@@ -238,13 +238,69 @@ pub fn own_state_dirs(
     Ok(())
 }
 
-/// `lchown` of `path` and, if it is a real directory, of everything under
-/// it; links are changed themselves, never followed.
+/// Gives `path` and, if it is a directory, everything under it to
+/// `uid:gid` — only what root owns (an earlier run as root left it) and
+/// only through a descriptor opened without following links, so what the
+/// check saw is what gets changed. Left alone, with a warning: links
+/// (never followed), files with more than one name (a hard link planted
+/// by a compromised earlier run could name /etc/shadow), anything owned by
+/// a third user.
 fn chown_tree(path: &std::path::Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-    if std::fs::symlink_metadata(path)?.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            chown_tree(&entry?.path(), uid, gid)?;
+    chown_at(path, path, uid, gid)
+}
+
+/// [`chown_tree`] of `path`, named `shown` in warnings. A directory's
+/// entries are reached through its open descriptor (`/proc/self/fd/N`),
+/// so a directory swapped for a link while this runs is never followed.
+fn chown_at(
+    path: &std::path::Path,
+    shown: &std::path::Path,
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            tracing::warn!(
+                "{}: a link in a state directory, left alone",
+                shown.display()
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    let owned = meta.uid() == uid && meta.gid() == gid;
+    if !owned {
+        if meta.uid() != 0 {
+            tracing::warn!(
+                "{}: owned by uid {}, left alone",
+                shown.display(),
+                meta.uid()
+            );
+            return Ok(());
+        }
+        if !meta.is_dir() && meta.nlink() > 1 {
+            tracing::warn!(
+                "{}: a file with {} names, left alone",
+                shown.display(),
+                meta.nlink()
+            );
+            return Ok(());
+        }
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+    }
+    if meta.is_dir() {
+        let dir = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        for entry in std::fs::read_dir(&dir)? {
+            let name = entry?.file_name();
+            chown_at(&dir.join(&name), &shown.join(&name), uid, gid)?;
         }
     }
     Ok(())
@@ -415,4 +471,39 @@ fn follow_supervisor() -> Result<(), ExitCode> {
         return Err(ExitCode::FAILURE);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod chown_tests {
+    use super::chown_tree;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn only_roots_single_named_files_change_hands_and_links_are_not_followed() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: chown needs root (CI is root)");
+            return;
+        }
+        let (uid, gid) = (65534, 65534);
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("shadow");
+        std::fs::write(&secret, "root's").unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let d = state.path();
+        std::fs::write(d.join("item"), "x").unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/body"), "x").unwrap();
+        std::fs::hard_link(&secret, d.join("planted-hard")).unwrap();
+        std::os::unix::fs::symlink(&secret, d.join("planted-soft")).unwrap();
+        std::fs::write(d.join("theirs"), "x").unwrap();
+        std::os::unix::fs::chown(d.join("theirs"), Some(1), Some(1)).unwrap();
+        chown_tree(d, uid, gid).unwrap();
+        let owner = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().uid();
+        assert_eq!(owner(d), uid);
+        assert_eq!(owner(&d.join("item")), uid);
+        assert_eq!(owner(&d.join("sub/body")), uid);
+        assert_eq!(owner(&secret), 0, "a hard link's target stays root's");
+        assert_eq!(owner(&d.join("planted-soft")), 0, "the link is left alone");
+        assert_eq!(owner(&d.join("theirs")), 1);
+    }
 }
