@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 # lives in /usr/sbin, which a normal user's PATH may lack.
 missing=()
 # systemd-analyze, -sysusers and -tmpfiles check the units and the files
-# of packaging/ (they run on files, without a running systemd).
-for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd; do
+# of packaging/ (they run on files, without a running systemd); man renders
+# the man pages the Debian package ships.
+for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd man:man-db; do
   tool=${pair%%:*}
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("${pair#*:}")
 done

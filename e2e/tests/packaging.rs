@@ -163,3 +163,98 @@ fn sysusers_and_tmpfiles_give_each_role_its_own_state() {
         assert_eq!(m.uid(), owner.map_or(0, |o| users[o]), "{dir}");
     }
 }
+
+#[test]
+fn the_deb_holds_everything_and_its_man_pages_render() {
+    let out = Command::new("bash")
+        .arg(packaging().join("deb/build.sh"))
+        .arg(tambo_e2e::bin_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let listing = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let pages = [
+        "usr/share/man/man8/tambo.8.gz",
+        "usr/share/man/man5/tambo.conf.5.gz",
+        "usr/share/man/man8/tambo-smtpd.8.gz",
+        "usr/share/man/man8/tambo-queued.8.gz",
+        "usr/share/man/man8/tambo-deliverd.8.gz",
+        "usr/share/man/man8/tambo-monitord.8.gz",
+    ];
+    let mut wanted = vec![
+        "usr/sbin/tambo",
+        "usr/sbin/tambo-smtpd",
+        "usr/sbin/tambo-queued",
+        "usr/sbin/tambo-deliverd",
+        "usr/sbin/tambo-monitord",
+        "lib/systemd/system/tambo.target",
+        "lib/systemd/system/tambo-smtpd.service",
+        "lib/systemd/system/tambo-queued.service",
+        "lib/systemd/system/tambo-deliverd.service",
+        "lib/systemd/system/tambo-monitord.service",
+        "lib/systemd/system/tambo-smtp.socket",
+        "lib/systemd/system/tambo-submit.socket",
+        "usr/lib/sysusers.d/tambo.conf",
+        "usr/lib/tmpfiles.d/tambo.conf",
+        "etc/tambo/tambo.conf",
+    ];
+    wanted.extend(pages);
+    for f in wanted {
+        assert!(
+            listing.contains(&format!("./{f}\n")),
+            "{f} not in the package:\n{listing}"
+        );
+    }
+    let field = |name: &str| {
+        let o = Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&deb)
+            .arg(name)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(field("Package"), "tambo");
+    assert!(field("Provides").contains("mail-transport-agent"));
+    let root = tempfile::tempdir().unwrap();
+    let ok = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(root.path())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    // Each page renders, with no warning from man or groff.
+    for page in pages {
+        let o = Command::new("man")
+            .args(["--warnings", "-l"])
+            .arg(root.path().join(page))
+            .env("MANWIDTH", "80")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        let warnings = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && warnings.is_empty(),
+            "{page}: {warnings}"
+        );
+        assert!(
+            text.contains("NAME") && text.contains("SEE ALSO"),
+            "{page}: {text}"
+        );
+    }
+    // The default configuration is one tambo accepts.
+    let conf = tambo_common::config::Config::load(&root.path().join("etc/tambo"), None)
+        .unwrap_or_else(|e| panic!("the packaged tambo.conf: {e}"));
+    assert_eq!(conf.data_dir, PathBuf::from("/var/lib/tambo"));
+}
