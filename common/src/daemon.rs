@@ -233,6 +233,10 @@ pub fn own_state_dirs(
     }
     for dir in dirs {
         crate::safeio::create_dir_all_durable(dir, 0o700)?;
+        // Its one writer's alone, whatever mode an earlier run left.
+        if !std::fs::symlink_metadata(dir)?.is_symlink() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         chown_tree(dir, account.uid, account.gid)?;
     }
     Ok(())
@@ -338,7 +342,21 @@ pub fn drop_privileges(role: Role, ids: &Identities) -> std::io::Result<()> {
             std::io::Error::other(format!("cannot clear the {set:?} capabilities: {e}"))
         })?;
     }
-    setgroups(&[Gid::from_raw(group)]).map_err(std::io::Error::from)?;
+    // The user's own supplementary groups, as systemd's User= and login
+    // give them (an operator may have put tambo-queue in dovecot's group),
+    // plus the socket group.
+    let name = nix::unistd::User::from_uid(Uid::from_raw(account.uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .ok_or_else(|| std::io::Error::other("the role's user has no name"))?;
+    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    nix::unistd::initgroups(&cname, Gid::from_raw(account.gid)).map_err(std::io::Error::from)?;
+    let mut groups = nix::unistd::getgroups().map_err(std::io::Error::from)?;
+    if !groups.contains(&Gid::from_raw(group)) {
+        groups.push(Gid::from_raw(group));
+        setgroups(&groups).map_err(std::io::Error::from)?;
+    }
     setresgid(gid, gid, gid).map_err(std::io::Error::from)?;
     setresuid(uid, uid, uid).map_err(std::io::Error::from)?;
     let r = getresuid().map_err(std::io::Error::from)?;

@@ -30,6 +30,16 @@ impl LockFile {
             // Never follow a link someone planted in our place.
             .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(path)?;
+        // Nor a hard link: the pid written below truncates the file first,
+        // and root may be the one writing (queued takes its lock before it
+        // drops root), so another name of /etc/shadow must not pass.
+        let meta = file.metadata()?;
+        if !meta.is_file() || std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
+            return Err(io::Error::other(format!(
+                "{} is not a plain file with one name; refusing to use it as a lock",
+                path.display()
+            )));
+        }
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((mut file, errno)) => {
@@ -72,6 +82,20 @@ impl LockFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hard_link_is_never_used_as_a_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let precious = dir.path().join("precious");
+        std::fs::write(&precious, "do not truncate").unwrap();
+        std::fs::hard_link(&precious, dir.path().join(".lock")).unwrap();
+        let e = LockFile::acquire(&dir.path().join(".lock")).unwrap_err();
+        assert!(e.to_string().contains("one name"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&precious).unwrap(),
+            "do not truncate"
+        );
+    }
 
     #[test]
     fn a_symlink_is_never_followed() {

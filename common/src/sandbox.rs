@@ -4,14 +4,19 @@
 //! children until Landlock ABI 8).
 //!
 //! - **Landlock**, files: smtpd and monitord open nothing but the time
-//!   zone; queued reads its config directory and reads and writes its data
-//!   directory, nothing else; none of the three may execute a file.
-//!   Landlock, TCP: smtpd may connect only to DNS servers' port; queued and
-//!   monitord may neither connect nor bind.
-//! - **seccomp**: smtpd, queued and monitord cannot `execve`; queued and
-//!   monitord cannot create an internet socket at all (Landlock does not
-//!   cover UDP). Their listening sockets were made before, and `accept`
-//!   stays allowed.
+//!   zone; queued reads its config directory and reads and writes its
+//!   queue and domaininfo directories, nothing else; none of the three may
+//!   execute a file. Landlock, TCP (kernel 6.7 and later): smtpd may
+//!   connect only to DNS servers' port; queued and monitord may neither
+//!   connect nor bind. Abstract Unix sockets and signals outside the
+//!   domain are refused (6.12 and later). Pathname Unix sockets are not
+//!   Landlock's to restrict (up to ABI 7).
+//! - **seccomp**: smtpd, queued and monitord cannot `execve` nor use
+//!   io_uring; queued and monitord can create Unix sockets only (Landlock
+//!   does not cover UDP), smtpd also plain TCP and UDP ones (not MPTCP,
+//!   which Landlock's TCP rules do not see). Their listening sockets were
+//!   made before, and `accept` stays allowed. On an architecture seccompiler
+//!   does not know, this part is skipped and said once.
 //!
 //! deliverd runs programs and writes Maildirs wherever the template says:
 //! it is not locked down here (yet); file permissions keep it out of the
@@ -25,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use landlock::{
     ABI, Access, AccessFs, AccessNet, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetStatus,
+    RulesetCreatedAttr, RulesetStatus, Scope,
 };
 use seccompiler::{
     SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
@@ -49,14 +54,24 @@ pub struct Sandbox {
     pub read: Vec<PathBuf>,
     /// Read and write beneath these (never execute).
     pub write: Vec<PathBuf>,
-    /// TCP ports it may connect to; with `tcp` false, none at all.
+    /// TCP ports it may connect to (Landlock); it may bind none.
     pub connect_ports: Vec<u16>,
-    /// Whether TCP is restricted by Landlock at all.
-    pub tcp: bool,
     /// No `execve`.
     pub no_exec: bool,
-    /// No AF_INET/AF_INET6 socket may be created.
-    pub no_inet: bool,
+    /// Which sockets it may create.
+    pub sockets: Sockets,
+}
+
+/// The sockets a role may create (seccomp, on `socket(2)`'s arguments;
+/// io_uring, which could make one behind seccomp's back, is refused to
+/// every locked-down role).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sockets {
+    /// Unix sockets only.
+    Unix,
+    /// Unix sockets, and IPv4/IPv6 sockets of plain TCP or UDP (not
+    /// MPTCP, which Landlock's TCP rules do not see, nor ICMP or SCTP).
+    UnixTcpUdp,
 }
 
 /// What was enforced, for the one line the daemon logs.
@@ -81,9 +96,8 @@ impl Sandbox {
                     read: zone,
                     write: Vec::new(),
                     connect_ports: ports,
-                    tcp: true,
                     no_exec: true,
-                    no_inet: false,
+                    sockets: Sockets::UnixTcpUdp,
                 })
             }
             Role::Queued => {
@@ -95,21 +109,19 @@ impl Sandbox {
                 Some(Sandbox {
                     role,
                     read,
-                    write: vec![cfg.data_dir.clone()],
+                    write: vec![cfg.queue_dir(), cfg.domaininfo_dir()],
                     connect_ports: Vec::new(),
-                    tcp: true,
                     no_exec: true,
-                    no_inet: true,
+                    sockets: Sockets::Unix,
                 })
             }
             Role::Monitord => Some(Sandbox {
                 role,
-                read: Vec::new(),
+                read: zone,
                 write: Vec::new(),
                 connect_ports: Vec::new(),
-                tcp: true,
                 no_exec: true,
-                no_inet: true,
+                sockets: Sockets::Unix,
             }),
             _ => None,
         }
@@ -126,13 +138,24 @@ impl Sandbox {
         let err = |e: landlock::RulesetError| format!("Landlock: {e}");
         let all = AccessFs::from_all(ABI_WANTED);
         let read = AccessFs::from_read(ABI_WANTED) & !AccessFs::Execute;
-        let write = all & !AccessFs::Execute;
-        let mut ruleset = Ruleset::default().handle_access(all).map_err(err)?;
-        if self.tcp {
-            ruleset = ruleset
-                .handle_access(AccessNet::from_all(ABI_WANTED))
-                .map_err(err)?;
-        }
+        // No links, sockets, fifos or devices made where it writes.
+        let write = all
+            & !(AccessFs::Execute
+                | AccessFs::MakeSym
+                | AccessFs::MakeSock
+                | AccessFs::MakeFifo
+                | AccessFs::MakeBlock
+                | AccessFs::MakeChar);
+        let mut ruleset = Ruleset::default()
+            .handle_access(all)
+            .map_err(err)?
+            // Abstract Unix sockets (outside the file system) and signals
+            // to processes outside its domain.
+            .scope(Scope::AbstractUnixSocket | Scope::Signal)
+            .map_err(err)?;
+        ruleset = ruleset
+            .handle_access(AccessNet::from_all(ABI_WANTED))
+            .map_err(err)?;
         let mut created = ruleset.create().map_err(err)?;
         for (paths, access) in [(&self.read, read), (&self.write, write)] {
             for p in paths {
@@ -166,30 +189,50 @@ impl Sandbox {
     fn seccomp(&self) -> Result<bool, String> {
         use nix::libc;
         let err = |e: seccompiler::BackendError| format!("seccomp: {e}");
+        let cond = |n: u8, op: SeccompCmpOp, v: libc::c_int| -> Result<SeccompCondition, String> {
+            SeccompCondition::new(n, SeccompCmpArgLen::Dword, op, v as u64).map_err(err)
+        };
+        let ne = |n: u8, v: libc::c_int| cond(n, SeccompCmpOp::Ne, v);
+        let eq = |n: u8, v: libc::c_int| cond(n, SeccompCmpOp::Eq, v);
+        let rule = |c: Vec<SeccompCondition>| SeccompRule::new(c).map_err(err);
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
         if self.no_exec {
             // An empty rule list matches every call.
             rules.insert(libc::SYS_execve, Vec::new());
             rules.insert(libc::SYS_execveat, Vec::new());
         }
-        if self.no_inet {
-            let family = |f: libc::c_int| -> Result<SeccompRule, String> {
-                let c =
-                    SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, f as u64)
-                        .map_err(err)?;
-                SeccompRule::new(vec![c]).map_err(err)
-            };
-            rules.insert(
-                libc::SYS_socket,
-                vec![family(libc::AF_INET)?, family(libc::AF_INET6)?],
-            );
+        // io_uring can open sockets and files without the calls below.
+        for call in [
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_enter,
+            libc::SYS_io_uring_register,
+        ] {
+            rules.insert(call, Vec::new());
         }
-        if rules.is_empty() {
+        let socket_rules = match self.sockets {
+            // Refused: any family but AF_UNIX.
+            Sockets::Unix => vec![rule(vec![ne(0, libc::AF_UNIX)?])?],
+            Sockets::UnixTcpUdp => {
+                let mut v = vec![rule(vec![
+                    ne(0, libc::AF_UNIX)?,
+                    ne(0, libc::AF_INET)?,
+                    ne(0, libc::AF_INET6)?,
+                ])?];
+                for family in [libc::AF_INET, libc::AF_INET6] {
+                    v.push(rule(vec![
+                        eq(0, family)?,
+                        ne(2, 0)?,
+                        ne(2, libc::IPPROTO_TCP)?,
+                        ne(2, libc::IPPROTO_UDP)?,
+                    ])?);
+                }
+                v
+            }
+        };
+        rules.insert(libc::SYS_socket, socket_rules);
+        let Ok(arch) = std::env::consts::ARCH.try_into() else {
             return Ok(false);
-        }
-        let arch = std::env::consts::ARCH
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| format!("seccomp: {e}"))?;
+        };
         let filter = SeccompFilter::new(
             rules,
             SeccompAction::Allow,
@@ -244,7 +287,11 @@ pub fn lock_down(role: Role, cfg: &Config) -> Result<(), String> {
             "{}: locked down (Landlock {}, seccomp {})",
             role.name(),
             report.landlock,
-            if report.seccomp { "on" } else { "off" }
+            if report.seccomp {
+                "on"
+            } else {
+                "off: this architecture has no filter"
+            }
         );
     }
     Ok(())

@@ -12,23 +12,25 @@ fn packaging() -> PathBuf {
 }
 
 /// `systemd-analyze security --offline=true` of a unit: its overall
-/// exposure, 0.0 (best) to 10.0.
-fn exposure(unit: &Path) -> f64 {
+/// exposure, 0.0 (best) to 10.0, and the whole report.
+fn exposure(unit: &Path) -> (f64, String) {
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(unit)
         .output()
         .expect("systemd-analyze (Debian package systemd)");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let line = text
         .lines()
         .find(|l| l.contains("Overall exposure level"))
         .unwrap_or_else(|| panic!("no score for {}: {text}", unit.display()));
-    line.split(": ")
+    let score = line
+        .split(": ")
         .nth(1)
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad score line {line:?}"))
+        .unwrap_or_else(|| panic!("bad score line {line:?}"));
+    (score, text)
 }
 
 #[test]
@@ -43,8 +45,28 @@ fn each_service_keeps_its_exposure_score() {
         ("tambo-smtpd.service", 1.1),
         ("tambo-deliverd.service", 1.2),
     ] {
-        let score = exposure(&packaging().join("systemd").join(unit));
+        let path = packaging().join("systemd").join(unit);
+        let (score, report) = exposure(&path);
         assert!(score <= ceiling, "{unit}: {score} > {ceiling}");
+        // The system call filter is an allow list: the first
+        // SystemCallFilter= line sets the mode, and a deny line first
+        // would have turned the rest upside down.
+        assert!(
+            report.contains("System call allow list defined"),
+            "{unit}: {report}"
+        );
+        assert!(!report.contains("System call deny list defined"), "{unit}");
+        let first = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("SystemCallFilter="))
+            .map(str::to_string);
+        assert!(
+            first
+                .as_deref()
+                .is_some_and(|l| l.starts_with("SystemCallFilter=@system-service")),
+            "{unit}: {first:?}"
+        );
     }
 }
 
@@ -77,6 +99,11 @@ fn sockets_hand_each_daemon_the_names_it_looks_for() {
         ("tambo-submit.socket", "submit", "tambo-queued.service"),
         ("tambo-deliver.socket", "deliver", "tambo-queued.service"),
         ("tambo-monitor.socket", "monitor", "tambo-monitord.service"),
+        (
+            "tambo-monitoring.socket",
+            "monitoring",
+            "tambo-monitord.service",
+        ),
     ] {
         let k = keys(&dir.join(socket));
         assert_eq!(k["FileDescriptorName"], name, "{socket}");

@@ -279,6 +279,15 @@ fn a_compromised_smtpd_queued_or_monitord_cannot_leave_its_role() {
     // Something listening, so a refused connection is the sandbox's doing.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tcp = format!("tcp:{}", listener.local_addr().unwrap());
+    // An abstract Unix socket outside every sandbox (D-Bus and the like
+    // live there).
+    let name = format!("tambo-test-{}", std::process::id());
+    let abstract_addr = {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap()
+    };
+    let _abstract = std::os::unix::net::UnixListener::bind_addr(&abstract_addr).unwrap();
+    let abs = format!("abstract:{name}");
     let p = |what: &str, path: &Path| format!("{what}:{}", path.display());
     let key = t.config_dir.join("certs/mx/privkey.pem");
     let users = t.config_dir.join("domains").join(DOMAIN).join("users");
@@ -295,6 +304,8 @@ fn a_compromised_smtpd_queued_or_monitord_cannot_leave_its_role() {
         tcp.clone(),
         "udp".to_string(),
         "open:/etc/localtime".to_string(),
+        "vsock".to_string(),
+        abs.clone(),
     ];
     let denied = |r: &str| r == "EACCES" || r == "EPERM";
 
@@ -307,6 +318,11 @@ fn a_compromised_smtpd_queued_or_monitord_cannot_leave_its_role() {
     assert_eq!(r["udp"], "ok", "smtpd resolves (UDP)");
     assert_eq!(r["exec:/bin/sh"], "EPERM");
     assert_eq!(r["open:/etc/localtime"], "ok");
+    assert_eq!(r["vsock"], "EPERM", "smtpd: Unix, TCP and UDP sockets only");
+    assert_eq!(
+        r[&abs], "EPERM",
+        "no abstract Unix socket outside its domain"
+    );
 
     // queued: its config and data, nothing else; no exec, no network.
     let r = attack(&t, "queued", &attempts);
@@ -323,6 +339,8 @@ fn a_compromised_smtpd_queued_or_monitord_cannot_leave_its_role() {
         assert!(denied(&r[a]), "queued {a}: {}", r[a]);
     }
     assert_eq!(r[&tcp], "EPERM", "no internet socket at all");
+    assert_eq!(r["vsock"], "EPERM", "Unix sockets only");
+    assert_eq!(r[&abs], "EPERM");
 
     // monitord: nothing at all.
     let r = attack(&t, "monitord", &attempts);

@@ -62,6 +62,49 @@ fn main() -> ExitCode {
             "cannot give the queue directories to queued's user: {e}"
         ));
     }
+    // The order matters: lock the queue before anything else (a second
+    // queued on the same data dir stops here), bind the sockets before
+    // cleaning the queue (one that cannot serve never touches a file).
+    // The lock file is opened as root, but never through a link.
+    let queue_dir = cfg.queue_dir();
+    let spool = match spool::Spool::open(&queue_dir, cfg.testing.fail_queue_writes) {
+        Ok(s) => s.fail_sync_if(cfg.testing.fail_dir_sync_if_exists.clone()),
+        Err(e) => {
+            return daemon::startup_failed(format!(
+                "{}: key data_dir: cannot open the queue directory {}: {e}",
+                cfg.file_path().display(),
+                queue_dir.display()
+            ));
+        }
+    };
+    let _queue_lock = match spool.lock() {
+        Ok(l) => l,
+        Err(e) => {
+            return daemon::startup_failed(format!(
+                "another queued owns the queue: {e}; refusing to start"
+            ));
+        }
+    };
+    // The IPC sockets, if nobody handed them over, are bound while root
+    // (the runtime directory may be root's); from here on queued is its
+    // own user, so every file it reads or writes — keys, users, the queue
+    // and its lock — is read the way a reload will read it, and nothing a
+    // compromised earlier run left in its directories is opened as root.
+    let mut socket_locks = Vec::new();
+    let mut listener = |which: IpcSocket| -> Result<std::os::unix::net::UnixListener, ExitCode> {
+        take_or_bind(&mut sockets, which, &cfg, &ids, &mut socket_locks)
+    };
+    let submit = match listener(IpcSocket::Submit) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let deliver = match listener(IpcSocket::Deliver) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    if let Err(e) = daemon::drop_privileges(Role::Queued, &ids) {
+        return daemon::startup_failed(format!("cannot drop privileges: {e}"));
+    }
     let cfg = Arc::new(cfg);
     let domains = match Domains::load(&cfg) {
         Ok(d) => d,
@@ -84,40 +127,6 @@ fn main() -> ExitCode {
     let certs = match certs::Certs::load(&cfg.config_dir) {
         Ok(c) => c,
         Err(e) => return daemon::startup_failed(e),
-    };
-    // The order matters: lock the queue before looking at it; bind the
-    // sockets before cleaning it. A second queued on the same data dir
-    // stops at the lock, and one that cannot serve never touches a file.
-    let queue_dir = cfg.queue_dir();
-    let spool = match spool::Spool::open(&queue_dir, cfg.testing.fail_queue_writes) {
-        Ok(s) => s.fail_sync_if(cfg.testing.fail_dir_sync_if_exists.clone()),
-        Err(e) => {
-            return daemon::startup_failed(format!(
-                "{}: key data_dir: cannot open the queue directory {}: {e}",
-                cfg.file_path().display(),
-                queue_dir.display()
-            ));
-        }
-    };
-    let _queue_lock = match spool.lock() {
-        Ok(l) => l,
-        Err(e) => {
-            return daemon::startup_failed(format!(
-                "another queued owns the queue: {e}; refusing to start"
-            ));
-        }
-    };
-    let mut socket_locks = Vec::new();
-    let mut listener = |which: IpcSocket| -> Result<std::os::unix::net::UnixListener, ExitCode> {
-        take_or_bind(&mut sockets, which, &cfg, &ids, &mut socket_locks)
-    };
-    let submit = match listener(IpcSocket::Submit) {
-        Ok(l) => l,
-        Err(code) => return code,
-    };
-    let deliver = match listener(IpcSocket::Deliver) {
-        Ok(l) => l,
-        Err(code) => return code,
     };
     let loaded = match spool.load() {
         Ok(l) => l,
@@ -148,11 +157,6 @@ fn main() -> ExitCode {
             ));
         }
     };
-    // Everything below runs as queued's user: the config files it reloads
-    // (users, aliases, certificates) must be readable by it.
-    if let Err(e) = daemon::drop_privileges(Role::Queued, &ids) {
-        return daemon::startup_failed(format!("cannot drop privileges: {e}"));
-    }
     if let Err(e) = tambo_common::sandbox::lock_down(Role::Queued, &cfg) {
         return daemon::startup_failed(format!("cannot lock queued down: {e}"));
     }

@@ -23,8 +23,9 @@
 //!     Locks itself down exactly as the daemon of <role> does (the same
 //!     `tambo_common::sandbox::lock_down` call on the same config), then
 //!     plays that daemon compromised: each attempt is `open:<path>`,
-//!     `list:<dir>`, `write:<path>`, `exec:<path>`, `tcp:<ip:port>` or
-//!     `udp`, and prints one line `<attempt>: ok` or `<attempt>: <ERRNO>`.
+//!     `list:<dir>`, `write:<path>`, `exec:<path>`, `tcp:<ip:port>`,
+//!     `udp`, `vsock` or `abstract:<name>` (connect to an abstract Unix
+//!     socket), and prints one line `<attempt>: ok` or `<attempt>: <ERRNO>`.
 //! ```
 #![forbid(unsafe_code)]
 
@@ -211,6 +212,20 @@ fn attack(role: Role, config_dir: &Path, attempts: &[String]) {
             "exec" => std::process::Command::new(arg).status().map(drop),
             "tcp" => std::net::TcpStream::connect(arg).map(drop),
             "udp" => std::net::UdpSocket::bind("127.0.0.1:0").map(drop),
+            "vsock" => nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Vsock,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::empty(),
+                None,
+            )
+            .map(drop)
+            .map_err(std::io::Error::from),
+            "abstract" => {
+                use std::os::linux::net::SocketAddrExt;
+                std::os::unix::net::SocketAddr::from_abstract_name(arg.as_bytes())
+                    .and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a))
+                    .map(drop)
+            }
             other => panic!("unknown attempt {other}"),
         };
         match r {
