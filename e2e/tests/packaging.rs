@@ -284,4 +284,79 @@ fn the_deb_holds_everything_and_its_man_pages_render() {
     let conf = tambo_common::config::Config::load(&root.path().join("etc/tambo"), None)
         .unwrap_or_else(|e| panic!("the packaged tambo.conf: {e}"));
     assert_eq!(conf.data_dir, PathBuf::from("/var/lib/tambo"));
+    installs_on_a_copy_of_this_system(&deb);
+}
+
+/// `dpkg -i` in a throwaway copy of this (Debian) system: an overlay of /
+/// in a mount namespace of its own, so the host is never touched. The
+/// maintainer scripts must create the users and the state directories.
+fn installs_on_a_copy_of_this_system(deb: &Path) {
+    if !tambo_e2e::is_root() {
+        eprintln!("skipped the install: needs root for a mount namespace (CI is root)");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let script = r#"
+set -eu
+S=$1; DEB=$2
+mount -t tmpfs tmpfs "$S"
+mkdir -p "$S/upper" "$S/work" "$S/root"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$S/upper,workdir=$S/work" "$S/root"
+mount -t proc proc "$S/root/proc"
+mount --rbind /dev "$S/root/dev"
+cp "$DEB" "$S/root/tmp/tambo.deb"
+# An MTA already there (the test machine may have one) is apt's business,
+# not this test's: conflicts are forced.
+chroot "$S/root" dpkg -i --force-conflicts /tmp/tambo.deb
+chroot "$S/root" sh -c '
+  getent passwd tambo-smtpd tambo-queue tambo-deliver tambo-monitor | cut -d: -f1 | tr "
+" " "; echo
+  stat -c "%U %a %n" /var/lib/tambo/queue /var/lib/tambo/domaininfo /var/lib/tambo/sts-cache /var/lib/tambo/mail
+  stat -c "%U:%G %a %n" /etc/tambo/certs /etc/tambo/domains
+  dpkg-query -W -f "\${Status}
+" tambo
+  test -f /lib/systemd/system/tambo.target && echo "units installed"
+  /usr/sbin/tambo --version >/dev/null && echo "tambo runs"
+'
+"#;
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            script,
+            "install",
+        ])
+        .arg(scratch.path())
+        .arg(deb)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(
+        text.contains("tambo-smtpd tambo-queue tambo-deliver tambo-monitor"),
+        "{text}"
+    );
+    for line in [
+        "tambo-queue 700 /var/lib/tambo/queue",
+        "tambo-queue 700 /var/lib/tambo/domaininfo",
+        "tambo-deliver 700 /var/lib/tambo/sts-cache",
+        "tambo-deliver 700 /var/lib/tambo/mail",
+        "root:tambo-queue 750 /etc/tambo/certs",
+        "root:tambo-queue 750 /etc/tambo/domains",
+        "install ok installed",
+        "units installed",
+        "tambo runs",
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}\n{err}");
+    }
+    // The host saw none of it.
+    assert!(
+        nix::unistd::User::from_name("tambo-queue")
+            .unwrap()
+            .is_none()
+    );
 }
