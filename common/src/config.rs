@@ -130,6 +130,10 @@ pub struct TamboConfig {
     /// Clients in these networks may relay without AUTH (chasquid #55).
     /// Empty (the default): only authenticated sessions relay.
     pub relay_networks: Vec<crate::cidr::Cidr>,
+    /// Where deliverd (and so the MDA, pipe commands and hooks) may write
+    /// besides the Maildir tree, its cache and the temporary directories
+    /// (docs/security.md).
+    pub deliverd_paths: Vec<PathBuf>,
 }
 
 /// Test knobs (chasquid's `testing__*`). Not for production use.
@@ -249,6 +253,7 @@ impl Config {
                 outgoing_source_address: Vec::new(),
                 smtp_connection_cache_time: Duration::from_secs(2),
                 relay_networks: Vec::new(),
+                deliverd_paths: Vec::new(),
             },
             testing: Testing::default(),
         }
@@ -419,6 +424,19 @@ impl Config {
                         nets.push(n.parse().map_err(|p: String| g.err(key, p))?);
                     }
                     self.tambo.relay_networks = nets;
+                }
+                "deliverd_paths" => {
+                    let mut paths = Vec::new();
+                    for p in g.string_list(key, v)? {
+                        let p = PathBuf::from(p);
+                        if !p.is_absolute() {
+                            return Err(
+                                g.err(key, format!("{} is not an absolute path", p.display()))
+                            );
+                        }
+                        paths.push(p);
+                    }
+                    self.tambo.deliverd_paths = paths;
                 }
                 _ => return Err(g.err(key, "unknown key")),
             }

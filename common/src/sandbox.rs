@@ -18,9 +18,11 @@
 //!   made before, and `accept` stays allowed. On an architecture seccompiler
 //!   does not know, this part is skipped and said once.
 //!
-//! deliverd runs programs and writes Maildirs wherever the template says:
-//! it is not locked down here (yet); file permissions keep it out of the
-//! queue and the keys.
+//! deliverd runs programs (which inherit all of this): it may execute what
+//! the system installed and its hooks, read the system, and write only its
+//! cache, the Maildir tree, the temporary directories and `[tambo]
+//! deliverd_paths`; never the queue. Its sockets are Unix, IPv4, IPv6 and
+//! netlink ones; no io_uring.
 //!
 //! On a kernel without Landlock the daemon says so once and goes on with
 //! what the kernel enforces (seccomp, the dropped user).
@@ -54,6 +56,13 @@ pub struct Sandbox {
     pub read: Vec<PathBuf>,
     /// Read and write beneath these (never execute).
     pub write: Vec<PathBuf>,
+    /// Read and execute beneath these.
+    pub exec: Vec<PathBuf>,
+    /// Whether files are restricted at all (deliverd whose MDA may write
+    /// anywhere is not).
+    pub files: bool,
+    /// Whether TCP is restricted (to `connect_ports`).
+    pub restrict_tcp: bool,
     /// TCP ports it may connect to (Landlock); it may bind none.
     pub connect_ports: Vec<u16>,
     /// No `execve`.
@@ -72,6 +81,10 @@ pub enum Sockets {
     /// Unix sockets, and IPv4/IPv6 sockets of plain TCP or UDP (not
     /// MPTCP, which Landlock's TCP rules do not see, nor ICMP or SCTP).
     UnixTcpUdp,
+    /// Unix, IPv4, IPv6 and netlink (the C library's getaddrinfo asks it
+    /// which addresses the host has) sockets of any protocol: deliverd and
+    /// the programs it runs.
+    Outbound,
 }
 
 /// What was enforced, for the one line the daemon logs.
@@ -95,6 +108,9 @@ impl Sandbox {
                     role,
                     read: zone,
                     write: Vec::new(),
+                    exec: Vec::new(),
+                    files: true,
+                    restrict_tcp: true,
                     connect_ports: ports,
                     no_exec: true,
                     sockets: Sockets::UnixTcpUdp,
@@ -110,6 +126,9 @@ impl Sandbox {
                     role,
                     read,
                     write: vec![cfg.queue_dir(), cfg.domaininfo_dir()],
+                    exec: Vec::new(),
+                    files: true,
+                    restrict_tcp: true,
                     connect_ports: Vec::new(),
                     no_exec: true,
                     sockets: Sockets::Unix,
@@ -119,11 +138,72 @@ impl Sandbox {
                 role,
                 read: zone,
                 write: Vec::new(),
+                exec: Vec::new(),
+                files: true,
+                restrict_tcp: true,
                 connect_ports: Vec::new(),
                 no_exec: true,
                 sockets: Sockets::Unix,
             }),
+            Role::Deliverd => Some(Self::deliverd(cfg)),
             _ => None,
+        }
+    }
+
+    /// deliverd runs programs (the MDA, pipe commands, hooks: they inherit
+    /// all of this) and writes Maildirs: it may execute what the system
+    /// installed and its hooks, and write only its cache, the Maildir tree
+    /// (the template up to its first `%`), the temporary directories and
+    /// `[tambo] deliverd_paths`. Never the queue, nor anything else of
+    /// tambo's state. When local mail goes through an MDA that may write
+    /// anywhere (no `maildir`, no `lmtp_address`) and no `deliverd_paths`
+    /// say where, files are not restricted (and it says so).
+    fn deliverd(cfg: &Config) -> Sandbox {
+        let system: Vec<PathBuf> = [
+            "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        let mut exec = system;
+        exec.push(cfg.config_dir.clone());
+        // The MDA where the config says it is.
+        let mda = Path::new(&cfg.mail_delivery_agent_bin);
+        if let Some(dir) = mda.parent().filter(|_| mda.is_absolute()) {
+            exec.push(dir.to_path_buf());
+        }
+        // What programs commonly look at: their own /proc entries, CPU
+        // and memory facts under /sys.
+        let mut read = vec![PathBuf::from("/proc"), PathBuf::from("/sys")];
+        if let Some(roots) = &cfg.testing.tls_roots {
+            read.push(roots.clone());
+        }
+        let mut write: Vec<PathBuf> =
+            ["/tmp", "/var/tmp", "/dev/null", "/dev/zero", "/dev/urandom"]
+                .iter()
+                .map(PathBuf::from)
+                .collect();
+        write.push(cfg.sts_cache_dir());
+        let maildir = cfg.tambo.maildir.as_deref().and_then(maildir_root);
+        if let Some(m) = &maildir {
+            write.push(m.clone());
+        }
+        write.extend(cfg.tambo.deliverd_paths.iter().cloned());
+        // The site's own: pipe commands and hook helpers may live there.
+        exec.extend(cfg.tambo.deliverd_paths.iter().cloned());
+        let files = maildir.is_some()
+            || cfg.tambo.lmtp_address.is_some()
+            || !cfg.tambo.deliverd_paths.is_empty();
+        Sandbox {
+            role: Role::Deliverd,
+            read,
+            write,
+            exec,
+            files,
+            restrict_tcp: false,
+            connect_ports: Vec::new(),
+            no_exec: false,
+            sockets: Sockets::Outbound,
         }
     }
 
@@ -146,18 +226,30 @@ impl Sandbox {
                 | AccessFs::MakeFifo
                 | AccessFs::MakeBlock
                 | AccessFs::MakeChar);
-        let mut ruleset = Ruleset::default()
-            .handle_access(all)
-            .map_err(err)?
+        let mut ruleset = Ruleset::default();
+        if self.files {
+            ruleset = ruleset.handle_access(all).map_err(err)?;
+        }
+        if self.restrict_tcp {
+            ruleset = ruleset
+                .handle_access(AccessNet::from_all(ABI_WANTED))
+                .map_err(err)?;
             // Abstract Unix sockets (outside the file system) and signals
-            // to processes outside its domain.
-            .scope(Scope::AbstractUnixSocket | Scope::Signal)
-            .map_err(err)?;
-        ruleset = ruleset
-            .handle_access(AccessNet::from_all(ABI_WANTED))
-            .map_err(err)?;
+            // to processes outside its domain. Not for deliverd: the
+            // programs it runs may signal their own children, and talk to
+            // whatever abstract sockets their work needs.
+            ruleset = ruleset
+                .scope(Scope::AbstractUnixSocket | Scope::Signal)
+                .map_err(err)?;
+        }
+        if !self.files && !self.restrict_tcp {
+            return Ok("not used for this role's files");
+        }
         let mut created = ruleset.create().map_err(err)?;
-        for (paths, access) in [(&self.read, read), (&self.write, write)] {
+        let exec = AccessFs::from_read(ABI_WANTED);
+        let rules: [(&Vec<PathBuf>, _); 3] =
+            [(&self.read, read), (&self.write, write), (&self.exec, exec)];
+        for (paths, access) in rules.into_iter().filter(|_| self.files) {
             for p in paths {
                 // A path that does not exist (no zoneinfo here) grants
                 // nothing.
@@ -228,6 +320,12 @@ impl Sandbox {
                 }
                 v
             }
+            Sockets::Outbound => vec![rule(vec![
+                ne(0, libc::AF_UNIX)?,
+                ne(0, libc::AF_INET)?,
+                ne(0, libc::AF_INET6)?,
+                ne(0, libc::AF_NETLINK)?,
+            ])?],
         };
         rules.insert(libc::SYS_socket, socket_rules);
         let Ok(arch) = std::env::consts::ARCH.try_into() else {
@@ -244,6 +342,15 @@ impl Sandbox {
         seccompiler::apply_filter_all_threads(&program).map_err(|e| format!("seccomp: {e}"))?;
         Ok(true)
     }
+}
+
+/// The fixed part of a Maildir template: the directory above its first
+/// `%` (`/var/mail/%to_domain%/%to_user%` → `/var/mail`).
+fn maildir_root(template: &str) -> Option<PathBuf> {
+    let fixed = &template[..template.find('%').unwrap_or(template.len())];
+    let p = Path::new(fixed);
+    let dir = if fixed.ends_with('/') { p } else { p.parent()? };
+    (dir.is_absolute() && dir != Path::new("/")).then(|| dir.to_path_buf())
 }
 
 /// The directories that links under `certs/<name>/` point into.
@@ -276,6 +383,12 @@ pub fn lock_down(role: Role, cfg: &Config) -> Result<(), String> {
         return Ok(());
     };
     let report = sandbox.apply()?;
+    if !sandbox.files {
+        tracing::warn!(
+            "{}: its file access is not restricted: local mail goes through an MDA that may write anywhere; list where in [tambo] deliverd_paths to restrict it",
+            role.name()
+        );
+    }
     if report.landlock.starts_with("not available") {
         tracing::warn!(
             "{}: Landlock is not available on this kernel: it keeps the file access of its user; seccomp {}",

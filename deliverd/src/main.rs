@@ -68,6 +68,9 @@ fn main() -> ExitCode {
     if let Err(e) = daemon::drop_privileges(Role::Deliverd, &ids) {
         return daemon::startup_failed(format!("cannot drop privileges: {e}"));
     }
+    if let Err(e) = tambo_common::sandbox::lock_down(Role::Deliverd, &cfg) {
+        return daemon::startup_failed(format!("cannot lock deliverd down: {e}"));
+    }
     let rt = match daemon::runtime(None) {
         Ok(rt) => rt,
         Err(code) => return code,

@@ -7,7 +7,7 @@
 //! The test creates the four system users it needs and removes them.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use nix::sys::signal::{Signal, kill};
@@ -187,8 +187,8 @@ fn every_daemon_runs_as_its_own_user_with_nothing_more_and_mail_flows() {
         }
     }
 
-    // And each but deliverd locked itself down (this kernel has Landlock).
-    for role in ["smtpd", "queued", "monitord"] {
+    // And each locked itself down (this kernel has Landlock).
+    for role in ["smtpd", "queued", "deliverd", "monitord"] {
         t.wait_log(
             "tambo",
             &format!("{role}: locked down (Landlock fully enforced, seccomp on)"),
@@ -349,4 +349,88 @@ fn a_compromised_smtpd_queued_or_monitord_cannot_leave_its_role() {
     }
     // Only queued, in its own data directory, could write.
     assert!(!tmp.exists());
+}
+
+/// Removes a directory tree when the test ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_compromised_deliverd_writes_only_mail_and_runs_only_installed_programs() {
+    if !is_root() {
+        eprintln!(
+            "skipped: the tree must be outside /tmp, which deliverd may write: /var/lib needs root (CI is root)"
+        );
+        return;
+    }
+    // Outside /tmp and /var/tmp (deliverd's scratch space), as in production.
+    let base = PathBuf::from(format!("/var/lib/tambo-attack-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(base.clone());
+    let (config, data, mail, elsewhere) = (
+        base.join("config"),
+        base.join("data"),
+        base.join("mail"),
+        base.join("elsewhere"),
+    );
+    for d in [&config, &data.join("queue"), &mail, &elsewhere] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(
+        config.join("tambo.conf"),
+        format!(
+            "hostname = \"mx.example.test\"\ndata_dir = \"{}\"\n[tambo]\nruntime_dir = \"{}\"\nmaildir = \"{}/%to_domain%/%to_user%\"\n{}",
+            data.display(),
+            base.join("run").display(),
+            mail.display(),
+            role_users()
+        ),
+    )
+    .unwrap();
+    std::fs::write(data.join("queue/m:item"), "{}").unwrap();
+    let prog = elsewhere.join("dropped");
+    std::fs::write(&prog, "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = format!("tcp:{}", listener.local_addr().unwrap());
+    let p = |what: &str, path: &Path| format!("{what}:{}", path.display());
+    let attempts = vec![
+        p("list", &data.join("queue")),
+        p("open", &data.join("queue/m:item")),
+        p("write", &data.join("queue/m:planted")),
+        p("write", &elsewhere.join("planted")),
+        p("exec", &prog),
+        p("write", &mail.join("delivered")),
+        "write:/tmp/tambo-attack-scratch".to_string(),
+        "exec:/bin/true".to_string(),
+        tcp.clone(),
+        "udp".to_string(),
+        "vsock".to_string(),
+    ];
+    let out = Command::new(bin_dir().join("tambo-test-peer"))
+        .arg("attack")
+        .arg("deliverd")
+        .arg(&config)
+        .args(&attempts)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let r: std::collections::HashMap<String, String> = text
+        .lines()
+        .filter_map(|l| l.rsplit_once(": "))
+        .map(|(a, r)| (a.to_string(), r.to_string()))
+        .collect();
+    for a in &attempts[..5] {
+        assert_eq!(r[a], "EACCES", "deliverd {a}: {text}");
+    }
+    for a in &attempts[5..10] {
+        assert_eq!(r[a], "ok", "deliverd {a}: {text}");
+    }
+    assert_eq!(r["vsock"], "EPERM", "{text}");
+    let _ = std::fs::remove_file("/tmp/tambo-attack-scratch");
 }

@@ -409,8 +409,9 @@ fn a_daemon_that_cannot_start_stops_tambo_run_with_its_reason() {
 fn processes_orphaned_by_deliverd_are_reaped() {
     let t = Tambo::default_setup();
     // A pipe command that leaves a process behind: its shell exits at
-    // once, and the `sleep` it started outlives it.
-    let script = t.dir.path().join("leave-orphan.sh");
+    // once, and the `sleep` it started outlives it. In the config
+    // directory, where deliverd may execute (docs/security.md).
+    let script = t.config_dir.join("leave-orphan.sh");
     std::fs::write(
         &script,
         "#!/bin/sh\nsleep 2 </dev/null >/dev/null 2>&1 &\ncat >/dev/null\nexit 0\n",

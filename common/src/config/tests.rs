@@ -199,6 +199,7 @@ lmtp_address = "/run/dovecot/lmtp"
 outgoing_source_address = ["192.0.2.7", "2001:db8::7"]
 smtp_connection_cache_time = "0s"
 relay_networks = ["192.168.0.0/16", "2001:db8::/32", "10.0.0.1"]
+deliverd_paths = ["/var/lib/greylist"]
 [testing]
 dns_server = "127.0.0.1:5353"
 smtp_port = 2525
@@ -214,6 +215,7 @@ hook_timeout = "2s"
     assert_eq!(c.tambo.outgoing_source_address.len(), 2);
     assert_eq!(c.tambo.smtp_connection_cache_time, Duration::ZERO);
     assert_eq!(c.tambo.relay_networks.len(), 3);
+    assert_eq!(c.tambo.deliverd_paths, [PathBuf::from("/var/lib/greylist")]);
     assert!(c.tambo.relay_networks[0].contains("192.168.1.1".parse().unwrap()));
     assert_eq!(c.testing.hook_timeout, Some(Duration::from_secs(2)));
     assert_eq!(c.testing.smtp_port, Some(2525));
@@ -253,6 +255,10 @@ hook_timeout = "2s"
             "bits set after its /16",
         ),
         ("[tambo]\nrelay_networks = \"10.0.0.0/8\"", "relay_networks"),
+        (
+            "[tambo]\ndeliverd_paths = [\"greylist\"]",
+            "not an absolute path",
+        ),
         ("[testing]\nsmtp_port = 0", "testing.smtp_port"),
         ("[testing]\nsmtp_port = 70000", "port number"),
         ("[testing]\ndns_server = \"nowhere\"", "not an address"),
