@@ -221,6 +221,49 @@ fn every_daemon_runs_as_its_own_user_with_nothing_more_and_mail_flows() {
         assert_eq!((m.uid(), m.mode() & 0o777), (uid, 0o700), "{dir}");
     }
 
+    // Every socket refuses a peer that claims another role than its uid's
+    // (the socket's mode, or the uid check behind it).
+    let (smtpd_uid, smtpd_gid) = users.get(0);
+    let (monitor_uid, monitor_gid) = users.get(3);
+    let sock = |n: &str| t.run_dir.join(n).display().to_string();
+    for (uid, gid, socket, claim, server) in [
+        (
+            smtpd_uid,
+            smtpd_gid,
+            sock("deliver.sock"),
+            "deliverd",
+            "queued",
+        ),
+        (
+            deliver_uid,
+            deliver_gid,
+            sock("submit.sock"),
+            "smtpd",
+            "queued",
+        ),
+        (
+            monitor_uid,
+            monitor_gid,
+            sock("submit.sock"),
+            "smtpd",
+            "queued",
+        ),
+        (
+            smtpd_uid,
+            smtpd_gid,
+            sock("monitor.sock"),
+            "queued",
+            "monitord",
+        ),
+        (65534, 65534, sock("monitor.sock"), "smtpd", "monitord"),
+    ] {
+        let said = peer_as(uid, gid, &["client", &socket, claim, server]);
+        assert!(
+            said.starts_with("refused"),
+            "uid {uid} as {claim} on {socket}: {said}"
+        );
+    }
+
     // What the hook, inside deliverd's role, could do.
     let report = wait_for("the hook's report", || {
         std::fs::read_to_string(out.join("report"))
