@@ -359,6 +359,14 @@ impl Config {
                 "monitord_user" => self.tambo.monitord_user = g.nonempty(key, v)?,
                 "maildir" => {
                     let s = g.string(key, v)?;
+                    // deliverd may write beneath the fixed part only
+                    // (docs/security.md): it must name a real directory.
+                    if !s.is_empty() && crate::sandbox::maildir_root(&s).is_none() {
+                        return Err(g.err(
+                            key,
+                            format!("{s:?} must be an absolute path with a directory before its first %, other than /"),
+                        ));
+                    }
                     self.tambo.maildir = if s.is_empty() { None } else { Some(s) };
                 }
                 "delivery_slots" => {

@@ -242,6 +242,21 @@ pub fn own_state_dirs(
     Ok(())
 }
 
+/// Before [`drop_privileges`]: makes `dir` (if given and missing, mode
+/// 0700) and gives it — not what is under it — to `role`'s user. A no-op
+/// when not root, when it exists already, or when the role's user is root.
+pub fn own_dir(role: Role, ids: &Identities, dir: Option<&std::path::Path>) -> std::io::Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    if dir.exists() || !nix::unistd::geteuid().is_root() || ids.is_development() {
+        return Ok(());
+    }
+    let Some(account) = ids.account(role).filter(|a| a.uid != 0) else {
+        return Ok(());
+    };
+    crate::safeio::create_dir_all_durable(dir, 0o700)?;
+    std::os::unix::fs::lchown(dir, Some(account.uid), Some(account.gid))
+}
+
 /// Gives `path` and, if it is a directory, everything under it to
 /// `uid:gid` — only what root owns (an earlier run as root left it) and
 /// only through a descriptor opened without following links, so what the

@@ -81,9 +81,9 @@ pub enum Sockets {
     /// Unix sockets, and IPv4/IPv6 sockets of plain TCP or UDP (not
     /// MPTCP, which Landlock's TCP rules do not see, nor ICMP or SCTP).
     UnixTcpUdp,
-    /// Unix, IPv4, IPv6 and netlink (the C library's getaddrinfo asks it
-    /// which addresses the host has) sockets of any protocol: deliverd and
-    /// the programs it runs.
+    /// Unix, IPv4/IPv6 of TCP or UDP, and routing netlink (the C
+    /// library's getaddrinfo asks it which addresses the host has):
+    /// deliverd and the programs it runs.
     Outbound,
 }
 
@@ -95,7 +95,7 @@ pub struct Report {
 }
 
 impl Sandbox {
-    /// The rules for `role` (None: deliverd, which is not locked down).
+    /// The rules for `role` (None: a role that is not a daemon).
     pub fn for_role(role: Role, cfg: &Config) -> Option<Sandbox> {
         let zone = ZONEINFO.iter().map(PathBuf::from).collect::<Vec<_>>();
         match role {
@@ -184,13 +184,12 @@ impl Sandbox {
                 .map(PathBuf::from)
                 .collect();
         write.push(cfg.sts_cache_dir());
-        let maildir = cfg.tambo.maildir.as_deref().and_then(maildir_root);
+        let maildir = maildir_root_of(cfg);
         if let Some(m) = &maildir {
             write.push(m.clone());
         }
+        // Written, never executed: what deliverd may write it must not run.
         write.extend(cfg.tambo.deliverd_paths.iter().cloned());
-        // The site's own: pipe commands and hook helpers may live there.
-        exec.extend(cfg.tambo.deliverd_paths.iter().cloned());
         let files = maildir.is_some()
             || cfg.tambo.lmtp_address.is_some()
             || !cfg.tambo.deliverd_paths.is_empty();
@@ -205,6 +204,40 @@ impl Sandbox {
             no_exec: false,
             sockets: Sockets::Outbound,
         }
+    }
+
+    /// Refuses rules that would reach what the role must not: a rule of
+    /// deliverd's above the queue (a Maildir template, `deliverd_paths` or
+    /// the config directory containing `data_dir`), or `/` itself. The
+    /// scratch directories are left out: state never lives there in
+    /// production (tests do put it there).
+    pub fn check_reach(&self, cfg: &Config) -> Result<(), String> {
+        if self.role != Role::Deliverd || !self.files {
+            return Ok(());
+        }
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let queue = canon(&cfg.queue_dir());
+        let scratch = [Path::new("/tmp"), Path::new("/var/tmp")];
+        for root in self.write.iter().chain(&self.exec).chain(&self.read) {
+            if scratch.contains(&root.as_path()) || root.starts_with("/dev") {
+                continue;
+            }
+            let r = canon(root);
+            if r == Path::new("/") {
+                return Err(format!(
+                    "{}: deliverd may not be given all of /",
+                    root.display()
+                ));
+            }
+            if queue.starts_with(&r) {
+                return Err(format!(
+                    "{} contains the queue ({}): deliverd, and the programs it runs, could read it; move data_dir, the maildir template or the deliverd_paths entry apart",
+                    root.display(),
+                    queue.display()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Applies the rules to this process, for good.
@@ -252,8 +285,17 @@ impl Sandbox {
         for (paths, access) in rules.into_iter().filter(|_| self.files) {
             for p in paths {
                 // A path that does not exist (no zoneinfo here) grants
-                // nothing.
-                let Ok(fd) = PathFd::new(p) else { continue };
+                // nothing; a place to write that is missing is worth a line.
+                let Ok(fd) = PathFd::new(p) else {
+                    if access == write && !p.starts_with("/dev") {
+                        tracing::warn!(
+                            "{}: {} does not exist: nothing may be written there until a restart",
+                            self.role.name(),
+                            p.display()
+                        );
+                    }
+                    continue;
+                };
                 // A file gets only the rights a file can have.
                 let access = if p.is_dir() {
                     access
@@ -320,12 +362,28 @@ impl Sandbox {
                 }
                 v
             }
-            Sockets::Outbound => vec![rule(vec![
-                ne(0, libc::AF_UNIX)?,
-                ne(0, libc::AF_INET)?,
-                ne(0, libc::AF_INET6)?,
-                ne(0, libc::AF_NETLINK)?,
-            ])?],
+            Sockets::Outbound => {
+                let mut v = vec![rule(vec![
+                    ne(0, libc::AF_UNIX)?,
+                    ne(0, libc::AF_INET)?,
+                    ne(0, libc::AF_INET6)?,
+                    ne(0, libc::AF_NETLINK)?,
+                ])?];
+                for family in [libc::AF_INET, libc::AF_INET6] {
+                    v.push(rule(vec![
+                        eq(0, family)?,
+                        ne(2, 0)?,
+                        ne(2, libc::IPPROTO_TCP)?,
+                        ne(2, libc::IPPROTO_UDP)?,
+                    ])?);
+                }
+                // Netlink for the routing family only (getaddrinfo).
+                v.push(rule(vec![
+                    eq(0, libc::AF_NETLINK)?,
+                    ne(2, libc::NETLINK_ROUTE)?,
+                ])?);
+                v
+            }
         };
         rules.insert(libc::SYS_socket, socket_rules);
         let Ok(arch) = std::env::consts::ARCH.try_into() else {
@@ -345,12 +403,24 @@ impl Sandbox {
 }
 
 /// The fixed part of a Maildir template: the directory above its first
-/// `%` (`/var/mail/%to_domain%/%to_user%` → `/var/mail`).
-fn maildir_root(template: &str) -> Option<PathBuf> {
+/// `%` (`/var/mail/%to_domain%/%to_user%` → `/var/mail`). None unless it
+/// is absolute, free of `..`, and not `/`.
+pub fn maildir_root(template: &str) -> Option<PathBuf> {
     let fixed = &template[..template.find('%').unwrap_or(template.len())];
     let p = Path::new(fixed);
     let dir = if fixed.ends_with('/') { p } else { p.parent()? };
-    (dir.is_absolute() && dir != Path::new("/")).then(|| dir.to_path_buf())
+    let plain = dir.components().all(|c| {
+        !matches!(
+            c,
+            std::path::Component::ParentDir | std::path::Component::CurDir
+        )
+    });
+    (dir.is_absolute() && plain && dir != Path::new("/")).then(|| dir.to_path_buf())
+}
+
+/// [`maildir_root`] of the config's `maildir`, if any.
+pub fn maildir_root_of(cfg: &Config) -> Option<PathBuf> {
+    cfg.tambo.maildir.as_deref().and_then(maildir_root)
 }
 
 /// The directories that links under `certs/<name>/` point into.
@@ -382,7 +452,18 @@ pub fn lock_down(role: Role, cfg: &Config) -> Result<(), String> {
     let Some(sandbox) = Sandbox::for_role(role, cfg) else {
         return Ok(());
     };
+    sandbox.check_reach(cfg)?;
     let report = sandbox.apply()?;
+    if role == Role::Deliverd
+        && sandbox.files
+        && cfg.tambo.maildir.is_none()
+        && cfg.tambo.lmtp_address.is_none()
+    {
+        tracing::warn!(
+            "deliverd: the MDA ({}) may write only beneath /tmp and [tambo] deliverd_paths: list its mailboxes there",
+            cfg.mail_delivery_agent_bin
+        );
+    }
     if !sandbox.files {
         tracing::warn!(
             "{}: its file access is not restricted: local mail goes through an MDA that may write anywhere; list where in [tambo] deliverd_paths to restrict it",
@@ -408,4 +489,30 @@ pub fn lock_down(role: Role, cfg: &Config) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::maildir_root;
+    use std::path::PathBuf;
+
+    #[test]
+    fn the_maildir_root_is_the_fixed_directory_or_nothing() {
+        let r = |t: &str| maildir_root(t);
+        assert_eq!(
+            r("/var/mail/%to_domain%/%to_user%"),
+            Some(PathBuf::from("/var/mail"))
+        );
+        assert_eq!(r("/srv/mail/u-%to_user%"), Some(PathBuf::from("/srv/mail")));
+        assert_eq!(r("/srv/mail/"), Some(PathBuf::from("/srv/mail")));
+        for bad in [
+            "%to_user%",
+            "mail/%to_user%",
+            "/%to_domain%/%to_user%",
+            "/var/../%to_user%",
+            "/x%y",
+        ] {
+            assert_eq!(r(bad), None, "{bad}");
+        }
+    }
 }

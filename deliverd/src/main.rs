@@ -65,9 +65,29 @@ fn main() -> ExitCode {
             "cannot give the MTA-STS cache to deliverd's user: {e}"
         ));
     }
+    // The Maildir tree's root, if missing, is made now and given to
+    // deliverd's user: once locked down, deliverd may write beneath it only
+    // if it exists.
+    if let Err(e) = daemon::own_dir(
+        Role::Deliverd,
+        &ids,
+        tambo_common::sandbox::maildir_root_of(&cfg).as_deref(),
+    ) {
+        return daemon::startup_failed(format!("cannot make the Maildir root: {e}"));
+    }
     if let Err(e) = daemon::drop_privileges(Role::Deliverd, &ids) {
         return daemon::startup_failed(format!("cannot drop privileges: {e}"));
     }
+    // resolv.conf and the roots are read before the lockdown: they are
+    // often links into /run or elsewhere, which it does not reach.
+    let resolver = match tambo_common::dns::resolver(&cfg) {
+        Ok(r) => r,
+        Err(e) => return daemon::startup_failed(e),
+    };
+    let roots = match roots::load(&cfg) {
+        Ok(r) => r,
+        Err(e) => return daemon::startup_failed(e),
+    };
     if let Err(e) = tambo_common::sandbox::lock_down(Role::Deliverd, &cfg) {
         return daemon::startup_failed(format!("cannot lock deliverd down: {e}"));
     }
@@ -80,7 +100,7 @@ fn main() -> ExitCode {
     let _ = mda::environment();
     let cfg = Arc::new(cfg);
     rt.block_on(async move {
-        let (ctx, hook_ctx) = match setup(cfg.clone()) {
+        let (ctx, hook_ctx) = match setup(cfg.clone(), resolver, roots) {
             Ok((ctx, hook_ctx)) => (Arc::new(ctx), Arc::new(hook_ctx)),
             Err(e) => {
                 tracing::error!("{e}");
@@ -114,13 +134,15 @@ fn main() -> ExitCode {
 /// What remote delivery needs, made once: the resolver, the roots, the
 /// MTA-STS cache (and its refresh task); and what hook calls need: the
 /// hooks' place and the DKIM verifier, on the same resolver.
-fn setup(cfg: Arc<tambo_common::config::Config>) -> Result<(jobs::Ctx, calls::Ctx), String> {
-    let resolver = tambo_common::dns::resolver(&cfg)?;
+fn setup(
+    cfg: Arc<tambo_common::config::Config>,
+    resolver: hickory_resolver::TokioResolver,
+    roots: Arc<rustls::RootCertStore>,
+) -> Result<(jobs::Ctx, calls::Ctx), String> {
     let hook_ctx = calls::Ctx {
         hooks: hooks::Hooks::new(&cfg),
         auth: Arc::new(mail_auth::MessageAuthenticator(resolver.clone())),
     };
-    let roots = roots::load(&cfg)?;
     let sts = Arc::new(sts::Sts::new(
         cfg.sts_cache_dir(),
         resolver.clone(),

@@ -221,32 +221,45 @@ fn every_daemon_runs_as_its_own_user_with_nothing_more_and_mail_flows() {
         assert_eq!((m.uid(), m.mode() & 0o777), (uid, 0o700), "{dir}");
     }
 
-    // Every socket refuses a peer that claims another role than its uid's
-    // (the socket's mode, or the uid check behind it).
+    // Every socket refuses a peer that claims another role than its uid's.
+    // Each attacker is given the socket's group, so the file's mode lets
+    // it connect and the uid check behind it is what refuses; the right
+    // uid, as a control, is accepted.
     let (smtpd_uid, smtpd_gid) = users.get(0);
-    let (monitor_uid, monitor_gid) = users.get(3);
+    let (monitor_uid, _) = users.get(3);
     let sock = |n: &str| t.run_dir.join(n).display().to_string();
-    for (uid, gid, socket, claim, server) in [
-        (
-            smtpd_uid,
-            smtpd_gid,
-            sock("deliver.sock"),
-            "deliverd",
-            "queued",
-        ),
+    for (uid, gid, socket, claim, server, verdict) in [
         (
             deliver_uid,
             deliver_gid,
+            sock("deliver.sock"),
+            "deliverd",
+            "queued",
+            "accepted",
+        ),
+        (
+            smtpd_uid,
+            deliver_gid,
+            sock("deliver.sock"),
+            "deliverd",
+            "queued",
+            "refused",
+        ),
+        (
+            deliver_uid,
+            smtpd_gid,
             sock("submit.sock"),
             "smtpd",
             "queued",
+            "refused",
         ),
         (
             monitor_uid,
-            monitor_gid,
+            smtpd_gid,
             sock("submit.sock"),
             "smtpd",
             "queued",
+            "refused",
         ),
         (
             smtpd_uid,
@@ -254,13 +267,21 @@ fn every_daemon_runs_as_its_own_user_with_nothing_more_and_mail_flows() {
             sock("monitor.sock"),
             "queued",
             "monitord",
+            "refused",
         ),
-        (65534, 65534, sock("monitor.sock"), "smtpd", "monitord"),
+        (
+            65534,
+            65534,
+            sock("monitor.sock"),
+            "smtpd",
+            "monitord",
+            "refused",
+        ),
     ] {
         let said = peer_as(uid, gid, &["client", &socket, claim, server]);
         assert!(
-            said.starts_with("refused"),
-            "uid {uid} as {claim} on {socket}: {said}"
+            said.starts_with(verdict) && !said.contains("No such file"),
+            "uid {uid} gid {gid} as {claim} on {socket}: {said}"
         );
     }
 
@@ -438,6 +459,8 @@ fn a_compromised_deliverd_writes_only_mail_and_runs_only_installed_programs() {
     let prog = elsewhere.join("dropped");
     std::fs::write(&prog, "#!/bin/sh\necho ran\n").unwrap();
     std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A program dropped where deliverd may write: not run by execve.
+    std::fs::copy("/bin/true", "/tmp/tambo-attack-dropped").unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tcp = format!("tcp:{}", listener.local_addr().unwrap());
     let p = |what: &str, path: &Path| format!("{what}:{}", path.display());
@@ -450,6 +473,7 @@ fn a_compromised_deliverd_writes_only_mail_and_runs_only_installed_programs() {
         p("write", &mail.join("delivered")),
         "write:/tmp/tambo-attack-scratch".to_string(),
         "exec:/bin/true".to_string(),
+        "exec:/tmp/tambo-attack-dropped".to_string(),
         tcp.clone(),
         "udp".to_string(),
         "vsock".to_string(),
@@ -471,9 +495,38 @@ fn a_compromised_deliverd_writes_only_mail_and_runs_only_installed_programs() {
     for a in &attempts[..5] {
         assert_eq!(r[a], "EACCES", "deliverd {a}: {text}");
     }
-    for a in &attempts[5..10] {
+    for a in [
+        &attempts[5],
+        &attempts[6],
+        &attempts[7],
+        &tcp,
+        &"udp".to_string(),
+    ] {
         assert_eq!(r[a], "ok", "deliverd {a}: {text}");
     }
     assert_eq!(r["vsock"], "EPERM", "{text}");
+    assert_eq!(r["exec:/tmp/tambo-attack-dropped"], "EACCES", "{text}");
     let _ = std::fs::remove_file("/tmp/tambo-attack-scratch");
+    let _ = std::fs::remove_file("/tmp/tambo-attack-dropped");
+
+    // A Maildir template above the queue would let deliverd reach it:
+    // refused, with one line saying why.
+    let conf = std::fs::read_to_string(config.join("tambo.conf")).unwrap();
+    std::fs::write(
+        config.join("tambo.conf"),
+        conf.replace(
+            &format!("maildir = \"{}/%to_domain%", mail.display()),
+            &format!("maildir = \"{}/%to_domain%", base.display()),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_dir().join("tambo-test-peer"))
+        .arg("attack")
+        .arg("deliverd")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("contains the queue"), "{text}");
 }
