@@ -343,6 +343,20 @@ impl Sandbox {
         ] {
             rules.insert(call, Vec::new());
         }
+        // Refused: an IPv4/IPv6 socket of any protocol but TCP and UDP.
+        let ip_protocols = || -> Result<Vec<SeccompRule>, String> {
+            [libc::AF_INET, libc::AF_INET6]
+                .into_iter()
+                .map(|family| {
+                    rule(vec![
+                        eq(0, family)?,
+                        ne(2, 0)?,
+                        ne(2, libc::IPPROTO_TCP)?,
+                        ne(2, libc::IPPROTO_UDP)?,
+                    ])
+                })
+                .collect()
+        };
         let socket_rules = match self.sockets {
             // Refused: any family but AF_UNIX.
             Sockets::Unix => vec![rule(vec![ne(0, libc::AF_UNIX)?])?],
@@ -352,14 +366,7 @@ impl Sandbox {
                     ne(0, libc::AF_INET)?,
                     ne(0, libc::AF_INET6)?,
                 ])?];
-                for family in [libc::AF_INET, libc::AF_INET6] {
-                    v.push(rule(vec![
-                        eq(0, family)?,
-                        ne(2, 0)?,
-                        ne(2, libc::IPPROTO_TCP)?,
-                        ne(2, libc::IPPROTO_UDP)?,
-                    ])?);
-                }
+                v.extend(ip_protocols()?);
                 v
             }
             Sockets::Outbound => {
@@ -369,14 +376,7 @@ impl Sandbox {
                     ne(0, libc::AF_INET6)?,
                     ne(0, libc::AF_NETLINK)?,
                 ])?];
-                for family in [libc::AF_INET, libc::AF_INET6] {
-                    v.push(rule(vec![
-                        eq(0, family)?,
-                        ne(2, 0)?,
-                        ne(2, libc::IPPROTO_TCP)?,
-                        ne(2, libc::IPPROTO_UDP)?,
-                    ])?);
-                }
+                v.extend(ip_protocols()?);
                 // Netlink for the routing family only (getaddrinfo).
                 v.push(rule(vec![
                     eq(0, libc::AF_NETLINK)?,

@@ -318,10 +318,19 @@ fn every_daemon_runs_as_its_own_user_with_nothing_more_and_mail_flows() {
 /// Runs `tambo-test-peer attack`: locked down as `role` on `t`'s config,
 /// it tries each attempt; what each gave, by attempt.
 fn attack(t: &Tambo, role: &str, attempts: &[String]) -> std::collections::HashMap<String, String> {
+    attack_in(&t.config_dir, role, attempts)
+}
+
+/// [`attack`] with the config directory `config`.
+fn attack_in(
+    config: &Path,
+    role: &str,
+    attempts: &[String],
+) -> std::collections::HashMap<String, String> {
     let out = Command::new(bin_dir().join("tambo-test-peer"))
         .arg("attack")
         .arg(role)
-        .arg(&t.config_dir)
+        .arg(config)
         .args(attempts)
         .output()
         .unwrap();
@@ -478,20 +487,8 @@ fn a_compromised_deliverd_writes_only_mail_and_runs_only_installed_programs() {
         "udp".to_string(),
         "vsock".to_string(),
     ];
-    let out = Command::new(bin_dir().join("tambo-test-peer"))
-        .arg("attack")
-        .arg("deliverd")
-        .arg(&config)
-        .args(&attempts)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    let r: std::collections::HashMap<String, String> = text
-        .lines()
-        .filter_map(|l| l.rsplit_once(": "))
-        .map(|(a, r)| (a.to_string(), r.to_string()))
-        .collect();
+    let r = attack_in(&config, "deliverd", &attempts);
+    let text = format!("{r:?}");
     for a in &attempts[..5] {
         assert_eq!(r[a], "EACCES", "deliverd {a}: {text}");
     }
