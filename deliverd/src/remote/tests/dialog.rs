@@ -104,14 +104,7 @@ async fn fail_at(at: At, reply: &'static str) -> Outcome {
     })
     .await;
     let r = remote(no_roots(), |_| {});
-    let (got, _) = deliver_to(
-        &r,
-        &job(&["a@example.net"]),
-        b"x\r\n",
-        &dest(None),
-        vec![host("mx.test", server.addr)],
-    )
-    .await;
+    let (got, _) = deliver_one(&r, b"x\r\n", host("mx.test", server.addr)).await;
     assert_eq!(got.len(), 1);
     got.into_iter().next().unwrap()
 }
@@ -189,14 +182,7 @@ async fn ehlo_refused_falls_back_to_helo() {
     })
     .await;
     let r = remote(no_roots(), |_| {});
-    let (got, _) = deliver_to(
-        &r,
-        &job(&["a@example.net"]),
-        b"x\r\n",
-        &dest(None),
-        vec![host("mx.test", server.addr)],
-    )
-    .await;
+    let (got, _) = deliver_one(&r, b"x\r\n", host("mx.test", server.addr)).await;
     assert_eq!(got, [Outcome::Delivered]);
     // No extensions after HELO.
     assert_eq!(server.next().await, "MAIL FROM:<ann@example.org>");
@@ -318,12 +304,10 @@ async fn data_is_dot_stuffed_and_ends_with_crlf() {
     })
     .await;
     let r = remote(no_roots(), |_| {});
-    let (got, _) = deliver_to(
+    let (got, _) = deliver_one(
         &r,
-        &job(&["a@example.net"]),
         b"Subject: dots\r\n\r\n.\r\n..two\r\nlast line without end",
-        &dest(None),
-        vec![host("mx.test", server.addr)],
+        host("mx.test", server.addr),
     )
     .await;
     assert_eq!(got, [Outcome::Delivered]);
@@ -446,14 +430,7 @@ async fn connections_start_from_the_configured_source_address() {
     let r = remote(no_roots(), |c| {
         c.tambo.outgoing_source_address = vec!["::1".parse().unwrap(), "127.0.0.2".parse().unwrap()]
     });
-    let (got, _) = deliver_to(
-        &r,
-        &job(&["a@example.net"]),
-        b"x\r\n",
-        &dest(None),
-        vec![host("mx.test", server.addr)],
-    )
-    .await;
+    let (got, _) = deliver_one(&r, b"x\r\n", host("mx.test", server.addr)).await;
     assert_eq!(got, [Outcome::Delivered]);
     assert_eq!(server.next().await.to_string(), "127.0.0.2");
 }

@@ -31,14 +31,7 @@ async fn one_reply_is_capped_at_64_kib() {
     })
     .await;
     let r = remote(no_roots(), |_| {});
-    let (got, _) = deliver_to(
-        &r,
-        &job(&["a@example.net"]),
-        b"x\r\n",
-        &dest(None),
-        vec![host("mx.test", server.addr)],
-    )
-    .await;
+    let (got, _) = deliver_one(&r, b"x\r\n", host("mx.test", server.addr)).await;
     assert_eq!(
         got,
         [Outcome::TempFail(
@@ -99,14 +92,7 @@ async fn a_server_that_stops_answering_times_out() {
     let r = remote(no_roots(), |c| {
         c.testing.smtp_out_timeout = Some(Duration::from_secs(1))
     });
-    let (got, _) = deliver_to(
-        &r,
-        &job(&["a@example.net"]),
-        b"x\r\n",
-        &dest(None),
-        vec![host("mx.test", server.addr)],
-    )
-    .await;
+    let (got, _) = deliver_one(&r, b"x\r\n", host("mx.test", server.addr)).await;
     assert_eq!(
         got,
         [Outcome::TempFail("MAIL FROM: timed out (mx.test)".into())]

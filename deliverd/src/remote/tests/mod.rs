@@ -146,6 +146,12 @@ pub async fn deliver_to(
     r.deliver_to(job, &mut f, dest, hosts).await
 }
 
+/// [`deliver_to`] the common case: one recipient, `a@example.net`, no
+/// MTA-STS policy, one host.
+pub async fn deliver_one(r: &Remote, text: &[u8], to: Host) -> (Vec<Outcome>, Option<SecLevel>) {
+    deliver_to(r, &job(&["a@example.net"]), text, &dest(None), vec![to]).await
+}
+
 /// A port nothing listens on.
 pub async fn closed_port() -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -48,14 +48,7 @@ async fn a_cached_connection_to_a_backup_does_not_jump_the_queue() {
     });
     // As after an outage of the primary: the backup took a message and
     // its connection is kept.
-    let (got, _) = deliver_to(
-        &r,
-        &job(&["a@example.net"]),
-        b"x\r\n",
-        &dest(None),
-        vec![host("backup.test", backup.addr)],
-    )
-    .await;
+    let (got, _) = deliver_one(&r, b"x\r\n", host("backup.test", backup.addr)).await;
     assert_eq!(got, [Outcome::Delivered]);
     assert_eq!(r.pool.hosts("mx example.net", |_| true), ["backup.test"]);
 

@@ -168,14 +168,7 @@ async fn plain_retry(fail: fn(Peer) -> tokio::task::JoinHandle<()>) {
     })
     .await;
     let r = remote(p.roots.clone(), |_| {});
-    let got = deliver_to(
-        &r,
-        &job(&["a@example.net"]),
-        b"x\r\n",
-        &dest(None),
-        vec![host("mx.test", server.addr)],
-    )
-    .await;
+    let got = deliver_one(&r, b"x\r\n", host("mx.test", server.addr)).await;
     assert_eq!(got, (vec![Outcome::Delivered], Some(SecLevel::Plain)));
     let mut done = vec![server.next().await, server.next().await];
     done.sort();
