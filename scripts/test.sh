@@ -11,7 +11,10 @@ missing=()
 # systemd-analyze, -sysusers and -tmpfiles check the units and the files
 # of packaging/ (they run on files, without a running systemd); man renders
 # the man pages the Debian package ships.
-for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd man:man-db; do
+# systemd-nspawn and debootstrap boot the package under a real systemd in
+# a container (e2e/support/systemd-boot.sh).
+for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd man:man-db \
+  systemd-nspawn:systemd-container debootstrap:debootstrap; do
   tool=${pair%%:*}
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("${pair#*:}")
 done
@@ -36,6 +39,22 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "the end-to-end tests need: ${missing[*]} (apt-get install ${missing[*]})" >&2
     exit 1
   fi
+fi
+
+# The Debian the package is booted on (as root only: a container needs
+# it): this machine's release from its own mirror, made once and kept in
+# target/. Its machine-id is left empty, so each boot makes its own.
+ROOTFS=${CARGO_TARGET_DIR:-target}/debian/rootfs
+if [ "$(id -u)" = 0 ] && [ ! -e "$ROOTFS/.complete" ]; then
+  suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
+  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+  echo "debootstrapping $suite into $ROOTFS for the systemd boot test"
+  rm -rf "$ROOTFS.tmp" && mkdir -p "$(dirname "$ROOTFS")"
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus "$suite" "$ROOTFS.tmp" \
+    "${mirror:-http://deb.debian.org/debian}" >"$ROOTFS.log" 2>&1 || { tail -20 "$ROOTFS.log" >&2; exit 1; }
+  : >"$ROOTFS.tmp/etc/machine-id"
+  touch "$ROOTFS.tmp/.complete"
+  rm -rf "$ROOTFS" && mv "$ROOTFS.tmp" "$ROOTFS"
 fi
 
 cargo fmt --all -- --check

@@ -46,6 +46,22 @@ pub fn resolver(cfg: &Config) -> Result<TokioResolver, String> {
         },
     };
     builder
+        .with_tls_config(no_tls()?)
         .build()
         .map_err(|e| format!("cannot set up the DNS resolver: {e}"))
+}
+
+/// We never ask a name server over TLS, but with TLS compiled in (mail-auth
+/// turns it on) the resolver would build a client config from the system's
+/// CA store when it is built, and refuse to start on a host without one
+/// (a minimal Debian without ca-certificates). An empty one is never used.
+fn no_tls() -> Result<rustls::ClientConfig, String> {
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("cannot set up the DNS resolver: {e}"))?
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    Ok(config)
 }

@@ -43,7 +43,12 @@ fn main() -> ExitCode {
     // then in it (a program cannot join another session's process group),
     // so a supervisor can find and kill exactly what deliverd left behind
     // if deliverd dies; and no terminal's signals reach deliverd directly.
-    let own_session = nix::unistd::setsid();
+    // Under systemd it already leads a session of its own (setsid would
+    // fail with EPERM): nothing to do, nothing to warn about.
+    let own_session = match nix::unistd::getsid(None) {
+        Ok(sid) if sid == nix::unistd::getpid() => Ok(sid),
+        _ => nix::unistd::setsid(),
+    };
     let started = match daemon::boot(Role::Deliverd, "tambo-deliverd", "tambo's delivery daemon") {
         Ok(v) => v,
         Err(code) => return code,

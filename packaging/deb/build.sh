@@ -53,6 +53,7 @@ Architecture: $ARCH
 Maintainer: tambo developers <tambo@example.org>
 Installed-Size: $SIZE
 Depends: systemd (>= 247), libc6
+Recommends: ca-certificates
 Provides: mail-transport-agent
 Conflicts: mail-transport-agent
 Replaces: mail-transport-agent
@@ -76,9 +77,10 @@ if [ "$1" = configure ]; then
   mkdir -p /etc/tambo/certs /etc/tambo/domains
   chown root:tambo-queue /etc/tambo/certs /etc/tambo/domains
   chmod 0750 /etc/tambo/certs /etc/tambo/domains
+  # Enabling works without a running systemd too (a chroot, an image).
+  systemctl enable tambo.target >/dev/null 2>&1 || true
   if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
-    systemctl enable tambo.target >/dev/null || true
   fi
 fi
 POSTINST
