@@ -11,10 +11,13 @@ missing=()
 # systemd-analyze, -sysusers and -tmpfiles check the units and the files
 # of packaging/ (they run on files, without a running systemd); man renders
 # the man pages the Debian package ships.
-# systemd-nspawn and debootstrap boot the package under a real systemd in
-# a container (e2e/support/systemd-boot.sh).
-for pair in swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd man:man-db \
-  systemd-nspawn:systemd-container debootstrap:debootstrap; do
+# As root, systemd-nspawn and debootstrap boot the package under a real
+# systemd in a container (e2e/support/systemd-boot.sh; skipped otherwise).
+tools="swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd man:man-db"
+if [ "$(id -u)" = 0 ]; then
+  tools="$tools systemd-nspawn:systemd-container debootstrap:debootstrap"
+fi
+for pair in $tools; do
   tool=${pair%%:*}
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("${pair#*:}")
 done
@@ -47,9 +50,11 @@ fi
 ROOTFS=${CARGO_TARGET_DIR:-target}/debian/rootfs
 if [ "$(id -u)" = 0 ] && [ ! -e "$ROOTFS/.complete" ]; then
   suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
-  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+  mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null)
   echo "debootstrapping $suite into $ROOTFS for the systemd boot test"
-  rm -rf "$ROOTFS.tmp" && mkdir -p "$(dirname "$ROOTFS")"
+  # A debootstrap killed half-way may leave its /proc mounted there.
+  umount -R "$ROOTFS.tmp/proc" "$ROOTFS.tmp/sys" 2>/dev/null || true
+  rm -rf --one-file-system "$ROOTFS.tmp" && mkdir -p "$(dirname "$ROOTFS")"
   debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus "$suite" "$ROOTFS.tmp" \
     "${mirror:-http://deb.debian.org/debian}" >"$ROOTFS.log" 2>&1 || { tail -20 "$ROOTFS.log" >&2; exit 1; }
   : >"$ROOTFS.tmp/etc/machine-id"

@@ -745,5 +745,7 @@ pub fn os_hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+mod render;
+
 #[cfg(test)]
 mod tests;

@@ -30,6 +30,11 @@ pub struct DaemonFlags {
     /// Print name, version and build date, and exit.
     #[arg(long)]
     pub version: bool,
+    /// Load and check every file the daemon reads at startup, print what
+    /// it found, and exit: 0 when it would start, else 1 with the same
+    /// one-line error (`tambo check-config` runs this).
+    #[arg(long = "check_config", alias = "check-config")]
+    pub check_config: bool,
 }
 
 impl DaemonFlags {
@@ -110,7 +115,19 @@ pub fn boot(role: Role, binary: &'static str, about: &'static str) -> Result<Sta
         println!("{}", crate::build::version_line(binary));
         return Err(ExitCode::SUCCESS);
     }
-    init_logging();
+    if flags.check_config {
+        // Plain lines for a person at a terminal: no time, level or target.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .without_time()
+            .with_level(false)
+            .with_target(false)
+            .try_init();
+    } else {
+        init_logging();
+    }
     restrict_umask();
     let sockets = Inherited::take()
         .map_err(|e| startup_failed(format!("cannot take the sockets passed to {binary}: {e}")))?;

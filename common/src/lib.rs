@@ -41,6 +41,8 @@ pub mod domains;
 pub mod duration;
 pub mod lockfile;
 pub mod loglimit;
+#[cfg(feature = "password")]
+pub mod password;
 pub mod safeio;
 pub mod sandbox;
 pub mod sockets;

@@ -20,6 +20,23 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 /// fsyncs the directory. Lets many writes share one directory fsync (group
 /// commit).
 pub fn replace(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    replace_as(path, data, mode, None)
+}
+
+/// [`write_atomic`], the new file owned by `owner` (uid, gid) from the
+/// start: a reader never sees it with root's ownership (an admin command
+/// editing a file a daemon reads as its own user).
+pub fn write_atomic_as(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
+    replace_as(path, data, mode, owner)?;
+    fsync_dir(parent(path))
+}
+
+fn replace_as(path: &Path, data: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
     let tmp = temp_path(path)?;
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -27,6 +44,11 @@ pub fn replace(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+            // chown clears no bits here (no setuid), but the umask may have.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        }
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

@@ -62,6 +62,7 @@ impl UserDb {
                         )));
                     }
                 }
+                check_cost(&phc).map_err(|e| err(format!("password hash for {name:?}: {e}")))?;
                 Credential::Hash(cred.to_string())
             };
             users.insert(name, cred);
@@ -97,6 +98,69 @@ impl UserDb {
     }
 }
 
+/// Most memory one hash may ask for: a typo in a users file (`ln=41`)
+/// must not make queued, the trusted core, abort on allocation. 2 GiB
+/// still admits RFC 9106's first recommended argon2id setting.
+pub const MAX_HASH_MEMORY: u64 = 2 << 30;
+
+/// Most scrypt work (N·r·p) one hash may ask for: 32 times chasquid's
+/// (2^14·8·1, ~50 ms), so ~1.6 s per check, already too slow for AUTH.
+pub const MAX_SCRYPT_WORK: u64 = 1 << 22;
+
+/// Most argon2 passes (`t`) one hash may ask for.
+pub const MAX_ARGON2_PASSES: u64 = 16;
+
+/// Refuses a hash whose parameters would cost absurd memory or time to
+/// check. Parameters left out take the algorithm's defaults (scrypt r=8,
+/// p=1); whether they are otherwise usable is for the verifier to say.
+pub fn check_cost(phc: &password_hash::PasswordHash<'_>) -> Result<(), String> {
+    let algorithm = phc.algorithm.as_str();
+    let param = |k: &str, default: u64| -> Result<u64, String> {
+        match phc.params.get_str(k) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<u64>()
+                .map_err(|_| format!("the {algorithm} hash's {k}={v} is not a number")),
+        }
+    };
+    let memory = match algorithm {
+        "scrypt" => {
+            let (ln, r, p) = (param("ln", 0)?, param("r", 8)?, param("p", 1)?);
+            let n = 1u64
+                .checked_shl(u32::try_from(ln).unwrap_or(u32::MAX))
+                .unwrap_or(u64::MAX);
+            let work = n.saturating_mul(r).saturating_mul(p);
+            if work > MAX_SCRYPT_WORK {
+                return Err(format!(
+                    "scrypt parameters ln={ln}, r={r}, p={p} cost {}× chasquid's (ln=14, r=8, p=1); at most {}× is allowed",
+                    work >> 17,
+                    MAX_SCRYPT_WORK >> 17
+                ));
+            }
+            // The working set: 128·r·N bytes for V plus 128·r·p for B.
+            (128 * r).saturating_mul(n.saturating_add(p))
+        }
+        "argon2id" | "argon2i" | "argon2d" => {
+            let t = param("t", 2)?;
+            if t > MAX_ARGON2_PASSES {
+                return Err(format!(
+                    "argon2 parameter t={t}: at most {MAX_ARGON2_PASSES} passes are allowed"
+                ));
+            }
+            param("m", 19 * 1024)?.saturating_mul(1024)
+        }
+        _ => 0,
+    };
+    if memory > MAX_HASH_MEMORY {
+        return Err(format!(
+            "the {algorithm} hash needs {} MiB, more than the {} MiB allowed",
+            memory >> 20,
+            MAX_HASH_MEMORY >> 20
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +175,45 @@ mod tests {
         assert!(db.contains("ann"));
         assert_eq!(db.get("bob"), Some(&Credential::ReceiveOnly));
         assert_eq!(db.len(), 2);
+    }
+
+    #[test]
+    fn absurd_costs_are_refused_when_the_file_is_read() {
+        for (hash, needle) in [
+            // 2^40 rounds: the typo `ln=40` for `ln=14`.
+            (
+                "$scrypt$ln=40,r=8,p=1$c2FsdA$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4",
+                "chasquid's",
+            ),
+            (
+                "$scrypt$ln=14,r=8,p=64$c2FsdA$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4",
+                "64×",
+            ),
+            (
+                "$scrypt$ln=20,r=64,p=1$c2FsdA$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4",
+                "chasquid's",
+            ),
+            (
+                "$argon2id$v=19$m=4194304,t=1,p=1$c2FsdA$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4",
+                "4096 MiB",
+            ),
+            (
+                "$argon2id$v=19$m=65536,t=1000,p=1$c2FsdA$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4",
+                "passes",
+            ),
+        ] {
+            let e = UserDb::parse(&format!("ann {hash}\n"), Path::new("d/users"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("d/users") && e.contains(needle), "{hash}: {e}");
+        }
+        // chasquid's own cost, and a cheap one, pass.
+        UserDb::parse(&format!("ann {HASH}\n"), Path::new("users")).unwrap();
+        UserDb::parse(
+            "ann $scrypt$ln=4,r=8,p=1$c2FsdA$6Q6Yq3UQ1eKnYlN7jW0dXzrdyHYqgM6XdIhrhf9Dpf4\n",
+            Path::new("users"),
+        )
+        .unwrap();
     }
 
     #[test]

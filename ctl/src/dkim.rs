@@ -23,7 +23,7 @@ use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding, SecretDocument};
 
 use tambo_common::dkimkey::{self, DkimKey};
-use tambo_common::domains::domain_dirs;
+use tambo_common::domains::scan_domain_dirs;
 use tambo_common::{address, safeio};
 
 /// The key `dkim-keygen` makes.
@@ -175,7 +175,9 @@ impl Domain {
         let domains = config_dir.join("domains");
         // Found as queued finds domains: the same names, the same refusal
         // of a domain with two directories.
-        let dirs = domain_dirs(&domains).map_err(|e| Error::Config(e.to_string()))?;
+        let dirs = scan_domain_dirs(&domains)
+            .map_err(|e| Error::Config(e.to_string()))?
+            .found;
         dirs.into_iter()
             .find(|(name, _)| *name == self.name)
             .map(|(_, path)| path)

@@ -8,9 +8,11 @@
 //! and `dkim-dns` reads one, to print its public half.
 #![forbid(unsafe_code)]
 
+mod check;
 mod dev;
 mod dkim;
 mod supervisor;
+mod users;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +71,60 @@ enum Command {
         #[arg(long, value_enum, default_value = "rsa3072")]
         algo: dkim::Algorithm,
     },
+    /// Adds a user, or replaces one, in domains/<domain>/users (creating the
+    /// domain directory if needed). Without --password it asks twice on the
+    /// terminal, or reads one line of standard input.
+    UserAdd {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// The user, as user@domain.
+        address: String,
+        /// The password (visible to other users in the process list: prefer
+        /// the prompt or standard input).
+        #[arg(long)]
+        password: Option<String>,
+        /// The user receives mail but never authenticates.
+        #[arg(long = "receive_only", alias = "receive-only")]
+        receive_only: bool,
+    },
+    /// Removes a user from domains/<domain>/users.
+    UserRemove {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// The user, as user@domain.
+        address: String,
+    },
+    /// Checks a password against the users file (not Dovecot); exits 1 if
+    /// it does not match.
+    Authenticate {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// The user, as user@domain.
+        address: String,
+        /// The password [default: asked on the terminal, or one line of
+        /// standard input].
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Loads a domain's users file and prints how many users it has.
+    CheckUserdb {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// The domain.
+        domain: String,
+    },
+    /// Prints the effective configuration, defaults included, as TOML.
+    PrintConfig {
+        #[command(flatten)]
+        config: ConfigDir,
+    },
+    /// Checks a configuration directory as the daemons will read it at
+    /// startup (config, domains, users, aliases, DKIM keys, certificates);
+    /// exits 1 with their one-line errors if they would not start.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigDir,
+    },
     /// Prints the DNS record (name, TXT, value) that publishes a DKIM key.
     DkimDns {
         #[command(flatten)]
@@ -123,7 +179,8 @@ fn main() -> ExitCode {
             selector.as_deref(),
             key_path.as_deref(),
             algo,
-        ),
+        )
+        .map_err(|e| e.to_string()),
         Command::DkimDns {
             config,
             domain,
@@ -134,7 +191,23 @@ fn main() -> ExitCode {
             &domain,
             selector.as_deref(),
             key_path.as_deref(),
-        ),
+        )
+        .map_err(|e| e.to_string()),
+        Command::UserAdd {
+            config,
+            address,
+            password,
+            receive_only,
+        } => users::add(&config.config_dir, &address, password, receive_only),
+        Command::UserRemove { config, address } => users::remove(&config.config_dir, &address),
+        Command::Authenticate {
+            config,
+            address,
+            password,
+        } => users::authenticate(&config.config_dir, &address, password),
+        Command::CheckUserdb { config, domain } => users::check(&config.config_dir, &domain),
+        Command::PrintConfig { config } => check::print(&config.config_dir),
+        Command::CheckConfig { config } => check::check(&config.config_dir),
         Command::Run {
             config_dir,
             config_overrides,

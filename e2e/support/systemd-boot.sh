@@ -31,10 +31,18 @@ systemd-nspawn -D "$ROOTFS" --volatile=overlay --boot --register=no --keep-unit 
 NSPAWN=$!
 C=
 cleanup() {
-  [ -n "$C" ] && nsenter -t "$C" -a systemctl poweroff >/dev/null 2>&1 || true
-  for _ in $(seq 100); do kill -0 "$NSPAWN" 2>/dev/null || break; sleep 0.1; done
+  local status=$?
+  if [ -n "$C" ]; then
+    # What the units said, whatever happened.
+    echo "--- journal"
+    nsenter -t "$C" -a journalctl -o short-monotonic --no-pager -u 'tambo*' 2>&1 | tail -n 80
+    nsenter -t "$C" -a systemctl poweroff >/dev/null 2>&1 || true
+    for _ in $(seq 100); do kill -0 "$NSPAWN" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$C" 2>/dev/null || true
+  fi
   kill -9 "$NSPAWN" 2>/dev/null || true
   wait "$NSPAWN" 2>/dev/null || true
+  exit "$status"
 }
 trap cleanup EXIT
 
@@ -70,7 +78,8 @@ ct sh -ec '
   cp /stage/fullchain.pem /stage/privkey.pem /etc/tambo/certs/mx.example.org/
   chown -R root:tambo-queue /etc/tambo/certs /etc/tambo/domains
   chmod -R u=rwX,g=rX,o= /etc/tambo/certs /etc/tambo/domains
-  systemctl enable --now tambo-monitoring.socket 2>/dev/null
+  # Monitoring is opt-in: enabled, tambo.target starts it with the rest.
+  systemctl enable tambo-monitoring.socket 2>/dev/null
   systemctl start tambo.target
 '
 for d in smtpd queued deliverd monitord; do
@@ -95,7 +104,7 @@ until_ok ct sh -c 'find /var/lib/tambo/mail -type f -path "*/new/*" | grep -q .'
 echo "maildir: $(ct find /var/lib/tambo/mail -type f -path '*/new/*' | wc -l) in $(ct find /var/lib/tambo/mail -mindepth 2 -maxdepth 2 -type d)"
 
 vars() {
-  ct bash -c 'exec 3<>/dev/tcp/127.0.0.1/1099; printf "GET /debug/vars HTTP/1.0\r\n\r\n" >&3; cat <&3'
+  ct timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/1099; printf "GET /debug/vars HTTP/1.0\r\n\r\n" >&3; cat <&3'
 }
 has_put() { vars | grep -q '"chasquid/queue/putCount": *1'; }
 until_ok has_put || true
@@ -105,14 +114,18 @@ for d in smtpd queued deliverd monitord; do
   pid=$(ct systemctl show -p MainPID --value tambo-$d.service)
   echo "$d process: $(ct stat -c %U /proc/"$pid") $(ct grep -E '^(NoNewPrivs|CapPrm|CapEff|CapBnd)' /proc/"$pid"/status | tr -s '\t\n' '  ')"
   echo "$d lockdown: $(ct journalctl -o cat -u tambo-$d.service | grep -o 'locked down.*' | head -1)"
+  # PrivateUsers=: which users the process's namespace maps.
+  echo "$d uid_map: $(ct awk '{print $1 "-" $2 "-" $3}' /proc/"$pid"/uid_map | tr '\n' ' ')"
 done
+echo "smtpd uid: $(ct id -u tambo-smtpd)"
 
 # Hostile peers: a uid of no role, given the socket's group so the mode
 # lets it connect, and a role's user claiming another role.
 peer() { ct setpriv --reuid="$1" --regid="$2" --clear-groups /stage/tambo-test-peer client "/run/tambo/$3.sock" "$4" "$5" 2>&1 || true; }
+# (A daemon logs the first refusal of a burst: the one checked goes first.)
 echo "peer submit nobody: $(peer nobody tambo-smtpd submit smtpd queued)"
-echo "peer deliver nobody: $(peer nobody tambo-deliver deliver deliverd queued)"
 echo "peer deliver smtpd-user: $(peer tambo-smtpd tambo-deliver deliver deliverd queued)"
+echo "peer deliver nobody: $(peer nobody tambo-deliver deliver deliverd queued)"
 echo "peer monitor nobody: $(peer nobody nogroup monitor queued monitord)"
 echo "peer submit smtpd-user: $(peer tambo-smtpd tambo-smtpd submit smtpd queued)"
 ct journalctl -o cat -u tambo-queued.service -u tambo-monitord.service | grep -i 'refused' | sed 's/^.*Z *//; s/^/refusal: /'
@@ -125,5 +138,3 @@ for u in tambo-smtpd.service tambo-queued.service tambo-deliverd.service tambo-m
 done
 echo "after restart: $(ct systemctl is-active tambo-smtpd.service tambo-queued.service tambo-deliverd.service tambo-monitord.service tambo-smtp.socket tambo-submission.socket tambo-submission-tls.socket tambo-monitoring.socket | tr '\n' ' ')"
 echo "failed units: $(ct systemctl list-units --failed --plain --no-legend | wc -l)"
-echo "--- journal"
-ct journalctl -o short-monotonic --no-pager -u 'tambo*' | tail -n 60

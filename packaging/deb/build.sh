@@ -77,8 +77,11 @@ if [ "$1" = configure ]; then
   mkdir -p /etc/tambo/certs /etc/tambo/domains
   chown root:tambo-queue /etc/tambo/certs /etc/tambo/domains
   chmod 0750 /etc/tambo/certs /etc/tambo/domains
+  # On the first install only (an upgrade keeps an admin's `disable`).
   # Enabling works without a running systemd too (a chroot, an image).
-  systemctl enable tambo.target >/dev/null 2>&1 || true
+  if [ -z "$2" ]; then
+    systemctl enable tambo.target >/dev/null 2>&1 || true
+  fi
   if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
   fi

@@ -74,6 +74,7 @@ pub mod names {
     pub const QUEUE_DSNS_DROPPED: &str = "tambo/queue/dsnDropped";
     pub const TLS_SIGNATURES: &str = "tambo/tls/signatures";
     pub const TLS_SIGN_REFUSED: &str = "tambo/tls/signRefused";
+    pub const CONFIG_RELOAD_ERRORS: &str = "tambo/config/reloadErrors";
     pub const QUEUE_DIR_SYNCS: &str = "tambo/queue/dirSyncs";
     pub const METRICS_DROPPED: &str = "tambo/metrics/dropped";
     pub const MONITORD_DROPPED_KEYS: &str = "tambo/monitord/droppedKeys";
@@ -275,6 +276,11 @@ pub const VARIABLES: &[(&str, Kind, &str)] = &[
         "chasquid/sts/cache/unmarshalErrors",
         Kind::Counter,
         "unmarshalling errors in the STS cache",
+    ),
+    (
+        "tambo/config/reloadErrors",
+        Kind::Map,
+        "reloads that failed and kept the previous files, by what (domains, certificates, domaininfo)",
     ),
     (
         "tambo/ipc/errors",

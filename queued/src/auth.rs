@@ -21,7 +21,6 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use password_hash::{PasswordHash, PasswordVerifier};
 use tambo_common::address;
 use tambo_common::users::{Credential, UserDb};
 
@@ -49,12 +48,6 @@ pub const JITTER: f64 = 0.2;
 /// a longer one can only come from a misbehaving smtpd; refusing it keeps
 /// that from turning into work here.
 pub const MAX_PASSWORD_LEN: usize = 1024;
-
-/// Most memory one hash may ask for. The parameters come from the users
-/// file, not the client, so this is a guard against a typo (`ln=41`) that
-/// would make queued, the trusted core, abort on allocation; 2 GiB still
-/// admits RFC 9106's first recommended argon2id setting.
-pub const MAX_HASH_MEMORY: u64 = 2 << 30;
 
 /// Splits an AUTH identity at the first `@` and normalises both halves:
 /// the user as a PRECIS-like user name ([`address::normalize_user`]), the
@@ -100,7 +93,7 @@ pub enum Verdict {
 /// (`454 4.7.0`, and worth a log line for the administrator).
 ///
 /// This runs scrypt or argon2, tens of milliseconds of CPU and up to
-/// [`MAX_HASH_MEMORY`]: call it from `spawn_blocking`, not on a runtime
+/// [`tambo_common::users::MAX_HASH_MEMORY`]: call it from `spawn_blocking`, not on a runtime
 /// thread.
 pub fn check(db: &UserDb, user: &str, password: &[u8]) -> Result<Option<Verdict>, String> {
     let phc = match db.get(user) {
@@ -130,21 +123,11 @@ pub fn check(db: &UserDb, user: &str, password: &[u8]) -> Result<Option<Verdict>
 fn decoy_hash() -> &'static str {
     static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DECOY.get_or_init(|| {
-        use password_hash::{PasswordHasher, SaltString};
         let mut salt = [0u8; 16];
         // Without randomness the decoy is still a decoy: its salt is not
         // a secret, only its cost matters.
         let _ = getrandom::fill(&mut salt);
-        let params = scrypt::Params::new(14, 8, 1, 32).expect("valid scrypt parameters");
-        SaltString::encode_b64(&salt)
-            .ok()
-            .and_then(|salt| {
-                scrypt::Scrypt
-                    .hash_password_customized(b"decoy", None, None, params, &salt)
-                    .map(|h| h.to_string())
-                    .ok()
-            })
-            .unwrap_or_default()
+        tambo_common::password::hash_with_salt(b"decoy", &salt, 14).unwrap_or_default()
     })
 }
 
@@ -167,51 +150,10 @@ fn decoy(db: &UserDb, password: &[u8]) {
     let _ = verify_phc(phc, &password[..password.len().min(MAX_PASSWORD_LEN)]);
 }
 
-/// Whether `password` matches the PHC string `phc` (`$scrypt$…`,
-/// `$argon2id$…`, `$argon2i$…`, `$argon2d$…`).
-///
-/// The hash's own parameters (cost, version, output length) are used, so
-/// old and new hashes verify side by side, and the comparison is the
-/// `password-hash` crate's constant-time one. `Err` for a string that is
-/// not PHC, an unsupported algorithm, unusable parameters, or a PHC with no
-/// salt or output (which would otherwise never match, hiding the mistake).
+/// Whether `password` matches the PHC string `phc`: the shared check
+/// ([`tambo_common::password::verify`]), which `tambo authenticate` runs too.
 pub fn verify_phc(phc: &str, password: &[u8]) -> Result<bool, String> {
-    let hash = PasswordHash::new(phc).map_err(|e| format!("not a PHC string: {e}"))?;
-    let algorithm = hash.algorithm.as_str();
-    if hash.salt.is_none() || hash.hash.is_none() {
-        return Err(format!("the {algorithm} hash has no salt or no output"));
-    }
-    let bad_params = |e: password_hash::Error| format!("the {algorithm} hash's parameters: {e}");
-    let memory = match algorithm {
-        "scrypt" => {
-            let p = scrypt::Params::try_from(&hash).map_err(bad_params)?;
-            // scrypt's working set: 128·r·N bytes for V plus 128·r·p for B.
-            let n = 1u64.checked_shl(u32::from(p.log_n())).unwrap_or(u64::MAX);
-            (128 * u64::from(p.r())).saturating_mul(n.saturating_add(u64::from(p.p())))
-        }
-        "argon2id" | "argon2i" | "argon2d" => {
-            let p = argon2::Params::try_from(&hash).map_err(bad_params)?;
-            u64::from(p.m_cost()) * 1024
-        }
-        other => return Err(format!("unsupported password hash algorithm {other:?}")),
-    };
-    if memory > MAX_HASH_MEMORY {
-        return Err(format!(
-            "the {algorithm} hash needs {} MiB, more than the {} MiB allowed",
-            memory >> 20,
-            MAX_HASH_MEMORY >> 20
-        ));
-    }
-    let result = match algorithm {
-        "scrypt" => scrypt::Scrypt.verify_password(password, &hash),
-        // Argon2's hasher takes the variant and version from the hash too.
-        _ => argon2::Argon2::default().verify_password(password, &hash),
-    };
-    match result {
-        Ok(()) => Ok(true),
-        Err(password_hash::Error::Password) => Ok(false),
-        Err(e) => Err(format!("cannot verify the {algorithm} hash: {e}")),
-    }
+    tambo_common::password::verify(phc, password)
 }
 
 /// Per-client AUTH failure counts, Postfix-anvil style: a client (an IPv4

@@ -24,7 +24,7 @@ use ring::rand::SystemRandom;
 use tambo_common::address;
 use tambo_common::config::{Config, ConfigError};
 use tambo_common::dkimkey::{self, DkimKey as KeyPair};
-use tambo_common::domains::domain_dirs;
+use tambo_common::domains::scan_domain_dirs;
 
 /// Why a message could not be signed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,7 +94,7 @@ impl DkimKeys {
     pub fn load(cfg: &Config) -> Result<Self, ConfigError> {
         let dir = cfg.config_dir.join("domains");
         let mut domains = BTreeMap::new();
-        for (name, path) in domain_dirs(&dir)? {
+        for (name, path) in scan_domain_dirs(&dir)?.found {
             let keys = load_domain(&path)?;
             if keys.is_empty() {
                 continue;

@@ -124,6 +124,10 @@ impl KeyService {
                 tracing::info!("certificates reloaded");
             }
             Err(e) => {
+                tambo_proto::metrics::inc_label(
+                    tambo_proto::metrics::names::CONFIG_RELOAD_ERRORS,
+                    "certificates",
+                );
                 tracing::error!("certificates not reloaded, keeping the previous ones: {e}");
             }
         }

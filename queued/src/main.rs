@@ -40,6 +40,71 @@ use tambo_proto::activation::Inherited;
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
 
+/// What the reloads last saw of the files they watch.
+struct Reloads {
+    certs: certs::FilesState,
+    domains: tambo_common::domains::FilesState,
+}
+
+/// Loads users and aliases again when their files changed since `last`
+/// (or when `force`, on SIGHUP). A file that does not load keeps the
+/// previous users and aliases of every domain in use, with one line per
+/// change, never one per period: the server goes on serving what it had
+/// (chasquid exits instead, and a typo stops its mail).
+fn reload_domains(
+    q: &queue::Queue,
+    c: &tambo_common::config::Config,
+    force: bool,
+    last: &mut tambo_common::domains::FilesState,
+) {
+    let now = tambo_common::domains::files_state(&c.config_dir);
+    if !force && &now == last {
+        return;
+    }
+    *last = now;
+    match Domains::load(c) {
+        Ok(d) => {
+            let (n, users): (usize, usize) = d
+                .iter()
+                .fold((0, 0), |(n, u), (_, dom)| (n + 1, u + dom.users.len()));
+            q.set_domains(d);
+            let why = if force { "SIGHUP: " } else { "" };
+            tracing::info!("{why}users and aliases reloaded ({n} domains, {users} users)");
+        }
+        Err(e) => {
+            metrics::inc_label(names::CONFIG_RELOAD_ERRORS, "domains");
+            tracing::error!("users and aliases not reloaded, keeping the previous ones: {e}");
+        }
+    }
+}
+
+/// `--check_config`: every file queued reads at startup, read by the
+/// same code (so with the same errors), with nothing else done: no lock,
+/// no socket, no privilege change. What it found goes to standard output.
+fn check_config(cfg: &tambo_common::config::Config) -> ExitCode {
+    let domains = match Domains::load(cfg) {
+        Ok(d) => d,
+        Err(e) => return daemon::startup_failed(e),
+    };
+    let dkim = match dkim::DkimKeys::load(cfg) {
+        Ok(k) => k,
+        Err(e) => return daemon::startup_failed(e),
+    };
+    for (name, d) in domains.iter() {
+        println!(
+            "domain {name}: {} users, {} aliases, {} DKIM keys",
+            d.users.len(),
+            d.aliases.len(),
+            dkim.count(name)
+        );
+    }
+    match certs::Certs::load(&cfg.config_dir) {
+        Ok(c) => println!("certificates: {}", c.ids().len()),
+        Err(e) => return daemon::startup_failed(e),
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let started = match daemon::boot(
         Role::Queued,
@@ -55,6 +120,9 @@ fn main() -> ExitCode {
         ids,
         mut sockets,
     } = started;
+    if flags.check_config {
+        return check_config(&cfg);
+    }
     // Its state must stay its own once it is not root (DESIGN §1).
     let state = [cfg.queue_dir(), cfg.domaininfo_dir()];
     if let Err(e) = daemon::own_state_dirs(Role::Queued, &ids, &cfg.data_dir, &state) {
@@ -106,6 +174,9 @@ fn main() -> ExitCode {
         return daemon::startup_failed(format!("cannot drop privileges: {e}"));
     }
     let cfg = Arc::new(cfg);
+    // Taken before the files are read: a change made meanwhile is seen by
+    // the first periodic reload.
+    let domains_state = tambo_common::domains::files_state(&cfg.config_dir);
     let domains = match Domains::load(&cfg) {
         Ok(d) => d,
         Err(e) => return daemon::startup_failed(e),
@@ -228,11 +299,15 @@ fn main() -> ExitCode {
             pool: hashes,
             budget: auth::FailureBudget::default(),
         });
-        // Reloads: users and aliases on SIGHUP; certificates on SIGHUP and
-        // whenever their files change (a certbot renewal). One reload at a
-        // time, each reading the files when it runs, so an older read can
-        // never put back older files.
-        let reloads = Arc::new(std::sync::Mutex::new(certs_state));
+        // Reloads: users, aliases and certificates every reload period
+        // when their files changed, and on SIGHUP whatever they look like;
+        // domaininfo on SIGHUP. One reload at a time, each reading the
+        // files when it runs, so an older read can never put back older
+        // files; a file that does not load keeps the previous data in use.
+        let reloads = Arc::new(std::sync::Mutex::new(Reloads {
+            certs: certs_state,
+            domains: domains_state,
+        }));
         let (q, c, k, r) = (queue.clone(), cfg.clone(), keys.clone(), reloads.clone());
         daemon::on_sighup(move || {
             let (q, c, k, r) = (q.clone(), c.clone(), k.clone(), r.clone());
@@ -241,30 +316,26 @@ fn main() -> ExitCode {
                 let mut last = r.lock().unwrap_or_else(|e| e.into_inner());
                 match q.domaininfo.reload() {
                     Ok(n) => tracing::info!("SIGHUP: domaininfo re-read ({n} domains)"),
-                    Err(e) => tracing::error!("SIGHUP: cannot re-read domaininfo, keeping what is in memory: {e}"),
-                }
-                match Domains::load(&c) {
-                    Ok(d) => {
-                        q.set_domains(d);
-                        tracing::info!("SIGHUP: users and aliases reloaded");
-                    }
                     Err(e) => {
-                        tracing::error!("SIGHUP: reload failed, keeping the last good files: {e}")
+                        metrics::inc_label(names::CONFIG_RELOAD_ERRORS, "domaininfo");
+                        tracing::error!("SIGHUP: cannot re-read domaininfo, keeping what is in memory: {e}")
                     }
                 }
-                k.reload(&c.config_dir, true, &mut last);
+                reload_domains(&q, &c, true, &mut last.domains);
+                k.reload(&c.config_dir, true, &mut last.certs);
             });
         });
-        let (c, k) = (cfg.clone(), keys.clone());
+        let (q, c, k) = (queue.clone(), cfg.clone(), keys.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(c.reload_period());
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let (c, k, r) = (c.clone(), k.clone(), reloads.clone());
+                let (q, c, k, r) = (q.clone(), c.clone(), k.clone(), reloads.clone());
                 let _ = tokio::task::spawn_blocking(move || {
                     let mut last = r.lock().unwrap_or_else(|e| e.into_inner());
-                    k.reload(&c.config_dir, false, &mut last);
+                    reload_domains(&q, &c, false, &mut last.domains);
+                    k.reload(&c.config_dir, false, &mut last.certs);
                 })
                 .await;
             }
