@@ -576,6 +576,16 @@ impl Config {
             .unwrap_or(Duration::from_secs(30))
     }
 
+    /// The mail log's file, when `mail_log_path` names one (not
+    /// `<syslog>`, `<stdout>` or `<stderr>`); relative to the config
+    /// directory.
+    pub fn mail_log_file(&self) -> Option<PathBuf> {
+        match self.mail_log_path.as_str() {
+            "<syslog>" | "<stdout>" | "<stderr>" => None,
+            p => Some(self.config_dir.join(p)),
+        }
+    }
+
     /// `[tambo] max_data_in_flight_mb`, in bytes.
     pub fn max_data_in_flight(&self) -> u64 {
         self.tambo.max_data_in_flight_mb.saturating_mul(1024 * 1024)

@@ -122,10 +122,15 @@ impl Sandbox {
                 // Certificates are often links into /etc/letsencrypt: the
                 // directories they point to are read too.
                 read.extend(link_targets(&cfg.config_dir.join("certs")));
+                let mut write = vec![cfg.queue_dir(), cfg.domaininfo_dir()];
+                // The mail log's directory: reopened after a rotation.
+                if let Some(dir) = cfg.mail_log_file().as_deref().and_then(Path::parent) {
+                    write.push(dir.to_path_buf());
+                }
                 Some(Sandbox {
                     role,
                     read,
-                    write: vec![cfg.queue_dir(), cfg.domaininfo_dir()],
+                    write,
                     exec: Vec::new(),
                     files: true,
                     restrict_tcp: true,

@@ -110,6 +110,11 @@ has_put() { vars | grep -q '"chasquid/queue/putCount": *1'; }
 until_ok has_put || true
 echo "putCount: $(vars | grep -o '"chasquid/queue/putCount": *[0-9]*' | grep -o '[0-9]*$' || echo none)"
 
+# The mail log: <syslog> by default, so the journal, as "tambo".
+has_syslog() { ct journalctl -t tambo -o cat | grep -q ' queued ip='; }
+until_ok has_syslog || true
+echo "syslog queued lines: $(ct journalctl -t tambo -o cat | grep -c ' queued ip=' || true)"
+
 for d in smtpd queued deliverd monitord; do
   pid=$(ct systemctl show -p MainPID --value tambo-$d.service)
   echo "$d process: $(ct stat -c %U /proc/"$pid") $(ct grep -E '^(NoNewPrivs|CapPrm|CapEff|CapBnd)' /proc/"$pid"/status | tr -s '\t\n' '  ')"

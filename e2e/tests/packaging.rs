@@ -292,6 +292,7 @@ fn the_deb_holds_everything_and_its_man_pages_render() {
         "usr/lib/sysusers.d/tambo.conf",
         "usr/lib/tmpfiles.d/tambo.conf",
         "etc/tambo/tambo.conf",
+        "etc/fail2ban/filter.d/tambo.conf",
     ];
     wanted.extend(pages);
     for f in wanted {
@@ -471,6 +472,9 @@ fn starts_under_systemd(deb: &Path) {
         "{all}"
     );
     assert_eq!(fact("putCount"), "1", "{all}");
+    // The mail log's default, <syslog>: queued reaches the journal's
+    // /dev/log from inside its unit.
+    assert_eq!(fact("syslog queued lines"), "1", "{all}");
     for (d, user) in [
         ("smtpd", "tambo-smtpd"),
         ("queued", "tambo-queue"),

@@ -34,6 +34,8 @@ install -m 0644 packaging/systemd/*.service packaging/systemd/*.socket packaging
 install -m 0644 packaging/sysusers.d/tambo.conf "$ROOT/usr/lib/sysusers.d/tambo.conf"
 install -m 0644 packaging/tmpfiles.d/tambo.conf "$ROOT/usr/lib/tmpfiles.d/tambo.conf"
 install -m 0644 packaging/tambo.conf "$ROOT/etc/tambo/tambo.conf"
+install -d "$ROOT/etc/fail2ban/filter.d"
+install -m 0644 fail2ban/filter.d/tambo.conf "$ROOT/etc/fail2ban/filter.d/tambo.conf"
 for p in packaging/man/*.8; do gzip -9n < "$p" > "$ROOT/usr/share/man/man8/$(basename "$p").gz"; done
 for p in packaging/man/*.5; do gzip -9n < "$p" > "$ROOT/usr/share/man/man5/$(basename "$p").gz"; done
 install -m 0644 README.md "$ROOT/usr/share/doc/tambo/README.md"
@@ -44,7 +46,7 @@ Upstream-Name: tambo
 License: $(sed -n 's/^license = "\(.*\)"/\1/p' Cargo.toml | head -1)
 COPY
 
-echo "/etc/tambo/tambo.conf" > "$ROOT/DEBIAN/conffiles"
+printf '%s\n' /etc/tambo/tambo.conf /etc/fail2ban/filter.d/tambo.conf > "$ROOT/DEBIAN/conffiles"
 SIZE=$(du -sk "$ROOT" | cut -f1)
 cat > "$ROOT/DEBIAN/control" <<CONTROL
 Package: tambo

@@ -75,6 +75,8 @@ pub mod names {
     pub const TLS_SIGNATURES: &str = "tambo/tls/signatures";
     pub const TLS_SIGN_REFUSED: &str = "tambo/tls/signRefused";
     pub const CONFIG_RELOAD_ERRORS: &str = "tambo/config/reloadErrors";
+    pub const MAILLOG_DROPPED: &str = "tambo/maillog/dropped";
+    pub const MAILLOG_ERRORS: &str = "tambo/maillog/errors";
     pub const QUEUE_DIR_SYNCS: &str = "tambo/queue/dirSyncs";
     pub const METRICS_DROPPED: &str = "tambo/metrics/dropped";
     pub const MONITORD_DROPPED_KEYS: &str = "tambo/monitord/droppedKeys";
@@ -291,6 +293,16 @@ pub const VARIABLES: &[(&str, Kind, &str)] = &[
         "tambo/ipc/refused",
         Kind::Map,
         "IPC connections refused (wrong uid or role, or over a cap), by socket",
+    ),
+    (
+        "tambo/maillog/dropped",
+        Kind::Counter,
+        "mail log lines dropped: the writer was behind, or a log link over its budget",
+    ),
+    (
+        "tambo/maillog/errors",
+        Kind::Counter,
+        "mail log lines that could not be written",
     ),
     (
         "tambo/queue/dsnDropped",

@@ -117,6 +117,42 @@ pub enum SubmitRequest {
     /// Keeps an idle link open (queued closes links idle for longer than
     /// its idle timeout); replied to with `Ok`.
     Ping,
+    /// Instead of `Session`, first after the hello: this connection
+    /// carries smtpd's mail-log events to queued, which writes the one
+    /// mail log (REFERENCE §8). Nothing is replied on it, ever.
+    LogLink,
+    /// On a log link: one event smtpd saw.
+    Log(MailLogEvent),
+}
+
+/// What smtpd tells the mail log (REFERENCE §8). queued writes it, with
+/// its time, made safe and bounded; `client` is the client's address as
+/// smtpd knows it (`ip:port`, `[ip]:port` for IPv6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MailLogEvent {
+    /// A listener opened: what it serves and where.
+    Listening { what: String, addr: String },
+    /// An AUTH attempt ended.
+    Auth {
+        client: String,
+        user: String,
+        ok: bool,
+    },
+    /// MAIL, RCPT or DATA refused: the sender and recipients known then.
+    Rejected {
+        client: String,
+        from: Option<String>,
+        to: Vec<String>,
+        reason: String,
+    },
+    /// Another reply of 500 or more (or the 421 of too many errors): the
+    /// command's verb (`unknown` when it was none), the code, the reason.
+    Error {
+        client: String,
+        verb: String,
+        code: u16,
+        reason: String,
+    },
 }
 
 /// An SPF result (RFC 7208 §2.6).

@@ -19,6 +19,7 @@ mod handshake;
 mod hooks;
 mod item;
 mod keylink;
+mod maillog;
 mod policy;
 mod pool;
 mod queue;
@@ -228,9 +229,16 @@ fn main() -> ExitCode {
             ));
         }
     };
+    // The mail log, opened as queued's user; written by a thread started
+    // after the lockdown, so bound by it.
+    let mail_log = match maillog::open(&cfg) {
+        Ok(w) => w,
+        Err(e) => return daemon::startup_failed(e),
+    };
     if let Err(e) = tambo_common::sandbox::lock_down(Role::Queued, &cfg) {
         return daemon::startup_failed(format!("cannot lock queued down: {e}"));
     }
+    maillog::start(mail_log);
     let rt = match daemon::runtime(None) {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -312,6 +320,7 @@ fn main() -> ExitCode {
         daemon::on_sighup(move || {
             let (q, c, k, r) = (q.clone(), c.clone(), k.clone(), r.clone());
             // Reading the files blocks: off the runtime's threads.
+            maillog::reopen();
             tokio::task::spawn_blocking(move || {
                 let mut last = r.lock().unwrap_or_else(|e| e.into_inner());
                 match q.domaininfo.reload() {

@@ -400,6 +400,7 @@ impl Queue {
             item.client,
             item.rcpt_to
         );
+        crate::maillog::queued(&item.id, &item.from, &item.client, &item.rcpt_to);
         self.start(item);
         Ok(())
     }
@@ -426,6 +427,7 @@ impl Queue {
             }
             let delay = self.schedule.next_delay(age);
             tracing::info!(id = %item.id, "{} from=<{}> completed loop, next in {}", item.id, item.from, duration::format(delay));
+            crate::maillog::round_done(&item.id, &item.from, delay);
             tokio::time::sleep(delay).await;
             if self.age(&item) >= self.cfg.give_up_send_after {
                 break;

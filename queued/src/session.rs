@@ -139,6 +139,9 @@ impl Session {
             SubmitRequest::KeyLink | SubmitRequest::Certificates | SubmitRequest::Sign { .. } => {
                 return Err(Error::Unexpected("a key-link request in an SMTP session"));
             }
+            SubmitRequest::LogLink | SubmitRequest::Log(_) => {
+                return Err(Error::Unexpected("a log-link request in an SMTP session"));
+            }
             SubmitRequest::Auth { identity, password } => {
                 SubmitReply::Auth(self.authenticate(identity, password).await)
             }

@@ -141,6 +141,17 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
         }
         return;
     }
+    if first == SubmitRequest::LogLink {
+        if peer.role != Role::Smtpd {
+            tracing::warn!("submit.sock: a log link is for smtpd only; closing");
+            return;
+        }
+        if let Err(e) = serve_log_link(reader, l.idle_timeout).await {
+            metrics::inc_label(names::IPC_ERRORS, "queued");
+            tracing::warn!(uid = peer.uid, pid = ?peer.pid, "submit.sock: log link closed: {e}");
+        }
+        return;
+    }
     let mut s = Session::new(l.queue.clone(), l.auth.clone());
     let result: Result<(), Error> = async {
         let mut first = Some(first);
@@ -192,5 +203,45 @@ fn log_new_peer(peer: &hello::Peer) {
     }
     if seen.insert((peer.uid, peer.pid)) {
         tracing::info!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "submit.sock: {} connected", peer.role.name());
+    }
+}
+
+/// Lines a log link may write per second, and in a burst: far more than
+/// smtpd's busiest minute needs (a line per refused command), far less
+/// than a compromised smtpd would need to fill the disk quickly.
+const LOG_LINES_PER_SECOND: f64 = 500.0;
+const LOG_BURST: f64 = 5000.0;
+
+/// Serves smtpd's log link after its `LogLink` request: each event is
+/// written to the mail log, within a budget (over it, lines are dropped
+/// and counted). Nothing is replied. An idle link is closed; smtpd opens
+/// another when it has something to say.
+async fn serve_log_link(
+    mut reader: FrameReader<tokio::net::unix::OwnedReadHalf>,
+    idle: std::time::Duration,
+) -> Result<(), Error> {
+    let mut tokens = LOG_BURST;
+    let mut last = std::time::Instant::now();
+    loop {
+        let req = match tokio::time::timeout(idle, reader.read(MAX_SMALL_FRAME)).await {
+            Err(_) => return Ok(()),
+            Ok(r) => match r? {
+                Some(req) => req,
+                None => return Ok(()),
+            },
+        };
+        let SubmitRequest::Log(ev) = req else {
+            return Err(Error::Unexpected("not a log event on a log link"));
+        };
+        let now = std::time::Instant::now();
+        tokens =
+            (tokens + now.duration_since(last).as_secs_f64() * LOG_LINES_PER_SECOND).min(LOG_BURST);
+        last = now;
+        if tokens >= 1.0 {
+            tokens -= 1.0;
+            crate::maillog::event(&ev);
+        } else {
+            metrics::inc(names::MAILLOG_DROPPED);
+        }
     }
 }

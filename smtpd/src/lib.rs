@@ -19,6 +19,7 @@
 //! - [`sasl`]: AUTH PLAIN/LOGIN response decoding (queued checks them).
 //! - [`received`]: the Received header.
 //! - [`queue`]: the per-session link to queued.
+//! - [`maillog`]: what the mail log says of sessions, sent to queued.
 //! - [`conn`]: a client connection, plain or TLS.
 //! - [`tls`]: TLS with the keys held by queued (smtpd's key link).
 #![forbid(unsafe_code)]
@@ -27,6 +28,7 @@ pub mod command;
 pub mod conn;
 pub mod dotreader;
 pub mod headers;
+pub mod maillog;
 pub mod proxy;
 pub mod queue;
 pub mod received;

@@ -9,8 +9,8 @@ use tambo_common::config::ListenAddr;
 use tambo_common::daemon;
 use tambo_common::sockets::IpcSocket;
 use tambo_proto::Role;
-use tambo_proto::submit::Mode;
-use tambo_smtpd::{server, session, spf, tls};
+use tambo_proto::submit::{MailLogEvent, Mode};
+use tambo_smtpd::{maillog, server, session, spf, tls};
 
 fn main() -> ExitCode {
     let started = match daemon::boot(Role::Smtpd, "tambo-smtpd", "tambo's SMTP server") {
@@ -103,6 +103,7 @@ fn main() -> ExitCode {
             h.notify_one();
         });
         daemon::push_metrics(Role::Smtpd, &flags, &cfg, &ids);
+        maillog::start(IpcSocket::Submit.path(&cfg), ids.clone());
         // TLS: the chains from queued over the key link, fetched in the
         // background (queued may not be up yet); until then STARTTLS is not
         // offered and 465 refuses handshakes.
@@ -164,7 +165,13 @@ fn main() -> ExitCode {
                 Mode::SubmissionTls => "submission+TLS",
             };
             match l.local_addr() {
-                Ok(a) => tracing::info!("smtpd listening on {a} ({what})"),
+                Ok(a) => {
+                    tracing::info!("smtpd listening on {a} ({what})");
+                    maillog::log(MailLogEvent::Listening {
+                        what: what.into(),
+                        addr: a.to_string(),
+                    });
+                }
                 Err(e) => tracing::warn!("listener without address: {e}"),
             }
             tokio::spawn(server::run(l, Arc::new(scfg), sessions.clone()));

@@ -58,6 +58,7 @@ impl Queue {
         }
         self.ids().items.remove(&item.id);
         tracing::info!(id = %item.id, "{} from=<{}> all done", item.id, item.from);
+        crate::maillog::done(&item.id, &item.from);
     }
 
     pub(super) async fn queue_dsn(self: &Arc<Self>, item: &Item) -> Result<(), PutError> {

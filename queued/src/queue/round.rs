@@ -164,14 +164,17 @@ impl Queue {
                     Outcome::Delivered => {
                         r.status = Status::Sent;
                         tracing::info!(id = %item.id, "{} from=<{}> to=<{}> sent", item.id, item.from, r.address);
+                        crate::maillog::sent(&item.id, &item.from, &r.address);
                     }
                     Outcome::TempFail(text) => {
                         tracing::info!(id = %item.id, "{} from=<{}> to=<{}> failed (temporary): {text}", item.id, item.from, r.address);
+                        crate::maillog::failed(&item.id, &item.from, &r.address, false, &text);
                         r.last_failure = text;
                         r.permanent = false;
                     }
                     Outcome::PermFail(text) => {
                         tracing::info!(id = %item.id, "{} from=<{}> to=<{}> failed (permanent): {text}", item.id, item.from, r.address);
+                        crate::maillog::failed(&item.id, &item.from, &r.address, true, &text);
                         r.status = Status::Failed;
                         r.last_failure = text;
                         r.permanent = true;

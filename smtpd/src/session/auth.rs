@@ -126,17 +126,20 @@ impl Session {
         match queue.call(&req).await {
             Ok(SubmitReply::Auth(AuthVerdict::Accepted)) => {
                 tracing::info!(peer = %self.peer, "auth succeeded for {}", identity.escape_debug());
+                self.log_auth(&identity, true);
                 self.auth = Some(identity);
                 self.reply(235, "2.7.0", "Authentication successful");
                 Next::Continue
             }
             Ok(SubmitReply::Auth(AuthVerdict::Invalid)) => {
                 tracing::info!(peer = %self.peer, "auth failed for {}", identity.escape_debug());
+                self.log_auth(&identity, false);
                 self.reply(535, "5.7.8", "Authentication credentials invalid");
                 Next::Continue
             }
             Ok(SubmitReply::Auth(AuthVerdict::Blocked)) => {
                 tracing::info!(peer = %self.peer, "auth failed for {}: too many failures from this client", identity.escape_debug());
+                self.log_auth(&identity, false);
                 self.reply(454, "4.7.0", "Too many failed attempts, try again later");
                 Next::Continue
             }
@@ -154,5 +157,16 @@ impl Session {
                 self.queue_lost()
             }
         }
+    }
+}
+
+impl Session {
+    /// The mail log's `auth` line (REFERENCE §8).
+    fn log_auth(&self, user: &str, ok: bool) {
+        crate::maillog::log(tambo_proto::submit::MailLogEvent::Auth {
+            client: self.peer.to_string(),
+            user: user.to_string(),
+            ok,
+        });
     }
 }

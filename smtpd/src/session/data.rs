@@ -98,8 +98,8 @@ impl Session {
         let deadline = self.started + self.cfg.lifetime;
         let outcome = self.stream_body(headers.into_bytes(), deadline).await;
         // The final reply to message content clears the envelope, whatever
-        // it was (REFERENCE §2.3).
-        self.mail_from = None;
+        // it was (REFERENCE §2.3); the mail log still names it.
+        self.answered = (self.mail_from.take(), std::mem::take(&mut self.accepted));
         self.rcpts = 0;
         self.spf = None;
         match outcome {

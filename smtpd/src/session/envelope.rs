@@ -48,6 +48,7 @@ impl Session {
         }
         // A second MAIL starts over (no 503).
         self.mail_from = None;
+        self.accepted.clear();
         self.rcpts = 0;
         self.spf = None;
         // REFERENCE §2.6: not for `<>`, nor for authenticated sessions
@@ -184,6 +185,7 @@ impl Session {
         match verdict {
             RcptVerdict::Accepted => {
                 self.rcpts += 1;
+                self.accepted_rcpt();
                 self.reply(250, "2.1.5", "Ok")
             }
             RcptVerdict::NoSuchUser => self.reply(
@@ -261,6 +263,7 @@ impl Session {
     /// False if queued is gone.
     pub(super) async fn reset_envelope(&mut self) -> bool {
         self.mail_from = None;
+        self.accepted.clear();
         self.rcpts = 0;
         self.spf = None;
         match self.queue.as_mut() {

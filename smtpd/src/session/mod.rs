@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
-use tambo_proto::submit::{Mode, SpfReport};
+use tambo_proto::submit::{MailLogEvent, Mode, SpfReport};
 
 use crate::command::{self, Verb};
 use crate::conn::Conn;
@@ -164,7 +164,20 @@ struct Session {
     mail_from: Option<String>,
     rcpts: usize,
     spf: Option<SpfReport>,
+    /// For the mail log: the command being answered, the address it
+    /// named (MAIL, RCPT), and the recipients accepted so far (the first
+    /// [`LOGGED_RCPTS`]).
+    verb: Verb,
+    log_verb: String,
+    naming: Option<String>,
+    accepted: Vec<String>,
+    /// The envelope the message being answered had (cleared from the
+    /// session before its final reply).
+    answered: (Option<String>, Vec<String>),
 }
+
+/// Recipients a DATA refusal's mail-log line lists at most.
+const LOGGED_RCPTS: usize = 32;
 
 /// Serves one connection until it ends. Never panics on client input.
 /// `peer` is the client: behind a proxy, the source its PROXY header named.
@@ -193,6 +206,11 @@ pub async fn serve(
         mail_from: None,
         rcpts: 0,
         spf: None,
+        verb: Verb::Unknown,
+        log_verb: String::new(),
+        naming: None,
+        accepted: Vec::new(),
+        answered: (None, Vec::new()),
     };
     if s.cfg.mode == Mode::SubmissionTls && !s.implicit_tls().await {
         return;
@@ -260,6 +278,15 @@ impl Session {
     async fn dispatch(&mut self, line: &[u8]) -> Next {
         let cmd = command::parse(line);
         metrics::inc_label(names::SMTP_IN_COMMAND_COUNT, &command::metric_label(&cmd));
+        self.verb = cmd.verb;
+        self.log_verb = match cmd.verb {
+            Verb::Unknown => "unknown".into(),
+            _ => String::from_utf8_lossy(cmd.raw_verb).to_ascii_uppercase(),
+        };
+        self.naming = match cmd.verb {
+            Verb::Mail | Verb::Rcpt => Some(named_address(cmd.arg)),
+            _ => None,
+        };
         let arg = cmd.arg;
         let next = match cmd.verb {
             Verb::Helo | Verb::Ehlo => self.hello(cmd.verb == Verb::Ehlo, arg).await,
@@ -356,6 +383,9 @@ impl Session {
         if code == 421 {
             self.errors = self.errors.max(MAX_ERRORS);
         }
+        if code >= 400 {
+            self.log_refusal(code, enhanced, text);
+        }
         metrics::inc_label(names::SMTP_IN_RESPONSE_CODE_COUNT, &code.to_string());
         self.out.extend_from_slice(code.to_string().as_bytes());
         self.out.push(b' ');
@@ -365,6 +395,63 @@ impl Session {
         }
         self.out.extend_from_slice(text.as_bytes());
         self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// The mail log's line for a refusal (REFERENCE §8): MAIL, RCPT or
+    /// DATA refused is `rejected`, with the sender and recipients known
+    /// then; any other reply of 500 or more, and too many errors, is
+    /// `error`. Left out: AUTH's own verdicts (an `auth` line says them),
+    /// and replies about this server's state, not the client's doing
+    /// (timeouts, a local queue error): fail2ban must never count those.
+    fn log_refusal(&mut self, code: u16, enhanced: &str, text: &str) {
+        let client = self.peer.to_string();
+        let server_side = enhanced.starts_with("4.3.") || enhanced == "4.4.2";
+        let ev = match self.verb {
+            _ if enhanced == "4.5.0" => MailLogEvent::Error {
+                client,
+                verb: self.log_verb.clone(),
+                code,
+                reason: text.into(),
+            },
+            _ if server_side => return,
+            Verb::Mail | Verb::Rcpt | Verb::Data => {
+                let (from, to) = match self.verb {
+                    Verb::Mail => (self.naming.clone(), Vec::new()),
+                    Verb::Rcpt => (
+                        self.mail_from.clone(),
+                        self.naming.clone().into_iter().collect(),
+                    ),
+                    _ if self.mail_from.is_some() => {
+                        (self.mail_from.clone(), self.accepted.clone())
+                    }
+                    _ => self.answered.clone(),
+                };
+                MailLogEvent::Rejected {
+                    client,
+                    from,
+                    to,
+                    reason: text.into(),
+                }
+            }
+            Verb::Auth if code == 535 || code == 454 => return,
+            _ if code >= 500 => MailLogEvent::Error {
+                client,
+                verb: self.log_verb.clone(),
+                code,
+                reason: text.into(),
+            },
+            _ => return,
+        };
+        crate::maillog::log(ev);
+    }
+
+    /// Remembers an accepted recipient for the mail log.
+    fn accepted_rcpt(&mut self) {
+        if self.accepted.len() < LOGGED_RCPTS
+            && let Some(a) = &self.naming
+        {
+            self.accepted.push(a.clone());
+        }
     }
 
     /// A hook's refusal (REFERENCE §6): its last line, made safe for the
@@ -466,6 +553,20 @@ async fn read_line<S: AsyncRead + Unpin>(conn: &mut BufReader<S>) -> Result<Vec<
 
 /// A hook's text as it may go on the wire: printable ASCII only (others
 /// become `?`), at most [`MAX_HOOK_TEXT`] bytes, trimmed.
+/// The address a MAIL or RCPT argument names, for the mail log: between
+/// `<` and `>`, else the argument after its colon, as text.
+fn named_address(arg: &[u8]) -> String {
+    let text = String::from_utf8_lossy(arg);
+    match (text.find('<'), text.find('>')) {
+        (Some(a), Some(b)) if a < b => text[a + 1..b].to_string(),
+        _ => text
+            .split_once(':')
+            .map_or(text.as_ref(), |(_, rest)| rest)
+            .trim()
+            .to_string(),
+    }
+}
+
 fn hook_text(text: &str) -> String {
     text.chars()
         .take(tambo_proto::submit::MAX_HOOK_TEXT)

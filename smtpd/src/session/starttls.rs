@@ -56,6 +56,7 @@ impl Session {
                 self.ehlo = None;
                 self.esmtp = false;
                 self.mail_from = None;
+                self.accepted.clear();
                 self.rcpts = 0;
                 self.spf = None;
                 // A link to queued opened in plain text says so; drop it, and
