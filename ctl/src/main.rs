@@ -8,6 +8,7 @@
 //! and `dkim-dns` reads one, to print its public half.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod check;
 mod dev;
 mod dkim;
@@ -125,6 +126,30 @@ enum Command {
         #[command(flatten)]
         config: ConfigDir,
     },
+    /// Asks the running queued what an address resolves to: one line per
+    /// result, its type ((email), (pipe), (forward)) and address.
+    AliasesResolve {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// The address.
+        address: String,
+    },
+    /// Asks the running queued to forget a domain's security levels (both
+    /// directions back to plain). Silent on success.
+    DomaininfoRemove {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// The domain.
+        domain: String,
+    },
+    /// The running queue: lists it (the default), tries an item now, or
+    /// removes one.
+    Queue {
+        #[command(flatten)]
+        config: ConfigDir,
+        #[command(subcommand)]
+        action: Option<QueueAction>,
+    },
     /// Prints the DNS record (name, TXT, value) that publishes a DKIM key.
     DkimDns {
         #[command(flatten)]
@@ -135,6 +160,29 @@ enum Command {
         selector: Option<String>,
         /// The key file [default: domains/<domain>/dkim:<selector>.pem].
         key_path: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Lists every item: ID, creation time, sender, recipients with their
+    /// status, type, original address and last failure.
+    List,
+    /// Tries an item now instead of at its next retry (every item
+    /// without an ID).
+    Flush {
+        /// The item's ID (as `tambo queue` and the mail log show it).
+        id: Option<String>,
+    },
+    /// Takes an item out of the queue after the attempt under way, if
+    /// any: its pending recipients fail and the sender gets a DSN (none
+    /// with --silent).
+    Remove {
+        /// The item's ID.
+        id: String,
+        /// Drop it without telling the sender.
+        #[arg(long)]
+        silent: bool,
     },
 }
 
@@ -207,6 +255,23 @@ fn main() -> ExitCode {
         } => users::authenticate(&config.config_dir, &address, password),
         Command::CheckUserdb { config, domain } => users::check(&config.config_dir, &domain),
         Command::PrintConfig { config } => check::print(&config.config_dir),
+        Command::AliasesResolve { config, address } => admin::ask(
+            &config.config_dir,
+            tambo_proto::submit::AdminRequest::AliasesResolve { address },
+        ),
+        Command::DomaininfoRemove { config, domain } => admin::ask(
+            &config.config_dir,
+            tambo_proto::submit::AdminRequest::DomaininfoRemove { domain },
+        ),
+        Command::Queue { config, action } => {
+            use tambo_proto::submit::AdminRequest as A;
+            let req = match action.unwrap_or(QueueAction::List) {
+                QueueAction::List => A::QueueList,
+                QueueAction::Flush { id } => A::QueueFlush { id },
+                QueueAction::Remove { id, silent } => A::QueueRemove { id, silent },
+            };
+            admin::ask(&config.config_dir, req)
+        }
         Command::CheckConfig { config } => check::check(&config.config_dir),
         Command::Run {
             config_dir,

@@ -54,10 +54,21 @@ fn every_command_has_help() {
         "check-config",
         "dkim-keygen",
         "dkim-dns",
+        "aliases-resolve",
+        "domaininfo-remove",
+        "queue",
     ] {
         let (code, out, err) = tambo(&[cmd, "--help"], "");
         assert_eq!(code, 0, "{cmd}: {err}");
         assert!(out.contains(&format!("Usage: tambo {cmd}")), "{cmd}: {out}");
+    }
+    for sub in ["list", "flush", "remove"] {
+        let (code, out, err) = tambo(&["queue", sub, "--help"], "");
+        assert_eq!(code, 0, "{sub}: {err}");
+        assert!(
+            out.contains(&format!("Usage: tambo queue {sub}")),
+            "{sub}: {out}"
+        );
     }
     let (code, _, err) = tambo(&["no-such-command"], "");
     assert_eq!(code, 1, "{err}");
@@ -384,4 +395,143 @@ fn edits_go_live_at_the_next_reload_and_a_broken_file_keeps_the_old_data() {
     t.wait_maildir("bob", 2);
     // The broken file was reported once, not once per period it stayed.
     assert_eq!(count(&t.log("queued"), "not reloaded"), 1);
+}
+
+#[test]
+fn aliases_resolve_and_domaininfo_remove_ask_the_running_queued() {
+    let mut t = Tambo::default_setup();
+    // A domain information record, as queued keeps them.
+    let info = t.data_dir.join("domaininfo");
+    std::fs::create_dir_all(&info).unwrap();
+    std::fs::write(
+        info.join("s:secure.example"),
+        "name: \"secure.example\"\noutgoing_sec_level: TLS_SECURE\n",
+    )
+    .unwrap();
+    // Not running yet: one line saying so.
+    let (code, _, err) = tambo(&["aliases-resolve", &c(&t), "team@example.test"], "");
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the running queued at "), "{err}");
+    t.start("monitord");
+    t.start("queued");
+
+    let (code, out, err) = tambo(&["aliases-resolve", &c(&t), "Team@Example.TEST"], "");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "(email)    ann@example.test\n(email)    bob@example.test\n"
+    );
+    let (code, out, _) = tambo(
+        &["aliases-resolve", &c(&t), "someone@elsewhere.example"],
+        "",
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "(email)    someone@elsewhere.example\n")
+    );
+
+    let (code, out, err) = tambo(&["domaininfo-remove", &c(&t), "Secure.Example"], "");
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    let record = std::fs::read_to_string(info.join("s:secure.example")).unwrap();
+    assert!(!record.contains("sec_level"), "{record}");
+    let (code, _, err) = tambo(&["domaininfo-remove", &c(&t), "unknown.example"], "");
+    assert_eq!(code, 1);
+    assert_eq!(err, "tambo: no domain information for unknown.example\n");
+    // Every admin request is in queued's log, with who asked.
+    t.wait_log("queued", "admin request: DomaininfoRemove");
+}
+
+#[test]
+fn the_queue_is_listed_flushed_and_emptied_by_hand() {
+    // A recipient whose delivery fails for now, every time: a pipe to a
+    // program that asks to be retried; retries an hour apart.
+    let mut t = Tambo::new(
+        "",
+        "",
+        "retry_delays = [\"1h\", \"1h\", \"1h\", \"1h\"]\nretry_jitter = \"0s\"\n",
+    );
+    let script = t.config_dir.join("tempfail");
+    std::fs::write(&script, "#!/bin/sh\nexit 75\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let aliases = t.config_dir.join("domains").join(DOMAIN).join("aliases");
+    let text = std::fs::read_to_string(&aliases).unwrap();
+    std::fs::write(&aliases, format!("{text}hold: | {}\n", script.display())).unwrap();
+    t.start_all();
+    t.wait_log("smtpd", "TLS ready with");
+
+    let held = |subject: &str| {
+        assert_eq!(
+            t.send(
+                "ann@example.test",
+                &["hold@example.test"],
+                &message(subject, "x\r\n")
+            )
+            .code,
+            250
+        );
+    };
+    held("first");
+    held("second");
+    let attempts = |t: &Tambo| count(&t.log("queued"), "failed (temporary)");
+    wait_for("two first attempts", || (attempts(&t) >= 2).then_some(()));
+
+    let (code, list, err) = tambo(&["queue", &c(&t)], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(list.starts_with("# Queue status\n\ndate: "), "{list}");
+    assert!(list.contains("length: 2\n"), "{list}");
+    let ids: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.strip_prefix("## Item "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(ids.len(), 2, "{list}");
+    assert!(
+        list.contains("from: ann@example.test\nto: [hold@example.test]\n"),
+        "{list}"
+    );
+    assert!(
+        list.contains(&format!("PENDING {} (PIPE)\n", script.display())),
+        "{list}"
+    );
+    assert!(
+        list.contains("  original address: hold@example.test\n"),
+        "{list}"
+    );
+    assert!(list.contains("exited with 75"), "{list}");
+
+    // Flush: another attempt now, not in an hour.
+    let (code, out, _) = tambo(&["queue", &c(&t), "flush", &ids[0]], "");
+    assert_eq!((code, out), (0, format!("{}: trying now\n", ids[0])));
+    wait_for("a third attempt", || (attempts(&t) >= 3).then_some(()));
+    let (code, _, err) = tambo(&["queue", &c(&t), "flush", "noSuchItem"], "");
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "tambo: no item noSuchItem in the queue\n")
+    );
+
+    // Remove with a DSN: the sender hears of it.
+    let (code, out, _) = tambo(&["queue", &c(&t), "remove", &ids[0]], "");
+    assert_eq!(
+        (code, out),
+        (0, format!("{}: removed; the sender gets a DSN\n", ids[0]))
+    );
+    let dsn = t.wait_maildir("ann", 1);
+    let dsn = String::from_utf8_lossy(&dsn[0]).into_owned();
+    assert!(
+        dsn.contains("removed from the queue by the administrator"),
+        "{dsn}"
+    );
+    // Silently: gone, and no DSN.
+    let (code, out, _) = tambo(&["queue", &c(&t), "remove", "--silent", &ids[1]], "");
+    assert_eq!(
+        (code, out),
+        (0, format!("{}: removed, without a DSN\n", ids[1]))
+    );
+    t.wait_queue_empty();
+    wait_for("an empty listing", || {
+        let (_, list, _) = tambo(&["queue", &c(&t), "list"], "");
+        list.contains("length: 0\n").then_some(())
+    });
+    assert!(!t.log("queued").contains(&format!("{} DSN queued", ids[1])));
+    assert_eq!(t.maildir("ann").len(), 1);
 }

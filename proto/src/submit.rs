@@ -123,6 +123,26 @@ pub enum SubmitRequest {
     LogLink,
     /// On a log link: one event smtpd saw.
     Log(MailLogEvent),
+    /// Instead of `Session`, first after the hello, from the admin CLI
+    /// (role ctl: root): one request, answered by `Admin`, then queued
+    /// closes the connection.
+    Admin(AdminRequest),
+}
+
+/// What `tambo` asks the running queued (REFERENCE §9).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// What an address resolves to now: one `(type, address)` per result.
+    AliasesResolve { address: String },
+    /// Forgets a domain's security levels (both directions back to plain).
+    DomaininfoRemove { domain: String },
+    /// The queue, as `/debug/queue` shows it (REFERENCE §7.4).
+    QueueList,
+    /// Tries one item now (or every item).
+    QueueFlush { id: Option<String> },
+    /// Takes an item out of the queue: its pending recipients fail with a
+    /// DSN to the sender, or, `silent`, the item is dropped without one.
+    QueueRemove { id: String, silent: bool },
 }
 
 /// What smtpd tells the mail log (REFERENCE §8). queued writes it, with
@@ -269,4 +289,7 @@ pub enum SubmitReply {
     /// queued would not sign (not a handshake input, over the rate, no
     /// such key); the handshake fails.
     SignRefused(String),
+    /// The answer to an `Admin` request: the text to print, or the error
+    /// line.
+    Admin(Result<String, String>),
 }

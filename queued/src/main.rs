@@ -7,6 +7,7 @@
 //! answer 250 (through smtpd) before a message is fsync'd.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod auth;
 mod certs;
 mod dirsync;

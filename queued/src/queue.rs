@@ -52,6 +52,25 @@ pub struct Queue {
     pub domaininfo: Arc<DomainInfo>,
     /// DKIM keys by domain (REFERENCE §4.9).
     pub dkim: Arc<DkimKeys>,
+    /// Every item in its send loop: how it looked after its last round,
+    /// and how the admin commands reach it (`tambo queue`).
+    live: Mutex<HashMap<String, (Item, Arc<Control>)>>,
+}
+
+/// What `tambo queue` may do to an item in its send loop: wake it for a
+/// round now, or take it out at the next chance (never in the middle of
+/// a round: deliveries under way finish first).
+#[derive(Default)]
+pub struct Control {
+    wake: tokio::sync::Notify,
+    /// `Some(silent)` once removal was asked for.
+    remove: Mutex<Option<bool>>,
+}
+
+impl Control {
+    fn removal(&self) -> Option<bool> {
+        *self.remove.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Most Dovecot lookups one put may make while resolving its recipients
@@ -156,6 +175,7 @@ impl Queue {
             domaininfo,
             dkim,
             cfg,
+            live: Mutex::default(),
         }
     }
 
@@ -411,13 +431,29 @@ impl Queue {
         ids.reserved.remove(&item.id);
         ids.items.insert(item.id.clone());
         drop(ids);
+        let ctl = Arc::new(Control::default());
+        self.live()
+            .insert(item.id.clone(), (item.clone(), ctl.clone()));
         let q = self.clone();
-        tokio::spawn(async move { q.send_loop(item).await });
+        tokio::spawn(async move { q.send_loop(item, ctl).await });
     }
 
-    async fn send_loop(self: Arc<Self>, mut item: Item) {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Item, Arc<Control>)>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn send_loop(self: Arc<Self>, mut item: Item, ctl: Arc<Control>) {
+        let mut dsn = true;
         loop {
+            if let Some(silent) = ctl.removal() {
+                self.take_out(&mut item, silent);
+                dsn = !silent;
+                break;
+            }
             self.round(&mut item).await;
+            if let Some(view) = self.live().get_mut(&item.id) {
+                view.0 = item.clone();
+            }
             if item.pending().next().is_none() {
                 break;
             }
@@ -428,12 +464,80 @@ impl Queue {
             let delay = self.schedule.next_delay(age);
             tracing::info!(id = %item.id, "{} from=<{}> completed loop, next in {}", item.id, item.from, duration::format(delay));
             crate::maillog::round_done(&item.id, &item.from, delay);
-            tokio::time::sleep(delay).await;
-            if self.age(&item) >= self.cfg.give_up_send_after {
+            // `tambo queue flush` (or remove) ends the wait early.
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = ctl.wake.notified() => {}
+            }
+            if ctl.removal().is_none() && self.age(&item) >= self.cfg.give_up_send_after {
                 break;
             }
         }
-        self.finish(item).await;
+        let id = item.id.clone();
+        self.finish(item, dsn).await;
+        self.live().remove(&id);
+    }
+
+    /// `tambo queue remove`: every pending recipient fails now, for good.
+    fn take_out(&self, item: &mut Item, silent: bool) {
+        let how = if silent {
+            "without a DSN"
+        } else {
+            "with a DSN"
+        };
+        tracing::info!(id = %item.id, "removed from the queue by the administrator, {how}");
+        for r in item.recipients.iter_mut() {
+            if r.status == item::Status::Pending {
+                r.status = item::Status::Failed;
+                r.permanent = true;
+                r.last_failure = "removed from the queue by the administrator".into();
+                crate::maillog::failed(&item.id, &item.from, &r.address, true, &r.last_failure);
+            }
+        }
+    }
+
+    /// The items in their send loops, as of their last round, by creation.
+    pub fn snapshot(&self) -> Vec<Item> {
+        let mut items: Vec<Item> = self.live().values().map(|(i, _)| i.clone()).collect();
+        items.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        items
+    }
+
+    /// Wakes one item's send loop (or every one) for a round now; false
+    /// if there is no such item.
+    pub fn flush(&self, id: Option<&str>) -> bool {
+        let live = self.live();
+        match id {
+            Some(id) => live.get(id).map(|(_, c)| c.wake.notify_one()).is_some(),
+            None => {
+                live.values().for_each(|(_, c)| c.wake.notify_one());
+                true
+            }
+        }
+    }
+
+    /// Asks an item's send loop to take it out (after the round under way,
+    /// if any); false if there is no such item.
+    pub fn remove(&self, id: &str, silent: bool) -> bool {
+        let live = self.live();
+        let Some((_, c)) = live.get(id) else {
+            return false;
+        };
+        *c.remove.lock().unwrap_or_else(|e| e.into_inner()) = Some(silent);
+        c.wake.notify_one();
+        true
+    }
+
+    /// What `rcpt` resolves to now (`tambo aliases-resolve`), asking
+    /// Dovecot and the alias-resolve hook as a put would.
+    pub async fn resolve_now(&self, rcpt: &str) -> Result<Vec<item::Recipient>, PutError> {
+        let domains = self.domains();
+        let policy = Policy {
+            cfg: &self.cfg,
+            domains: &domains,
+        };
+        let mut answers = Answers::default();
+        self.resolve(&policy, rcpt, &mut answers).await
     }
 
     fn age(&self, item: &Item) -> Duration {

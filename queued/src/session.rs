@@ -142,6 +142,9 @@ impl Session {
             SubmitRequest::LogLink | SubmitRequest::Log(_) => {
                 return Err(Error::Unexpected("a log-link request in an SMTP session"));
             }
+            SubmitRequest::Admin(_) => {
+                return Err(Error::Unexpected("an admin request in an SMTP session"));
+            }
             SubmitRequest::Auth { identity, password } => {
                 SubmitReply::Auth(self.authenticate(identity, password).await)
             }

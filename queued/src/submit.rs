@@ -13,7 +13,7 @@ use tambo_common::loglimit::{LogLimiter, skipped};
 use tambo_proto::frame::{FrameReader, MAX_CHUNK_FRAME, MAX_SMALL_FRAME, write_frame};
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
-use tambo_proto::submit::SubmitRequest;
+use tambo_proto::submit::{SubmitReply, SubmitRequest};
 use tambo_proto::{Error, Role, hello};
 
 use crate::keylink::{self, KeyService};
@@ -139,6 +139,18 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             metrics::inc_label(names::IPC_ERRORS, "queued");
             tracing::warn!(uid = peer.uid, pid = ?peer.pid, "submit.sock: key link closed: {e}");
         }
+        return;
+    }
+    if let SubmitRequest::Admin(req) = first {
+        // The admin CLI: root only (the identity check made the ctl role
+        // root's), one request, one answer.
+        if peer.role != Role::Ctl {
+            tracing::warn!("submit.sock: admin requests are for the admin CLI only; closing");
+            return;
+        }
+        tracing::info!(uid = peer.uid, pid = ?peer.pid, "admin request: {req:?}");
+        let reply = SubmitReply::Admin(crate::admin::answer(&l.queue, req).await);
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut writer, &reply)).await;
         return;
     }
     if first == SubmitRequest::LogLink {

@@ -13,11 +13,13 @@ use crate::item::{Item, Status};
 use crate::policy::Policy;
 
 impl Queue {
-    /// Sends the DSN if needed (durably, before anything is removed), then
+    /// Sends the DSN if needed and `dsn` (false only for a silent
+    /// `tambo queue remove`), durably, before anything is removed; then
     /// deletes the item.
-    pub(super) async fn finish(self: &Arc<Self>, item: Item) {
-        let needs_dsn =
-            !item.from.is_empty() && item.recipients.iter().any(|r| r.status != Status::Sent);
+    pub(super) async fn finish(self: &Arc<Self>, item: Item, dsn: bool) {
+        let needs_dsn = dsn
+            && !item.from.is_empty()
+            && item.recipients.iter().any(|r| r.status != Status::Sent);
         if needs_dsn {
             // Until the DSN is safely queued, the original stays.
             let mut wait = Duration::from_secs(1);
