@@ -13,7 +13,7 @@ missing=()
 # the man pages the Debian package ships.
 # As root, systemd-nspawn and debootstrap boot the package under a real
 # systemd in a container (e2e/support/systemd-boot.sh; skipped otherwise).
-tools="swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd man:man-db"
+tools="swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd man:man-db chasquid-util:chasquid"
 if [ "$(id -u)" = 0 ]; then
   tools="$tools systemd-nspawn:systemd-container debootstrap:debootstrap"
 fi
