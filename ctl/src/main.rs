@@ -12,6 +12,7 @@ mod admin;
 mod check;
 mod dev;
 mod dkim;
+mod import;
 mod supervisor;
 mod users;
 
@@ -161,6 +162,17 @@ enum Command {
         /// The key file [default: domains/<domain>/dkim:<selector>.pem].
         key_path: Option<PathBuf>,
     },
+    /// Converts a chasquid configuration directory into a tambo one:
+    /// chasquid.conf, users (passwords kept), aliases, DKIM keys,
+    /// certificates, hooks and the domaininfo. Prints what it could not
+    /// carry over. Never overwrites a file, never changes chasquid's.
+    ImportChasquid {
+        /// chasquid's configuration directory, e.g. /etc/chasquid (only read).
+        chasquid_dir: PathBuf,
+        /// The tambo configuration directory to write.
+        #[arg(long, default_value = "/etc/tambo")]
+        to: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -273,6 +285,7 @@ fn main() -> ExitCode {
             admin::ask(&config.config_dir, req)
         }
         Command::CheckConfig { config } => check::check(&config.config_dir),
+        Command::ImportChasquid { chasquid_dir, to } => import::run(&chasquid_dir, &to),
         Command::Run {
             config_dir,
             config_overrides,
