@@ -119,6 +119,8 @@ impl Sandbox {
             Role::Queued => {
                 let mut read = zone;
                 read.push(cfg.config_dir.clone());
+                // The names of local users who submit on local.sock.
+                read.push(PathBuf::from("/etc/passwd"));
                 // Certificates are often links into /etc/letsencrypt: the
                 // directories they point to are read too.
                 read.extend(link_targets(&cfg.config_dir.join("certs")));

@@ -22,15 +22,18 @@ use crate::lockfile::LockFile;
 /// The group whose members may reach monitor.sock (every daemon's user).
 pub const SOCKET_GROUP: &str = "tambo";
 
-/// The three IPC sockets.
+/// The IPC sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IpcSocket {
-    /// smtpd (and local submission) → queued.
+    /// smtpd (and the admin CLI) → queued.
     Submit,
     /// deliverd → queued.
     Deliver,
     /// every process → monitord.
     Monitor,
+    /// `tambo sendmail`, run by any local user → queued, which takes the
+    /// user from the connection's credentials.
+    Local,
 }
 
 impl IpcSocket {
@@ -41,6 +44,7 @@ impl IpcSocket {
             IpcSocket::Submit => "submit",
             IpcSocket::Deliver => "deliver",
             IpcSocket::Monitor => "monitor",
+            IpcSocket::Local => "local",
         }
     }
 
@@ -69,6 +73,12 @@ impl IpcSocket {
                 owner: uid(Role::Queued),
                 group: gid(Role::Deliverd),
                 mode: 0o660,
+            },
+            // Every local user may submit mail, as themselves.
+            IpcSocket::Local => Access {
+                owner: uid(Role::Queued),
+                group: gid(Role::Queued),
+                mode: 0o666,
             },
             IpcSocket::Monitor => match lookup_group(SOCKET_GROUP) {
                 Some(g) => Access {

@@ -13,10 +13,11 @@ mod check;
 mod dev;
 mod dkim;
 mod import;
+mod sendmail;
 mod supervisor;
 mod users;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -151,6 +152,21 @@ enum Command {
         #[command(subcommand)]
         action: Option<QueueAction>,
     },
+    /// Submits a message from standard input, as sendmail(8) does: -t,
+    /// -i/-oi, -f, -F, -C <config_dir>, recipients after the options or
+    /// after --. Installed as /usr/sbin/sendmail, it is run by that name.
+    /// Exits with sysexits.h codes; 75 (try again later) when queued is
+    /// not running.
+    Sendmail {
+        /// sendmail's options and the recipients.
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+    /// Lists the queue (`tambo queue list`; as root). Installed as mailq.
+    Mailq {
+        #[command(flatten)]
+        config: ConfigDir,
+    },
     /// Prints the DNS record (name, TXT, value) that publishes a DKIM key.
     DkimDns {
         #[command(flatten)]
@@ -212,6 +228,29 @@ struct ConfigDir {
 }
 
 fn main() -> ExitCode {
+    // Run as sendmail or mailq (the Debian package's alternatives), or
+    // `tambo sendmail …`: sendmail's own option syntax, not clap's.
+    let argv: Vec<String> = std::env::args().collect();
+    let called = argv
+        .first()
+        .map(|a| {
+            Path::new(a)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    match called.as_str() {
+        "sendmail" => return sendmail::run(&argv[1..]),
+        "mailq" => return sendmail::run(&["-bp".to_string()]),
+        _ => {}
+    }
+    if argv.get(1).map(String::as_str) == Some("sendmail")
+        && !argv[2..].iter().any(|a| a == "--help" || a == "-h")
+    {
+        return sendmail::run(&argv[2..]);
+    }
     // A usage error exits 1, as REFERENCE §9 asks (clap's own exit is 2).
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -267,6 +306,11 @@ fn main() -> ExitCode {
         } => users::authenticate(&config.config_dir, &address, password),
         Command::CheckUserdb { config, domain } => users::check(&config.config_dir, &domain),
         Command::PrintConfig { config } => check::print(&config.config_dir),
+        Command::Sendmail { args } => return sendmail::run(&args),
+        Command::Mailq { config } => {
+            let dir = format!("--config_dir={}", config.config_dir.display());
+            return sendmail::run(&["-bp".to_string(), dir]);
+        }
         Command::AliasesResolve { config, address } => admin::ask(
             &config.config_dir,
             tambo_proto::submit::AdminRequest::AliasesResolve { address },

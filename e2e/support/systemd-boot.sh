@@ -103,15 +103,28 @@ ct bash -c '
 until_ok ct sh -c 'find /var/lib/tambo/mail -type f -path "*/new/*" | grep -q .' || true
 echo "maildir: $(ct find /var/lib/tambo/mail -type f -path '*/new/*' | wc -l) in $(ct find /var/lib/tambo/mail -mindepth 2 -maxdepth 2 -type d)"
 
+# sendmail, installed through alternatives, from a pipeline: as root and
+# as another user, over local.sock (mode 0666) under the units.
+echo "sendmail link: $(ct readlink -f /usr/sbin/sendmail)"
+ct sh -c 'printf "Subject: from cron\n\nroot here\n" | /usr/sbin/sendmail -i ann@example.org'
+echo "sendmail root: $?"
+ct setpriv --reuid=nobody --regid=nogroup --clear-groups sh -c \
+  'printf "Subject: from nobody\n\nhi\n" | /usr/sbin/sendmail ann@example.org'
+echo "sendmail nobody: $?"
+three() { [ "$(ct find /var/lib/tambo/mail -type f -path '*/new/*' | wc -l)" -ge 3 ]; }
+until_ok three || true
+echo "after sendmail: $(ct find /var/lib/tambo/mail -type f -path '*/new/*' | wc -l)"
+echo "sendmail received: $(ct sh -c 'cat /var/lib/tambo/mail/example.org/ann/new/*' | grep -o 'from local user [a-z]* (uid [0-9]*)' | sort | tr '\n' ' ')"
+
 vars() {
   ct timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/1099; printf "GET /debug/vars HTTP/1.0\r\n\r\n" >&3; cat <&3'
 }
-has_put() { vars | grep -q '"chasquid/queue/putCount": *1'; }
+has_put() { vars | grep -q '"chasquid/queue/putCount": *3'; }
 until_ok has_put || true
 echo "putCount: $(vars | grep -o '"chasquid/queue/putCount": *[0-9]*' | grep -o '[0-9]*$' || echo none)"
 
 # The mail log: <syslog> by default, so the journal, as "tambo".
-has_syslog() { ct journalctl -t tambo -o cat | grep -q ' queued ip='; }
+has_syslog() { [ "$(ct journalctl -t tambo -o cat | grep -c ' queued ip=')" -ge 3 ]; }
 until_ok has_syslog || true
 echo "syslog queued lines: $(ct journalctl -t tambo -o cat | grep -c ' queued ip=' || true)"
 

@@ -23,12 +23,8 @@ fn tambo(args: &[&str], stdin: &str) -> (i32, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    // A command that fails before it reads: a broken pipe here is fine.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -57,6 +53,9 @@ fn every_command_has_help() {
         "aliases-resolve",
         "domaininfo-remove",
         "queue",
+        "import-chasquid",
+        "sendmail",
+        "mailq",
     ] {
         let (code, out, err) = tambo(&[cmd, "--help"], "");
         assert_eq!(code, 0, "{cmd}: {err}");

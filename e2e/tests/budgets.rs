@@ -247,11 +247,12 @@ async fn submit_sock_session_cap() {
     // This test holds that many sockets itself.
     raise_nofile_limit();
     let sock = t.run_dir.join("submit.sock");
-    // smtpd's key link is one of the sessions.
+    // smtpd's key link and its mail-log link are two of the sessions.
     t.wait_log("smtpd", "TLS ready with");
+    t.wait_log("queued", "smtpd's log link is up");
     // A hostile (or runaway) smtpd holds every session queued allows.
     let mut held = Vec::new();
-    for _ in 0..cap - 1 {
+    for _ in 0..cap - 2 {
         held.push(
             hello::connect(&sock, Role::Smtpd, Role::Queued, &ids())
                 .await

@@ -147,6 +147,7 @@ fn sockets_hand_each_daemon_the_names_it_looks_for() {
         ),
         ("tambo-submit.socket", "submit", "tambo-queued.service"),
         ("tambo-deliver.socket", "deliver", "tambo-queued.service"),
+        ("tambo-local.socket", "local", "tambo-queued.service"),
         ("tambo-monitor.socket", "monitor", "tambo-monitord.service"),
         (
             "tambo-monitoring.socket",
@@ -176,6 +177,7 @@ fn sockets_hand_each_daemon_the_names_it_looks_for() {
         ("submit", tambo_common::sockets::IpcSocket::Submit),
         ("deliver", tambo_common::sockets::IpcSocket::Deliver),
         ("monitor", tambo_common::sockets::IpcSocket::Monitor),
+        ("local", tambo_common::sockets::IpcSocket::Local),
     ] {
         assert_eq!(ipc.name(), n);
     }
@@ -377,6 +379,7 @@ chroot "$S/root" sh -c '
 " tambo
   test -f /lib/systemd/system/tambo.target && echo "units installed"
   echo "target $(systemctl is-enabled tambo.target 2>&1)"
+  update-alternatives --query sendmail | grep -q "^Value: /usr/sbin/tambo" && echo "sendmail alternative"
   /usr/sbin/tambo --version >/dev/null && echo "tambo runs"
 '
 "#;
@@ -411,6 +414,7 @@ chroot "$S/root" sh -c '
         "install ok installed",
         "units installed",
         "target enabled",
+        "sendmail alternative",
         "tambo runs",
     ] {
         assert!(text.contains(line), "{line} not in:\n{text}\n{err}");
@@ -471,10 +475,19 @@ fn starts_under_systemd(deb: &Path) {
         "1 in /var/lib/tambo/mail/example.org/ann",
         "{all}"
     );
-    assert_eq!(fact("putCount"), "1", "{all}");
+    assert_eq!(fact("sendmail link"), "/usr/sbin/tambo", "{all}");
+    assert_eq!(fact("sendmail root"), "0", "{all}");
+    assert_eq!(fact("sendmail nobody"), "0", "{all}");
+    assert_eq!(fact("after sendmail"), "3", "{all}");
+    assert_eq!(
+        fact("sendmail received"),
+        "from local user nobody (uid 65534) from local user root (uid 0)",
+        "{all}"
+    );
+    assert_eq!(fact("putCount"), "3", "{all}");
     // The mail log's default, <syslog>: queued reaches the journal's
     // /dev/log from inside its unit.
-    assert_eq!(fact("syslog queued lines"), "1", "{all}");
+    assert_eq!(fact("syslog queued lines"), "3", "{all}");
     for (d, user) in [
         ("smtpd", "tambo-smtpd"),
         ("queued", "tambo-queue"),

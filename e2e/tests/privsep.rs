@@ -372,7 +372,8 @@ fn a_compromised_smtpd_queued_or_monitord_cannot_leave_its_role() {
         p("open", &queue.join("m:item")),
         p("write", &queue.join("m:planted")),
         p("write", &tmp),
-        p("open", Path::new("/etc/passwd")),
+        // queued reads /etc/passwd (local.sock's users): shadow it is.
+        p("open", Path::new("/etc/shadow")),
         "exec:/bin/sh".to_string(),
         tcp.clone(),
         "udp".to_string(),

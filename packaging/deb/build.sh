@@ -79,6 +79,9 @@ if [ "$1" = configure ]; then
   mkdir -p /etc/tambo/certs /etc/tambo/domains
   chown root:tambo-queue /etc/tambo/certs /etc/tambo/domains
   chmod 0750 /etc/tambo/certs /etc/tambo/domains
+  # sendmail and mailq for cron, mdadm and scripts: tambo, by that name.
+  update-alternatives --install /usr/sbin/sendmail sendmail /usr/sbin/tambo 25 \
+    --slave /usr/bin/mailq mailq /usr/sbin/tambo
   # On the first install only (an upgrade keeps an admin's `disable`).
   # Enabling works without a running systemd too (a chroot, an image).
   if [ -z "$2" ]; then
@@ -92,6 +95,9 @@ POSTINST
 cat > "$ROOT/DEBIAN/prerm" <<'PRERM'
 #!/bin/sh
 set -e
+if [ "$1" = remove ]; then
+  update-alternatives --remove sendmail /usr/sbin/tambo
+fi
 if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
   systemctl stop tambo.target 'tambo-*.service' 'tambo-*.socket' || true
   systemctl disable tambo.target >/dev/null || true

@@ -292,4 +292,7 @@ pub enum SubmitReply {
     /// The answer to an `Admin` request: the text to print, or the error
     /// line.
     Admin(Result<String, String>),
+    /// First on local.sock, from queued: the address the connecting user
+    /// submits as (their login, `user@<local domain>`).
+    LocalLogin(String),
 }

@@ -20,6 +20,7 @@ mod handshake;
 mod hooks;
 mod item;
 mod keylink;
+mod local;
 mod maillog;
 mod policy;
 mod pool;
@@ -172,6 +173,10 @@ fn main() -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
+    let local = match listener(IpcSocket::Local) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
     if let Err(e) = daemon::drop_privileges(Role::Queued, &ids) {
         return daemon::startup_failed(format!("cannot drop privileges: {e}"));
     }
@@ -254,9 +259,13 @@ fn main() -> ExitCode {
         ));
         let certs_state = certs::files_state(&cfg.config_dir);
         daemon::push_metrics(Role::Queued, &flags, &cfg, &ids);
-        let (submit, deliver) = match (daemon::tokio_unix(submit), daemon::tokio_unix(deliver)) {
-            (Ok(s), Ok(d)) => (s, d),
-            (Err(e), _) | (_, Err(e)) => {
+        let (submit, deliver, local) = match (
+            daemon::tokio_unix(submit),
+            daemon::tokio_unix(deliver),
+            daemon::tokio_unix(local),
+        ) {
+            (Ok(s), Ok(d), Ok(l)) => (s, d, l),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 return daemon::startup_failed(format!("IPC listener: {e}"));
             }
         };
@@ -350,6 +359,10 @@ fn main() -> ExitCode {
                 .await;
             }
         });
+        let ll = Arc::new(local::Listener::new(queue.clone(), auth.clone()));
+        tokio::spawn(daemon::accept_unix(local, "local.sock", move |s| {
+            local::serve(ll.clone(), s)
+        }));
         let l = Arc::new(submit::Listener::new(
             queue.clone(),
             keys,

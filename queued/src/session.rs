@@ -102,6 +102,23 @@ impl Session {
         }
     }
 
+    /// A local user's session (local.sock): authenticated as `login` by
+    /// the connection's credentials, under submission's rules.
+    pub fn local(queue: Arc<Queue>, auth_service: Arc<auth::Service>, login: String) -> Self {
+        let mut s = Self::new(queue, auth_service);
+        s.client = Some("local".into());
+        s.mode = Mode::Submission;
+        // As private as TLS: it never leaves the machine.
+        s.tls = true;
+        s.auth = Some(Authenticated::after_check(login));
+        s
+    }
+
+    /// The queue ID of the message being received, if any.
+    pub fn body_id(&self) -> Option<&str> {
+        self.body.as_ref().map(|b| b.id.as_str())
+    }
+
     /// Whether a message body is being received (only then may a large
     /// frame come).
     pub fn in_body(&self) -> bool {

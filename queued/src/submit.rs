@@ -158,6 +158,7 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             tracing::warn!("submit.sock: a log link is for smtpd only; closing");
             return;
         }
+        tracing::info!(uid = peer.uid, pid = ?peer.pid, "submit.sock: smtpd's log link is up");
         if let Err(e) = serve_log_link(reader, l.idle_timeout).await {
             metrics::inc_label(names::IPC_ERRORS, "queued");
             tracing::warn!(uid = peer.uid, pid = ?peer.pid, "submit.sock: log link closed: {e}");

@@ -28,6 +28,7 @@ pub const MONITORING: &str = "monitoring";
 pub struct Sockets {
     submit: Bound,
     deliver: Bound,
+    local: Bound,
     monitor: Bound,
     /// Each SMTP listener with its activation name (`smtp`, `submission`,
     /// `submission_tls`).
@@ -108,6 +109,7 @@ impl Sockets {
         Ok(Sockets {
             submit: ipc(IpcSocket::Submit)?,
             deliver: ipc(IpcSocket::Deliver)?,
+            local: ipc(IpcSocket::Local)?,
             monitor: ipc(IpcSocket::Monitor)?,
             smtp,
             monitoring,
@@ -127,6 +129,7 @@ impl Sockets {
             Daemon::Queued => Ok(vec![
                 dup(IpcSocket::Submit.name(), &self.submit.listener)?,
                 dup(IpcSocket::Deliver.name(), &self.deliver.listener)?,
+                dup(IpcSocket::Local.name(), &self.local.listener)?,
             ]),
             Daemon::Deliverd => Ok(Vec::new()),
             Daemon::Monitord => {
