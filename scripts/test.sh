@@ -14,8 +14,9 @@ missing=()
 # As root, systemd-nspawn and debootstrap boot the package under a real
 # systemd in a container (e2e/support/systemd-boot.sh; skipped otherwise).
 # fail2ban-regex checks the shipped filter against the mail log;
-# chasquid-util makes the chasquid config the import is tested with.
-tools="swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd man:man-db fail2ban-regex:fail2ban chasquid-util:chasquid"
+# chasquid-util makes the chasquid config the import is tested with;
+# promtool (Prometheus's own parser) reads /metrics.
+tools="swaks:swaks msmtp:msmtp openssl:openssl dovecot:dovecot-core systemd-analyze:systemd useradd:passwd man:man-db fail2ban-regex:fail2ban chasquid-util:chasquid promtool:prometheus"
 if [ "$(id -u)" = 0 ]; then
   tools="$tools systemd-nspawn:systemd-container debootstrap:debootstrap"
 fi

@@ -466,6 +466,7 @@ pub fn push_metrics(role: Role, flags: &DaemonFlags, cfg: &Config, ids: &Identit
         role,
         flags.as_pairs(),
         crate::build::VERSION.into(),
+        cfg.to_toml(),
         ids.clone(),
         heartbeat,
     );

@@ -40,8 +40,15 @@ pub struct Process {
     pub pid: u32,
     pub version: String,
     pub flags: Vec<(String, String)>,
+    /// Its effective config (`/debug/config`).
+    pub config: String,
     pub connected: bool,
 }
+
+/// Process runs whose counts monitord has taken, remembered so that a
+/// reconnection's baseline is not counted twice; past this many the
+/// oldest are forgotten (a run that old reconnecting is counted again).
+const MAX_INSTANCES: usize = 4096;
 
 /// Why a pushed increase was dropped: the label it is counted under in
 /// `tambo/monitord/droppedDeltas`.
@@ -101,6 +108,10 @@ pub struct Totals {
     keys: usize,
     role_keys: HashMap<Role, usize>,
     next_process: u64,
+    /// (role, instance) of every process run counted, oldest first.
+    instances: std::collections::VecDeque<(Role, u64)>,
+    /// queued's last queue snapshot (`/debug/queue`).
+    pub queue: Option<String>,
 }
 
 impl Totals {
@@ -218,6 +229,7 @@ impl Totals {
         pid: u32,
         version: String,
         flags: Vec<(String, String)>,
+        config: String,
     ) -> u64 {
         let mut dropped = 0;
         let version = if version.len() <= MAX_NAME {
@@ -234,15 +246,35 @@ impl Totals {
         }
         self.next_process += 1;
         let id = self.next_process;
+        let config = if config.len() <= tambo_proto::monitor::MAX_CONFIG {
+            config
+        } else {
+            self.count(names::MONITORD_DROPPED_REGISTER_FIELDS, None);
+            String::new()
+        };
         self.processes.push(Process {
             id,
             role,
             pid,
             version,
             flags,
+            config,
             connected: true,
         });
         id
+    }
+
+    /// Whether this run of a process is new to this monitord (its
+    /// baseline counts); remembers it.
+    pub fn first_time(&mut self, role: Role, instance: u64) -> bool {
+        if self.instances.contains(&(role, instance)) {
+            return false;
+        }
+        if self.instances.len() >= MAX_INSTANCES {
+            self.instances.pop_front();
+        }
+        self.instances.push_back((role, instance));
+        true
     }
 
     /// Marks a registered process as gone.
@@ -483,7 +515,13 @@ mod tests {
         flags.insert(0, ("long".into(), "v".repeat(MAX_FLAG_VALUE + 1)));
         flags.insert(1, ("k".repeat(MAX_NAME + 1), "v".into()));
         flags.insert(2, ("config_overrides".into(), "v".repeat(MAX_FLAG_VALUE)));
-        let id = t.register(Role::Smtpd, 1, "9".repeat(MAX_NAME + 1), flags);
+        let id = t.register(
+            Role::Smtpd,
+            1,
+            "9".repeat(MAX_NAME + 1),
+            flags,
+            String::new(),
+        );
         let p = &t.processes[0];
         assert_eq!(p.version, "unknown");
         assert_eq!(p.flags.len(), MAX_FLAGS);
@@ -497,9 +535,9 @@ mod tests {
     #[test]
     fn gone_processes_are_forgotten_oldest_first() {
         let mut t = Totals::new();
-        let live = t.register(Role::Queued, 1, "v".into(), vec![]);
+        let live = t.register(Role::Queued, 1, "v".into(), vec![], String::new());
         for pid in 2..MAX_GONE_PROCESSES as u32 + 12 {
-            let id = t.register(Role::Smtpd, pid, "v".into(), vec![]);
+            let id = t.register(Role::Smtpd, pid, "v".into(), vec![], String::new());
             t.unregister(id);
         }
         assert_eq!(t.processes.len(), MAX_GONE_PROCESSES + 1);

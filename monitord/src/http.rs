@@ -46,6 +46,8 @@ pub struct Site {
     pub hostname: String,
     pub cmdline: Vec<String>,
     pub started: chrono::DateTime<chrono::Local>,
+    /// monitord's own effective config (it pushes to nobody).
+    pub config: String,
 }
 
 /// Serves the monitoring listener forever. `idle` is [`IDLE_TIMEOUT`] or
@@ -221,6 +223,26 @@ fn route(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain; charset=utf-8",
             flags(&lock(&site.totals)),
         ),
+        "/debug/config" => {
+            let mut body = format!("# monitord (pid {})\n", std::process::id());
+            for line in site.config.lines() {
+                body.push_str("  ");
+                body.push_str(line);
+                body.push('\n');
+            }
+            body.push('\n');
+            body.push_str(&config(&lock(&site.totals)));
+            reply(StatusCode::OK, "text/plain; charset=utf-8", body)
+        }
+        "/debug/queue" => reply(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            lock(&site.totals)
+                .queue
+                .as_deref()
+                .map(text_lines)
+                .unwrap_or_else(|| "queued has not sent the queue yet\n".into()),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
@@ -270,6 +292,8 @@ started {started}, up {uptime}</p>
 <li><a href=\"/debug/vars\">/debug/vars</a>: exported variables (expvar JSON)</li>
 <li><a href=\"/metrics\">/metrics</a>: the same, in OpenMetrics format</li>
 <li><a href=\"/debug/flags\">/debug/flags</a>: command-line flags of each process</li>
+<li><a href=\"/debug/config\">/debug/config</a>: the effective configuration of each process</li>
+<li><a href=\"/debug/queue\">/debug/queue</a>: the queue, as queued last sent it</li>
 </ul>
 </body></html>
 ",
@@ -295,6 +319,28 @@ fn flags(t: &Totals) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Each connected process's effective config. The text is the peer's:
+/// every line of it is indented and escaped, so no process can write a
+/// heading that looks like another's.
+fn config(t: &Totals) -> String {
+    let mut out = String::new();
+    for p in t.processes.iter().filter(|p| p.connected) {
+        out.push_str(&format!("# {} (pid {})\n", p.role.name(), p.pid));
+        for line in p.config.lines() {
+            out.push_str("  ");
+            out.push_str(&escape(line));
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Multi-line text from a peer: its lines, each escaped.
+fn text_lines(text: &str) -> String {
+    text.lines().map(|l| escape(l) + "\n").collect()
 }
 
 fn html(s: &str) -> String {
@@ -327,6 +373,7 @@ mod tests {
                     "tab\there\x1b[2J\u{2028}back\\n".into(),
                 ),
             ],
+            "hostname = \"x\"\n# queued (pid 1)\nforged = \"\x1b[2J\"".into(),
         );
         let out = flags(&t);
         assert_eq!(
@@ -336,6 +383,14 @@ mod tests {
              -evil\\r\\nname=tab\\there\\x1b[2J\\u{2028}back\\\\n\n\n"
         );
         assert_eq!(out.lines().filter(|l| l.starts_with('-')).count(), 2);
+        assert_eq!(out.lines().filter(|l| l.starts_with('#')).count(), 1);
+        // The config: one heading per process, every line of the peer's
+        // text indented and escaped.
+        let out = config(&t);
+        assert_eq!(
+            out,
+            "# smtpd (pid 7)\n  hostname = \"x\"\n  # queued (pid 1)\n  forged = \"\\x1b[2J\"\n\n"
+        );
         assert_eq!(out.lines().filter(|l| l.starts_with('#')).count(), 1);
     }
 

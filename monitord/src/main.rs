@@ -101,6 +101,7 @@ fn main() -> ExitCode {
                 hostname: cfg.hostname.clone(),
                 cmdline: std::env::args().collect(),
                 started: chrono::Local::now(),
+                config: cfg.to_toml(),
             });
             let idle = cfg.testing.http_idle_timeout.unwrap_or(http::IDLE_TIMEOUT);
             tokio::spawn(http::run(l, site, idle));

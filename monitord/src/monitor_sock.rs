@@ -131,6 +131,8 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             pid,
             version,
             flags,
+            instance,
+            config,
         }))) if role == peer.role => {
             tracing::info!(
                 uid = peer.uid,
@@ -139,7 +141,9 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                 role.name(),
                 escape(&version)
             );
-            lock(&l.totals).register(role, pid, version, flags)
+            let mut t = lock(&l.totals);
+            let first = t.first_time(role, instance);
+            (t.register(role, pid, version, flags, config), first)
         }
         other => {
             let why = match other {
@@ -149,7 +153,7 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                 Ok(Ok(Some(MonitorMessage::Register { .. }))) => {
                     Error::Unexpected("Register with another role than the hello's")
                 }
-                Ok(Ok(Some(MonitorMessage::Deltas(_)))) => Error::Unexpected("Deltas"),
+                Ok(Ok(Some(_))) => Error::Unexpected("not a Register"),
             };
             lock(&l.totals).count(names::IPC_ERRORS, Some("monitord"));
             tracing::warn!(
@@ -162,7 +166,10 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             return;
         }
     };
+    let (id, first) = id;
     let mut budget = Budget::new(peer.role);
+    // The baseline comes first; once anything else came, none is taken.
+    let mut baseline_open = true;
     let result: Result<(), Error> = async {
         loop {
             let msg =
@@ -174,6 +181,28 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                     },
                 };
             match msg {
+                MonitorMessage::Baseline(deltas) if deltas.len() <= MAX_DELTAS_PER_FRAME => {
+                    if !baseline_open {
+                        return Err(Error::Unexpected("Baseline after other messages"));
+                    }
+                    // A reconnection to this monitord: counted already.
+                    if first {
+                        let mut t = lock(&l.totals);
+                        for d in &deltas {
+                            t.apply(&mut budget, d);
+                        }
+                    }
+                    continue;
+                }
+                MonitorMessage::Baseline(_) => {
+                    return Err(Error::Unexpected("Baseline over MAX_DELTAS_PER_FRAME"));
+                }
+                MonitorMessage::Queue(text) => {
+                    if peer.role != Role::Queued {
+                        return Err(Error::Unexpected("a queue snapshot not from queued"));
+                    }
+                    lock(&l.totals).queue = Some(text);
+                }
                 MonitorMessage::Deltas(deltas) if deltas.len() <= MAX_DELTAS_PER_FRAME => {
                     let mut t = lock(&l.totals);
                     for d in &deltas {
@@ -187,6 +216,7 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                     return Err(Error::Unexpected("second Register"));
                 }
             }
+            baseline_open = false;
         }
     }
     .await;

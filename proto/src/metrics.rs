@@ -483,10 +483,41 @@ pub fn spawn_pusher(
     role: Role,
     flags: Vec<(String, String)>,
     version: String,
+    config: String,
     ids: Identities,
     heartbeat: Duration,
 ) {
+    let mut config = config;
+    if config.len() > crate::monitor::MAX_CONFIG {
+        let mut cut = crate::monitor::MAX_CONFIG - 64;
+        while !config.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        config.truncate(cut);
+        config.push_str("\n# … cut: longer than monitord keeps\n");
+    }
+    // This run of the process, for monitord to tell a reconnection from a
+    // process it has not counted yet.
+    let instance = {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        t ^ (u64::from(std::process::id()) << 40)
+    };
+    let reg = Registration {
+        role,
+        flags,
+        version,
+        config,
+        instance,
+    };
     tokio::spawn(async move {
+        // Everything pushed so far, for the baseline of a new monitord.
+        let mut pushed: HashMap<(String, Option<String>), u64> = HashMap::new();
+        // The last queue snapshot, sent again to a new monitord.
+        let mut last_queue: Option<String> = None;
+        let mut fresh = false;
         let mut conn: Option<UnixStream> = None;
         let mut interval = tokio::time::interval(heartbeat.min(Duration::from_millis(500)));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -495,12 +526,13 @@ pub fn spawn_pusher(
         loop {
             interval.tick().await;
             if conn.is_none() {
-                match connect(&socket, role, &flags, &version, &ids).await {
+                match connect(&socket, &reg, &pushed, &ids).await {
                     Ok(s) => {
                         if warned {
                             tracing::info!("reconnected to monitord at {}", socket.display());
                         }
                         warned = false;
+                        fresh = true;
                         conn = Some(s);
                     }
                     Err(e) => {
@@ -515,13 +547,46 @@ pub fn spawn_pusher(
                     }
                 }
             }
-            let mut deltas = global().take();
-            if deltas.is_empty() && last_sent.elapsed() < heartbeat {
-                continue;
+            // monitord never writes after the hello: end of file means it
+            // went away (restarted), and a new one wants the baseline now,
+            // not at the next push.
+            if let Some(stream) = conn.as_ref() {
+                let mut b = [0u8; 1];
+                match stream.try_read(&mut b) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    _ => {
+                        conn = None;
+                        continue;
+                    }
+                }
             }
             let Some(stream) = conn.as_mut() else {
                 continue;
             };
+            // queued's queue snapshot: when it changed, and again to a
+            // new connection.
+            let snapshot = match take_queue_snapshot() {
+                Some(t) => {
+                    last_queue = Some(t.clone());
+                    Some(t)
+                }
+                None if fresh => last_queue.clone(),
+                None => None,
+            };
+            fresh = false;
+            if let Some(text) = snapshot {
+                let msg = MonitorMessage::Queue(text);
+                let sent =
+                    tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &msg)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    conn = None;
+                    continue;
+                }
+            }
+            let mut deltas = global().take();
+            if deltas.is_empty() && last_sent.elapsed() < heartbeat {
+                continue;
+            }
             // One frame per batch of at most MAX_DELTAS_PER_FRAME; what
             // cannot be sent goes back into the map.
             loop {
@@ -529,13 +594,18 @@ pub fn spawn_pusher(
                 let msg = MonitorMessage::Deltas(deltas);
                 let sent =
                     tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &msg)).await;
+                let MonitorMessage::Deltas(batch) = msg else {
+                    break;
+                };
                 if !matches!(sent, Ok(Ok(()))) {
-                    if let MonitorMessage::Deltas(d) = msg {
-                        global().restore(d);
-                    }
+                    global().restore(batch);
                     global().restore(rest);
                     conn = None;
                     break;
+                }
+                for d in batch {
+                    let v = pushed.entry((d.var, d.label)).or_default();
+                    *v = v.saturating_add(d.value);
                 }
                 last_sent = tokio::time::Instant::now();
                 if rest.is_empty() {
@@ -547,27 +617,79 @@ pub fn spawn_pusher(
     });
 }
 
+/// What a pusher says when it registers.
+struct Registration {
+    role: Role,
+    flags: Vec<(String, String)>,
+    version: String,
+    config: String,
+    instance: u64,
+}
+
+/// Connects, registers, and sends the baseline: everything pushed so far.
 async fn connect(
     socket: &std::path::Path,
-    role: Role,
-    flags: &[(String, String)],
-    version: &str,
+    reg: &Registration,
+    pushed: &HashMap<(String, Option<String>), u64>,
     ids: &Identities,
 ) -> Result<UnixStream, crate::Error> {
     let mut s = tokio::time::timeout(
         Duration::from_secs(2),
-        hello::connect(socket, role, Role::Monitord, ids),
+        hello::connect(socket, reg.role, Role::Monitord, ids),
     )
     .await
     .map_err(|_| crate::Error::Io(std::io::ErrorKind::TimedOut.into()))??;
-    let reg = MonitorMessage::Register {
-        role,
+    let msg = MonitorMessage::Register {
+        role: reg.role,
         pid: std::process::id(),
-        version: version.to_string(),
-        flags: crate::monitor::bounded_flags(flags),
+        version: reg.version.clone(),
+        flags: crate::monitor::bounded_flags(&reg.flags),
+        instance: reg.instance,
+        config: reg.config.clone(),
     };
-    write_frame(&mut s, &reg).await?;
+    write_frame(&mut s, &msg).await?;
+    let all: Vec<Delta> = pushed
+        .iter()
+        .map(|((var, label), value)| Delta {
+            var: var.clone(),
+            label: label.clone(),
+            value: *value,
+        })
+        .collect();
+    for chunk in all.chunks(MAX_DELTAS_PER_FRAME) {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            write_frame(&mut s, &MonitorMessage::Baseline(chunk.to_vec())),
+        )
+        .await
+        .map_err(|_| crate::Error::Io(std::io::ErrorKind::TimedOut.into()))??;
+    }
     Ok(s)
+}
+
+static QUEUE_SNAPSHOT: Mutex<Option<String>> = Mutex::new(None);
+
+/// queued: the queue as `/debug/queue` shows it, sent to monitord with the
+/// next push (only the latest is kept). Longer than
+/// [`crate::monitor::MAX_QUEUE_SNAPSHOT`]: cut, and it says so.
+pub fn set_queue_snapshot(mut text: String) {
+    let max = crate::monitor::MAX_QUEUE_SNAPSHOT;
+    if text.len() > max {
+        let mut cut = max - 128;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("\n… cut here: `tambo queue list` shows every item\n");
+    }
+    *QUEUE_SNAPSHOT.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+}
+
+fn take_queue_snapshot() -> Option<String> {
+    QUEUE_SNAPSHOT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
 }
 
 #[cfg(test)]

@@ -18,9 +18,20 @@ pub const MAX_DELTAS_PER_FRAME: usize = 512;
 /// deltas with names at the limit. A larger frame closes the connection.
 pub const MAX_MONITOR_FRAME: usize = 160 * 1024;
 
-/// Largest `Register` frame. A registration is a version and a couple of
-/// flags, far under it; a larger frame closes the connection.
-pub const MAX_REGISTER_FRAME: usize = 16 * 1024;
+// A queue snapshot fits in a frame.
+const _: () = assert!(MAX_QUEUE_SNAPSHOT + 1024 <= MAX_MONITOR_FRAME);
+
+/// Largest `Register` frame: a version, a couple of flags and the
+/// effective config; a larger frame closes the connection.
+pub const MAX_REGISTER_FRAME: usize = 16 * 1024 + MAX_CONFIG;
+
+/// Longest effective config a process registers (`/debug/config`); a
+/// longer one is cut, and says so.
+pub const MAX_CONFIG: usize = 64 * 1024;
+
+/// Longest queue snapshot queued pushes (`/debug/queue`); a longer one is
+/// cut, and says so.
+pub const MAX_QUEUE_SNAPSHOT: usize = 128 * 1024;
 
 /// Most flags monitord keeps from one registration; the rest are dropped
 /// and counted. Each flag name, and the version, is at most [`MAX_NAME`]
@@ -86,11 +97,27 @@ pub enum MonitorMessage {
         version: String,
         /// Flags as given on the command line, name → value.
         flags: Vec<(String, String)>,
+        /// Drawn once per process run: tells monitord whether it has
+        /// counted this process before (a reconnection) or not (monitord
+        /// restarted, or the process is new).
+        instance: u64,
+        /// The effective config as TOML (`/debug/config`), at most
+        /// [`MAX_CONFIG`] bytes.
+        config: String,
     },
     /// Counter increases since the last message. An empty list is a
     /// heartbeat: pushers send one when idle, so monitord can close
     /// connections whose peer went silent.
     Deltas(Vec<Delta>),
+    /// Right after `Register`, in as many frames as it takes: everything
+    /// this process counted and pushed before, as running totals. A
+    /// monitord that has not counted this instance yet (it restarted)
+    /// adds them, so counters survive a restart of monitord alone; one
+    /// that has ignores them.
+    Baseline(Vec<Delta>),
+    /// From queued only: the queue as `/debug/queue` shows it
+    /// (REFERENCE §7.4), at most [`MAX_QUEUE_SNAPSHOT`] bytes.
+    Queue(String),
 }
 
 #[cfg(test)]
@@ -106,6 +133,8 @@ mod tests {
             pid: u32::MAX,
             version: name.clone(),
             flags: vec![(name.clone(), "v".repeat(MAX_FLAG_VALUE)); MAX_FLAGS],
+            instance: u64::MAX,
+            config: "c".repeat(MAX_CONFIG),
         };
         assert!(encode(&reg).unwrap().len() - 4 <= MAX_REGISTER_FRAME);
         let batch = MonitorMessage::Deltas(vec![
@@ -117,6 +146,8 @@ mod tests {
             MAX_DELTAS_PER_FRAME
         ]);
         assert!(encode(&batch).unwrap().len() - 4 <= MAX_MONITOR_FRAME);
+        let queue = MonitorMessage::Queue("q".repeat(MAX_QUEUE_SNAPSHOT));
+        assert!(encode(&queue).unwrap().len() - 4 <= MAX_MONITOR_FRAME);
     }
 
     #[test]

@@ -86,6 +86,13 @@ pub fn dump(items: &[Item]) -> String {
         chrono::Local::now().format("%Y-%m-%d %H:%M:%S %z")
     );
     let _ = writeln!(s, "length: {}\n", items.len());
+    s.push_str(&dump_items(items));
+    s
+}
+
+/// The items part of [`dump`]: what changes when the queue does.
+pub fn dump_items(items: &[Item]) -> String {
+    let mut s = String::new();
     for item in items {
         let created = chrono::DateTime::from_timestamp_millis(item.created_ms)
             .map(|t| {

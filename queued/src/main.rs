@@ -359,6 +359,26 @@ fn main() -> ExitCode {
                 .await;
             }
         });
+        // /debug/queue: the queue pushed to monitord when it changed (and
+        // once a minute, so the date it shows stays recent).
+        let q = queue.clone();
+        tokio::spawn(async move {
+            let mut last = String::new();
+            let mut sent_at: Option<std::time::Instant> = None;
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let items = q.snapshot();
+                let body = admin::dump_items(&items);
+                if body != last
+                    || sent_at.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60))
+                {
+                    metrics::set_queue_snapshot(admin::dump(&items));
+                    last = body;
+                    sent_at = Some(std::time::Instant::now());
+                }
+            }
+        });
         let ll = Arc::new(local::Listener::new(queue.clone(), auth.clone()));
         tokio::spawn(daemon::accept_unix(local, "local.sock", move |s| {
             local::serve(ll.clone(), s)
