@@ -192,7 +192,7 @@ pub fn scan_domain_dirs(dir: &Path) -> Result<DomainDirs, ConfigError> {
             // real one would refuse its mail as relaying.
             return Err(ConfigError::file(
                 &path,
-                format!("a domain directory is named without the final dot: rename it to {bare}"),
+                format!("a domain directory's name must not end with a dot: rename it to {bare}"),
             ));
         }
         let name = address::normalize_domain(raw)

@@ -3,7 +3,9 @@
 //! check-config reads a config directory the way the daemons will: the
 //! config file here, then every file queued reads at startup (users,
 //! aliases, DKIM keys, certificates) by `tambo-queued --check_config`, the
-//! same code with the same one-line errors, so what it accepts starts.
+//! same code with the same one-line errors, as queued's user (dropped to
+//! when run as root). The mail log, the queue and the sockets are not
+//! tried.
 
 use std::path::Path;
 use std::process::Command;

@@ -243,7 +243,11 @@ fn main() -> ExitCode {
         .unwrap_or_default();
     match called.as_str() {
         "sendmail" => return sendmail::run(&argv[1..]),
-        "mailq" => return sendmail::run(&["-bp".to_string()]),
+        "mailq" => {
+            let mut args = vec!["-bp".to_string()];
+            args.extend(argv[1..].iter().cloned());
+            return sendmail::run(&args);
+        }
         _ => {}
     }
     if argv.get(1).map(String::as_str) == Some("sendmail")

@@ -9,7 +9,6 @@
 //! caller keeps the message; there is no maildrop directory to fill
 //! (docs/operations.md says why).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -145,48 +144,41 @@ pub fn parse(args: &[String]) -> Result<Args, Fail> {
 }
 
 /// Reads the message from `input`: up to a line with a single dot unless
-/// `ignore_dots`, at most `max` bytes; line ends become CRLF.
-pub fn read_message(input: &mut dyn Read, ignore_dots: bool, max: u64) -> Result<Vec<u8>, Fail> {
-    let mut raw = Vec::new();
-    input
-        .take(max + 1)
-        .read_to_end(&mut raw)
-        .map_err(|e| fail(EX_IOERR, format!("cannot read the message: {e}")))?;
-    if raw.len() as u64 > max {
-        return Err(fail(
-            EX_DATAERR,
-            format!("the message is larger than {} MiB", max >> 20),
-        ));
-    }
-    let mut out = Vec::with_capacity(raw.len() + raw.len() / 32);
-    for line in raw.split_inclusive(|&b| b == b'\n') {
+/// `ignore_dots` (and then no further: a writer may wait for us to exit),
+/// at most `max` bytes; line ends become CRLF. Bytes are kept as they are
+/// (8-bit bodies included).
+pub fn read_message(
+    input: &mut dyn std::io::BufRead,
+    ignore_dots: bool,
+    max: u64,
+) -> Result<Vec<u8>, Fail> {
+    let mut out = Vec::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = std::io::Read::take(&mut *input, max + 2);
+        let n = std::io::BufRead::read_until(&mut limited, b'\n', &mut line)
+            .map_err(|e| fail(EX_IOERR, format!("cannot read the message: {e}")))?;
+        if n == 0 {
+            break;
+        }
         let body = line
             .strip_suffix(b"\n")
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .unwrap_or(line);
+            .unwrap_or(&line);
         if !ignore_dots && body == b"." {
             break;
         }
         out.extend_from_slice(body);
         out.extend_from_slice(b"\r\n");
-    }
-    Ok(out)
-}
-
-/// The header section's fields, unfolded: (name, value).
-fn fields(head: &str) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for line in head.split("\r\n") {
-        if line.starts_with([' ', '\t']) {
-            if let Some(last) = out.last_mut() {
-                last.1.push(' ');
-                last.1.push_str(line.trim());
-            }
-        } else if let Some((n, v)) = line.split_once(':') {
-            out.push((n.trim().to_string(), v.trim().to_string()));
+        if out.len() as u64 > max {
+            return Err(fail(
+                EX_DATAERR,
+                format!("the message is larger than {} MiB", max >> 20),
+            ));
         }
     }
-    out
+    Ok(out)
 }
 
 /// The addresses of an address-list header value (`A <a@b>, c@d`).
@@ -208,6 +200,13 @@ fn addresses(value: &str) -> Vec<String> {
     }
     parts.push(&value[start..]);
     for p in parts {
+        // Group syntax (`undisclosed-recipients:;`, `team: a@b, c@d;`): the
+        // group's name is no address.
+        let p = p.trim().trim_end_matches(';');
+        let p = match p.split_once(':') {
+            Some((name, members)) if !name.contains(['<', '@', '"']) => members,
+            _ => p,
+        };
         let p = p.trim();
         let addr = match (p.rfind('<'), p.rfind('>')) {
             (Some(a), Some(b)) if a < b => p[a + 1..b].trim(),
@@ -220,10 +219,24 @@ fn addresses(value: &str) -> Vec<String> {
     out
 }
 
+/// Whether a line (without its CRLF) can be in a header section: a field
+/// (`Name: value`) or the continuation of one.
+fn header_line(line: &[u8]) -> bool {
+    if line.starts_with(b" ") || line.starts_with(b"\t") {
+        return true;
+    }
+    match line.iter().position(|&b| b == b':') {
+        Some(0) | None => false,
+        Some(i) => line[..i].iter().all(|&b| (33..=126).contains(&b)),
+    }
+}
+
 /// Completes the message as a submission server would (RFC 6409 §8): a
 /// From: for the sender if there is none (with `-F`'s name), Date: and
 /// Message-ID:; with `-t`, the recipients it names, and no Bcc: left.
-/// Returns the message and the recipients it named.
+/// The header section ends at the first line that is not a header (a
+/// blank line is put there if there was none); the body's bytes are
+/// copied as they are. Returns the message and the recipients it named.
 pub fn prepare(
     msg: &[u8],
     sender: &str,
@@ -231,63 +244,95 @@ pub fn prepare(
     host: &str,
     extract: bool,
 ) -> (Vec<u8>, Vec<String>) {
-    let text = String::from_utf8_lossy(msg);
-    let (head, body) = match text.find("\r\n\r\n") {
-        Some(i) => (&text[..i + 2], &text[i + 2..]),
-        // No blank line: all headers, or a body with no header at all.
-        None if text.lines().next().is_some_and(|l| l.contains(':')) => (&text[..], "\r\n"),
-        None => ("", &text[..]),
-    };
-    let parsed = fields(head.trim_end_matches("\r\n"));
-    let has = |name: &str| parsed.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    // The header lines, each with its CRLF, and where the body starts.
+    let mut head: Vec<&[u8]> = Vec::new();
+    let mut rest = msg;
+    let mut blank = false;
+    while !rest.is_empty() {
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map_or(rest.len(), |i| i + 2);
+        let line = &rest[..end];
+        let bare = line.strip_suffix(b"\r\n").unwrap_or(line);
+        if bare.is_empty() {
+            blank = true;
+            rest = &rest[end..];
+            break;
+        }
+        // A continuation before any field is not a header.
+        if !header_line(bare) || (head.is_empty() && bare.starts_with(b" ")) {
+            break;
+        }
+        head.push(line);
+        rest = &rest[end..];
+    }
+    let _ = blank;
+    // Fields, unfolded, for the checks below.
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for l in &head {
+        let text = String::from_utf8_lossy(l);
+        let text = text.trim_end_matches("\r\n");
+        if text.starts_with([' ', '\t']) {
+            if let Some(last) = fields.last_mut() {
+                last.1.push(' ');
+                last.1.push_str(text.trim());
+            }
+        } else if let Some((n, v)) = text.split_once(':') {
+            fields.push((n.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let has = |name: &str| fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
     let mut rcpts = Vec::new();
     if extract {
-        for (n, v) in &parsed {
+        for (n, v) in &fields {
             if ["to", "cc", "bcc"].contains(&n.to_ascii_lowercase().as_str()) {
                 rcpts.extend(addresses(v));
             }
         }
     }
-    let mut out = String::new();
+    let mut out: Vec<u8> = Vec::with_capacity(msg.len() + 256);
     if !has("From") {
         match full_name {
-            Some(name) => out.push_str(&format!(
-                "From: \"{}\" <{sender}>\r\n",
-                name.replace('"', "'")
-            )),
-            None => out.push_str(&format!("From: {sender}\r\n")),
+            Some(name) => out.extend_from_slice(
+                format!(
+                    "From: \"{}\" <{sender}>\r\n",
+                    name.replace(['"', '\\'], "'")
+                )
+                .as_bytes(),
+            ),
+            None => out.extend_from_slice(format!("From: {sender}\r\n").as_bytes()),
         }
     }
     if !has("Date") {
-        out.push_str(&format!(
-            "Date: {}\r\n",
-            chrono::Local::now().format("%a, %d %b %Y %H:%M:%S %z")
-        ));
+        out.extend_from_slice(
+            format!(
+                "Date: {}\r\n",
+                chrono::Local::now().format("%a, %d %b %Y %H:%M:%S %z")
+            )
+            .as_bytes(),
+        );
     }
     if !has("Message-ID") {
         let mut r = [0u8; 12];
         let _ = getrandom::fill(&mut r);
         let id: String = r.iter().map(|b| format!("{b:02x}")).collect();
-        out.push_str(&format!("Message-ID: <{id}@{host}>\r\n"));
+        out.extend_from_slice(format!("Message-ID: <{id}@{host}>\r\n").as_bytes());
     }
-    // The header section as it was, less Bcc: fields when the recipients
-    // came from them (-t).
+    // The header lines as they were, less Bcc: fields (and their
+    // continuations) when the recipients came from them (-t).
     let mut skipping = false;
-    for line in head.split_inclusive("\r\n") {
-        let cont = line.starts_with([' ', '\t']);
-        if !cont {
-            skipping = extract && line.to_ascii_lowercase().starts_with("bcc:");
+    for l in &head {
+        if !(l.starts_with(b" ") || l.starts_with(b"\t")) {
+            skipping = extract && l.len() >= 4 && l[..4].eq_ignore_ascii_case(b"bcc:");
         }
         if !skipping {
-            out.push_str(line);
+            out.extend_from_slice(l);
         }
     }
-    if !head.is_empty() && !out.ends_with("\r\n") {
-        out.push_str("\r\n");
-    }
-    out.push_str("\r\n");
-    out.push_str(body.strip_prefix("\r\n").unwrap_or(body));
-    (out.into_bytes(), rcpts)
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(rest);
+    (out, rcpts)
 }
 
 /// `tambo sendmail …`: the exit status.
@@ -356,7 +401,17 @@ async fn submit(socket: &Path, host: &str, a: Args, msg: Vec<u8>) -> Result<(), 
         _ => return Err(fail(EX_TEMPFAIL, "queued did not greet: nothing was sent")),
     };
     let domain = login.rsplit_once('@').map_or("", |(_, d)| d).to_string();
-    let sender = a.from.clone().unwrap_or_else(|| login.clone());
+    // `-f root` (cronie) and `-f '<a@b>'` mean what they say.
+    let sender = match a
+        .from
+        .as_deref()
+        .map(|f| f.trim().trim_start_matches('<').trim_end_matches('>'))
+    {
+        None => login.clone(),
+        Some("") => String::new(),
+        Some(f) if !f.contains('@') => format!("{f}@{domain}"),
+        Some(f) => f.to_string(),
+    };
     let (msg, named) = prepare(&msg, &sender, a.full_name.as_deref(), host, a.extract);
     let mut rcpts: Vec<String> = a.recipients.iter().chain(named.iter()).cloned().collect();
     // A bare name is a local user (`root`, as cron writes it).
@@ -365,7 +420,9 @@ async fn submit(socket: &Path, host: &str, a: Args, msg: Vec<u8>) -> Result<(), 
             *r = format!("{r}@{domain}");
         }
     }
-    rcpts.dedup();
+    // Each address once, in the order given.
+    let mut seen = std::collections::HashSet::new();
+    rcpts.retain(|r| seen.insert(r.to_lowercase()));
     if rcpts.is_empty() {
         return Err(fail(EX_USAGE, "no recipients (give them, or use -t)"));
     }
@@ -480,6 +537,7 @@ mod tests {
     fn a_dot_ends_the_message_unless_i() {
         let input = b"Subject: x\n\nline\n.\nafter\n";
         let m = read_message(&mut &input[..], false, 1 << 20).unwrap();
+        // Nothing after the dot is read.
         assert_eq!(m, b"Subject: x\r\n\r\nline\r\n");
         let m = read_message(&mut &input[..], true, 1 << 20).unwrap();
         assert_eq!(m, b"Subject: x\r\n\r\nline\r\n.\r\nafter\r\n");
@@ -515,6 +573,39 @@ mod tests {
             "{out}"
         );
         assert!(out.ends_with("Subject: s\r\n\r\nbody\r\n"), "{out}");
+    }
+
+    #[test]
+    fn eight_bit_bodies_stay_as_they_are() {
+        let msg = b"Subject: caf\xe9\r\n\r\nLatin-1: caf\xe9\r\n";
+        let (out, _) = prepare(msg, "me@example.org", None, "h", false);
+        assert!(out.ends_with(b"Subject: caf\xe9\r\n\r\nLatin-1: caf\xe9\r\n"));
+    }
+
+    #[test]
+    fn the_header_section_ends_at_the_first_non_header() {
+        // No blank line: the body starts at the first line that is not a
+        // field, and a blank line goes before it.
+        let (out, _) = prepare(b"Subject: x\r\nbody here\r\n", "me@e.org", None, "h", false);
+        assert!(out.ends_with(b"Subject: x\r\n\r\nbody here\r\n"));
+        let (out, _) = prepare(b"text\r\n\r\nmore\r\n", "me@e.org", None, "h", false);
+        assert!(
+            out.ends_with(b"\r\n\r\ntext\r\n\r\nmore\r\n"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    #[test]
+    fn group_syntax_names_no_recipient() {
+        let (_, rcpts) = prepare(
+            b"To: undisclosed-recipients:;\r\nCc: team: a@x.example, b@x.example;\r\n\r\nx\r\n",
+            "me@e.org",
+            None,
+            "h",
+            true,
+        );
+        assert_eq!(rcpts, ["a@x.example", "b@x.example"]);
     }
 
     #[test]

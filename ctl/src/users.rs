@@ -166,6 +166,16 @@ fn join(lines: &[String]) -> String {
     out
 }
 
+/// One editor at a time (REFERENCE §5.4): an exclusive lock on the
+/// `domains/` directory while a users file is read, changed and replaced,
+/// so two `user-add`s at once cannot lose one of the edits.
+fn lock_domains(config_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
+    let dir = config_dir.join("domains");
+    let f = std::fs::File::open(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("{}: cannot lock: {e}", dir.display()))
+}
+
 /// `tambo user-add`: adds or replaces a user.
 pub fn add(
     config_dir: &Path,
@@ -177,8 +187,7 @@ pub fn add(
         return Err("cannot give both --receive_only and --password".into());
     }
     let (user, domain) = split(who)?;
-    let path = users_path(config_dir, &domain)?;
-    let text = read(&path)?;
+    // Asked before the lock: a slow typist must not hold up other edits.
     let credential = if receive_only {
         "!".to_string()
     } else {
@@ -188,6 +197,9 @@ pub fn add(
         }
         tambo_common::password::hash(pw.as_bytes())?
     };
+    let _lock = lock_domains(config_dir)?;
+    let path = users_path(config_dir, &domain)?;
+    let text = read(&path)?;
     let (mut lines, _) = other_lines(&text, &user);
     lines.push(format!("{user} {credential}"));
     Ok(write(&path, &join(&lines))? + "Added user\n")
@@ -196,6 +208,7 @@ pub fn add(
 /// `tambo user-remove`: removes a user; an unknown one is an error.
 pub fn remove(config_dir: &Path, who: &str) -> Result<String, Error> {
     let (user, domain) = split(who)?;
+    let _lock = lock_domains(config_dir)?;
     let path = users_path(config_dir, &domain)?;
     let text = read(&path)?;
     let (lines, found) = other_lines(&text, &user);

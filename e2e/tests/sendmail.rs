@@ -133,9 +133,13 @@ fn sendmail_from_a_pipeline_delivers_as_the_local_user() {
     // mailq: root's; another user is told no.
     let mailq = dir.path().join("mailq");
     std::os::unix::fs::symlink(&tambo, &mailq).unwrap();
-    let out = Command::new(&tambo).args(["mailq", &c]).output().unwrap();
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("# Queue status"));
+    for out in [
+        Command::new(&tambo).args(["mailq", &c]).output().unwrap(),
+        Command::new(&mailq).arg(&c).output().unwrap(),
+    ] {
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("# Queue status"));
+    }
     let (code, _) = run_as(&tambo, &["mailq", &c], "", 65534);
     assert_eq!(code, 77);
 }
@@ -177,6 +181,8 @@ async fn local_sock_takes_nothing_but_mail_from_its_user() {
             identity: "ann@example.test".into(),
             password: b"x".to_vec(),
         },
+        // A keep-alive would let one user hold a slot for ever.
+        SubmitRequest::Ping,
     ] {
         let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
         let hello: Option<SubmitReply> = read_frame_max(&mut s, 1 << 16).await.unwrap();
@@ -186,5 +192,26 @@ async fn local_sock_takes_nothing_but_mail_from_its_user() {
         );
         write_frame(&mut s, &req).await.unwrap();
         assert!(closed_by_peer(&mut s).await, "{req:?}");
+    }
+    // One user holds at most 8 sessions: the ninth is closed unanswered.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let hello: Option<SubmitReply> = read_frame_max(&mut s, 1 << 16).await.unwrap();
+        assert!(matches!(hello, Some(SubmitReply::LocalLogin(_))));
+        held.push(s);
+    }
+    let mut ninth = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    assert!(closed_by_peer(&mut ninth).await);
+    drop(held);
+    // Their slots come back once queued sees them closed.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        if let Ok(Some(SubmitReply::LocalLogin(_))) = read_frame_max(&mut s, 1 << 16).await {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot came back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

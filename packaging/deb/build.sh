@@ -81,7 +81,8 @@ if [ "$1" = configure ]; then
   chmod 0750 /etc/tambo/certs /etc/tambo/domains
   # sendmail and mailq for cron, mdadm and scripts: tambo, by that name.
   update-alternatives --install /usr/sbin/sendmail sendmail /usr/sbin/tambo 25 \
-    --slave /usr/bin/mailq mailq /usr/sbin/tambo
+    --slave /usr/bin/mailq mailq /usr/sbin/tambo \
+    --slave /usr/lib/sendmail sendmail-lib /usr/sbin/tambo
   # On the first install only (an upgrade keeps an admin's `disable`).
   # Enabling works without a running systemd too (a chroot, an image).
   if [ -z "$2" ]; then

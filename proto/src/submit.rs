@@ -159,11 +159,14 @@ pub enum MailLogEvent {
         ok: bool,
     },
     /// MAIL, RCPT or DATA refused: the sender and recipients known then.
+    /// `temporary` (a 4xx): logged as `deferred`, which no fail2ban
+    /// filter counts (an outage on our side must never ban a client).
     Rejected {
         client: String,
         from: Option<String>,
         to: Vec<String>,
         reason: String,
+        temporary: bool,
     },
     /// Another reply of 500 or more (or the 421 of too many errors): the
     /// command's verb (`unknown` when it was none), the code, the reason.

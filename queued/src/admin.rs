@@ -49,10 +49,12 @@ pub async fn answer(q: &Arc<Queue>, req: AdminRequest) -> Result<String, String>
         }
         AdminRequest::QueueRemove { id, silent } => {
             if q.remove(&id, silent) {
+                // Taken out at its loop's next chance: after the delivery
+                // attempt under way, if any.
                 Ok(if silent {
-                    format!("{id}: removed, without a DSN\n")
+                    format!("{id}: removing, without a DSN\n")
                 } else {
-                    format!("{id}: removed; the sender gets a DSN\n")
+                    format!("{id}: removing; the sender gets a DSN\n")
                 })
             } else {
                 Err(format!("no item {id} in the queue"))

@@ -31,6 +31,9 @@ use crate::session::Session;
 /// user's crontab must not take every queue slot from SMTP.
 const MAX_SESSIONS: usize = 64;
 
+/// Local sessions at once from one uid: one user cannot take them all.
+const MAX_SESSIONS_PER_UID: usize = 8;
+
 /// How long a local client may stay silent.
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -40,7 +43,38 @@ pub struct Listener {
     queue: Arc<Queue>,
     auth: Arc<crate::auth::Service>,
     sessions: Arc<Semaphore>,
+    per_uid: std::sync::Mutex<std::collections::HashMap<u32, usize>>,
     refused: LogLimiter,
+}
+
+/// A uid's hold on one of its session slots, given back when dropped.
+struct UidSlot<'a> {
+    l: &'a Listener,
+    uid: u32,
+}
+
+impl Drop for UidSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.l.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl Listener {
+    fn take_uid_slot(&self, uid: u32) -> Option<UidSlot<'_>> {
+        let mut m = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(uid).or_default();
+        if *n >= MAX_SESSIONS_PER_UID {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot { l: self, uid })
+    }
 }
 
 impl Listener {
@@ -49,6 +83,7 @@ impl Listener {
             queue,
             auth,
             sessions: Arc::new(Semaphore::new(MAX_SESSIONS)),
+            per_uid: std::sync::Mutex::default(),
             refused: LogLimiter::new(),
         }
     }
@@ -110,6 +145,15 @@ pub async fn serve(l: Arc<Listener>, stream: UnixStream) {
             return;
         }
     };
+    let Some(_uid_slot) = l.take_uid_slot(uid) else {
+        if let Some(n) = l.refused.allow() {
+            tracing::warn!(
+                "local.sock: refusing a connection: uid {uid} has {MAX_SESSIONS_PER_UID} sessions already{}",
+                skipped(n)
+            );
+        }
+        return;
+    };
     let (r, mut writer) = stream.into_split();
     let mut reader = FrameReader::new(r);
     let Some(user) = tokio::task::spawn_blocking(move || user_name(uid))
@@ -150,22 +194,29 @@ pub async fn serve(l: Arc<Listener>, stream: UnixStream) {
                     None => return Ok(()),
                 },
             };
-            let allowed = matches!(
-                req,
-                SubmitRequest::Mail { .. }
-                    | SubmitRequest::Rcpt { .. }
-                    | SubmitRequest::Rset
-                    | SubmitRequest::DataBegin
-                    | SubmitRequest::DataChunk(_)
-                    | SubmitRequest::DataEnd
-                    | SubmitRequest::DataAbort
-                    | SubmitRequest::Ping
-            );
-            if !allowed {
-                return Err(tambo_proto::Error::Unexpected(
-                    "not a local submission request",
-                ));
-            }
+            // No Ping: a local client that dawdles is closed after IDLE,
+            // whatever it says.
+            let req = match req {
+                // What smtpd would say of an SMTP client, queued says of a
+                // local one: the client's own words reach no hook.
+                SubmitRequest::Mail { from, .. } => SubmitRequest::Mail {
+                    from,
+                    ehlo: "localhost".into(),
+                    server_name: l.queue.cfg.hostname.clone(),
+                    spf: None,
+                },
+                r @ (SubmitRequest::Rcpt { .. }
+                | SubmitRequest::Rset
+                | SubmitRequest::DataBegin
+                | SubmitRequest::DataChunk(_)
+                | SubmitRequest::DataEnd
+                | SubmitRequest::DataAbort) => r,
+                _ => {
+                    return Err(tambo_proto::Error::Unexpected(
+                        "not a local submission request",
+                    ));
+                }
+            };
             let begin = req == SubmitRequest::DataBegin;
             let reply = s.handle(req).await?;
             // The Received header: first in the message, from what queued

@@ -311,8 +311,10 @@ pub fn event_line(ev: &MailLogEvent) -> String {
             from,
             to,
             reason,
+            temporary,
         } => {
-            let mut l = format!("{} rejected", word(client));
+            let what = if *temporary { "deferred" } else { "rejected" };
+            let mut l = format!("{} {what}", word(client));
             if let Some(f) = from {
                 l.push_str(&format!(" from={}", word(f)));
             }
@@ -336,9 +338,9 @@ pub fn event_line(ev: &MailLogEvent) -> String {
     }
 }
 
-/// Writes one of smtpd's events.
-pub fn event(ev: &MailLogEvent) {
-    send(Msg::Line(event_line(ev)));
+/// Writes a line made by [`event_line`].
+pub fn line(line: String) {
+    send(Msg::Line(line));
 }
 
 #[cfg(test)]
@@ -352,6 +354,7 @@ mod tests {
             from: Some("a@b.example".into()),
             to: vec!["x@y.example".into()],
             reason: "relay not allowed".into(),
+            temporary: false,
         };
         assert_eq!(
             event_line(&ev),
@@ -385,6 +388,7 @@ mod tests {
             from: Some("a@b\n2026-01-01 00:00:00.000000 10.0.0.1:1 auth failed for x".into()),
             to: vec!["a b@c".into(); 40],
             reason: "x".repeat(1000),
+            temporary: false,
         };
         let l = event_line(&ev);
         assert!(!l.contains('\n'), "{l}");

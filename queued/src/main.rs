@@ -82,8 +82,8 @@ fn reload_domains(
 }
 
 /// `--check_config`: every file queued reads at startup, read by the
-/// same code (so with the same errors), with nothing else done: no lock,
-/// no socket, no privilege change. What it found goes to standard output.
+/// same code (so with the same errors) and as the same user, with nothing
+/// else done: no lock, no socket. What it found goes to standard output.
 fn check_config(cfg: &tambo_common::config::Config) -> ExitCode {
     let domains = match Domains::load(cfg) {
         Ok(d) => d,
@@ -124,6 +124,10 @@ fn main() -> ExitCode {
         mut sockets,
     } = started;
     if flags.check_config {
+        // Read as queued will read them: as its user.
+        if let Err(e) = daemon::drop_privileges(Role::Queued, &ids) {
+            return daemon::startup_failed(format!("cannot drop privileges: {e}"));
+        }
         return check_config(&cfg);
     }
     // Its state must stay its own once it is not root (DESIGN §1).

@@ -177,9 +177,11 @@ impl Session {
                     return Ok(Some(SubmitReply::AuthRequired));
                 }
                 // An authenticated user sends as themselves (unless the
-                // site turned that off).
+                // site turned that off; a local user always does: the
+                // setting is chasquid's, for AUTH).
                 if let Some(auth) = &self.auth
-                    && self.queue.cfg.tambo.sender_bound_to_login
+                    && (self.queue.cfg.tambo.sender_bound_to_login
+                        || self.client.as_deref() == Some("local"))
                 {
                     let domains = self.queue.domains();
                     let policy = Policy {

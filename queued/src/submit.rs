@@ -219,22 +219,41 @@ fn log_new_peer(peer: &hello::Peer) {
     }
 }
 
-/// Lines a log link may write per second, and in a burst: far more than
-/// smtpd's busiest minute needs (a line per refused command), far less
-/// than a compromised smtpd would need to fill the disk quickly.
-const LOG_LINES_PER_SECOND: f64 = 500.0;
-const LOG_BURST: f64 = 5000.0;
+/// Bytes all log links together may write per second, and in a burst:
+/// far more than smtpd's busiest minute needs (a line per refused
+/// command), far less than a compromised smtpd, opening every link it
+/// can, would need to fill the disk quickly.
+const LOG_BYTES_PER_SECOND: f64 = 256.0 * 1024.0;
+const LOG_BURST_BYTES: f64 = 4.0 * 1024.0 * 1024.0;
+
+/// The log links' shared budget: (bytes left, when last refilled).
+static LOG_BUDGET: std::sync::Mutex<Option<(f64, std::time::Instant)>> =
+    std::sync::Mutex::new(None);
+
+/// Takes `n` bytes from the shared budget, if there are that many.
+fn log_budget_take(n: usize) -> bool {
+    let mut b = LOG_BUDGET.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    let (tokens, last) = b.get_or_insert((LOG_BURST_BYTES, now));
+    *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * LOG_BYTES_PER_SECOND)
+        .min(LOG_BURST_BYTES);
+    *last = now;
+    if *tokens >= n as f64 {
+        *tokens -= n as f64;
+        true
+    } else {
+        false
+    }
+}
 
 /// Serves smtpd's log link after its `LogLink` request: each event is
-/// written to the mail log, within a budget (over it, lines are dropped
-/// and counted). Nothing is replied. An idle link is closed; smtpd opens
-/// another when it has something to say.
+/// written to the mail log, within the budget all links share (over it,
+/// lines are dropped and counted). Nothing is replied. An idle link is
+/// closed; smtpd opens another when it has something to say.
 async fn serve_log_link(
     mut reader: FrameReader<tokio::net::unix::OwnedReadHalf>,
     idle: std::time::Duration,
 ) -> Result<(), Error> {
-    let mut tokens = LOG_BURST;
-    let mut last = std::time::Instant::now();
     loop {
         let req = match tokio::time::timeout(idle, reader.read(MAX_SMALL_FRAME)).await {
             Err(_) => return Ok(()),
@@ -246,13 +265,9 @@ async fn serve_log_link(
         let SubmitRequest::Log(ev) = req else {
             return Err(Error::Unexpected("not a log event on a log link"));
         };
-        let now = std::time::Instant::now();
-        tokens =
-            (tokens + now.duration_since(last).as_secs_f64() * LOG_LINES_PER_SECOND).min(LOG_BURST);
-        last = now;
-        if tokens >= 1.0 {
-            tokens -= 1.0;
-            crate::maillog::event(&ev);
+        let line = crate::maillog::event_line(&ev);
+        if log_budget_take(line.len() + 28) {
+            crate::maillog::line(line);
         } else {
             metrics::inc(names::MAILLOG_DROPPED);
         }

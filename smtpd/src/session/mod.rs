@@ -398,14 +398,15 @@ impl Session {
     }
 
     /// The mail log's line for a refusal (REFERENCE §8): MAIL, RCPT or
-    /// DATA refused is `rejected`, with the sender and recipients known
-    /// then; any other reply of 500 or more, and too many errors, is
-    /// `error`. Left out: AUTH's own verdicts (an `auth` line says them),
-    /// and replies about this server's state, not the client's doing
-    /// (timeouts, a local queue error): fail2ban must never count those.
+    /// DATA refused is `rejected` (5xx) or `deferred` (4xx), with the
+    /// sender and recipients known then; any other reply of 500 or more,
+    /// and too many errors, is `error`. Left out: AUTH's own verdicts (an
+    /// `auth` line says them), timeouts and a lost queue link. fail2ban
+    /// counts `rejected`, never `deferred`: a DNS or Dovecot outage, a
+    /// greylisting hook or a full queue must never ban a client.
     fn log_refusal(&mut self, code: u16, enhanced: &str, text: &str) {
         let client = self.peer.to_string();
-        let server_side = enhanced.starts_with("4.3.") || enhanced == "4.4.2";
+        let server_side = enhanced == "4.4.2" || (enhanced == "4.3.0" && code == 421);
         let ev = match self.verb {
             _ if enhanced == "4.5.0" => MailLogEvent::Error {
                 client,
@@ -431,6 +432,7 @@ impl Session {
                     from,
                     to,
                     reason: text.into(),
+                    temporary: code < 500,
                 }
             }
             Verb::Auth if code == 535 || code == 454 => return,
