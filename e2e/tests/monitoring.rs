@@ -872,6 +872,19 @@ fn debug_config_and_queue_show_what_the_processes_sent() {
     );
     assert!(config.contains("\n  [tambo]\n"), "{config}");
 
+    // Each process's runtime, as it says every 5 s.
+    let tasks = wait_for("every process's runtime in /debug/tasks", || {
+        let (_, _, body) = t.http_get("/debug/tasks");
+        (body.matches("  tokio: ").count() == 4).then_some(body)
+    });
+    for role in ["smtpd", "queued", "deliverd", "monitord"] {
+        assert!(
+            tasks.contains(&format!("# {role} (pid ")),
+            "{role}: {tasks}"
+        );
+    }
+    assert!(tasks.contains("  cpu: user "), "{tasks}");
+
     let (_, _, index) = t.http_get("/");
     for link in [
         "/debug/vars",
@@ -879,6 +892,7 @@ fn debug_config_and_queue_show_what_the_processes_sent() {
         "/debug/flags",
         "/debug/config",
         "/debug/queue",
+        "/debug/tasks",
     ] {
         assert!(
             index.contains(&format!("href=\"{link}\"")),

@@ -42,6 +42,8 @@ pub struct Process {
     pub flags: Vec<(String, String)>,
     /// Its effective config (`/debug/config`).
     pub config: String,
+    /// How its runtime was when it last said (`/debug/tasks`).
+    pub state: String,
     pub connected: bool,
 }
 
@@ -259,9 +261,17 @@ impl Totals {
             version,
             flags,
             config,
+            state: String::new(),
             connected: true,
         });
         id
+    }
+
+    /// Records what a process said of its runtime.
+    pub fn set_state(&mut self, id: u64, state: String) {
+        if let Some(p) = self.processes.iter_mut().find(|p| p.id == id) {
+            p.state = state;
+        }
     }
 
     /// Whether this run of a process is new to this monitord (its

@@ -234,6 +234,11 @@ fn route(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             body.push_str(&config(&lock(&site.totals)));
             reply(StatusCode::OK, "text/plain; charset=utf-8", body)
         }
+        "/debug/tasks" => reply(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            tasks(&lock(&site.totals)),
+        ),
         "/debug/queue" => reply(
             StatusCode::OK,
             "text/plain; charset=utf-8",
@@ -294,6 +299,7 @@ started {started}, up {uptime}</p>
 <li><a href=\"/debug/flags\">/debug/flags</a>: command-line flags of each process</li>
 <li><a href=\"/debug/config\">/debug/config</a>: the effective configuration of each process</li>
 <li><a href=\"/debug/queue\">/debug/queue</a>: the queue, as queued last sent it</li>
+<li><a href=\"/debug/tasks\">/debug/tasks</a>: each process's runtime: tokio workers and tasks, CPU time, memory</li>
 </ul>
 </body></html>
 ",
@@ -336,6 +342,26 @@ fn config(t: &Totals) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Each connected process's runtime, as it last said (every 5 s);
+/// indented and escaped like the configs.
+fn tasks(t: &Totals) -> String {
+    let mut out = format!(
+        "# monitord (pid {})\n{}\n",
+        std::process::id(),
+        indent(&tambo_proto::metrics::runtime_state())
+    );
+    for p in t.processes.iter().filter(|p| p.connected) {
+        out.push_str(&format!("# {} (pid {})\n", p.role.name(), p.pid));
+        out.push_str(&indent(&p.state));
+        out.push('\n');
+    }
+    out
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {}\n", escape(l))).collect()
 }
 
 /// Multi-line text from a peer: its lines, each escaped.

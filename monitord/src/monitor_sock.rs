@@ -197,6 +197,12 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                 MonitorMessage::Baseline(_) => {
                     return Err(Error::Unexpected("Baseline over MAX_DELTAS_PER_FRAME"));
                 }
+                MonitorMessage::State(text) => {
+                    if text.len() > tambo_proto::monitor::MAX_STATE {
+                        return Err(Error::Unexpected("a state over MAX_STATE"));
+                    }
+                    lock(&l.totals).set_state(id, text);
+                }
                 MonitorMessage::Queue(text) => {
                     if peer.role != Role::Queued {
                         return Err(Error::Unexpected("a queue snapshot not from queued"));

@@ -517,6 +517,7 @@ pub fn spawn_pusher(
         let mut pushed: HashMap<(String, Option<String>), u64> = HashMap::new();
         // The last queue snapshot, sent again to a new monitord.
         let mut last_queue: Option<String> = None;
+        let mut last_state: Option<tokio::time::Instant> = None;
         let mut fresh = false;
         let mut conn: Option<UnixStream> = None;
         let mut interval = tokio::time::interval(heartbeat.min(Duration::from_millis(500)));
@@ -533,6 +534,7 @@ pub fn spawn_pusher(
                         }
                         warned = false;
                         fresh = true;
+                        last_state = None;
                         conn = Some(s);
                     }
                     Err(e) => {
@@ -582,6 +584,17 @@ pub fn spawn_pusher(
                     conn = None;
                     continue;
                 }
+            }
+            // The runtime's state, every few seconds.
+            if last_state.is_none_or(|t: tokio::time::Instant| t.elapsed() >= STATE_EVERY) {
+                let msg = MonitorMessage::State(runtime_state());
+                let sent =
+                    tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &msg)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    conn = None;
+                    continue;
+                }
+                last_state = Some(tokio::time::Instant::now());
             }
             let mut deltas = global().take();
             if deltas.is_empty() && last_sent.elapsed() < heartbeat {
@@ -665,6 +678,49 @@ async fn connect(
         .map_err(|_| crate::Error::Io(std::io::ErrorKind::TimedOut.into()))??;
     }
     Ok(s)
+}
+
+/// How often a process says how its runtime is (`/debug/tasks`).
+const STATE_EVERY: Duration = Duration::from_secs(5);
+
+/// The runtime's state as text: tokio's workers and tasks (what stable
+/// tokio tells), and the process's CPU time and peak memory (getrusage:
+/// no file to read, which the lockdown would forbid).
+pub fn runtime_state() -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        let m = h.metrics();
+        let _ = writeln!(
+            s,
+            "tokio: {} workers, {} tasks alive, {} in the global queue",
+            m.num_workers(),
+            m.num_alive_tasks(),
+            m.global_queue_depth()
+        );
+        for w in 0..m.num_workers().min(64) {
+            let _ = writeln!(
+                s,
+                "  worker {w}: busy {:.3}s, parked {} times",
+                m.worker_total_busy_duration(w).as_secs_f64(),
+                m.worker_park_count(w)
+            );
+        }
+    }
+    if let Ok(u) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        let _ = writeln!(
+            s,
+            "cpu: user {:.3}s, system {:.3}s; peak resident {} KiB; {} voluntary and {} involuntary context switches",
+            secs(u.user_time()),
+            secs(u.system_time()),
+            u.max_rss(),
+            u.voluntary_context_switches(),
+            u.involuntary_context_switches()
+        );
+    }
+    s.truncate(crate::monitor::MAX_STATE);
+    s
 }
 
 static QUEUE_SNAPSHOT: Mutex<Option<String>> = Mutex::new(None);

@@ -118,7 +118,13 @@ pub enum MonitorMessage {
     /// From queued only: the queue as `/debug/queue` shows it
     /// (REFERENCE §7.4), at most [`MAX_QUEUE_SNAPSHOT`] bytes.
     Queue(String),
+    /// The process's runtime now (`/debug/tasks`): its tokio workers and
+    /// tasks, CPU time and memory, as text of at most [`MAX_STATE`] bytes.
+    State(String),
 }
+
+/// Longest runtime state a process pushes.
+pub const MAX_STATE: usize = 8 * 1024;
 
 #[cfg(test)]
 mod tests {
