@@ -714,7 +714,7 @@ mod budgets {
              -a\\nb=\\x1b[2J\\u{2028}\n\n"
         );
         let (_, _, index) = t.http_get("/");
-        assert!(index.contains("version 1.0\\nforged)"), "{index}");
+        assert!(index.contains("<td>1.0\\nforged</td>"), "{index}");
         t.wait_log("monitord", "registered (version 1.0\\nforged)");
     }
 

@@ -268,39 +268,68 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 fn index(site: &Site) -> String {
     let now = chrono::Local::now();
     let uptime = (now - site.started).to_std().unwrap_or_default();
-    let procs: String = lock(&site.totals)
-        .processes
-        .iter()
-        .filter(|p| p.connected)
-        .map(|p| {
-            format!(
-                "<li>{} (pid {}, version {})</li>\n",
-                p.role.name(),
-                p.pid,
-                html(&escape(&p.version))
-            )
-        })
-        .collect();
+    let t = lock(&site.totals);
+    let row = |role: &str, pid: u32, version: &str| {
+        format!(
+            "<tr><td>{role}</td><td>{pid}</td><td>{}</td></tr>\n",
+            html(&escape(version))
+        )
+    };
+    let mut procs = row("monitord", std::process::id(), tambo_common::build::VERSION);
+    for p in t.processes.iter().filter(|p| p.connected) {
+        procs.push_str(&row(p.role.name(), p.pid, &p.version));
+    }
+    // A few numbers a person looks for first; the rest is in /debug/vars.
+    let count = |name: &str| t.counters.get(name).copied().unwrap_or(0);
+    let sum = |name: &str| t.maps.get(name).map_or(0, |m| m.values().sum::<u64>());
+    let glance = format!(
+        "<tr><td>messages queued</td><td>{}</td></tr>\n\
+         <tr><td>delivery attempts</td><td>{}</td></tr>\n\
+         <tr><td>DSNs sent</td><td>{}</td></tr>\n\
+         <tr><td>SMTP commands</td><td>{}</td></tr>",
+        count(tambo_proto::metrics::names::QUEUE_PUT_COUNT),
+        sum(tambo_proto::metrics::names::QUEUE_DELIVER_ATTEMPTS),
+        count(tambo_proto::metrics::names::QUEUE_DSN_QUEUED),
+        sum(tambo_proto::metrics::names::SMTP_IN_COMMAND_COUNT),
+    );
+    drop(t);
     format!(
         "<!DOCTYPE html>
-<html><head><meta charset=\"utf-8\"><title>tambo @ {host}</title></head>
+<html><head><meta charset=\"utf-8\"><title>tambo @ {host}</title>
+<meta name=\"viewport\" content=\"width=device-width\">
+<style>
+body {{ font: 15px/1.5 system-ui, sans-serif; max-width: 46em; margin: 2em auto; padding: 0 1em; color: #222; }}
+h1 {{ font-size: 1.6em; margin-bottom: 0.2em; }}
+h2 {{ font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }}
+table {{ border-collapse: collapse; }}
+td, th {{ padding: 0.15em 1.2em 0.15em 0; text-align: left; }}
+th {{ font-weight: 600; color: #555; }}
+.muted {{ color: #666; }}
+a {{ color: #0645ad; }}
+dt {{ font-family: ui-monospace, monospace; }}
+dd {{ margin: 0 0 0.5em 1.5em; color: #444; }}
+</style></head>
 <body>
 <h1>tambo @ {host}</h1>
-<p>OS hostname: {os}<br>
-version {version}, built {built}<br>
-started {started}, up {uptime}</p>
+<p class=\"muted\">OS hostname {os} · version {version}, built {built}<br>
+monitord started {started}, up {uptime}</p>
+<h2>At a glance</h2>
+<table>
+{glance}
+</table>
 <h2>Processes</h2>
-<ul>
-{procs}</ul>
-<h2>Monitoring</h2>
-<ul>
-<li><a href=\"/debug/vars\">/debug/vars</a>: exported variables (expvar JSON)</li>
-<li><a href=\"/metrics\">/metrics</a>: the same, in OpenMetrics format</li>
-<li><a href=\"/debug/flags\">/debug/flags</a>: command-line flags of each process</li>
-<li><a href=\"/debug/config\">/debug/config</a>: the effective configuration of each process</li>
-<li><a href=\"/debug/queue\">/debug/queue</a>: the queue, as queued last sent it</li>
-<li><a href=\"/debug/tasks\">/debug/tasks</a>: each process's runtime: tokio workers and tasks, CPU time, memory</li>
-</ul>
+<table>
+<tr><th>role</th><th>pid</th><th>version</th></tr>
+{procs}</table>
+<h2>Pages</h2>
+<dl>
+<dt><a href=\"/debug/vars\">/debug/vars</a></dt><dd>every counter, summed over the processes (expvar JSON)</dd>
+<dt><a href=\"/metrics\">/metrics</a></dt><dd>the same, in OpenMetrics format, for Prometheus</dd>
+<dt><a href=\"/debug/queue\">/debug/queue</a></dt><dd>the queue, as queued last sent it</dd>
+<dt><a href=\"/debug/tasks\">/debug/tasks</a></dt><dd>each process's runtime: tokio workers and tasks, CPU time, memory</dd>
+<dt><a href=\"/debug/config\">/debug/config</a></dt><dd>the effective configuration of each process</dd>
+<dt><a href=\"/debug/flags\">/debug/flags</a></dt><dd>command-line flags of each process</dd>
+</dl>
 </body></html>
 ",
         host = html(&site.hostname),
