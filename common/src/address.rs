@@ -66,6 +66,20 @@ pub fn normalize_user(user: &str) -> Result<String, AddressError> {
     Ok(mapped.to_lowercase().nfc().collect())
 }
 
+/// Form-urlencoding (REFERENCE §1.4), as domaininfo files are named:
+/// `A-Z a-z 0-9 - _ . ~` kept, every other byte `%XX`.
+pub fn form_urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Normalises a whole address: user part and domain.
 pub fn normalize(addr: &str) -> Result<String, AddressError> {
     let (user, domain) = split(addr);

@@ -356,6 +356,26 @@ runtime_dir = \"{run}\"
         Self::new("", "", "")
     }
 
+    /// A setup where mail to `hold@` stays in the queue: its only
+    /// recipient is a pipe to a program that asks to be retried (exit 75),
+    /// and retries are an hour apart. Returns the program's path (the
+    /// recipient's address in the queue).
+    pub fn holding() -> (Self, PathBuf) {
+        let t = Self::new(
+            "",
+            "",
+            "retry_delays = [\"1h\", \"1h\", \"1h\", \"1h\"]\nretry_jitter = \"0s\"\n",
+        );
+        let script = t.config_dir.join("tempfail");
+        std::fs::write(&script, "#!/bin/sh\nexit 75\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let aliases = t.config_dir.join("domains").join(DOMAIN).join("aliases");
+        let text = std::fs::read_to_string(&aliases).unwrap();
+        std::fs::write(&aliases, format!("{text}hold: | {}\n", script.display())).unwrap();
+        (t, script)
+    }
+
     /// This installation's DNS server, to add records to (SPF TXT records,
     /// MX hosts…) while it runs. Panics if the test gave its own
     /// `dns_server`: that one is the test's.

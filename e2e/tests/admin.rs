@@ -446,19 +446,8 @@ fn aliases_resolve_and_domaininfo_remove_ask_the_running_queued() {
 
 #[test]
 fn the_queue_is_listed_flushed_and_emptied_by_hand() {
-    // A recipient whose delivery fails for now, every time: a pipe to a
-    // program that asks to be retried; retries an hour apart.
-    let mut t = Tambo::new(
-        "",
-        "",
-        "retry_delays = [\"1h\", \"1h\", \"1h\", \"1h\"]\nretry_jitter = \"0s\"\n",
-    );
-    let script = t.config_dir.join("tempfail");
-    std::fs::write(&script, "#!/bin/sh\nexit 75\n").unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let aliases = t.config_dir.join("domains").join(DOMAIN).join("aliases");
-    let text = std::fs::read_to_string(&aliases).unwrap();
-    std::fs::write(&aliases, format!("{text}hold: | {}\n", script.display())).unwrap();
+    // Mail to hold@ stays: its delivery fails for now, every time.
+    let (mut t, script) = Tambo::holding();
     t.start_all();
     t.wait_log("smtpd", "TLS ready with");
 

@@ -824,17 +824,7 @@ fn counters_survive_a_restart_of_monitord_alone() {
 fn debug_config_and_queue_show_what_the_processes_sent() {
     // A message that stays: its only recipient asks to be retried, an
     // hour from now.
-    let mut t = Tambo::new(
-        "",
-        "",
-        "retry_delays = [\"1h\", \"1h\", \"1h\", \"1h\"]\nretry_jitter = \"0s\"\n",
-    );
-    let script = t.config_dir.join("tempfail");
-    std::fs::write(&script, "#!/bin/sh\nexit 75\n").unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let aliases = t.config_dir.join("domains").join(DOMAIN).join("aliases");
-    let text = std::fs::read_to_string(&aliases).unwrap();
-    std::fs::write(&aliases, format!("{text}hold: | {}\n", script.display())).unwrap();
+    let (mut t, _) = Tambo::holding();
     t.start_all();
     assert_eq!(
         t.send(

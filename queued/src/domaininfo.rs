@@ -211,15 +211,7 @@ fn key(domain: &str) -> String {
 /// Form-urlencoding of the name (REFERENCE §1.4): `A-Z a-z 0-9 - _ . ~`
 /// kept, every other byte `%XX`.
 pub fn escape(domain: &str) -> String {
-    let mut out = String::with_capacity(domain.len());
-    for b in domain.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    tambo_common::address::form_urlencode(domain)
 }
 
 fn format(domain: &str, l: Levels) -> String {

@@ -99,15 +99,7 @@ fn parse(data: &[u8]) -> Result<(String, [usize; 2]), prototext::Error> {
 
 /// Form-urlencoding, as queued names its files (REFERENCE §1.4).
 fn escape(domain: &str) -> String {
-    let mut out = String::with_capacity(domain.len());
-    for b in domain.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    tambo_common::address::form_urlencode(domain)
 }
 
 /// The record as queued writes it.
