@@ -107,6 +107,16 @@ pub async fn deliver(ctx: &Ctx, job: &Job, message: File) -> Done {
         Target::Forward(_) => "forward",
     };
     metrics::add_label(names::QUEUE_DELIVER_ATTEMPTS, label, job.to.len() as u64);
+    let family = match &job.target {
+        Target::Local if cfg.tambo.lmtp_address.is_some() => "Courier.LMTP",
+        Target::Local if cfg.tambo.maildir.is_some() => "Courier.Maildir",
+        Target::Local => "Courier.MDA",
+        Target::Remote => "Courier.SMTP.Deliver",
+        Target::Forward(_) => "Courier.SMTP.Forward",
+        Target::Pipe(_) => "Courier.Pipe",
+    };
+    let mut trace =
+        tambo_proto::trace::Trace::new(family, format!("{} from=<{}>", job.queue_id, job.from));
     let (outcomes, seen) = if job.to.is_empty() {
         (Vec::new(), None)
     } else {
@@ -122,13 +132,16 @@ pub async fn deliver(ctx: &Ctx, job: &Job, message: File) -> Done {
     for (to, outcome) in job.to.iter().zip(&outcomes) {
         match outcome {
             Outcome::Delivered => {
-                tracing::info!(id = %job.queue_id, %to, "delivered ({label})")
+                tracing::info!(id = %job.queue_id, %to, "delivered ({label})");
+                trace.event(format!("{to}: delivered"));
             }
             Outcome::TempFail(t) => {
-                tracing::info!(id = %job.queue_id, %to, "temporary failure ({label}): {t}")
+                tracing::info!(id = %job.queue_id, %to, "temporary failure ({label}): {t}");
+                trace.error(format!("{to}: temporary failure: {t}"));
             }
             Outcome::PermFail(t) => {
-                tracing::info!(id = %job.queue_id, %to, "permanent failure ({label}): {t}")
+                tracing::info!(id = %job.queue_id, %to, "permanent failure ({label}): {t}");
+                trace.error(format!("{to}: permanent failure: {t}"));
             }
         }
     }

@@ -890,3 +890,58 @@ fn debug_config_and_queue_show_what_the_processes_sent() {
         );
     }
 }
+
+/// A delivered message leaves a trace in each process it went through:
+/// smtpd's session, queued's put and send loop, deliverd's delivery.
+#[test]
+fn a_delivered_message_is_traced_through_every_process() {
+    let mut t = Tambo::default_setup();
+    t.start_all();
+    let r = t.send(
+        "a@remote.test",
+        &["ann@example.test"],
+        &message("traced", "x\r\n"),
+    );
+    assert_eq!(r.code, 250);
+    let id = r.text().rsplit(' ').next().unwrap().to_string();
+    t.wait_maildir("ann", 1);
+    let families = [
+        "SMTP.Conn",
+        "Queue.Put",
+        "Queue.SendLoop",
+        "Courier.Maildir",
+    ];
+    let index = wait_for("the four traces", || {
+        let (status, _, body) = t.http_get("/debug/traces");
+        (status == 200
+            && families
+                .iter()
+                .all(|f| body.contains(&format!("<td>{f}</td>"))))
+        .then_some(body)
+    });
+    assert!(
+        index.contains("href=\"/debug/traces?family=Queue.Put&amp;b=0\""),
+        "{index}"
+    );
+    // Each shows this message: the session its commands (AUTH would be
+    // redacted), the put and the delivery its queue ID.
+    let list = |family: &str| {
+        (0..8)
+            .map(|b| {
+                t.http_get(&format!("/debug/traces?family={family}&b={b}"))
+                    .2
+            })
+            .collect::<String>()
+    };
+    let conn = list("SMTP.Conn");
+    assert!(
+        conn.contains("MAIL FROM:&lt;a@remote.test&gt;") && conn.contains("→ 250 2.0.0 Queued as"),
+        "{conn}"
+    );
+    for family in ["Queue.Put", "Queue.SendLoop", "Courier.Maildir"] {
+        let page = list(family);
+        assert!(page.contains(&id), "{family}: {page}");
+    }
+    assert!(list("Courier.Maildir").contains("ann@example.test: delivered"));
+    assert!(list("Queue.Put").contains("resolved to 1 recipients"));
+}

@@ -114,6 +114,8 @@ pub struct Totals {
     instances: std::collections::VecDeque<(Role, u64)>,
     /// queued's last queue snapshot (`/debug/queue`).
     pub queue: Option<String>,
+    /// The traces kept (`/debug/traces`).
+    pub traces: crate::traces::Sampled,
 }
 
 impl Totals {

@@ -234,6 +234,21 @@ fn route(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             body.push_str(&config(&lock(&site.totals)));
             reply(StatusCode::OK, "text/plain; charset=utf-8", body)
         }
+        "/debug/traces" => {
+            // `?family=<name>&b=<bucket>` or `?family=<name>&errors`.
+            let query = req.uri().query().unwrap_or("");
+            let mut family = None;
+            let mut bucket = None;
+            for kv in query.split('&') {
+                match kv.split_once('=') {
+                    Some(("family", v)) => family = Some(v.to_string()),
+                    Some(("b", v)) => bucket = v.parse::<usize>().ok(),
+                    _ => {}
+                }
+            }
+            let body = crate::traces::page(&lock(&site.totals).traces, family.as_deref(), bucket);
+            reply(StatusCode::OK, "text/html; charset=utf-8", body)
+        }
         "/debug/tasks" => reply(
             StatusCode::OK,
             "text/plain; charset=utf-8",
@@ -325,6 +340,7 @@ monitord started {started}, up {uptime}</p>
 <dl>
 <dt><a href=\"/debug/vars\">/debug/vars</a></dt><dd>every counter, summed over the processes (expvar JSON)</dd>
 <dt><a href=\"/metrics\">/metrics</a></dt><dd>the same, in OpenMetrics format, for Prometheus</dd>
+<dt><a href=\"/debug/traces\">/debug/traces</a></dt><dd>recent SMTP sessions, queue puts and deliveries, by latency, and the ones that failed</dd>
 <dt><a href=\"/debug/queue\">/debug/queue</a></dt><dd>the queue, as queued last sent it</dd>
 <dt><a href=\"/debug/tasks\">/debug/tasks</a></dt><dd>each process's runtime: tokio workers and tasks, CPU time, memory</dd>
 <dt><a href=\"/debug/config\">/debug/config</a></dt><dd>the effective configuration of each process</dd>

@@ -12,6 +12,7 @@ mod http;
 mod monitor_sock;
 mod openmetrics;
 mod text;
+mod traces;
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};

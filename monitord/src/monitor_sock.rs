@@ -143,7 +143,7 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             );
             let mut t = lock(&l.totals);
             let first = t.first_time(role, instance);
-            (t.register(role, pid, version, flags, config), first)
+            (t.register(role, pid, version, flags, config), first, pid)
         }
         other => {
             let why = match other {
@@ -166,7 +166,7 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             return;
         }
     };
-    let (id, first) = id;
+    let (id, first, pid) = id;
     let mut budget = Budget::new(peer.role);
     // The baseline comes first; once anything else came, none is taken.
     let mut baseline_open = true;
@@ -196,6 +196,19 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                 }
                 MonitorMessage::Baseline(_) => {
                     return Err(Error::Unexpected("Baseline over MAX_DELTAS_PER_FRAME"));
+                }
+                MonitorMessage::Traces(traces)
+                    if traces.len() <= tambo_proto::trace::MAX_PER_FRAME =>
+                {
+                    let mut t = lock(&l.totals);
+                    for rec in traces {
+                        if !t.traces.add(peer.role, pid, rec) {
+                            t.count(names::MONITORD_DROPPED_DELTAS, Some("traces"));
+                        }
+                    }
+                }
+                MonitorMessage::Traces(_) => {
+                    return Err(Error::Unexpected("Traces over MAX_PER_FRAME"));
                 }
                 MonitorMessage::State(text) => {
                     if text.len() > tambo_proto::monitor::MAX_STATE {

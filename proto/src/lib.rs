@@ -30,6 +30,7 @@ pub mod identity;
 pub mod metrics;
 pub mod monitor;
 pub mod submit;
+pub mod trace;
 
 pub use error::Error;
 pub use hello::{PROTOCOL_VERSION, Role};

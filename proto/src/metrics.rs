@@ -596,6 +596,28 @@ pub fn spawn_pusher(
                 }
                 last_state = Some(tokio::time::Instant::now());
             }
+            // Finished traces, a frame at a time.
+            let mut lost = false;
+            loop {
+                let traces = crate::trace::take();
+                if traces.is_empty() {
+                    break;
+                }
+                let msg = MonitorMessage::Traces(traces);
+                let sent =
+                    tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &msg)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    if let MonitorMessage::Traces(t) = msg {
+                        crate::trace::restore(t);
+                    }
+                    lost = true;
+                    break;
+                }
+            }
+            if lost {
+                conn = None;
+                continue;
+            }
             let mut deltas = global().take();
             if deltas.is_empty() && last_sent.elapsed() < heartbeat {
                 continue;

@@ -121,6 +121,9 @@ pub enum MonitorMessage {
     /// The process's runtime now (`/debug/tasks`): its tokio workers and
     /// tasks, CPU time and memory, as text of at most [`MAX_STATE`] bytes.
     State(String),
+    /// Finished traces (`/debug/traces`), at most
+    /// [`crate::trace::MAX_PER_FRAME`] a frame.
+    Traces(Vec<crate::trace::TraceRecord>),
 }
 
 /// Longest runtime state a process pushes.

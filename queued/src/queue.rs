@@ -347,6 +347,29 @@ impl Queue {
         bypass_limit: bool,
         session: FromSession,
     ) -> Result<(), PutError> {
+        let mut trace = tambo_proto::trace::Trace::new("Queue.Put", format!("{id} from=<{from}>"));
+        trace.event(format!("{} recipients, from {client}", rcpts.len()));
+        let r = self
+            .put_traced(id, from, rcpts, client, bypass_limit, session, &mut trace)
+            .await;
+        match &r {
+            Ok(()) => trace.event("queued"),
+            Err(e) => trace.error(format!("refused: {e}")),
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn put_traced(
+        self: &Arc<Self>,
+        id: String,
+        from: String,
+        rcpts: Vec<String>,
+        client: String,
+        bypass_limit: bool,
+        session: FromSession,
+        trace: &mut tambo_proto::trace::Trace,
+    ) -> Result<(), PutError> {
         // Checked again now that the body is in: DATA transfers that ran
         // concurrently must not push the queue past its limit.
         if !bypass_limit && self.ids().items.len() as u64 >= self.cfg.max_queue_items {
@@ -386,6 +409,7 @@ impl Queue {
         for r in &rcpts {
             recipients.extend(self.resolve(&policy, r, &mut answers).await?);
         }
+        trace.event(format!("resolved to {} recipients", recipients.len()));
         let item = Item {
             version: FORMAT_VERSION,
             id: id.clone(),
@@ -444,13 +468,28 @@ impl Queue {
 
     async fn send_loop(self: Arc<Self>, mut item: Item, ctl: Arc<Control>) {
         let mut dsn = true;
+        let mut trace = tambo_proto::trace::Trace::new("Queue.SendLoop", item.id.clone());
         loop {
             if let Some(silent) = ctl.removal() {
                 self.take_out(&mut item, silent);
+                trace.error("removed from the queue by the administrator");
                 dsn = !silent;
                 break;
             }
             self.round(&mut item).await;
+            let count =
+                |st: item::Status| item.recipients.iter().filter(|r| r.status == st).count();
+            let round = format!(
+                "round: {} sent, {} failed, {} pending",
+                count(item::Status::Sent),
+                count(item::Status::Failed),
+                count(item::Status::Pending)
+            );
+            if count(item::Status::Failed) > 0 {
+                trace.error(round);
+            } else {
+                trace.event(round);
+            }
             if let Some(view) = self.live().get_mut(&item.id) {
                 view.0 = item.clone();
             }
@@ -475,6 +514,7 @@ impl Queue {
         }
         let id = item.id.clone();
         self.finish(item, dsn).await;
+        trace.event("done");
         self.live().remove(&id);
     }
 

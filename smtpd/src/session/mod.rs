@@ -174,6 +174,9 @@ struct Session {
     /// The envelope the message being answered had (cleared from the
     /// session before its final reply).
     answered: (Option<String>, Vec<String>),
+    /// This session's trace (`/debug/traces`, family `SMTP.Conn`): sent to
+    /// monitord when the session ends.
+    trace: tambo_proto::trace::Trace,
 }
 
 /// Recipients a DATA refusal's mail-log line lists at most.
@@ -211,6 +214,7 @@ pub async fn serve(
         naming: None,
         accepted: Vec::new(),
         answered: (None, Vec::new()),
+        trace: tambo_proto::trace::Trace::new("SMTP.Conn", peer.to_string()),
     };
     if s.cfg.mode == Mode::SubmissionTls && !s.implicit_tls().await {
         return;
@@ -278,6 +282,11 @@ impl Session {
     async fn dispatch(&mut self, line: &[u8]) -> Next {
         let cmd = command::parse(line);
         metrics::inc_label(names::SMTP_IN_COMMAND_COUNT, &command::metric_label(&cmd));
+        // AUTH's arguments are never recorded (REFERENCE §7.5).
+        self.trace.event(match cmd.verb {
+            Verb::Auth => "AUTH (arguments redacted)".to_string(),
+            _ => String::from_utf8_lossy(line).trim_end().to_string(),
+        });
         self.verb = cmd.verb;
         self.log_verb = match cmd.verb {
             Verb::Unknown => "unknown".into(),
@@ -385,6 +394,9 @@ impl Session {
         }
         if code >= 400 {
             self.log_refusal(code, enhanced, text);
+            self.trace.error(format!("→ {code} {enhanced} {text}"));
+        } else {
+            self.trace.event(format!("→ {code} {enhanced} {text}"));
         }
         metrics::inc_label(names::SMTP_IN_RESPONSE_CODE_COUNT, &code.to_string());
         self.out.extend_from_slice(code.to_string().as_bytes());
