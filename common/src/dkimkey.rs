@@ -13,6 +13,36 @@ pub enum DkimKey {
     Ed25519(Ed25519KeyPair),
 }
 
+impl DkimKey {
+    /// The `a=` tag's value.
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            DkimKey::Rsa(_) => "rsa-sha256",
+            DkimKey::Ed25519(_) => "ed25519-sha256",
+        }
+    }
+
+    /// Signs what RFC 6376 §3.7 says to sign (`tbs`).
+    pub fn sign(
+        &self,
+        tbs: &[u8],
+        rng: &ring::rand::SystemRandom,
+    ) -> Result<Vec<u8>, ring::error::Unspecified> {
+        match self {
+            DkimKey::Rsa(k) => {
+                let mut sig = vec![0; k.public().modulus_len()];
+                k.sign(&ring::signature::RSA_PKCS1_SHA256, rng, tbs, &mut sig)?;
+                Ok(sig)
+            }
+            // RFC 8463 §3: Ed25519 (pure) over the SHA-256 hash of the data.
+            DkimKey::Ed25519(k) => {
+                let hash = ring::digest::digest(&ring::digest::SHA256, tbs);
+                Ok(k.sign(hash.as_ref()).as_ref().to_vec())
+            }
+        }
+    }
+}
+
 /// The selector of a key file named `dkim:<selector>.pem`, unchecked.
 pub fn selector_of(file_name: &str) -> Option<&str> {
     file_name.strip_prefix("dkim:")?.strip_suffix(".pem")

@@ -35,6 +35,8 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "dkim")]
 pub mod dkimkey;
+#[cfg(feature = "dkim")]
+pub mod dkimsign;
 #[cfg(feature = "dns")]
 pub mod dns;
 pub mod domains;

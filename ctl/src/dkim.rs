@@ -62,6 +62,8 @@ pub enum Error {
     BadKey { path: PathBuf, reason: String },
     #[error("cannot generate the key: {0}")]
     Generate(String),
+    #[error("{0}")]
+    Message(String),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -140,6 +142,97 @@ pub fn dns(
         .and_then(|key| dns_record(&domain.ascii, &selector, &key))
         .map_err(bad_key)?;
     Ok(format!("{record}\n"))
+}
+
+/// `dkim-sign [<domain> [<selector> [<key path>]]]`: the `DKIM-Signature`
+/// field queued would add to `message` (read from standard input, line
+/// ends made CRLF), signed with the domain's first key or the one named.
+/// The domain defaults to the From: address's.
+pub fn sign(
+    config_dir: &Path,
+    message: &[u8],
+    domain: Option<&str>,
+    selector: Option<&str>,
+    key_path: Option<&Path>,
+) -> Result<String, Error> {
+    let message = crlf(message);
+    let domain = match domain {
+        Some(d) => d.to_string(),
+        None => from_domain(&message).ok_or_else(|| {
+            Error::Message("no From: address with a domain: give the domain".into())
+        })?,
+    };
+    let domain = Domain::parse(&domain)?;
+    let (selector, path) = match (selector, key_path) {
+        (Some(s), Some(p)) => (checked_selector(s)?, p.to_path_buf()),
+        (Some(s), None) => {
+            let s = checked_selector(s)?;
+            let path = domain.dir(config_dir)?.join(format!("dkim:{s}.pem"));
+            (s, path)
+        }
+        (None, _) => first_key(&domain.dir(config_dir)?)?,
+    };
+    let pem = std::fs::read(&path).map_err(io_error(&path))?;
+    let key = dkimkey::parse(&pem).map_err(|reason| Error::BadKey {
+        path: path.clone(),
+        reason,
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rng = ring::rand::SystemRandom::new();
+    tambo_common::dkimsign::Prepared::new(&message)
+        .field(&domain.ascii, &selector, key.algorithm(), now, |tbs| {
+            key.sign(tbs, &rng)
+        })
+        .map_err(|ring::error::Unspecified| {
+            Error::Message(format!("{}: signing failed", path.display()))
+        })
+}
+
+/// Line ends as CRLF, whatever the input used.
+fn crlf(m: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(m.len() + m.len() / 32);
+    for line in m.split_inclusive(|&b| b == b'\n') {
+        let body = line
+            .strip_suffix(b"\n")
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .unwrap_or(line);
+        out.extend_from_slice(body);
+        if line.ends_with(b"\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out
+}
+
+/// The domain of the message's From: address.
+fn from_domain(m: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(m);
+    let mut value: Option<String> = None;
+    for line in text.split("\r\n") {
+        if line.is_empty() {
+            break;
+        }
+        match (&mut value, line.starts_with([' ', '\t'])) {
+            (Some(v), true) => v.push_str(line),
+            (Some(_), false) => break,
+            (None, false) => {
+                if let Some((n, v)) = line.split_once(':')
+                    && n.trim().eq_ignore_ascii_case("from")
+                {
+                    value = Some(v.to_string());
+                }
+            }
+            (None, true) => {}
+        }
+    }
+    let v = value?;
+    let addr = match (v.rfind('<'), v.rfind('>')) {
+        (Some(a), Some(b)) if a < b => v[a + 1..b].to_string(),
+        _ => v.trim().to_string(),
+    };
+    addr.rsplit_once('@').map(|(_, d)| d.trim().to_string())
 }
 
 /// A domain as given on the command line.

@@ -167,6 +167,19 @@ enum Command {
         #[command(flatten)]
         config: ConfigDir,
     },
+    /// Prints the DKIM-Signature field queued would add to the message on
+    /// standard input (the domain defaults to its From: address's; the
+    /// key to the domain's first dkim:*.pem).
+    DkimSign {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// The signing domain [default: the From: address's].
+        domain: Option<String>,
+        /// The key's selector [default: the domain's first dkim:*.pem].
+        selector: Option<String>,
+        /// The key file [default: domains/<domain>/dkim:<selector>.pem].
+        key_path: Option<PathBuf>,
+    },
     /// Prints the DNS record (name, TXT, value) that publishes a DKIM key.
     DkimDns {
         #[command(flatten)]
@@ -310,6 +323,25 @@ fn main() -> ExitCode {
         } => users::authenticate(&config.config_dir, &address, password),
         Command::CheckUserdb { config, domain } => users::check(&config.config_dir, &domain),
         Command::PrintConfig { config } => check::print(&config.config_dir),
+        Command::DkimSign {
+            config,
+            domain,
+            selector,
+            key_path,
+        } => {
+            let mut message = Vec::new();
+            match std::io::Read::read_to_end(&mut std::io::stdin(), &mut message) {
+                Ok(_) => dkim::sign(
+                    &config.config_dir,
+                    &message,
+                    domain.as_deref(),
+                    selector.as_deref(),
+                    key_path.as_deref(),
+                )
+                .map_err(|e| e.to_string()),
+                Err(e) => Err(format!("cannot read the message: {e}")),
+            }
+        }
         Command::Sendmail { args } => return sendmail::run(&args),
         Command::Mailq { config } => {
             let dir = format!("--config_dir={}", config.config_dir.display());

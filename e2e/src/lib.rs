@@ -811,3 +811,72 @@ pub fn read_reply(r: &mut impl std::io::BufRead) -> Option<Reply> {
         }
     }
 }
+
+/// Verifies every DKIM signature of `msg` with dkimpy, the public keys
+/// coming from `txt` (name → record) instead of the DNS.
+pub fn dkimpy_verifies(msg: &[u8], txt: &[(String, String)]) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("msg.eml");
+    std::fs::write(&path, msg).unwrap();
+    let records: String = txt
+        .iter()
+        .map(|(n, r)| format!("{:?}: {:?},", format!("{n}."), r))
+        .collect();
+    let script = format!(
+        "import dkim, sys\n\
+         recs = {{{records}}}\n\
+         def dns(name, timeout=5):\n\
+         \x20   return recs.get(name.decode(), '').encode()\n\
+         msg = open(sys.argv[1], 'rb').read()\n\
+         d = dkim.DKIM(msg)\n\
+         sigs = [i for i, (k, v) in enumerate(d.headers) if k.lower() == b'dkim-signature']\n\
+         try:\n\
+         \x20   ok = bool(sigs) and all(d.verify(idx=i, dnsfunc=dns) for i in range(len(sigs)))\n\
+         except dkim.ValidationError as e:\n\
+         \x20   print(e, file=sys.stderr)\n\
+         \x20   ok = False\n\
+         print('VERIFIED' if ok else 'FAILED')\n"
+    );
+    let out = Command::new(pymx::PYTHON)
+        .arg("-c")
+        .arg(&script)
+        .arg(&path)
+        .output()
+        .expect("python3 with dkimpy (Debian python3-dkim)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "dkimpy failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.trim() == "VERIFIED"
+}
+
+/// `tambo dkim-keygen` then `tambo dkim-dns`: (TXT name, TXT value).
+pub fn dkim_key(t: &Tambo, domain: &str, selector: &str) -> (String, String) {
+    let key = t
+        .config_dir
+        .join("domains")
+        .join(domain)
+        .join(format!("dkim:{selector}.pem"));
+    let tambo = bin_dir().join("tambo");
+    let config = format!("--config_dir={}", t.config_dir.display());
+    let out = Command::new(&tambo)
+        .args(["dkim-keygen", config.as_str(), domain, selector])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new(&tambo)
+        .args(["dkim-dns", config.as_str(), domain, selector])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8(out.stdout).unwrap();
+    let mut parts = line.trim_end().split('\t');
+    let name = parts.next().unwrap().to_string();
+    assert_eq!(parts.next(), Some("TXT"), "{line:?}");
+    let value = parts.next().unwrap().trim_matches('"').to_string();
+    (name, value)
+}

@@ -531,3 +531,38 @@ fn the_queue_is_listed_flushed_and_emptied_by_hand() {
     assert!(!t.log("queued").contains(&format!("{} DSN queued", ids[1])));
     assert_eq!(t.maildir("ann").len(), 1);
 }
+
+/// `tambo dkim-sign` prints the field queued would add; an independent
+/// verifier (dkimpy) accepts it, with the record `tambo dkim-dns` prints.
+#[test]
+fn dkim_sign_prints_a_signature_dkimpy_verifies() {
+    let t = Tambo::default_setup();
+    let (name, record) = dkim_key(&t, DOMAIN, "sel1");
+    let msg = "From: Ann <ann@example.test>\nTo: bob@elsewhere.example\nSubject: signed by hand\nDate: Tue, 1 Dec 2026 12:00:00 +0000\n\nbody line\n";
+    let (code, field, err) = tambo(&["dkim-sign", &c(&t)], msg);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        field.starts_with("DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;"),
+        "{field}"
+    );
+    assert!(
+        field.contains(&format!("d={DOMAIN};")) && field.contains("s=sel1;"),
+        "{field}"
+    );
+    let signed = format!("{field}{}", msg.replace('\n', "\r\n"));
+    assert!(dkimpy_verifies(
+        signed.as_bytes(),
+        &[(name.clone(), record.clone())]
+    ));
+    // Changed after signing: dkimpy says no.
+    let tampered = signed.replace("body line", "body line!");
+    assert!(!dkimpy_verifies(tampered.as_bytes(), &[(name, record)]));
+    // No From: domain and none given: one line saying so.
+    let (code, _, err) = tambo(&["dkim-sign", &c(&t)], "Subject: x\n\nbody\n");
+    assert_eq!(code, 1);
+    assert!(err.contains("give the domain"), "{err}");
+    // A domain without keys.
+    let (code, _, err) = tambo(&["dkim-sign", &c(&t), DOMAIN, "nokey"], msg);
+    assert_eq!(code, 1);
+    assert!(err.contains("dkim:nokey.pem"), "{err}");
+}

@@ -945,3 +945,53 @@ fn a_delivered_message_is_traced_through_every_process() {
     assert!(list("Courier.Maildir").contains("ann@example.test: delivered"));
     assert!(list("Queue.Put").contains("resolved to 1 recipients"));
 }
+
+/// No password reaches a trace: not AUTH PLAIN's, not AUTH LOGIN's, not
+/// one a client sends after a refusal as a line of its own.
+#[test]
+fn traces_never_hold_credentials() {
+    use tambo_e2e::tls::{TlsSmtp, Versions, b64, plain};
+    let mut t = Tambo::default_setup();
+    t.start_all();
+    t.wait_log("smtpd", "TLS ready with");
+    let secret = "Very-Secret-Pw-42";
+    let connect = || {
+        let mut s = TlsSmtp::connect_tls(t.submission_tls_addr(), "mx.example.test", Versions::Any)
+            .unwrap();
+        s.expect("EHLO client.test", 250);
+        s
+    };
+    // A wrong AUTH PLAIN, then the password out of turn, in base64 and in
+    // clear (the third error ends the session).
+    let mut s = connect();
+    s.expect(
+        &format!("AUTH PLAIN {}", plain("ann@example.test", secret)),
+        535,
+    );
+    s.expect(&b64(secret.as_bytes()), 500);
+    s.expect(secret, 421);
+    drop(s);
+    // AUTH LOGIN, its answers on lines of their own.
+    let mut s = connect();
+    s.expect("AUTH LOGIN", 334);
+    s.expect(&b64(b"ann@example.test"), 334);
+    s.expect(&b64(secret.as_bytes()), 535);
+    s.expect("QUIT", 221);
+    drop(s);
+    let page = wait_for("both sessions' traces", || {
+        let all: String = (0..8)
+            .map(|b| {
+                t.http_get(&format!("/debug/traces?family=SMTP.Conn&b={b}"))
+                    .2
+            })
+            .collect();
+        (all.matches("AUTH (arguments redacted)").count() == 2).then_some(all)
+    });
+    for leak in [
+        secret.to_string(),
+        b64(secret.as_bytes()),
+        plain("ann@example.test", secret),
+    ] {
+        assert!(!page.contains(&leak), "{leak} in {page}");
+    }
+}

@@ -50,7 +50,7 @@ pub struct Process {
 /// Process runs whose counts monitord has taken, remembered so that a
 /// reconnection's baseline is not counted twice; past this many the
 /// oldest are forgotten (a run that old reconnecting is counted again).
-const MAX_INSTANCES: usize = 4096;
+const MAX_INSTANCES: usize = 1024;
 
 /// Why a pushed increase was dropped: the label it is counted under in
 /// `tambo/monitord/droppedDeltas`.
@@ -110,8 +110,9 @@ pub struct Totals {
     keys: usize,
     role_keys: HashMap<Role, usize>,
     next_process: u64,
-    /// (role, instance) of every process run counted, oldest first.
-    instances: std::collections::VecDeque<(Role, u64)>,
+    /// Each role's process runs counted, oldest first: one list per role,
+    /// so no role can push another's out.
+    instances: HashMap<Role, std::collections::VecDeque<u64>>,
     /// queued's last queue snapshot (`/debug/queue`).
     pub queue: Option<String>,
     /// The traces kept (`/debug/traces`).
@@ -279,13 +280,14 @@ impl Totals {
     /// Whether this run of a process is new to this monitord (its
     /// baseline counts); remembers it.
     pub fn first_time(&mut self, role: Role, instance: u64) -> bool {
-        if self.instances.contains(&(role, instance)) {
+        let seen = self.instances.entry(role).or_default();
+        if seen.contains(&instance) {
             return false;
         }
-        if self.instances.len() >= MAX_INSTANCES {
-            self.instances.pop_front();
+        if seen.len() >= MAX_INSTANCES {
+            seen.pop_front();
         }
-        self.instances.push_back((role, instance));
+        seen.push_back(instance);
         true
     }
 
@@ -328,6 +330,19 @@ pub fn lock(t: &Shared) -> std::sync::MutexGuard<'_, Totals> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_is_counted_once_and_no_role_pushes_out_anothers() {
+        let mut t = Totals::new();
+        assert!(t.first_time(Role::Queued, 7));
+        assert!(!t.first_time(Role::Queued, 7), "a reconnection");
+        // smtpd registering many runs does not make queued's new again.
+        for i in 0..2 * MAX_INSTANCES as u64 {
+            t.first_time(Role::Smtpd, i);
+        }
+        assert!(!t.first_time(Role::Queued, 7));
+        assert!(t.first_time(Role::Deliverd, 7), "another role's run");
+    }
     use tambo_proto::monitor::{MAX_FLAG_VALUE, MAX_FLAGS};
 
     fn d(var: &str, label: Option<&str>, value: u64) -> Delta {

@@ -2,13 +2,14 @@
 //! each latency bucket and the last 10 with an error; shown at
 //! `/debug/traces`.
 //!
-//! What a peer can make monitord hold is bounded: at most [`MAX_FAMILIES`]
-//! families (a new one past it is dropped and counted), and a fixed
-//! number of traces in each, each already bounded by its pusher and
-//! checked again here.
+//! What a peer can make monitord hold is bounded: only the families its
+//! role records ([`family_of`]; anything else is dropped and counted), a
+//! fixed number of traces in each, each already bounded by its pusher and
+//! checked again here, an errored one held once for both its lists.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write;
+use std::sync::Arc;
 
 use tambo_proto::Role;
 use tambo_proto::trace::{MAX_EVENTS, MAX_TEXT, TraceRecord};
@@ -28,8 +29,38 @@ const BUCKET_NAMES: [&str; 8] = [
 /// Traces kept per bucket, and errored ones per family.
 pub const KEEP: usize = 10;
 
-/// Families kept at most.
-pub const MAX_FAMILIES: usize = 64;
+/// The families each role may push (REFERENCE §7.5, and tambo's own):
+/// a process traces only its own work, so none can fill or fake the
+/// others' families.
+pub fn family_of(role: Role, family: &str) -> bool {
+    let allowed: &[&str] = match role {
+        Role::Smtpd => &["SMTP.Conn", "SPF", "Auth.Authenticate"],
+        Role::Queued => &[
+            "Queue.Put",
+            "Queue.SendLoop",
+            "Hook.Post-DATA",
+            "Authentication",
+            "Auth.Reload",
+            "DomainInfo.Reload",
+            "Alias.Resolve",
+            "Alias.Exists",
+            "DKIM.Sign",
+        ],
+        Role::Deliverd => &[
+            "Courier.MDA",
+            "Courier.SMTP.Deliver",
+            "Courier.SMTP.Forward",
+            "Courier.LMTP",
+            "Courier.Pipe",
+            "Courier.Maildir",
+            "STSCache.Fetch",
+            "STSCache.Refresh",
+            "DKIM.Verify",
+        ],
+        _ => &[],
+    };
+    allowed.contains(&family)
+}
 
 /// A trace and who sent it.
 #[derive(Debug, Clone)]
@@ -42,8 +73,8 @@ pub struct Entry {
 #[derive(Debug, Default)]
 struct Family {
     count: u64,
-    buckets: [VecDeque<Entry>; 8],
-    errors: VecDeque<Entry>,
+    buckets: [VecDeque<Arc<Entry>>; 8],
+    errors: VecDeque<Arc<Entry>>,
 }
 
 #[derive(Debug, Default)]
@@ -51,7 +82,7 @@ pub struct Sampled {
     families: BTreeMap<String, Family>,
 }
 
-fn push(q: &mut VecDeque<Entry>, e: Entry) {
+fn push(q: &mut VecDeque<Arc<Entry>>, e: Arc<Entry>) {
     if q.len() >= KEEP {
         q.pop_front();
     }
@@ -59,9 +90,12 @@ fn push(q: &mut VecDeque<Entry>, e: Entry) {
 }
 
 impl Sampled {
-    /// Keeps a trace if its family has room; false if it was refused (a
-    /// new family past [`MAX_FAMILIES`], or a record over the bounds).
+    /// Keeps a trace; false if it was refused (a family its role does not
+    /// record, or a record over the bounds).
     pub fn add(&mut self, role: Role, pid: u32, rec: TraceRecord) -> bool {
+        if !family_of(role, &rec.family) {
+            return false;
+        }
         let too_big = rec.family.is_empty()
             || rec.family.len() > MAX_TEXT
             || rec.title.len() > MAX_TEXT + 4
@@ -70,16 +104,13 @@ impl Sampled {
         if too_big {
             return false;
         }
-        if !self.families.contains_key(&rec.family) && self.families.len() >= MAX_FAMILIES {
-            return false;
-        }
         let f = self.families.entry(rec.family.clone()).or_default();
         f.count += 1;
         let b = BUCKETS
             .iter()
             .rposition(|&lo| rec.duration_us >= lo)
             .unwrap_or(0);
-        let e = Entry { role, pid, rec };
+        let e = Arc::new(Entry { role, pid, rec });
         if e.rec.error {
             push(&mut f.errors, e.clone());
         }
@@ -89,7 +120,7 @@ impl Sampled {
 
     /// The traces of one family's bucket (`Some(i)`) or its errors, newest
     /// first.
-    pub fn list(&self, family: &str, bucket: Option<usize>) -> Vec<&Entry> {
+    pub fn list(&self, family: &str, bucket: Option<usize>) -> Vec<&Arc<Entry>> {
         let Some(f) = self.families.get(family) else {
             return Vec::new();
         };
@@ -231,11 +262,12 @@ mod tests {
         assert_eq!(s.list("SMTP.Conn", Some(1)).len(), KEEP);
         assert_eq!(s.list("SMTP.Conn", None).len(), 5);
         assert!(s.list("SMTP.Conn", Some(0)).is_empty());
-        for i in 0..MAX_FAMILIES {
-            s.add(Role::Queued, 2, rec(&format!("F{i}"), 1, false));
-        }
-        assert!(!s.add(Role::Queued, 2, rec("one too many", 1, false)));
-        assert!(s.add(Role::Smtpd, 1, rec("SMTP.Conn", 1, false)));
+        // A role keeps to its own families: smtpd cannot fill or fake
+        // queued's or deliverd's, and nobody invents one.
+        assert!(!s.add(Role::Smtpd, 1, rec("Queue.SendLoop", 1, false)));
+        assert!(!s.add(Role::Queued, 2, rec("Made.Up", 1, false)));
+        assert!(!s.add(Role::Ctl, 2, rec("SMTP.Conn", 1, false)));
+        assert!(s.add(Role::Queued, 2, rec("Queue.Put", 1, false)));
     }
 
     #[test]

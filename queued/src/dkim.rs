@@ -11,7 +11,6 @@
 //! startup with the file and the reason. How the header field is built is
 //! in `sign`.
 
-mod sign;
 #[cfg(test)]
 mod tests;
 
@@ -65,7 +64,7 @@ impl fmt::Debug for DkimKeys {
             let keys: Vec<String> = dk
                 .keys
                 .iter()
-                .map(|k| format!("{} ({})", k.selector, k.algorithm()))
+                .map(|k| format!("{} ({})", k.selector, k.pair.algorithm()))
                 .collect();
             map.entry(name, &keys);
         }
@@ -141,12 +140,12 @@ impl DkimKeys {
         let Some(dk) = self.get(domain) else {
             return Ok(Vec::new());
         };
-        let prepared = sign::Prepared::new(message);
+        let prepared = tambo_common::dkimsign::Prepared::new(message);
         let mut out = Vec::new();
         for key in &dk.keys {
             let field = prepared
-                .field(&dk.d, &key.selector, key.algorithm(), now, |tbs| {
-                    key.sign(tbs, &self.rng)
+                .field(&dk.d, &key.selector, key.pair.algorithm(), now, |tbs| {
+                    key.pair.sign(tbs, &self.rng)
                 })
                 .map_err(|ring::error::Unspecified| DkimError::Sign {
                     domain: dk.d.clone(),
@@ -160,32 +159,6 @@ impl DkimKeys {
     fn get(&self, domain: &str) -> Option<&DomainKeys> {
         let name = address::normalize_domain(domain).ok()?;
         self.domains.get(&name)
-    }
-}
-
-impl Key {
-    /// The `a=` tag's value.
-    fn algorithm(&self) -> &'static str {
-        match self.pair {
-            KeyPair::Rsa(_) => "rsa-sha256",
-            KeyPair::Ed25519(_) => "ed25519-sha256",
-        }
-    }
-
-    /// Signs `tbs`, the canonicalised header fields (RFC 6376 §3.7).
-    fn sign(&self, tbs: &[u8], rng: &SystemRandom) -> Result<Vec<u8>, ring::error::Unspecified> {
-        match &self.pair {
-            KeyPair::Rsa(k) => {
-                let mut sig = vec![0; k.public().modulus_len()];
-                k.sign(&ring::signature::RSA_PKCS1_SHA256, rng, tbs, &mut sig)?;
-                Ok(sig)
-            }
-            // RFC 8463 §3: Ed25519 (pure) over the SHA-256 hash of the data.
-            KeyPair::Ed25519(k) => {
-                let hash = ring::digest::digest(&ring::digest::SHA256, tbs);
-                Ok(k.sign(hash.as_ref()).as_ref().to_vec())
-            }
-        }
     }
 }
 

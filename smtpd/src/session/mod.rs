@@ -282,9 +282,13 @@ impl Session {
     async fn dispatch(&mut self, line: &[u8]) -> Next {
         let cmd = command::parse(line);
         metrics::inc_label(names::SMTP_IN_COMMAND_COUNT, &command::metric_label(&cmd));
-        // AUTH's arguments are never recorded (REFERENCE §7.5).
+        // AUTH's arguments are never recorded (REFERENCE §7.5), nor what
+        // is not a command (a client that sends its credentials after a
+        // refusal sends them as lines of its own): only known verbs'
+        // lines are.
         self.trace.event(match cmd.verb {
             Verb::Auth => "AUTH (arguments redacted)".to_string(),
+            Verb::Unknown => "(not a command; not recorded)".to_string(),
             _ => String::from_utf8_lossy(line).trim_end().to_string(),
         });
         self.verb = cmd.verb;

@@ -1,4 +1,5 @@
-//! Building one `DKIM-Signature` header field (RFC 6376 §3.5, §5).
+//! Building one `DKIM-Signature` header field (RFC 6376 §3.5, §5): queued
+//! signs with it, and `tambo dkim-sign` prints one (feature `dkim`).
 //!
 //! mail-auth does the relaxed canonicalisation of header fields and body,
 //! the part where implementations disagree in subtle ways. The field itself
@@ -69,7 +70,7 @@ const TAG_INDENT: &str = "\t";
 const VALUE_INDENT: &str = "\t  ";
 
 /// A message made ready for signing: what every key of a domain shares.
-pub(super) struct Prepared<'a> {
+pub struct Prepared<'a> {
     /// `h=`, in order.
     h: Vec<&'static str>,
     /// The header fields `h=` selects, in `h=` order (absent ones left out).
@@ -89,7 +90,7 @@ struct Field<'a> {
 }
 
 impl<'a> Prepared<'a> {
-    pub(super) fn new(message: &'a [u8]) -> Self {
+    pub fn new(message: &'a [u8]) -> Self {
         let (fields, body) = split(message);
         let (h, signed) = select(&fields);
         let mut hasher = Sha256(ring::digest::Context::new(&ring::digest::SHA256));
@@ -104,7 +105,7 @@ impl<'a> Prepared<'a> {
     /// of domain `d` with algorithm `a`. `sign` gets the bytes to sign (RFC
     /// 6376 §3.7: the selected header fields, then this field with `b=`
     /// empty, all relaxed-canonicalised) and returns the signature.
-    pub(super) fn field<E>(
+    pub fn field<E>(
         &self,
         d: &str,
         s: &str,
