@@ -37,6 +37,8 @@ pub mod daemon;
 pub mod dkimkey;
 #[cfg(feature = "dkim")]
 pub mod dkimsign;
+#[cfg(feature = "dkimverify")]
+pub mod dkimverify;
 #[cfg(feature = "dns")]
 pub mod dns;
 pub mod domains;

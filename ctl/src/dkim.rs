@@ -191,7 +191,7 @@ pub fn sign(
 }
 
 /// Line ends as CRLF, whatever the input used.
-fn crlf(m: &[u8]) -> Vec<u8> {
+pub(crate) fn crlf(m: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(m.len() + m.len() / 32);
     for line in m.split_inclusive(|&b| b == b'\n') {
         let body = line

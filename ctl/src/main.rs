@@ -12,6 +12,7 @@ mod admin;
 mod check;
 mod dev;
 mod dkim;
+mod dkimverify;
 mod import;
 mod sendmail;
 mod supervisor;
@@ -180,6 +181,18 @@ enum Command {
         /// The key file [default: domains/<domain>/dkim:<selector>.pem].
         key_path: Option<PathBuf>,
     },
+    /// Verifies the DKIM signatures of the message on standard input, as
+    /// deliverd does, and prints the Authentication-Results header.
+    DkimVerify {
+        #[command(flatten)]
+        config: ConfigDir,
+        /// Use this key record for every signature instead of the DNS.
+        #[arg(long)]
+        txt: Option<String>,
+        /// One more line per signature, with its result.
+        #[arg(short)]
+        v: bool,
+    },
     /// Prints the DNS record (name, TXT, value) that publishes a DKIM key.
     DkimDns {
         #[command(flatten)]
@@ -323,6 +336,13 @@ fn main() -> ExitCode {
         } => users::authenticate(&config.config_dir, &address, password),
         Command::CheckUserdb { config, domain } => users::check(&config.config_dir, &domain),
         Command::PrintConfig { config } => check::print(&config.config_dir),
+        Command::DkimVerify { config, txt, v } => {
+            let mut message = Vec::new();
+            match std::io::Read::read_to_end(&mut std::io::stdin(), &mut message) {
+                Ok(_) => dkimverify::verify(&config.config_dir, &message, txt, v),
+                Err(e) => Err(format!("cannot read the message: {e}")),
+            }
+        }
         Command::DkimSign {
             config,
             domain,

@@ -11,7 +11,7 @@
 
 mod calls;
 mod children;
-mod dkim;
+use tambo_common::dkimverify as dkim;
 mod hookconn;
 mod hooks;
 mod jobs;

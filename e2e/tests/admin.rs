@@ -50,6 +50,8 @@ fn every_command_has_help() {
         "check-config",
         "dkim-keygen",
         "dkim-dns",
+        "dkim-sign",
+        "dkim-verify",
         "aliases-resolve",
         "domaininfo-remove",
         "queue",
@@ -556,7 +558,27 @@ fn dkim_sign_prints_a_signature_dkimpy_verifies() {
     ));
     // Changed after signing: dkimpy says no.
     let tampered = signed.replace("body line", "body line!");
-    assert!(!dkimpy_verifies(tampered.as_bytes(), &[(name, record)]));
+    assert!(!dkimpy_verifies(
+        tampered.as_bytes(),
+        &[(name, record.clone())]
+    ));
+    // dkim-verify, deliverd's verifier, with the record given: the same
+    // verdicts, as the Authentication-Results header it would add.
+    let txt = format!("--txt={record}");
+    let (code, out, err) = tambo(&["dkim-verify", &c(&t), &txt], &signed);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("Authentication-Results: mx.example.test;\r\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("dkim=pass header.d={DOMAIN}")),
+        "{out}"
+    );
+    let (_, out, _) = tambo(&["dkim-verify", &c(&t), &txt], &tampered);
+    assert!(out.contains("dkim=fail"), "{out}");
+    let (_, out, _) = tambo(&["dkim-verify", &c(&t), &txt], msg);
+    assert!(out.contains("dkim=none"), "{out}");
     // No From: domain and none given: one line saying so.
     let (code, _, err) = tambo(&["dkim-sign", &c(&t)], "Subject: x\n\nbody\n");
     assert_eq!(code, 1);

@@ -1,7 +1,8 @@
 //! DKIM verification of unauthenticated incoming mail (REFERENCE §4.9),
 //! for its Authentication-Results header. It never rejects anything.
+//! (Feature `dkimverify`: deliverd, and `tambo dkim-verify`.)
 //!
-//! It runs here rather than in smtpd (DESIGN's table): smtpd streams the
+//! deliverd runs it rather than smtpd (DESIGN's table): smtpd streams the
 //! body to queued and never holds the message, while deliverd already
 //! gets it as a descriptor for the post-data hook, and already resolves.
 //!
@@ -35,7 +36,7 @@ use mail_auth::dkim::Signature;
 use mail_auth::{AuthenticatedMessage, MessageAuthenticator};
 use tokio::task::JoinSet;
 
-use tambo_common::authres::{DkimResult, DkimSignature};
+use crate::authres::{DkimResult, DkimSignature};
 use tambo_proto::metrics::{self, names};
 
 pub use keys::{KeyError, KeySource};

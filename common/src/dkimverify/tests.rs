@@ -15,7 +15,7 @@ use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256, SigningKey};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{Canonicalization, DkimSigner};
 
-use tambo_common::authres::{DkimResult, DkimSignature};
+use crate::authres::{DkimResult, DkimSignature};
 
 use super::*;
 
@@ -61,9 +61,9 @@ impl KeySource for Keys {
 /// A verifier whose resolver points at a closed port: every key must come
 /// from the fake source.
 fn auth() -> MessageAuthenticator {
-    let mut cfg = tambo_common::config::Config::defaults(Path::new("/nonexistent"));
+    let mut cfg = crate::config::Config::defaults(Path::new("/nonexistent"));
     cfg.testing.dns_server = Some("127.0.0.1:9".parse().unwrap());
-    MessageAuthenticator(tambo_common::dns::resolver(&cfg).unwrap())
+    MessageAuthenticator(crate::dns::resolver(&cfg).unwrap())
 }
 
 fn b64(bytes: &[u8]) -> String {

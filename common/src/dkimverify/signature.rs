@@ -12,7 +12,7 @@ use mail_auth::common::verify::DomainKey;
 use mail_auth::dkim::{DkimError, Signature};
 use mail_auth::{AuthenticatedMessage, MessageAuthenticator, Parameters, ResolverCache, Txt};
 
-use tambo_common::authres::DkimResult;
+use crate::authres::DkimResult;
 
 /// The tags of a `DKIM-Signature` value (RFC 6376 §3.2) that mail-auth
 /// does not give back for every signature: `d=` and `b=` name it in
