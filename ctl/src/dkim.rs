@@ -124,15 +124,7 @@ pub fn dns(
     key_path: Option<&Path>,
 ) -> Result<String, Error> {
     let domain = Domain::parse(domain)?;
-    let (selector, path) = match (selector, key_path) {
-        (Some(s), Some(p)) => (checked_selector(s)?, p.to_path_buf()),
-        (Some(s), None) => {
-            let s = checked_selector(s)?;
-            let path = domain.dir(config_dir)?.join(format!("dkim:{s}.pem"));
-            (s, path)
-        }
-        (None, _) => first_key(&domain.dir(config_dir)?)?,
-    };
+    let (selector, path) = key_file(config_dir, &domain, selector, key_path)?;
     let pem = std::fs::read(&path).map_err(io_error(&path))?;
     let bad_key = |reason| Error::BadKey {
         path: path.clone(),
@@ -163,15 +155,7 @@ pub fn sign(
         })?,
     };
     let domain = Domain::parse(&domain)?;
-    let (selector, path) = match (selector, key_path) {
-        (Some(s), Some(p)) => (checked_selector(s)?, p.to_path_buf()),
-        (Some(s), None) => {
-            let s = checked_selector(s)?;
-            let path = domain.dir(config_dir)?.join(format!("dkim:{s}.pem"));
-            (s, path)
-        }
-        (None, _) => first_key(&domain.dir(config_dir)?)?,
-    };
+    let (selector, path) = key_file(config_dir, &domain, selector, key_path)?;
     let pem = std::fs::read(&path).map_err(io_error(&path))?;
     let key = dkimkey::parse(&pem).map_err(|reason| Error::BadKey {
         path: path.clone(),
@@ -188,6 +172,26 @@ pub fn sign(
         .map_err(|ring::error::Unspecified| {
             Error::Message(format!("{}: signing failed", path.display()))
         })
+}
+
+/// The selector and key file the commands use: both as given, the file
+/// named by the selector in the domain's directory, or the domain's first
+/// key.
+fn key_file(
+    config_dir: &Path,
+    domain: &Domain,
+    selector: Option<&str>,
+    key_path: Option<&Path>,
+) -> Result<(String, PathBuf), Error> {
+    match (selector, key_path) {
+        (Some(s), Some(p)) => Ok((checked_selector(s)?, p.to_path_buf())),
+        (Some(s), None) => {
+            let s = checked_selector(s)?;
+            let path = domain.dir(config_dir)?.join(format!("dkim:{s}.pem"));
+            Ok((s, path))
+        }
+        (None, _) => first_key(&domain.dir(config_dir)?),
+    }
 }
 
 /// Line ends as CRLF, whatever the input used.
