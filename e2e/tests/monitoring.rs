@@ -995,3 +995,35 @@ fn traces_never_hold_credentials() {
         assert!(!page.contains(&leak), "{leak} in {page}");
     }
 }
+
+/// A session still open is on the traces page, under "Running now", with
+/// what it has done so far; once it ends it leaves that list.
+#[test]
+fn an_open_session_shows_as_running() {
+    let mut t = Tambo::default_setup();
+    t.start_all();
+    let mut s = Smtp::connect(t.smtp_addr());
+    s.expect("EHLO still-here.test", 250);
+    s.expect("MAIL FROM:<slow@remote.test>", 250);
+    let running = |page: &str| {
+        page.split("<h2>Running now</h2>")
+            .nth(1)
+            .unwrap_or("")
+            .to_string()
+    };
+    let now = wait_for("the open session among the running", || {
+        let (status, _, body) = t.http_get("/debug/traces");
+        let r = running(&body);
+        (status == 200 && r.contains("MAIL FROM:&lt;slow@remote.test&gt;")).then_some(r)
+    });
+    assert!(
+        now.contains("SMTP.Conn · smtpd (pid ") && now.contains("running for "),
+        "{now}"
+    );
+    assert!(now.contains("EHLO still-here.test"), "{now}");
+    s.expect("QUIT", 221);
+    wait_for("the session gone from the running", || {
+        let (_, _, body) = t.http_get("/debug/traces");
+        (!running(&body).contains("slow@remote.test")).then_some(())
+    });
+}

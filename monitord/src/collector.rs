@@ -44,6 +44,8 @@ pub struct Process {
     pub config: String,
     /// How its runtime was when it last said (`/debug/tasks`).
     pub state: String,
+    /// Its traces running when it last said (`/debug/traces`).
+    pub active: Vec<tambo_proto::trace::TraceRecord>,
     pub connected: bool,
 }
 
@@ -265,9 +267,26 @@ impl Totals {
             flags,
             config,
             state: String::new(),
+            active: Vec::new(),
             connected: true,
         });
         id
+    }
+
+    /// Records the traces a process has running, those its role may
+    /// record and within the bounds; false if any was left out.
+    pub fn set_active(&mut self, id: u64, traces: Vec<tambo_proto::trace::TraceRecord>) -> bool {
+        let Some(p) = self.processes.iter_mut().find(|p| p.id == id) else {
+            return true;
+        };
+        let n = traces.len();
+        let role = p.role;
+        p.active = traces
+            .into_iter()
+            .filter(|r| crate::traces::acceptable(role, r))
+            .take(tambo_proto::trace::MAX_ACTIVE)
+            .collect();
+        p.active.len() == n
     }
 
     /// Records what a process said of its runtime.

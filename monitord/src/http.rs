@@ -246,7 +246,15 @@ fn route(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     _ => {}
                 }
             }
-            let body = crate::traces::page(&lock(&site.totals).traces, family.as_deref(), bucket);
+            let t = lock(&site.totals);
+            // Only the connected: a gone process's traces ended with it.
+            let running: Vec<_> = t
+                .processes
+                .iter()
+                .filter(|p| p.connected)
+                .map(|p| (p.role, p.pid, p.active.as_slice()))
+                .collect();
+            let body = crate::traces::page(&t.traces, &running, family.as_deref(), bucket);
             reply(StatusCode::OK, "text/html; charset=utf-8", body)
         }
         "/debug/tasks" => reply(

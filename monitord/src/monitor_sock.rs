@@ -210,6 +210,17 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                 MonitorMessage::Traces(_) => {
                     return Err(Error::Unexpected("Traces over MAX_PER_FRAME"));
                 }
+                MonitorMessage::Active(traces)
+                    if traces.len() <= tambo_proto::trace::MAX_ACTIVE =>
+                {
+                    let mut t = lock(&l.totals);
+                    if !t.set_active(id, traces) {
+                        t.count(names::MONITORD_DROPPED_DELTAS, Some("traces"));
+                    }
+                }
+                MonitorMessage::Active(_) => {
+                    return Err(Error::Unexpected("Active over MAX_ACTIVE"));
+                }
                 MonitorMessage::State(text) => {
                     if text.len() > tambo_proto::monitor::MAX_STATE {
                         return Err(Error::Unexpected("a state over MAX_STATE"));

@@ -89,19 +89,20 @@ fn push(q: &mut VecDeque<Arc<Entry>>, e: Arc<Entry>) {
     q.push_back(e);
 }
 
+/// Whether `role` may send `rec`: one of its families, within the
+/// bounds its pusher keeps.
+pub fn acceptable(role: Role, rec: &TraceRecord) -> bool {
+    family_of(role, &rec.family)
+        && rec.title.len() <= MAX_TEXT + 4
+        && rec.events.len() <= MAX_EVENTS
+        && rec.events.iter().all(|(_, t)| t.len() <= MAX_TEXT + 4)
+}
+
 impl Sampled {
     /// Keeps a trace; false if it was refused (a family its role does not
     /// record, or a record over the bounds).
     pub fn add(&mut self, role: Role, pid: u32, rec: TraceRecord) -> bool {
-        if !family_of(role, &rec.family) {
-            return false;
-        }
-        let too_big = rec.family.is_empty()
-            || rec.family.len() > MAX_TEXT
-            || rec.title.len() > MAX_TEXT + 4
-            || rec.events.len() > MAX_EVENTS
-            || rec.events.iter().any(|(_, t)| t.len() > MAX_TEXT + 4);
-        if too_big {
+        if !acceptable(role, &rec) {
             return false;
         }
         let f = self.families.entry(rec.family.clone()).or_default();
@@ -161,9 +162,44 @@ pre { margin: 0.3em 0 0 1em; font-size: 13px; white-space: pre-wrap; }
 a { color: #0645ad; }
 </style>";
 
-/// `/debug/traces`: the families, or one list (`family`, and `bucket`, or
-/// the errors when it is `None`).
-pub fn page(s: &Sampled, family: Option<&str>, bucket: Option<usize>) -> String {
+/// One trace, as HTML.
+fn show(out: &mut String, role: Role, pid: u32, rec: &TraceRecord, running: bool) {
+    let start = chrono::DateTime::from_timestamp_millis(rec.start_ms)
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S%.3f")
+                .to_string()
+        })
+        .unwrap_or_default();
+    let class = if rec.error { " err" } else { "" };
+    let what = if running { "running for " } else { "" };
+    let _ = write!(
+        out,
+        "<div class=\"trace{class}\"><b>{}</b> · {} · {} (pid {}) · {start} · {what}{}",
+        peer(&rec.title),
+        peer(&rec.family),
+        role.name(),
+        pid,
+        duration(rec.duration_us)
+    );
+    out.push_str("<pre>");
+    for (i, (at, text)) in rec.events.iter().enumerate() {
+        if i + 1 == rec.events.len() && rec.dropped > 0 {
+            let _ = writeln!(out, "… {} events left out", rec.dropped);
+        }
+        let _ = writeln!(out, "{:>10}  {}", duration(*at), peer(text));
+    }
+    out.push_str("</pre></div>\n");
+}
+
+/// `/debug/traces`: the families and what runs now, or one list
+/// (`family`, and `bucket`, or the errors when it is `None`).
+pub fn page(
+    s: &Sampled,
+    running: &[(Role, u32, &[TraceRecord])],
+    family: Option<&str>,
+    bucket: Option<usize>,
+) -> String {
     let mut out = format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>tambo traces</title>{STYLE}</head><body>\n<h1>Traces</h1>\n<p><a href=\"/\">index</a> · <a href=\"/debug/traces\">all families</a></p>\n"
     );
@@ -194,7 +230,17 @@ pub fn page(s: &Sampled, family: Option<&str>, bucket: Option<usize>) -> String 
                     f.errors.len()
                 );
             }
-            out.push_str("</table>\n");
+            out.push_str("</table>\n<h2>Running now</h2>\n");
+            let mut any = false;
+            for (role, pid, recs) in running {
+                for r in recs.iter() {
+                    any = true;
+                    show(&mut out, *role, *pid, r, true);
+                }
+            }
+            if !any {
+                out.push_str("<p>Nothing.</p>\n");
+            }
         }
         Some(name) => {
             let which = bucket.map_or("with errors", |b| {
@@ -206,30 +252,7 @@ pub fn page(s: &Sampled, family: Option<&str>, bucket: Option<usize>) -> String 
                 out.push_str("<p>None kept.</p>\n");
             }
             for e in list {
-                let start = chrono::DateTime::from_timestamp_millis(e.rec.start_ms)
-                    .map(|t| {
-                        t.with_timezone(&chrono::Local)
-                            .format("%Y-%m-%d %H:%M:%S%.3f")
-                            .to_string()
-                    })
-                    .unwrap_or_default();
-                let class = if e.rec.error { " err" } else { "" };
-                let _ = write!(
-                    out,
-                    "<div class=\"trace{class}\"><b>{}</b> · {} (pid {}) · {start} · {}",
-                    peer(&e.rec.title),
-                    e.role.name(),
-                    e.pid,
-                    duration(e.rec.duration_us)
-                );
-                out.push_str("<pre>");
-                for (i, (at, text)) in e.rec.events.iter().enumerate() {
-                    if i + 1 == e.rec.events.len() && e.rec.dropped > 0 {
-                        let _ = writeln!(out, "… {} events left out", e.rec.dropped);
-                    }
-                    let _ = writeln!(out, "{:>10}  {}", duration(*at), peer(text));
-                }
-                out.push_str("</pre></div>\n");
+                show(&mut out, e.role, e.pid, &e.rec, false);
             }
         }
     }
@@ -274,12 +297,27 @@ mod tests {
     fn a_peer_cannot_write_markup() {
         let mut s = Sampled::default();
         s.add(Role::Smtpd, 1, rec("SMTP.Conn", 1, true));
-        let page = page(&s, Some("SMTP.Conn"), None);
+        let page = page(&s, &[], Some("SMTP.Conn"), None);
         assert!(
             !page.contains("<script>") && !page.contains("<i>"),
             "{page}"
         );
         assert!(page.contains("&lt;script&gt;x"), "{page}");
         assert!(page.contains("MAIL FROM:&lt;a@b&gt;\\n&lt;i&gt;"), "{page}");
+    }
+
+    #[test]
+    fn running_traces_are_shown_escaped_on_the_families_page() {
+        let s = Sampled::default();
+        let page_empty = page(&s, &[], None, None);
+        assert!(
+            page_empty.contains("Running now</h2>\n<p>Nothing."),
+            "{page_empty}"
+        );
+        let running = [rec("SMTP.Conn", 2_000_000, false)];
+        let page = page(&s, &[(Role::Smtpd, 7, &running)], None, None);
+        assert!(page.contains("smtpd (pid 7)"), "{page}");
+        assert!(page.contains("running for 2s"), "{page}");
+        assert!(!page.contains("<script>"), "{page}");
     }
 }

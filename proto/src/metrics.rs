@@ -594,6 +594,13 @@ pub fn spawn_pusher(
                     conn = None;
                     continue;
                 }
+                let msg = MonitorMessage::Active(crate::trace::active());
+                let sent =
+                    tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &msg)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    conn = None;
+                    continue;
+                }
                 last_state = Some(tokio::time::Instant::now());
             }
             // Finished traces, a frame at a time.

@@ -124,6 +124,9 @@ pub enum MonitorMessage {
     /// Finished traces (`/debug/traces`), at most
     /// [`crate::trace::MAX_PER_FRAME`] a frame.
     Traces(Vec<crate::trace::TraceRecord>),
+    /// The traces running now, as they are (at most
+    /// [`crate::trace::MAX_ACTIVE`]); replaces the last such list.
+    Active(Vec<crate::trace::TraceRecord>),
 }
 
 /// Longest runtime state a process pushes.

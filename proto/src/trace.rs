@@ -8,8 +8,9 @@
 //! to [`MAX_TEXT`] bytes; finished traces wait for the pusher in a buffer
 //! of [`MAX_PENDING`], the oldest dropped beyond it.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -43,10 +44,27 @@ pub struct TraceRecord {
     pub dropped: u32,
 }
 
-/// A trace being recorded; it is sent when dropped.
+/// A trace being recorded; it is sent when dropped. While it runs, the
+/// pusher can show it (`/debug/traces`, "active"): its record sits behind
+/// a lock only the trace itself and that snapshot take.
 pub struct Trace {
-    rec: TraceRecord,
+    rec: Shared,
     started: Instant,
+    id: u64,
+}
+
+/// A running trace's record, shared with the snapshots of [`active`].
+type Shared = Arc<Mutex<TraceRecord>>;
+
+/// Traces running now, by when they started.
+static ACTIVE: Mutex<BTreeMap<u64, (Instant, Shared)>> = Mutex::new(BTreeMap::new());
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Running traces shown at most per process: the ones running longest.
+pub const MAX_ACTIVE: usize = MAX_PER_FRAME;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn cut(mut s: String) -> String {
@@ -66,18 +84,19 @@ impl Trace {
         let start_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        Trace {
-            rec: TraceRecord {
-                family: family.to_string(),
-                title: cut(title.into()),
-                start_ms,
-                duration_us: 0,
-                error: false,
-                events: Vec::new(),
-                dropped: 0,
-            },
-            started: Instant::now(),
-        }
+        let rec = Arc::new(Mutex::new(TraceRecord {
+            family: family.to_string(),
+            title: cut(title.into()),
+            start_ms,
+            duration_us: 0,
+            error: false,
+            events: Vec::new(),
+            dropped: 0,
+        }));
+        let started = Instant::now();
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        lock(&ACTIVE).insert(id, (started, rec.clone()));
+        Trace { rec, started, id }
     }
 
     /// Records an event. Past [`MAX_EVENTS`], the last slot holds the
@@ -85,11 +104,12 @@ impl Trace {
     pub fn event(&mut self, text: impl Into<String>) {
         let at = self.started.elapsed().as_micros() as u64;
         let e = (at, cut(text.into()));
-        if self.rec.events.len() < MAX_EVENTS {
-            self.rec.events.push(e);
+        let mut rec = lock(&self.rec);
+        if rec.events.len() < MAX_EVENTS {
+            rec.events.push(e);
         } else {
-            self.rec.dropped += 1;
-            if let Some(last) = self.rec.events.last_mut() {
+            rec.dropped += 1;
+            if let Some(last) = rec.events.last_mut() {
                 *last = e;
             }
         }
@@ -97,21 +117,21 @@ impl Trace {
 
     /// Records an event and marks the trace as errored.
     pub fn error(&mut self, text: impl Into<String>) {
-        self.rec.error = true;
+        lock(&self.rec).error = true;
         self.event(text);
     }
 
     /// Changes the title (once it is known, e.g. the queue ID).
     pub fn set_title(&mut self, title: impl Into<String>) {
-        self.rec.title = cut(title.into());
+        lock(&self.rec).title = cut(title.into());
     }
 }
 
 impl Drop for Trace {
     fn drop(&mut self) {
-        self.rec.duration_us = self.started.elapsed().as_micros() as u64;
-        let rec = std::mem::replace(
-            &mut self.rec,
+        lock(&ACTIVE).remove(&self.id);
+        let mut rec = std::mem::replace(
+            &mut *lock(&self.rec),
             TraceRecord {
                 family: String::new(),
                 title: String::new(),
@@ -122,6 +142,7 @@ impl Drop for Trace {
                 dropped: 0,
             },
         );
+        rec.duration_us = self.started.elapsed().as_micros() as u64;
         let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
         if p.len() >= MAX_PENDING {
             p.pop_front();
@@ -131,6 +152,21 @@ impl Drop for Trace {
 }
 
 static PENDING: Mutex<VecDeque<TraceRecord>> = Mutex::new(VecDeque::new());
+
+/// Snapshots of the traces running now (at most [`MAX_ACTIVE`], the ones
+/// running longest), each with its duration so far.
+pub fn active() -> Vec<TraceRecord> {
+    let running: Vec<(Instant, Shared)> =
+        lock(&ACTIVE).values().take(MAX_ACTIVE).cloned().collect();
+    running
+        .into_iter()
+        .map(|(started, rec)| {
+            let mut r = lock(&rec).clone();
+            r.duration_us = started.elapsed().as_micros() as u64;
+            r
+        })
+        .collect()
+}
 
 /// Takes up to [`MAX_PER_FRAME`] finished traces, oldest first.
 pub fn take() -> Vec<TraceRecord> {
@@ -162,12 +198,23 @@ mod tests {
         for i in 0..150 {
             t.event(format!("e{i}"));
         }
-        assert_eq!(t.rec.events.len(), MAX_EVENTS);
-        assert_eq!(t.rec.events[0].1, "e0");
-        assert_eq!(t.rec.events[MAX_EVENTS - 2].1, "e98");
-        assert_eq!(t.rec.events[MAX_EVENTS - 1].1, "e149");
-        assert_eq!(t.rec.dropped, 50);
-        assert!(t.rec.title.len() <= MAX_TEXT + '…'.len_utf8());
+        let rec = lock(&t.rec).clone();
+        assert_eq!(rec.events.len(), MAX_EVENTS);
+        assert_eq!(rec.events[0].1, "e0");
+        assert_eq!(rec.events[MAX_EVENTS - 2].1, "e98");
+        assert_eq!(rec.events[MAX_EVENTS - 1].1, "e149");
+        assert_eq!(rec.dropped, 50);
+        assert!(rec.title.len() <= MAX_TEXT + '…'.len_utf8());
+    }
+
+    #[test]
+    fn a_running_trace_is_active_until_it_ends() {
+        let mut t = Trace::new("Test.Active", "still running");
+        t.event("first");
+        let seen = active().into_iter().find(|r| r.title == "still running");
+        assert_eq!(seen.map(|r| r.events.len()), Some(1));
+        drop(t);
+        assert!(!active().iter().any(|r| r.title == "still running"));
     }
 
     #[test]
