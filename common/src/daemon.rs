@@ -136,6 +136,11 @@ pub fn boot(role: Role, binary: &'static str, about: &'static str) -> Result<Sta
     let cfg = flags.load_config().map_err(startup_failed)?;
     let ids = Identities::resolve(&cfg.role_users(), role)
         .map_err(|e| startup_failed(format!("{}: {e}", cfg.file_path().display())))?;
+    // The files profiles point into, while /proc may still be read.
+    #[cfg(feature = "profile")]
+    if !flags.check_config {
+        crate::profile::prepare();
+    }
     // Under `tambo run` the supervisor says this once for everyone.
     if !under_supervisor() {
         tracing::info!("{}", ids.describe());
@@ -461,15 +466,26 @@ pub fn push_metrics(role: Role, flags: &DaemonFlags, cfg: &Config, ids: &Identit
         Some(idle) => tambo_proto::keepalive_every(idle),
         None => tambo_proto::metrics::HEARTBEAT,
     };
-    tambo_proto::metrics::spawn_pusher(
-        crate::sockets::IpcSocket::Monitor.path(cfg),
+    tambo_proto::metrics::spawn_pusher(tambo_proto::metrics::Pusher {
+        socket: crate::sockets::IpcSocket::Monitor.path(cfg),
         role,
-        flags.as_pairs(),
-        crate::build::VERSION.into(),
-        cfg.to_toml(),
-        ids.clone(),
+        flags: flags.as_pairs(),
+        version: crate::build::VERSION.into(),
+        config: cfg.to_toml(),
+        ids: ids.clone(),
         heartbeat,
-    );
+        profiler: profiler(),
+    });
+}
+
+#[cfg(feature = "profile")]
+fn profiler() -> Option<tambo_proto::monitor::Profiler> {
+    Some(crate::profile::run)
+}
+
+#[cfg(not(feature = "profile"))]
+fn profiler() -> Option<tambo_proto::monitor::Profiler> {
+    None
 }
 
 /// Converts an inherited or pre-bound std listener for tokio.

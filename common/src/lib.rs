@@ -22,9 +22,13 @@
 //! - `dns` (feature `dns`, for smtpd and deliverd only): the resolver, built
 //!   from resolv.conf or the tests' `[testing] dns_server`.
 //!
+//! - `profile` (feature `profile`, in every daemon by default): CPU and
+//!   heap profiles; its `heap` module, the sampling allocator, is the one
+//!   module here with `unsafe`.
+//!
 //! Nothing here runs a program: it is safe to link into every process,
 //! including the internet-facing one.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod address;
 pub mod aliases;
@@ -47,6 +51,8 @@ pub mod lockfile;
 pub mod loglimit;
 #[cfg(feature = "password")]
 pub mod password;
+#[cfg(feature = "profile")]
+pub mod profile;
 pub mod safeio;
 pub mod sandbox;
 pub mod sockets;

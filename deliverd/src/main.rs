@@ -38,6 +38,12 @@ use tambo_common::daemon;
 use tambo_proto::identity::Identities;
 use tambo_proto::{Error, Role, hello};
 
+/// System's allocator, sampled for heap profiles (see
+/// `tambo_common::profile::heap`).
+#[cfg(feature = "profile")]
+#[global_allocator]
+static ALLOCATOR: tambo_common::profile::heap::Sampler = tambo_common::profile::heap::Sampler;
+
 fn main() -> ExitCode {
     // A session of its own, first thing: every program deliverd runs is
     // then in it (a program cannot join another session's process group),

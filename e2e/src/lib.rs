@@ -764,6 +764,12 @@ impl Smtp {
 
 /// A tiny HTTP/1.1 GET, enough for the monitoring server.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let (status, head, body) = http_get_bytes(addr, path);
+    (status, head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// [`http_get`], the body as bytes (a profile).
+pub fn http_get_bytes(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     write!(
@@ -771,15 +777,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").expect("HTTP response");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP response");
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status");
-    (status, head.to_string(), body.to_string())
+    (status, head, buf[end + 4..].to_vec())
 }
 
 /// A message body (CRLF, not dot-stuffed) with the given subject.

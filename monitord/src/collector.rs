@@ -46,6 +46,8 @@ pub struct Process {
     pub state: String,
     /// Its traces running when it last said (`/debug/traces`).
     pub active: Vec<tambo_proto::trace::TraceRecord>,
+    /// Where to ask it for a profile (`/debug/pprof`) while connected.
+    pub profiler: Option<tokio::sync::mpsc::Sender<crate::pprof::Ask>>,
     pub connected: bool,
 }
 
@@ -268,6 +270,7 @@ impl Totals {
             config,
             state: String::new(),
             active: Vec::new(),
+            profiler: None,
             connected: true,
         });
         id
@@ -287,6 +290,13 @@ impl Totals {
             .take(tambo_proto::trace::MAX_ACTIVE)
             .collect();
         p.active.len() == n
+    }
+
+    /// Where to ask a process for its profiles.
+    pub fn set_profiler(&mut self, id: u64, tx: tokio::sync::mpsc::Sender<crate::pprof::Ask>) {
+        if let Some(p) = self.processes.iter_mut().find(|p| p.id == id) {
+            p.profiler = Some(tx);
+        }
     }
 
     /// Records what a process said of its runtime.
@@ -314,6 +324,7 @@ impl Totals {
     pub fn unregister(&mut self, id: u64) {
         if let Some(p) = self.processes.iter_mut().find(|p| p.id == id) {
             p.connected = false;
+            p.profiler = None;
         }
         let gone = self.processes.iter().filter(|p| !p.connected).count();
         if gone > MAX_GONE_PROCESSES {

@@ -74,7 +74,16 @@ pub async fn run(listener: TcpListener, site: Arc<Site>, idle: Duration) {
             let totals = site.totals.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let site = site.clone();
-                async move { Ok::<_, Infallible>(route(&site, &req)) }
+                async move {
+                    let resp = match pprof_path(&req) {
+                        Some(rest) => {
+                            let query = req.uri().query().unwrap_or("");
+                            crate::pprof::serve(&site, rest, query).await
+                        }
+                        None => route(&site, &req),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             // hyper starts the header read timeout whenever it waits for a
             // request head: right after connecting and after each response
@@ -196,6 +205,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_shutdown(cx);
         this.guard(cx, r)
+    }
+}
+
+/// What follows `/debug/pprof/` in a GET or HEAD for it; those are served
+/// apart, as they wait for a process's answer.
+fn pprof_path(req: &Request<Incoming>) -> Option<&str> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return None;
+    }
+    match req.uri().path() {
+        "/debug/pprof" => Some(""),
+        p => p.strip_prefix("/debug/pprof/"),
     }
 }
 
@@ -350,6 +371,7 @@ monitord started {started}, up {uptime}</p>
 <dt><a href=\"/metrics\">/metrics</a></dt><dd>the same, in OpenMetrics format, for Prometheus</dd>
 <dt><a href=\"/debug/traces\">/debug/traces</a></dt><dd>recent SMTP sessions, queue puts and deliveries, by latency, and the ones that failed</dd>
 <dt><a href=\"/debug/queue\">/debug/queue</a></dt><dd>the queue, as queued last sent it</dd>
+<dt><a href=\"/debug/pprof/\">/debug/pprof/</a></dt><dd>CPU and heap profiles of each process, for <code>go tool pprof</code></dd>
 <dt><a href=\"/debug/tasks\">/debug/tasks</a></dt><dd>each process's runtime: tokio workers and tasks, CPU time, memory</dd>
 <dt><a href=\"/debug/config\">/debug/config</a></dt><dd>the effective configuration of each process</dd>
 <dt><a href=\"/debug/flags\">/debug/flags</a></dt><dd>command-line flags of each process</dd>

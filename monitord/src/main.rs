@@ -11,6 +11,7 @@ mod expvar;
 mod http;
 mod monitor_sock;
 mod openmetrics;
+mod pprof;
 mod text;
 mod traces;
 

@@ -16,7 +16,10 @@
 //! ([`MONITOR_IDLE_TIMEOUT`]) closes the connection. Anything else out of
 //! place closes that connection only, with one log line, counted in
 //! `tambo/ipc/errors` (`monitord`) or `tambo/ipc/refused` (`monitor…`).
-//! Nothing is ever written back after the hello.
+//! After the hello, monitord writes only profile requests (`/debug/pprof`),
+//! one at a time; a profile frame (up to
+//! [`tambo_proto::monitor::MAX_PROFILE`]) is read only
+//! while one is awaited, and one nobody asked for closes the connection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,12 +27,12 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
-use tambo_proto::frame::FrameReader;
+use tambo_proto::frame::{FrameReader, write_frame};
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::names;
 use tambo_proto::monitor::{
     MAX_DELTAS_PER_FRAME, MAX_MONITOR_CONNECTIONS, MAX_MONITOR_FRAME, MAX_REGISTER_FRAME,
-    MONITOR_IDLE_TIMEOUT, MonitorMessage,
+    MONITOR_IDLE_TIMEOUT, MonitorMessage, ProfileRequest,
 };
 use tambo_proto::{Error, Role, hello};
 
@@ -118,7 +121,8 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             return;
         }
     };
-    let mut reader = FrameReader::new(stream);
+    let (r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(r);
     // The pusher sends its registration right after the hello.
     let first = tokio::time::timeout(
         hello::HELLO_TIMEOUT,
@@ -143,7 +147,10 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             );
             let mut t = lock(&l.totals);
             let first = t.first_time(role, instance);
-            (t.register(role, pid, version, flags, config), first, pid)
+            let id = t.register(role, pid, version, flags, config);
+            let (tx, asks) = tokio::sync::mpsc::channel(1);
+            t.set_profiler(id, tx);
+            (id, first, pid, asks)
         }
         other => {
             let why = match other {
@@ -166,21 +173,55 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             return;
         }
     };
-    let (id, first, pid) = id;
+    let (id, first, pid, mut asks) = id;
+    // The profile asked of this process and not answered yet: at most one.
+    let mut pending: Option<(u64, crate::pprof::Reply)> = None;
+    let mut asked = 0u64;
     let mut budget = Budget::new(peer.role);
     // The baseline comes first; once anything else came, none is taken.
     let mut baseline_open = true;
     let result: Result<(), Error> = async {
         loop {
-            let msg =
-                match tokio::time::timeout(l.idle_timeout, reader.read(MAX_MONITOR_FRAME)).await {
+            // Room for a profile only while one is awaited.
+            let max = if pending.is_some() {
+                tambo_proto::frame::MAX_FRAME
+            } else {
+                MAX_MONITOR_FRAME
+            };
+            let msg = tokio::select! {
+                // FrameReader::read keeps what it read when dropped.
+                r = tokio::time::timeout(l.idle_timeout, reader.read(max)) => match r {
                     Err(_) => return Err(Error::Idle(l.idle_timeout)),
                     Ok(r) => match r? {
                         Some(m) => m,
                         None => return Ok(()),
                     },
-                };
+                },
+                Some((kind, reply)) = asks.recv() => {
+                    if pending.is_some() {
+                        let _ = reply.send(Err(
+                            "a profile of this process is being taken; try again when it is done"
+                                .into(),
+                        ));
+                        continue;
+                    }
+                    asked += 1;
+                    let req = ProfileRequest { id: asked, kind };
+                    tokio::time::timeout(Duration::from_secs(2), write_frame(&mut w, &req))
+                        .await
+                        .map_err(|_| Error::Io(std::io::ErrorKind::TimedOut.into()))??;
+                    pending = Some((asked, reply));
+                    continue;
+                }
+            };
             match msg {
+                MonitorMessage::Profile { id, result } => match pending.take() {
+                    Some((want, reply)) if want == id => {
+                        // The HTTP client may have given up: nobody to tell.
+                        let _ = reply.send(result);
+                    }
+                    _ => return Err(Error::Unexpected("a profile monitord did not ask for")),
+                },
                 MonitorMessage::Baseline(deltas) if deltas.len() <= MAX_DELTAS_PER_FRAME => {
                     if !baseline_open {
                         return Err(Error::Unexpected("Baseline after other messages"));
@@ -272,6 +313,7 @@ mod tests {
     use tambo_proto::frame::{read_frame, write_frame};
     use tambo_proto::hello::Hello;
     use tambo_proto::identity::Account;
+    use tambo_proto::monitor::ProfileKind;
     use tokio::io::AsyncReadExt;
 
     fn listener(ids: Identities) -> (Arc<Listener>, Shared) {
@@ -346,5 +388,110 @@ mod tests {
             MAX_MONITOR_CONNECTIONS - 1
         );
         assert!(lock(&totals).maps[names::IPC_REFUSED].is_empty());
+    }
+
+    /// Connects as smtpd and registers; the client's end.
+    async fn registered(l: &Arc<Listener>) -> UnixStream {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        tokio::spawn(serve(l.clone(), ours));
+        write_frame(
+            &mut theirs,
+            &Hello {
+                protocol_version: tambo_proto::PROTOCOL_VERSION,
+                role: Role::Smtpd,
+            },
+        )
+        .await
+        .unwrap();
+        let _: Option<Hello> = read_frame(&mut theirs).await.unwrap();
+        write_frame(
+            &mut theirs,
+            &MonitorMessage::Register {
+                role: Role::Smtpd,
+                pid: 42,
+                version: "v".into(),
+                flags: vec![],
+                instance: 1,
+                config: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+        theirs
+    }
+
+    /// The process's profiler channel, once registered.
+    async fn profiler(totals: &Shared) -> tokio::sync::mpsc::Sender<crate::pprof::Ask> {
+        for _ in 0..500 {
+            if let Some(tx) = lock(totals)
+                .processes
+                .iter()
+                .find_map(|p| p.profiler.clone())
+            {
+                return tx;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never registered");
+    }
+
+    #[tokio::test]
+    async fn a_profile_asked_is_answered_and_a_second_refused_meanwhile() {
+        let (l, totals) = listener(me());
+        let mut client = registered(&l).await;
+        let tx = profiler(&totals).await;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send((ProfileKind::Heap, reply)).await.unwrap();
+        let req: Option<ProfileRequest> = read_frame(&mut client).await.unwrap();
+        let req = req.unwrap();
+        assert_eq!(req.kind, ProfileKind::Heap);
+        // Another while that one is out: refused at once.
+        let (reply2, answer2) = tokio::sync::oneshot::channel();
+        tx.send((ProfileKind::Cpu { seconds: 1 }, reply2))
+            .await
+            .unwrap();
+        assert!(answer2.await.unwrap().unwrap_err().contains("being taken"));
+        // A profile larger than any other frame is read, as it was asked.
+        let big = vec![7u8; 2 * MAX_MONITOR_FRAME];
+        write_frame(
+            &mut client,
+            &MonitorMessage::Profile {
+                id: req.id,
+                result: Ok(big.clone()),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.await.unwrap().unwrap(), big);
+    }
+
+    #[tokio::test]
+    async fn a_profile_nobody_asked_for_closes_the_connection() {
+        for id in [0, 1] {
+            let (l, totals) = listener(me());
+            let mut client = registered(&l).await;
+            let tx = profiler(&totals).await;
+            if id == 1 {
+                // Asked, but answered under another id.
+                let (reply, _answer) = tokio::sync::oneshot::channel();
+                tx.send((ProfileKind::Heap, reply)).await.unwrap();
+                let req: Option<ProfileRequest> = read_frame(&mut client).await.unwrap();
+                assert_eq!(req.unwrap().id, 1);
+            }
+            let _ = write_frame(
+                &mut client,
+                &MonitorMessage::Profile {
+                    id: 7,
+                    result: Ok(vec![1]),
+                },
+            )
+            .await;
+            let mut b = [0u8; 1];
+            assert_eq!(client.read(&mut b).await.unwrap(), 0, "id {id}");
+            assert_eq!(
+                lock(&totals).maps[names::IPC_ERRORS].get("monitord"),
+                Some(&1)
+            );
+        }
     }
 }

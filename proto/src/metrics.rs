@@ -19,7 +19,10 @@ use crate::Role;
 use crate::frame::write_frame;
 use crate::hello;
 use crate::identity::Identities;
-use crate::monitor::{Delta, MAX_DELTAS_PER_FRAME, MonitorMessage};
+use crate::monitor::{
+    Delta, MAX_DELTAS_PER_FRAME, MAX_PROFILE, MAX_PROFILE_SECONDS, MAX_REQUEST_FRAME,
+    MonitorMessage, ProfileFuture, ProfileKind, ProfileRequest, Profiler,
+};
 
 /// Variable names: a compatibility contract (../shared/monitoring.md).
 pub mod names {
@@ -474,20 +477,37 @@ impl Metrics {
 /// heartbeat, so monitord's idle timeout only closes dead connections.
 pub const HEARTBEAT: Duration = Duration::from_secs(30);
 
+/// What a process pushes to monitord, and how.
+pub struct Pusher {
+    /// monitor.sock.
+    pub socket: PathBuf,
+    pub role: Role,
+    /// Flags as given on the command line (`/debug/flags`).
+    pub flags: Vec<(String, String)>,
+    pub version: String,
+    /// The effective config (`/debug/config`).
+    pub config: String,
+    pub ids: Identities,
+    /// How often an empty batch goes out when there is nothing to send
+    /// ([`HEARTBEAT`] unless monitord's idle timeout is shortened).
+    pub heartbeat: Duration,
+    /// What takes this process's profiles, if it was built with them.
+    pub profiler: Option<Profiler>,
+}
+
 /// Starts the task that pushes this process's counters to monitord. It
 /// reconnects forever, with the pending map as the bounded buffer.
-/// `heartbeat` is how often an empty batch goes out when there is nothing
-/// to send ([`HEARTBEAT`] unless monitord's idle timeout is shortened).
-pub fn spawn_pusher(
-    socket: PathBuf,
-    role: Role,
-    flags: Vec<(String, String)>,
-    version: String,
-    config: String,
-    ids: Identities,
-    heartbeat: Duration,
-) {
-    let mut config = config;
+pub fn spawn_pusher(p: Pusher) {
+    let Pusher {
+        socket,
+        role,
+        flags,
+        version,
+        mut config,
+        ids,
+        heartbeat,
+        profiler,
+    } = p;
     if config.len() > crate::monitor::MAX_CONFIG {
         let mut cut = crate::monitor::MAX_CONFIG - 64;
         while !config.is_char_boundary(cut) {
@@ -519,7 +539,11 @@ pub fn spawn_pusher(
         let mut last_queue: Option<String> = None;
         let mut last_state: Option<tokio::time::Instant> = None;
         let mut fresh = false;
-        let mut conn: Option<UnixStream> = None;
+        let mut conn: Option<Conn> = None;
+        let mut generation = 0u64;
+        // Finished profiles, tagged with the connection they were asked on.
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(1);
+        let mut profiling = false;
         let mut interval = tokio::time::interval(heartbeat.min(Duration::from_millis(500)));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut warned = false;
@@ -529,13 +553,14 @@ pub fn spawn_pusher(
             if conn.is_none() {
                 match connect(&socket, &reg, &pushed, &ids).await {
                     Ok(s) => {
+                        generation += 1;
                         if warned {
                             tracing::info!("reconnected to monitord at {}", socket.display());
                         }
                         warned = false;
                         fresh = true;
                         last_state = None;
-                        conn = Some(s);
+                        conn = Some(Conn::new(s, generation));
                     }
                     Err(e) => {
                         if !warned {
@@ -549,22 +574,62 @@ pub fn spawn_pusher(
                     }
                 }
             }
-            // monitord never writes after the hello: end of file means it
-            // went away (restarted), and a new one wants the baseline now,
-            // not at the next push.
-            if let Some(stream) = conn.as_ref() {
-                let mut b = [0u8; 1];
-                match stream.try_read(&mut b) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    _ => {
-                        conn = None;
-                        continue;
-                    }
-                }
-            }
-            let Some(stream) = conn.as_mut() else {
+            let Some(c) = conn.as_mut() else {
                 continue;
             };
+            // monitord's requests. End of file means it went away
+            // (restarted), and a new one wants the baseline now, not at
+            // the next push.
+            let request = match c.requests.try_recv() {
+                Ok(r) => Some(r),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => None,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    conn = None;
+                    continue;
+                }
+            };
+            let stream = &mut c.w;
+            let mut answer = None;
+            if let Some(req) = request {
+                match start_profile(req, profiler, profiling) {
+                    Ok(run) => {
+                        profiling = true;
+                        let done = done_tx.clone();
+                        let generation = c.generation;
+                        tokio::spawn(async move {
+                            let result = run.await;
+                            let _ = done.send((generation, req.id, result)).await;
+                        });
+                    }
+                    Err(why) => answer = Some((req.id, Err(why))),
+                }
+            }
+            if let Ok((g, id, result)) = done_rx.try_recv() {
+                profiling = false;
+                // Asked on a connection since lost: nobody waits for it.
+                if g == c.generation {
+                    answer = Some((id, result));
+                }
+            }
+            if let Some((id, result)) = answer {
+                let result = result.and_then(|p| {
+                    if p.len() > MAX_PROFILE {
+                        Err(format!(
+                            "the profile is {} bytes, over the {MAX_PROFILE} monitord takes: ask for fewer seconds",
+                            p.len()
+                        ))
+                    } else {
+                        Ok(p)
+                    }
+                });
+                let msg = MonitorMessage::Profile { id, result };
+                let sent =
+                    tokio::time::timeout(Duration::from_secs(30), write_frame(stream, &msg)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    conn = None;
+                    continue;
+                }
+            }
             // queued's queue snapshot: when it changed, and again to a
             // new connection.
             let snapshot = match take_queue_snapshot() {
@@ -657,6 +722,68 @@ pub fn spawn_pusher(
             }
         }
     });
+}
+
+/// A connection to monitord: what the pusher writes, and the requests a
+/// reader task takes from it (closed when monitord goes away).
+struct Conn {
+    w: tokio::net::unix::OwnedWriteHalf,
+    requests: tokio::sync::mpsc::Receiver<ProfileRequest>,
+    reader: tokio::task::AbortHandle,
+    generation: u64,
+}
+
+impl Conn {
+    fn new(s: UnixStream, generation: u64) -> Conn {
+        let (r, w) = s.into_split();
+        let (tx, requests) = tokio::sync::mpsc::channel(1);
+        let reader = tokio::spawn(async move {
+            let mut r = crate::frame::FrameReader::new(r);
+            // Requests only, one at a time: monitord has no reason to
+            // queue more, and anything else ends the connection.
+            while let Ok(Some(req)) = r.read::<ProfileRequest>(MAX_REQUEST_FRAME).await {
+                if tx.try_send(req).is_err() {
+                    tracing::warn!("monitord sent a request before the last was taken; closing");
+                    break;
+                }
+            }
+        })
+        .abort_handle();
+        Conn {
+            w,
+            requests,
+            reader,
+            generation,
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Checks a request and gives the profile to run, or why it is refused.
+fn start_profile(
+    req: ProfileRequest,
+    profiler: Option<Profiler>,
+    busy: bool,
+) -> Result<ProfileFuture, String> {
+    let Some(profiler) = profiler else {
+        return Err("this build has no profiler (cargo feature `profile`)".into());
+    };
+    if busy {
+        return Err("a profile of this process is being taken; try again when it is done".into());
+    }
+    if let ProfileKind::Cpu { seconds } = req.kind
+        && !(1..=MAX_PROFILE_SECONDS).contains(&seconds)
+    {
+        return Err(format!(
+            "seconds must be 1 to {MAX_PROFILE_SECONDS}, not {seconds}"
+        ));
+    }
+    Ok(profiler(req.kind))
 }
 
 /// What a pusher says when it registers.
@@ -844,6 +971,66 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for (name, _, _) in VARIABLES {
             assert!(seen.insert(*name), "{name} twice");
+        }
+    }
+
+    fn no_profile(_: ProfileKind) -> ProfileFuture {
+        Box::pin(async { Ok(vec![1, 2, 3]) })
+    }
+
+    #[test]
+    fn profile_requests_are_checked() {
+        let req = |kind| ProfileRequest { id: 1, kind };
+        let cpu = |seconds| req(ProfileKind::Cpu { seconds });
+        assert!(start_profile(cpu(1), None, false).is_err());
+        assert!(start_profile(cpu(1), Some(no_profile), true).is_err());
+        for bad in [0, MAX_PROFILE_SECONDS + 1, u32::MAX] {
+            let e = start_profile(cpu(bad), Some(no_profile), false)
+                .err()
+                .unwrap();
+            assert!(e.contains("seconds must be"), "{e}");
+        }
+        assert!(start_profile(cpu(MAX_PROFILE_SECONDS), Some(no_profile), false).is_ok());
+        assert!(start_profile(req(ProfileKind::Heap), Some(no_profile), false).is_ok());
+    }
+
+    /// monitord may send requests only: anything else, a frame over the
+    /// limit, or a second request before the first is taken, ends the
+    /// connection.
+    #[tokio::test]
+    async fn a_hostile_monitord_gets_the_connection_closed() {
+        use tokio::io::AsyncWriteExt;
+        let good = ProfileRequest {
+            id: 1,
+            kind: ProfileKind::Heap,
+        };
+        let other = crate::frame::encode(&MonitorMessage::State("x".into())).unwrap();
+        let mut two = crate::frame::encode(&good).unwrap();
+        two.extend(crate::frame::encode(&good).unwrap());
+        let mut huge = ((MAX_REQUEST_FRAME + 1) as u32).to_be_bytes().to_vec();
+        huge.resize(4 + MAX_REQUEST_FRAME + 1, 0);
+        for (what, bytes) in [
+            ("another message", other),
+            ("two at once", two),
+            ("too large", huge),
+        ] {
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            let mut c = Conn::new(ours, 1);
+            theirs.write_all(&bytes).await.unwrap();
+            // At most the first request comes through; then the channel
+            // closes.
+            let mut got = 0;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), c.requests.recv()).await {
+                    Ok(Some(r)) => {
+                        assert_eq!(r, good, "{what}");
+                        got += 1;
+                    }
+                    Ok(None) => break,
+                    Err(_) => panic!("{what}: the connection stayed open"),
+                }
+            }
+            assert!(got <= 1, "{what}");
         }
     }
 }

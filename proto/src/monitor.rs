@@ -1,5 +1,10 @@
-//! monitor.sock: every process → monitord, one way. monitord never answers
-//! after the hello, so it can never slow or steer mail.
+//! monitor.sock: every process → monitord. The other way, monitord may
+//! send one thing only: a [`ProfileRequest`], which the process answers
+//! with a [`MonitorMessage::Profile`]. A request is 64 bytes at most and
+//! asks for a bounded sample of the process's stacks, one at a time;
+//! anything else from monitord closes the connection. So monitord can
+//! make a process spend a little CPU on being profiled, never slow,
+//! steer or read its mail.
 
 use std::time::Duration;
 
@@ -127,7 +132,49 @@ pub enum MonitorMessage {
     /// The traces running now, as they are (at most
     /// [`crate::trace::MAX_ACTIVE`]); replaces the last such list.
     Active(Vec<crate::trace::TraceRecord>),
+    /// The answer to a [`ProfileRequest`]: the profile (at most
+    /// [`MAX_PROFILE`] bytes) or why there is none.
+    Profile {
+        id: u64,
+        result: Result<Vec<u8>, String>,
+    },
 }
+
+/// What monitord may ask of a process (`/debug/pprof/…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRequest {
+    /// Echoed in the answer.
+    pub id: u64,
+    pub kind: ProfileKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProfileKind {
+    /// Sample the stacks on CPU for this many seconds (1 to
+    /// [`MAX_PROFILE_SECONDS`]).
+    Cpu { seconds: u32 },
+    /// The sampled allocations still in use.
+    Heap,
+}
+
+/// Longest CPU profile a process takes.
+pub const MAX_PROFILE_SECONDS: u32 = 60;
+
+/// Largest request frame a pusher reads from monitord.
+pub const MAX_REQUEST_FRAME: usize = 64;
+
+/// Largest profile a process sends (and monitord reads, only while it
+/// waits for one): what fits a frame. A 30 s CPU profile of a busy smtpd
+/// is far smaller; a larger one is refused, saying so.
+pub const MAX_PROFILE: usize = crate::frame::MAX_FRAME - 1024;
+
+/// What runs a profile in a process: takes the request, gives the pprof
+/// protobuf or why not. Processes built without profiling have none.
+pub type Profiler = fn(ProfileKind) -> ProfileFuture;
+
+/// A profile being taken.
+pub type ProfileFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>;
 
 /// Longest runtime state a process pushes.
 pub const MAX_STATE: usize = 8 * 1024;
@@ -158,6 +205,11 @@ mod tests {
             MAX_DELTAS_PER_FRAME
         ]);
         assert!(encode(&batch).unwrap().len() - 4 <= MAX_MONITOR_FRAME);
+        let req = ProfileRequest {
+            id: u64::MAX,
+            kind: ProfileKind::Cpu { seconds: u32::MAX },
+        };
+        assert!(encode(&req).unwrap().len() - 4 <= MAX_REQUEST_FRAME);
         let queue = MonitorMessage::Queue("q".repeat(MAX_QUEUE_SNAPSHOT));
         assert!(encode(&queue).unwrap().len() - 4 <= MAX_MONITOR_FRAME);
     }

@@ -108,6 +108,12 @@ fn check_config(cfg: &tambo_common::config::Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// System's allocator, sampled for heap profiles (see
+/// `tambo_common::profile::heap`).
+#[cfg(feature = "profile")]
+#[global_allocator]
+static ALLOCATOR: tambo_common::profile::heap::Sampler = tambo_common::profile::heap::Sampler;
+
 fn main() -> ExitCode {
     let started = match daemon::boot(
         Role::Queued,

@@ -12,6 +12,12 @@ use tambo_proto::Role;
 use tambo_proto::submit::{MailLogEvent, Mode};
 use tambo_smtpd::{maillog, server, session, spf, tls};
 
+/// System's allocator, sampled for heap profiles (see
+/// `tambo_common::profile::heap`).
+#[cfg(feature = "profile")]
+#[global_allocator]
+static ALLOCATOR: tambo_common::profile::heap::Sampler = tambo_common::profile::heap::Sampler;
+
 fn main() -> ExitCode {
     let started = match daemon::boot(Role::Smtpd, "tambo-smtpd", "tambo's SMTP server") {
         Ok(v) => v,
