@@ -23,8 +23,8 @@
 //!   from resolv.conf or the tests' `[testing] dns_server`.
 //!
 //! - `profile` (feature `profile`, in every daemon by default): CPU and
-//!   heap profiles; its `heap` module, the sampling allocator, is the one
-//!   module here with `unsafe`.
+//!   heap profiles; its `cpu` (the SIGPROF handler) and `heap` (the
+//!   sampling allocator) modules are the only ones here with `unsafe`.
 //!
 //! Nothing here runs a program: it is safe to link into every process,
 //! including the internet-facing one.

@@ -122,7 +122,7 @@ async fn post_data(ctx: &Ctx, pd: &PostData, file: File) -> HookOutcome {
     let auth_results = match &pd.auth_results {
         None => String::new(),
         Some(req) => {
-            let verified = verify_dkim(ctx.auth.clone(), file.clone()).await;
+            let verified = verify_dkim(ctx.auth.clone(), file.clone(), id).await;
             dkim::count(&verified);
             let sigs = match &verified {
                 Ok(sigs) => {
@@ -163,14 +163,25 @@ async fn post_data(ctx: &Ctx, pd: &PostData, file: File) -> HookOutcome {
 /// [`dkim::verify`] in a task of its own: should mail-auth panic on some
 /// message, that message goes on without its DKIM results rather than
 /// without an answer. The set aborts the task if the call is abandoned.
-async fn verify_dkim(auth: Arc<MessageAuthenticator>, file: Arc<File>) -> dkim::Verified {
+async fn verify_dkim(auth: Arc<MessageAuthenticator>, file: Arc<File>, id: &str) -> dkim::Verified {
+    let mut trace = tambo_proto::trace::Trace::new("DKIM.Verify", id.to_string());
     let mut task = tokio::task::JoinSet::new();
     task.spawn(async move { dkim::verify(&auth, &auth, file).await });
-    match task.join_next().await {
+    let verified = match task.join_next().await {
         Some(Ok(v)) => v,
         Some(Err(e)) => Err(format!("verification failed: {e}")),
         None => Err("verification did not run".into()),
+    };
+    match &verified {
+        Ok(sigs) if sigs.is_empty() => trace.event("no signature"),
+        Ok(sigs) => {
+            for s in sigs {
+                trace.event(format!("d={}: {}", s.domain, s.result.name()));
+            }
+        }
+        Err(e) => trace.error(e.clone()),
     }
+    verified
 }
 
 /// The outcome cut so its frame fits [`MAX_HOOK_RESULT_FRAME`], whatever

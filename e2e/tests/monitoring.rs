@@ -220,8 +220,9 @@ mod budgets {
         }
     }
 
-    /// True once monitord has closed the connection (it never writes
-    /// after the hello, so any read ends only then).
+    /// True once monitord has closed the connection (it writes nothing
+    /// after the hello but profile requests, which none of these tests
+    /// asks for, so any read ends only then).
     async fn closed(s: &mut UnixStream) -> bool {
         let mut b = [0u8; 64];
         matches!(
@@ -1026,4 +1027,72 @@ fn an_open_session_shows_as_running() {
         let (_, _, body) = t.http_get("/debug/traces");
         (!running(&body).contains("slow@remote.test")).then_some(())
     });
+}
+
+/// The families beyond mail flow: an AUTH attempt (`Authentication`,
+/// never the password), a reload on SIGHUP (`Auth.Reload`,
+/// `DomainInfo.Reload`), DKIM verification of a signed message
+/// (`DKIM.Verify`, deliverd).
+#[test]
+fn authentication_reloads_and_checks_are_traced() {
+    use tambo_e2e::tls::{TlsSmtp, Versions, b64, plain};
+    let mut t = Tambo::default_setup();
+    t.start_all();
+    t.wait_log("smtpd", "TLS ready with");
+    let secret = "Another-Secret-7";
+    let mut s =
+        TlsSmtp::connect_tls(t.submission_tls_addr(), "mx.example.test", Versions::Any).unwrap();
+    s.expect("EHLO client.test", 250);
+    s.expect(
+        &format!("AUTH PLAIN {}", plain("ann@example.test", secret)),
+        535,
+    );
+    s.expect("QUIT", 221);
+    drop(s);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid("queued") as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    // A signature (a bogus one) is what sends a message to deliverd's
+    // verifier.
+    let mut signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.test; s=sel; h=from;\r\n bh=AAAA; b=AAAA\r\n".to_vec();
+    signed.extend(message("v", "x\r\n"));
+    let r = t.send("a@remote.test", &["ann@example.test"], &signed);
+    assert_eq!(r.code, 250);
+    let families = [
+        "Authentication",
+        "Auth.Reload",
+        "DomainInfo.Reload",
+        "DKIM.Verify",
+    ];
+    wait_for("the four families", || {
+        let (_, _, body) = t.http_get("/debug/traces");
+        families
+            .iter()
+            .all(|f| body.contains(&format!("<td>{f}</td>")))
+            .then_some(())
+    });
+    let all = |family: &str| -> String {
+        (0..8)
+            .map(|b| {
+                t.http_get(&format!("/debug/traces?family={family}&b={b}"))
+                    .2
+            })
+            .chain([t
+                .http_get(&format!("/debug/traces?family={family}&errors"))
+                .2])
+            .collect()
+    };
+    let auth = all("Authentication");
+    assert!(
+        auth.contains("ann@example.test") && auth.contains("refused"),
+        "{auth}"
+    );
+    assert!(
+        !auth.contains(secret) && !auth.contains(&b64(secret.as_bytes())),
+        "{auth}"
+    );
+    assert!(all("Auth.Reload").contains("SIGHUP"));
+    assert!(all("DKIM.Verify").contains("d=example.test: "));
 }

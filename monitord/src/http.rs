@@ -208,10 +208,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
     }
 }
 
-/// What follows `/debug/pprof/` in a GET or HEAD for it; those are served
-/// apart, as they wait for a process's answer.
+/// What follows `/debug/pprof/` in a GET for it; those are served apart,
+/// as they wait for a process's answer. (A HEAD, which would take a
+/// profile to throw it away, is not one: it gets the 404 of an unknown
+/// path.)
 fn pprof_path(req: &Request<Incoming>) -> Option<&str> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+    if req.method() != Method::GET {
         return None;
     }
     match req.uri().path() {

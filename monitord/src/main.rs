@@ -2,8 +2,9 @@
 //! them (with the debug pages) on `monitoring_address`.
 //!
 //! Holds: monitor.sock, the monitoring listener.
-//! Must never: touch mail. It receives, one way, and answers nothing on
-//! monitor.sock, so a slow or dead monitord can never slow or stop mail.
+//! Must never: touch mail. On monitor.sock it receives, and writes only
+//! profile requests (one at a time, checked by the process), so a slow,
+//! dead or compromised monitord can never slow, stop or steer mail.
 #![forbid(unsafe_code)]
 
 mod collector;

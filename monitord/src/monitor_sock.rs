@@ -176,6 +176,8 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
     let (id, first, pid, mut asks) = id;
     // The profile asked of this process and not answered yet: at most one.
     let mut pending: Option<(u64, crate::pprof::Reply)> = None;
+    // One the HTTP client gave up on: its late answer is dropped quietly.
+    let mut abandoned: Option<u64> = None;
     let mut asked = 0u64;
     let mut budget = Budget::new(peer.role);
     // The baseline comes first; once anything else came, none is taken.
@@ -188,7 +190,10 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
             } else {
                 MAX_MONITOR_FRAME
             };
+            // In this order: a frame, a given-up ask, then a new ask (so
+            // an ask made right after another was given up is taken).
             let msg = tokio::select! {
+                biased;
                 // FrameReader::read keeps what it read when dropped.
                 r = tokio::time::timeout(l.idle_timeout, reader.read(max)) => match r {
                     Err(_) => return Err(Error::Idle(l.idle_timeout)),
@@ -197,6 +202,17 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                         None => return Ok(()),
                     },
                 },
+                // The HTTP client gave up (it timed out, or went away): the
+                // next ask may go, and the process says busy if it must.
+                () = async {
+                    match pending.as_mut() {
+                        Some((_, reply)) => reply.closed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    abandoned = pending.take().map(|(id, _)| id);
+                    continue;
+                }
                 Some((kind, reply)) = asks.recv() => {
                     if pending.is_some() {
                         let _ = reply.send(Err(
@@ -215,6 +231,7 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                 }
             };
             match msg {
+                MonitorMessage::Profile { id, .. } if abandoned == Some(id) => abandoned = None,
                 MonitorMessage::Profile { id, result } => match pending.take() {
                     Some((want, reply)) if want == id => {
                         // The HTTP client may have given up: nobody to tell.
@@ -271,6 +288,12 @@ pub async fn serve(l: Arc<Listener>, mut stream: UnixStream) {
                 MonitorMessage::Queue(text) => {
                     if peer.role != Role::Queued {
                         return Err(Error::Unexpected("a queue snapshot not from queued"));
+                    }
+                    // Frames may be larger while a profile is awaited.
+                    if text.len() > tambo_proto::monitor::MAX_QUEUE_SNAPSHOT {
+                        return Err(Error::Unexpected(
+                            "a queue snapshot over MAX_QUEUE_SNAPSHOT",
+                        ));
                     }
                     lock(&l.totals).queue = Some(text);
                 }
@@ -493,5 +516,32 @@ mod tests {
                 Some(&1)
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_profile_frees_the_process_and_its_late_answer_is_dropped() {
+        let (l, totals) = listener(me());
+        let mut client = registered(&l).await;
+        let tx = profiler(&totals).await;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send((ProfileKind::Cpu { seconds: 30 }, reply))
+            .await
+            .unwrap();
+        let first: ProfileRequest = read_frame(&mut client).await.unwrap().unwrap();
+        // The HTTP client gives up.
+        drop(answer);
+        // The next ask goes through to the process.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send((ProfileKind::Heap, reply)).await.unwrap();
+        let second: ProfileRequest = read_frame(&mut client).await.unwrap().unwrap();
+        assert_ne!(first.id, second.id);
+        // The late answer to the first is dropped, the second delivered.
+        for (id, result) in [(first.id, Ok(vec![1])), (second.id, Ok(vec![2]))] {
+            write_frame(&mut client, &MonitorMessage::Profile { id, result })
+                .await
+                .unwrap();
+        }
+        assert_eq!(answer.await.unwrap().unwrap(), vec![2]);
+        assert!(lock(&totals).maps[names::IPC_ERRORS].is_empty());
     }
 }

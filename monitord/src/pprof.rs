@@ -2,8 +2,9 @@
 //! pprof`. monitord asks the process over its monitor.sock connection
 //! ([`tambo_proto::monitor::ProfileRequest`]) and hands back what it
 //! answers, unread: monitord cannot take a profile itself, nor read more
-//! of a process than its profiles say (function names and lines, never
-//! addresses or data).
+//! of a process than its profiles say (which code ran or holds memory, as
+//! addresses in the executable files, never this run's addresses, nor
+//! any data).
 
 use std::fmt::Write;
 use std::time::Duration;

@@ -597,7 +597,11 @@ pub fn spawn_pusher(p: Pusher) {
                         let done = done_tx.clone();
                         let generation = c.generation;
                         tokio::spawn(async move {
-                            let result = run.await;
+                            // A profile that panics is answered too, or
+                            // this process would stay "busy" for good.
+                            let result = tokio::spawn(run)
+                                .await
+                                .unwrap_or_else(|e| Err(format!("the profile failed: {e}")));
                             let _ = done.send((generation, req.id, result)).await;
                         });
                     }

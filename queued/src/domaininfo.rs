@@ -70,6 +70,17 @@ impl DomainInfo {
     /// files naming one domain (a Unicode and an A-label spelling) merge
     /// the same way.
     pub fn reload(&self) -> io::Result<usize> {
+        let mut trace =
+            tambo_proto::trace::Trace::new("DomainInfo.Reload", self.dir.display().to_string());
+        let r = self.reload_traced(&mut trace);
+        match &r {
+            Ok(n) => trace.event(format!("{n} domains")),
+            Err(e) => trace.error(format!("not read: {e}")),
+        }
+        r
+    }
+
+    fn reload_traced(&self, trace: &mut tambo_proto::trace::Trace) -> io::Result<usize> {
         // No write between the read and the swap: it would be undone.
         let _writing = self.writing();
         let mut map: HashMap<String, Levels> = HashMap::new();
@@ -90,7 +101,10 @@ impl DomainInfo {
                     l.incoming = l.incoming.max(levels.incoming);
                     l.outgoing = l.outgoing.max(levels.outgoing);
                 }
-                Err(e) => tracing::error!("domaininfo {}: {e}; ignored", path.display()),
+                Err(e) => {
+                    trace.error(format!("{}: {e}; ignored", path.display()));
+                    tracing::error!("domaininfo {}: {e}; ignored", path.display())
+                }
             }
         }
         let mut memory = self.lock();

@@ -65,16 +65,22 @@ fn reload_domains(
         return;
     }
     *last = now;
+    let mut trace = tambo_proto::trace::Trace::new(
+        "Auth.Reload",
+        if force { "SIGHUP" } else { "files changed" },
+    );
     match Domains::load(c) {
         Ok(d) => {
             let (n, users): (usize, usize) = d
                 .iter()
                 .fold((0, 0), |(n, u), (_, dom)| (n + 1, u + dom.users.len()));
             q.set_domains(d);
+            trace.event(format!("{n} domains, {users} users"));
             let why = if force { "SIGHUP: " } else { "" };
             tracing::info!("{why}users and aliases reloaded ({n} domains, {users} users)");
         }
         Err(e) => {
+            trace.error(format!("kept the previous ones: {e}"));
             metrics::inc_label(names::CONFIG_RELOAD_ERRORS, "domains");
             tracing::error!("users and aliases not reloaded, keeping the previous ones: {e}");
         }

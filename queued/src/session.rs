@@ -474,6 +474,11 @@ impl Session {
         if self.queue.dkim.count(&domain) == 0 {
             return Ok(());
         }
+        let mut trace = tambo_proto::trace::Trace::new("DKIM.Sign", id.to_string());
+        trace.event(format!(
+            "{} key(s) of {domain}",
+            self.queue.dkim.count(&domain)
+        ));
         let (spool, keys, id2, d) = (
             self.queue.spool.clone(),
             self.queue.dkim.clone(),
@@ -487,10 +492,12 @@ impl Session {
                 .and_then(|r| r.map_err(|e| e.to_string()));
         match signed {
             Ok(_) => {
+                trace.event("signed");
                 metrics::inc(names::SMTP_IN_DKIM_SIGNED);
                 Ok(())
             }
             Err(e) => {
+                trace.error(format!("failed: {e}"));
                 metrics::inc(names::SMTP_IN_DKIM_SIGN_ERRORS);
                 tracing::error!(%id, "DKIM signing for {domain} failed: {e}");
                 Err(format!("DKIM signing failed: {e}"))
@@ -504,8 +511,19 @@ impl Session {
     /// padded to the same duration whatever it is (REFERENCE §2.2, §2.5).
     /// A success binds this session to the user; only then may it relay.
     async fn authenticate(&mut self, identity: String, password: Vec<u8>) -> AuthVerdict {
+        // The identity only: never the password.
+        let mut trace = tambo_proto::trace::Trace::new("Authentication", identity.clone());
+        if let Some(c) = &self.client {
+            trace.event(format!("client {c}"));
+        }
         let start = std::time::Instant::now();
         let verdict = self.check_password(identity, password, start).await;
+        match verdict {
+            AuthVerdict::Accepted => trace.event("accepted"),
+            AuthVerdict::Invalid => trace.error("refused: no such user, or a wrong password"),
+            AuthVerdict::Blocked => trace.error("refused: too many failures"),
+            AuthVerdict::TempError => trace.error("temporary error"),
+        }
         auth::equalise(start).await;
         verdict
     }

@@ -1,6 +1,6 @@
 //! The CPU sampler behind CPU profiles: SIGPROF every 10 ms of the
 //! process's CPU time (`setitimer(ITIMER_PROF)`), and a handler that
-//! writes the interrupted thread's stack into a fixed table.
+//! writes the interrupted thread's stack into a fixed static table.
 //!
 //! pprof-rs does the same, but keeps its samples in a temporary file it
 //! creates at every start and stop: smtpd and monitord may open no file
@@ -8,19 +8,32 @@
 //!
 //! # Why this is sound
 //!
-//! - The handler is async-signal-safe: it reads and writes static atomics
-//!   and a thread-local flag (a plain TLS access: no destructor, no lazy
-//!   initialisation), unwinds with libgcc's unwinder into a local array
-//!   (which allocates nothing; pprof-rs relies on the same), and restores
-//!   `errno`, which the unwinder may change under the interrupted code.
+//! - The handler unwinds only when the signal interrupted this program's
+//!   own code (the executable's text, noted by [`set_own_code`] at
+//!   startup). Interrupted inside libc, the dynamic loader, libgcc or the
+//!   vDSO, it records the instruction alone: those may hold the state the
+//!   unwinder itself uses (an older libgcc's `dl_iterate_phdr` cache, a
+//!   loader lock), which pprof-rs avoids the same way (its block list).
+//!   The unwinder is libgcc's, which allocates nothing; with glibc 2.35
+//!   and libgcc 12 (Debian 12) it finds unwind tables with
+//!   `_dl_find_object`, which takes no lock at all.
+//! - Otherwise the handler reads and writes static atomics and a
+//!   thread-local flag (a plain TLS access: no destructor, no lazy
+//!   initialisation), and restores `errno`, which the unwinder may change
+//!   under the interrupted code.
 //! - It does nothing while no profile runs, or on a thread taking a heap
 //!   sample (one unwind inside another).
-//! - It is installed once and never removed, with `SA_RESTART`, so a
-//!   signal arriving after a profile ends (a timer's last tick) finds it
-//!   there and returns, instead of SIGPROF's default, which would end the
-//!   process; and a system call it interrupts is restarted.
+//! - It is installed once and never removed, so a signal arriving after a
+//!   profile ends (a timer's last tick) finds it there and returns,
+//!   instead of SIGPROF's default, which would end the process.
+//!   `SA_RESTART` restarts the calls that can be; the others (`epoll_wait`,
+//!   `nanosleep`…) return `EINTR`, which tokio and std retry.
 //! - `setitimer` and `sigaction` are called with valid, fully initialised
 //!   arguments; they cannot touch memory of ours otherwise.
+//!
+//! What the unwinder cannot protect against is unwind tables that lie:
+//! hand-written assembly (ring's) in this executable carries its own
+//! CFI, as it must for panics to cross it.
 //!
 //! A sample being written when the profile is read is skipped: its length
 //! is published last.
@@ -44,6 +57,16 @@ pub const DEPTH: usize = 48;
 const SLOTS: usize = 16 * 1024;
 
 static RUNNING: AtomicBool = AtomicBool::new(false);
+/// The executable's own code, where unwinding from the handler is safe
+/// (0..0: nowhere, so nothing is unwound).
+static OWN_START: AtomicUsize = AtomicUsize::new(0);
+static OWN_LIMIT: AtomicUsize = AtomicUsize::new(0);
+
+/// Notes where this program's own code is (at startup).
+pub fn set_own_code(start: usize, limit: usize) {
+    OWN_START.store(start, Ordering::Relaxed);
+    OWN_LIMIT.store(limit, Ordering::Release);
+}
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 static DROPPED: AtomicUsize = AtomicUsize::new(0);
 static LENS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
@@ -62,12 +85,19 @@ extern "C" fn on_sigprof(_: libc::c_int, _: *mut libc::siginfo_t, context: *mut 
         DROPPED.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let errno = Errno::last_raw();
     let pc = interrupted_pc(context);
+    let own = (OWN_START.load(Ordering::Relaxed)..OWN_LIMIT.load(Ordering::Acquire)).contains(&pc);
+    if !own {
+        // Time spent elsewhere (libc, the loader, the vDSO, or an unknown
+        // instruction): counted, where it was, without unwinding.
+        STACKS[i][0].store(pc, Ordering::Relaxed);
+        LENS[i].store(usize::from(pc != 0), Ordering::Release);
+        return;
+    }
+    let errno = Errno::last_raw();
     // The frames of this handler and the kernel's trampoline come first:
-    // the stack starts at the interrupted instruction (all of it, where
-    // it is not known).
-    let mut found = pc == 0;
+    // the stack starts at the interrupted instruction.
+    let mut found = false;
     let mut n = 0;
     // SAFETY: see the module's comment: libgcc's unwinder, writing into
     // static atomics.
@@ -82,17 +112,13 @@ extern "C" fn on_sigprof(_: libc::c_int, _: *mut libc::siginfo_t, context: *mut 
             }
             // The interrupted instruction itself, then return addresses,
             // less one to fall inside their calls.
-            let at = if n == 0 && pc != 0 {
-                ip
-            } else {
-                ip.saturating_sub(1)
-            };
+            let at = if n == 0 { ip } else { ip.saturating_sub(1) };
             STACKS[i][n].store(at, Ordering::Relaxed);
             n += 1;
             n < DEPTH
         });
     }
-    if n == 0 && pc != 0 {
+    if n == 0 {
         // The unwinder did not get past the signal frame: the instruction
         // alone still says where the time went.
         STACKS[i][0].store(pc, Ordering::Relaxed);
@@ -213,13 +239,16 @@ mod tests {
 
     #[test]
     fn busy_code_is_sampled_and_a_second_start_refused() {
+        // This test's own code is where stacks are unwound.
+        let own = busy as *const () as usize;
+        set_own_code(own.saturating_sub(1 << 26), own + (1 << 26));
         assert!(start().unwrap());
         assert!(!start().unwrap());
-        // Half a second of CPU: about 50 samples.
+        // Until 20 samples are in (10 ms of CPU each), whatever the load.
         let t = std::time::Instant::now();
-        let mut x = 0u64;
-        while t.elapsed() < Duration::from_millis(500) {
-            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        while NEXT.load(Ordering::Relaxed) < 20 {
+            assert!(t.elapsed() < Duration::from_secs(60), "no samples");
+            busy();
         }
         let mut samples = 0;
         let mut deepest = 0;
@@ -232,5 +261,13 @@ mod tests {
         // And again, once it is done.
         assert!(start().unwrap());
         stop(|_| {});
+    }
+
+    #[inline(never)]
+    fn busy() {
+        let mut x = 0u64;
+        for _ in 0..100_000 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
     }
 }

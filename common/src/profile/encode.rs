@@ -76,21 +76,27 @@ pub fn elf_segments(head: &[u8]) -> Option<Vec<Segment>> {
     Some(out)
 }
 
-/// The executable segments mapped, from the text of /proc/self/maps and
-/// each file's segments (`segments`, given its path).
+/// The executable segments mapped, from the text of /proc/self/maps, the
+/// page size, and each file's segments (`segments`, given its path).
 pub fn mappings(
     maps: &str,
+    page: u64,
     mut segments: impl FnMut(&str) -> Option<Vec<Segment>>,
 ) -> Vec<Mapping> {
     let mut by_file: HashMap<String, Option<Vec<Segment>>> = HashMap::new();
+    let page = page.max(1);
     let mut out: Vec<Mapping> = Vec::new();
     for line in maps.lines() {
         let mut f = line.split_ascii_whitespace();
         let (Some(range), Some(perms), Some(offset)) = (f.next(), f.next(), f.next()) else {
             continue;
         };
-        // Device and inode, then the path.
-        let file = f.nth(2).unwrap_or("");
+        // Device and inode, then the path (which may hold spaces).
+        let (Some(_), Some(_)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let file = f.collect::<Vec<_>>().join(" ");
+        let file = file.as_str();
         if !perms.contains('x') || !file.starts_with('/') {
             continue;
         }
@@ -110,7 +116,9 @@ pub fn mappings(
         // The executable segment this part of the file belongs to.
         let Some(seg) = segs.as_ref().and_then(|segs| {
             segs.iter().copied().find(|s| {
-                s.executable && s.offset & !0xfff <= offset && offset < s.offset + s.filesz
+                // The mapping starts in the segment's first page (of any
+                // size) or later.
+                s.executable && offset < s.offset + s.filesz && offset + page > s.offset
             })
         }) else {
             continue;
@@ -390,7 +398,7 @@ garbage
 
     #[test]
     fn executable_segments_are_found_and_merged() {
-        let m = mappings(MAPS, segments);
+        let m = mappings(MAPS, 4096, segments);
         assert_eq!(m.len(), 2, "{m:?}");
         // Loaded at 0x55d0c0a00000: the text's 0x51da40 is at +0x51da40.
         assert_eq!(m[0].bias, 0x55d0_c0a0_0000);
@@ -404,7 +412,13 @@ garbage
 
     #[test]
     fn elf_headers_are_read() {
-        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        use std::io::Read;
+        let mut me = Vec::new();
+        std::fs::File::open(std::env::current_exe().unwrap())
+            .unwrap()
+            .take(64 * 1024)
+            .read_to_end(&mut me)
+            .unwrap();
         let segs = elf_segments(&me).unwrap();
         assert!(segs.iter().any(|s| s.executable), "{segs:?}");
         assert!(elf_segments(b"#!/bin/sh\n").is_none());
@@ -413,7 +427,7 @@ garbage
 
     #[test]
     fn no_runtime_address_is_written() {
-        let maps = mappings(MAPS, segments);
+        let maps = mappings(MAPS, 4096, segments);
         let mut b = Builder::new(&maps);
         b.add(&[0x55d0_c0f2_1234, 0x7fff_0000_0001], &[1]);
         b.add(&[0x55d0_c0f2_1234, 0x7fff_0000_0001], &[2]);

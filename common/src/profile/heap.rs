@@ -33,7 +33,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Average bytes allocated between two samples (Go's default).
 pub const RATE: usize = 512 * 1024;
@@ -136,8 +136,17 @@ fn maybe_sample(addr: usize, size: usize) {
     }
 }
 
+/// Set by the first sample: this allocator is the process's.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this allocator is the process's global one (it has sampled).
+pub fn installed() -> bool {
+    INSTALLED.load(Ordering::Relaxed)
+}
+
 #[cold]
 fn sample(addr: usize, size: usize) {
+    INSTALLED.store(true, Ordering::Relaxed);
     if SAMPLING.try_with(|s| s.replace(true)).unwrap_or(true) {
         return;
     }
@@ -161,17 +170,22 @@ fn sample(addr: usize, size: usize) {
     unsafe {
         backtrace::trace_unsynchronized(|frame| {
             if inside {
-                // The entry point and the frame that called it (the
-                // `__rust_alloc` shim, or one of alloc's own).
-                if entries.contains(&(frame.symbol_address() as usize)) {
-                    entered = true;
-                } else if entered {
+                // Up to the entry point. What called it comes next: the
+                // `__rust_alloc` shim where it has a frame of its own (a
+                // debug build; the profile's drop_frames hides it), else
+                // the code that allocated (a release build, where the
+                // shim jumps to the entry point).
+                let entry = entries.contains(&(frame.symbol_address() as usize));
+                if entered && !entry {
                     inside = false;
+                } else {
+                    entered |= entry;
+                    skipped += 1;
+                    // Not found near the top (an unwinder that cannot
+                    // tell functions apart): no sample rather than a
+                    // wrong one.
+                    return skipped < 16;
                 }
-                skipped += 1;
-                // Not found near the top (an unwinder that cannot tell
-                // functions apart): no sample rather than a wrong one.
-                return skipped < 16;
             }
             // Return addresses, less one to fall inside their calls.
             stack[n] = (frame.ip() as usize).saturating_sub(1);
@@ -285,10 +299,25 @@ mod tests {
     #[test]
     fn a_freed_allocation_is_forgotten() {
         // Over the largest distance between samples: sampled for sure.
-        let big = vec![1u8; 16 * RATE + 1];
+        let size = 16 * RATE + 1;
+        let big = vec![1u8; size];
         let addr = big.as_ptr() as usize;
-        let live = |a: usize| ADDRS.iter().any(|s| s.load(Ordering::Relaxed) == a);
+        // This allocation's sample: its address and its size (another
+        // test may get the address back once it is freed).
+        let live = |a: usize| {
+            (0..SLOTS).any(|i| {
+                ADDRS[i].load(Ordering::Relaxed) == a && SIZES[i].load(Ordering::Relaxed) == size
+            })
+        };
         assert!(live(addr));
+        let mut stacks = 0;
+        for_each_live(|s, stack| {
+            if s == size {
+                stacks += 1;
+                assert!(!stack.is_empty());
+            }
+        });
+        assert!(stacks >= 1);
         drop(big);
         assert!(!live(addr));
     }

@@ -41,7 +41,11 @@ pub fn prepare() {
             return;
         }
     };
-    let found = encode::mappings(&maps, |file| {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |p| p as u64);
+    let found = encode::mappings(&maps, page, |file| {
         use std::io::Read;
         // The ELF header and program headers are in the first pages.
         let mut head = Vec::new();
@@ -50,6 +54,13 @@ pub fn prepare() {
             .ok()?;
         encode::elf_segments(&head)
     });
+    // The executable's own text: where the CPU sampler may unwind.
+    if let Some(m) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| found.iter().find(|m| std::path::Path::new(&m.file) == exe))
+    {
+        cpu::set_own_code(m.start as usize, m.limit as usize);
+    }
     let _ = MAPPINGS.set(found);
 }
 
@@ -60,23 +71,42 @@ fn mappings() -> &'static [Mapping] {
 /// Takes the profile asked for ([`tambo_proto::monitor::Profiler`]).
 pub fn run(kind: ProfileKind) -> ProfileFuture {
     Box::pin(async move {
-        match kind {
+        // Encoding takes a while: not on the runtime's workers.
+        let encoded = match kind {
             ProfileKind::Cpu { seconds } => {
                 if !cpu::start()? {
                     return Err("a CPU profile is being taken already".into());
                 }
+                let running = Running;
                 tokio::time::sleep(Duration::from_secs(seconds.into())).await;
-                Ok(cpu_profile(seconds))
+                std::mem::forget(running);
+                tokio::task::spawn_blocking(move || cpu_profile(seconds)).await
             }
-            ProfileKind::Heap => Ok(heap_profile()),
-        }
+            ProfileKind::Heap => {
+                if !heap::installed() {
+                    return Err("this process does not sample its allocations (not built with the `profile` feature)".into());
+                }
+                tokio::task::spawn_blocking(heap_profile).await
+            }
+        };
+        encoded.map_err(|e| format!("the profile failed: {e}"))
     })
+}
+
+/// Stops the CPU sampler should a profile be abandoned half-way (its
+/// task cancelled), so the next one can start.
+struct Running;
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        cpu::stop(|_| {});
+    }
 }
 
 /// The allocator's entry points, as Rust names them: they and the frames
 /// they call are the profiler's, not the program's.
 const ALLOCATOR_FRAMES: &str =
-    "(__rustc::)?__rust_(alloc|alloc_zeroed|realloc)|.*profile::heap::.*";
+    "(__rustc::)?__(rust|rg)_(alloc|alloc_zeroed|realloc)|.*profile::heap::.*";
 
 /// Ends the CPU profile begun `seconds` ago.
 fn cpu_profile(seconds: u32) -> Vec<u8> {
@@ -143,6 +173,15 @@ mod tests {
             (0..64).map(|_| vec![7u8; 256 * 1024]).collect()
         }
         let held = hold_a_lot();
+        assert!(heap::installed());
+        let mut samples = 0;
+        heap::for_each_live(|size, stack| {
+            if size == 256 * 1024 {
+                samples += 1;
+                assert!(!stack.is_empty());
+            }
+        });
+        assert!(samples > 0);
         let p = heap_profile();
         assert!(contains(&p, "inuse_space"));
         // The test binary itself is a mapping the stacks point into.

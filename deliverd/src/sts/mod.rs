@@ -265,14 +265,20 @@ impl Sts {
             self.sync_file(&domain).await;
         }
         domains.sort();
+        let mut trace = tambo_proto::trace::Trace::new(
+            "STSCache.Refresh",
+            format!("{} policies", domains.len()),
+        );
         for domain in domains {
             self.count(Counter::Refreshes);
             match self.fetch_checked(&domain, self.refresh_timeout).await {
                 Ok(policy) => {
+                    trace.event(format!("{domain}: {:?}", policy.mode));
                     let used = self.cached(&domain).map(|e| e.used);
                     self.insert(&domain, policy, used).await;
                 }
                 Err(e) => {
+                    trace.error(format!("{domain}: {e}"));
                     self.count(Counter::RefreshErrors);
                     let now = self.clock.now();
                     let dropped = {
@@ -318,12 +324,26 @@ impl Sts {
     }
 
     async fn fetch_for_lookup(&self, domain: &str) -> Outcome {
+        let mut trace = tambo_proto::trace::Trace::new("STSCache.Fetch", domain.to_string());
         match self.fetch_checked(domain, self.lookup_timeout).await {
-            Ok(policy) => Outcome {
-                policy: Some(self.insert(domain, policy, None).await),
-                failed: false,
-            },
+            Ok(policy) => {
+                trace.event(format!(
+                    "{:?}, max_age {}s, {} mx",
+                    policy.mode,
+                    policy.max_age.as_secs(),
+                    policy.mx.len()
+                ));
+                Outcome {
+                    policy: Some(self.insert(domain, policy, None).await),
+                    failed: false,
+                }
+            }
             Err(e) => {
+                if e.is_absent() {
+                    trace.event(format!("none: {e}"));
+                } else {
+                    trace.error(format!("failed: {e}"));
+                }
                 // RFC 8461 §3.3: with no fresh policy to be had, a valid
                 // cached one still applies.
                 let kept = self.fresh_cached(domain);

@@ -93,7 +93,28 @@ impl Session {
             auth_results,
         });
         let body = self.queue.spool.body_path(id);
-        match self.queue.hooks.call(call, Some(body)).await {
+        let mut trace =
+            run_hook.then(|| tambo_proto::trace::Trace::new("Hook.Post-DATA", id.to_string()));
+        let outcome = self.queue.hooks.call(call, Some(body)).await;
+        if let Some(t) = trace.as_mut() {
+            match &outcome {
+                Ok(HookOutcome::PostData {
+                    verdict: HookVerdict::Accept,
+                    ..
+                }) => t.event("accepted"),
+                Ok(HookOutcome::PostData {
+                    verdict: HookVerdict::Reject { permanent, text },
+                    ..
+                }) => t.error(format!(
+                    "refused {}: {}",
+                    if *permanent { "permanently" } else { "for now" },
+                    text
+                )),
+                Ok(_) => t.error("deliverd answered something else"),
+                Err(e) => t.error(format!("could not run: {e}")),
+            }
+        }
+        match outcome {
             Ok(HookOutcome::PostData {
                 headers,
                 auth_results,

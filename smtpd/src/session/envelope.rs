@@ -219,7 +219,14 @@ impl Session {
     /// result. None when this smtpd has no checker.
     async fn check_spf(&self, sender: &str) -> Option<Checked> {
         let checker = self.cfg.spf.as_ref()?;
+        let mut trace =
+            tambo_proto::trace::Trace::new("SPF", format!("{} from {}", sender, self.peer.ip()));
         let c = checker.check(self.peer.ip(), sender, &self.hostname).await;
+        let what = format!("{}: {}", c.report.result.name(), c.report.reason);
+        match c.report.result {
+            SpfResult::TempError | SpfResult::PermError => trace.error(what),
+            _ => trace.event(what),
+        }
         metrics::inc_label(names::SMTP_IN_SPF_RESULT_COUNT, c.report.result.name());
         tracing::debug!(
             peer = %self.peer,
