@@ -371,7 +371,7 @@ monitord started {started}, up {uptime}</p>
 <dl>
 <dt><a href=\"/debug/vars\">/debug/vars</a></dt><dd>every counter, summed over the processes (expvar JSON)</dd>
 <dt><a href=\"/metrics\">/metrics</a></dt><dd>the same, in OpenMetrics format, for Prometheus</dd>
-<dt><a href=\"/debug/traces\">/debug/traces</a></dt><dd>recent SMTP sessions, queue puts and deliveries, by latency, and the ones that failed</dd>
+<dt><a href=\"/debug/traces\">/debug/traces</a></dt><dd>SMTP sessions, queue puts, deliveries, checks and reloads: the recent ones by latency, the failed, and what runs now</dd>
 <dt><a href=\"/debug/queue\">/debug/queue</a></dt><dd>the queue, as queued last sent it</dd>
 <dt><a href=\"/debug/pprof/\">/debug/pprof/</a></dt><dd>CPU and heap profiles of each process, for <code>go tool pprof</code></dd>
 <dt><a href=\"/debug/tasks\">/debug/tasks</a></dt><dd>each process's runtime: tokio workers and tasks, CPU time, memory</dd>
