@@ -160,6 +160,12 @@ pub struct Testing {
     pub http_idle_timeout: Option<Duration>,
     /// Replaces the 30-second MDA and pipe timeout.
     pub mda_timeout: Option<Duration>,
+    /// Replaces the 512 KiB between two heap-profile samples (a test
+    /// wants samples from a process that holds little).
+    pub heap_profile_rate: Option<u64>,
+    /// deliverd waits this long after writing a message into a Maildir
+    /// before it reports it delivered: the window a crash can fall into.
+    pub maildir_pause: Option<Duration>,
     /// Replaces the 30-second period of the reloads (certificates).
     pub reload_period: Option<Duration>,
     /// Every DNS lookup of deliverd goes to this server (instead of
@@ -492,6 +498,8 @@ impl Config {
                 "ipc_idle_timeout" => self.testing.ipc_idle_timeout = Some(g.duration(key, v)?),
                 "http_idle_timeout" => self.testing.http_idle_timeout = Some(g.duration(key, v)?),
                 "mda_timeout" => self.testing.mda_timeout = Some(g.duration(key, v)?),
+                "heap_profile_rate" => self.testing.heap_profile_rate = Some(g.positive(key, v)?),
+                "maildir_pause" => self.testing.maildir_pause = Some(g.duration(key, v)?),
                 "reload_period" => self.testing.reload_period = Some(g.duration(key, v)?),
                 "dns_server" => {
                     let s = g.string(key, v)?;

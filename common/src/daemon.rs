@@ -140,6 +140,9 @@ pub fn boot(role: Role, binary: &'static str, about: &'static str) -> Result<Sta
     #[cfg(feature = "profile")]
     if !flags.check_config {
         crate::profile::prepare();
+        if let Some(rate) = cfg.testing.heap_profile_rate {
+            crate::profile::heap::set_rate(rate);
+        }
     }
     // Under `tambo run` the supervisor says this once for everyone.
     if !under_supervisor() {

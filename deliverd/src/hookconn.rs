@@ -335,6 +335,7 @@ mod tests {
                 to: vec!["a@b".into()],
                 target: Target::Local,
                 security: None,
+                maybe_delivered: false,
             });
             tambo_proto::fd::send_with_fd(q, &encode(&job).unwrap(), message().as_fd())
                 .await

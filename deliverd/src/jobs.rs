@@ -165,18 +165,13 @@ async fn local(cfg: &Config, job: &Job, message: File) -> Vec<Outcome> {
                 continue;
             }
         };
-        outcomes.push(local_one(cfg, &job.queue_id, &job.from, to, file).await);
+        outcomes.push(local_one(cfg, job, to, file).await);
     }
     outcomes
 }
 
-async fn local_one(
-    cfg: &Config,
-    queue_id: &str,
-    from: &str,
-    to: &str,
-    mut message: File,
-) -> Outcome {
+async fn local_one(cfg: &Config, job: &Job, to: &str, mut message: File) -> Outcome {
+    let from = job.from.as_str();
     use std::io::{Seek, SeekFrom};
     // Clones share one offset: start every recipient at the top.
     if let Err(e) = message.seek(SeekFrom::Start(0)) {
@@ -186,12 +181,13 @@ async fn local_one(
     match &cfg.tambo.maildir {
         Some(template) => match maildir::expand(template, to) {
             Ok(dir) => {
-                let id = queue_id.to_string();
-                tokio::task::spawn_blocking(move || maildir::deliver(&dir, &mut message, &id))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Outcome::TempFail(format!("Maildir delivery task failed: {e}"))
-                    })
+                let (id, to, maybe) = (job.queue_id.clone(), to.to_string(), job.maybe_delivered);
+                let pause = cfg.testing.maildir_pause;
+                tokio::task::spawn_blocking(move || {
+                    maildir::deliver(&dir, &mut message, &id, &to, maybe, pause)
+                })
+                .await
+                .unwrap_or_else(|e| Outcome::TempFail(format!("Maildir delivery task failed: {e}")))
             }
             Err(e) => Outcome::PermFail(e),
         },

@@ -109,6 +109,7 @@ mod tests {
             to: to.iter().map(|s| s.to_string()).collect(),
             target: Target::Local,
             security: None,
+            maybe_delivered: false,
         }
     }
 

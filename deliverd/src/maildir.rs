@@ -7,8 +7,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tambo_common::safeio;
 use tambo_proto::deliver::Outcome;
@@ -34,11 +32,34 @@ pub fn expand(template: &str, to: &str) -> Result<PathBuf, String> {
     )))
 }
 
-/// Delivers the message in `src` into the Maildir at `dir`, creating it.
-/// `id` is the message's queue id, for the log.
-pub fn deliver(dir: &Path, src: &mut File, id: &str) -> Outcome {
-    match deliver_inner(dir, src) {
-        Ok(()) => Outcome::Delivered,
+/// Delivers the message in `src` into the Maildir at `dir`, creating it,
+/// once: `id` (its queue ID) and `to` (the recipient) name the file, so
+/// an attempt repeated after a crash finds it there (in `new/`, or also
+/// in `cur/`, where a mail reader moves what it has seen, when
+/// `maybe_delivered`) and writes nothing.
+///
+/// `pause` (a test knob) holds the report back after a write, so a test
+/// can crash a process between the two.
+pub fn deliver(
+    dir: &Path,
+    src: &mut File,
+    id: &str,
+    to: &str,
+    maybe_delivered: bool,
+    pause: Option<std::time::Duration>,
+) -> Outcome {
+    let name = file_name(id, to);
+    match deliver_inner(dir, src, &name, maybe_delivered) {
+        Ok(Written::Now) => {
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
+            Outcome::Delivered
+        }
+        Ok(Written::Before) => {
+            tracing::info!(id = %id, %to, "already in the Maildir (an earlier attempt wrote it)");
+            Outcome::Delivered
+        }
         Err(e) => {
             // The path and the full error are for the operator only: the
             // failure text may end up in a DSN to an outside sender, who
@@ -74,47 +95,93 @@ fn create(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(synced)
 }
 
-fn deliver_inner(dir: &Path, src: &mut File) -> io::Result<()> {
+/// Whether the message was written by this attempt or an earlier one.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    Now,
+    Before,
+}
+
+fn deliver_inner(
+    dir: &Path,
+    src: &mut File,
+    name: &str,
+    maybe_delivered: bool,
+) -> io::Result<Written> {
     create(dir)?;
-    let name = unique_name();
-    let tmp = dir.join("tmp").join(&name);
+    if dir.join("new").join(name).exists() || (maybe_delivered && seen(dir, name)?) {
+        return Ok(Written::Before);
+    }
+    let tmp = dir.join("tmp").join(name);
     let result = (|| {
+        // An attempt cut short may have left its copy in tmp/: it is ours
+        // (the name is this message's and recipient's), so it is replaced.
         let mut f = OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
         io::copy(src, &mut f)?;
         f.flush()?;
         f.sync_all()?;
-        let new = dir.join("new").join(&name);
+        let new = dir.join("new").join(name);
         std::fs::rename(&tmp, &new)?;
         File::open(dir.join("new"))?.sync_all()
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    result.map(|()| Written::Now)
 }
 
-/// `<secs>.M<micros>P<pid>Q<n>.<host>`: unique per delivery (Maildir spec).
-fn unique_name() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+/// Whether a mail reader moved the message to `cur/` (as `name:2,<flags>`).
+/// Reads the whole directory: only done when an earlier attempt may have
+/// delivered.
+fn seen(dir: &Path, name: &str) -> io::Result<bool> {
+    for entry in std::fs::read_dir(dir.join("cur"))? {
+        let entry = entry?;
+        let f = entry.file_name();
+        let f = f.as_encoded_bytes();
+        if f.starts_with(name.as_bytes()) && matches!(f.get(name.len()), None | Some(b':')) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `<queue id>.R<hash of the recipient>.<host>`: unique per message and
+/// recipient (queue IDs are 64 random bits), and the same for every
+/// attempt, so a repeated one can tell it was done. The Maildir spec asks
+/// only for uniqueness; readers order by their own index, not names.
+fn file_name(id: &str, to: &str) -> String {
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into())
-        .replace(['/', ':'], "_");
-    format!(
-        "{}.M{}P{}Q{}.{host}",
-        now.as_secs(),
-        now.subsec_micros(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+        .replace(['/', ':', '.'], "_");
+    let id: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{id}.R{:032x}.{host}", fnv1a128(to.as_bytes()))
+}
+
+/// FNV-1a, 128 bits: stable across builds and versions (std's hasher is
+/// not), and wide enough that two recipients of one message never share
+/// a name.
+fn fnv1a128(bytes: &[u8]) -> u128 {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    bytes
+        .iter()
+        .fold(OFFSET, |h, b| (h ^ u128::from(*b)).wrapping_mul(PRIME))
 }
 
 #[cfg(test)]
@@ -178,7 +245,10 @@ mod tests {
         let mut src = tempfile::tempfile().unwrap();
         src.write_all(b"Subject: x\r\n\r\nhi\r\n").unwrap();
         src.rewind().unwrap();
-        assert_eq!(deliver(&md, &mut src, "q1"), Outcome::Delivered);
+        assert_eq!(
+            deliver(&md, &mut src, "q1", "ann@x", false, None),
+            Outcome::Delivered
+        );
         let new: Vec<_> = std::fs::read_dir(md.join("new")).unwrap().collect();
         assert_eq!(new.len(), 1);
         let path = new[0].as_ref().unwrap().path();
@@ -191,7 +261,7 @@ mod tests {
         let mut src = tempfile::tempfile().unwrap();
         let file = tempfile::NamedTempFile::new().unwrap();
         // A regular file where the Maildir should be.
-        match deliver(file.path(), &mut src, "q1") {
+        match deliver(file.path(), &mut src, "q1", "ann@x", false, None) {
             Outcome::TempFail(t) => {
                 assert!(t.starts_with("Maildir delivery failed: "), "{t}");
                 assert!(!t.contains('/'), "no path reaches the sender: {t}");
@@ -213,5 +283,88 @@ mod tests {
             failure_text(&e),
             "Maildir delivery failed: no storage space"
         );
+    }
+
+    fn message(text: &[u8]) -> File {
+        let mut src = tempfile::tempfile().unwrap();
+        src.write_all(text).unwrap();
+        src.rewind().unwrap();
+        src
+    }
+
+    fn count(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn a_repeated_attempt_writes_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("ann");
+        for _ in 0..2 {
+            let mut src = message(b"Subject: x\r\n\r\nhi\r\n");
+            assert_eq!(
+                deliver(&md, &mut src, "q1", "ann@x", false, None),
+                Outcome::Delivered
+            );
+        }
+        assert_eq!(count(&md.join("new")), 1);
+        // Another recipient, or another message, is another file.
+        let mut src = message(b"x");
+        deliver(&md, &mut src, "q1", "bob@x", false, None);
+        let mut src = message(b"x");
+        deliver(&md, &mut src, "q2", "ann@x", false, None);
+        assert_eq!(count(&md.join("new")), 3);
+    }
+
+    #[test]
+    fn a_message_a_reader_moved_to_cur_is_found_when_it_may_have_been_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("ann");
+        let mut src = message(b"hi");
+        deliver(&md, &mut src, "q1", "ann@x", false, None);
+        let name = file_name("q1", "ann@x");
+        std::fs::rename(
+            md.join("new").join(&name),
+            md.join("cur").join(format!("{name}:2,S")),
+        )
+        .unwrap();
+        // A name that merely starts the same is another message.
+        std::fs::write(md.join("cur").join(format!("{name}x:2,")), b"").unwrap();
+        let mut src = message(b"hi");
+        assert_eq!(
+            deliver(&md, &mut src, "q1", "ann@x", true, None),
+            Outcome::Delivered
+        );
+        assert_eq!(count(&md.join("new")), 0);
+        assert!(!seen(&md, &format!("{name}y")).unwrap());
+    }
+
+    #[test]
+    fn a_copy_left_in_tmp_by_a_cut_attempt_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("ann");
+        create(&md).unwrap();
+        let name = file_name("q1", "ann@x");
+        std::fs::write(md.join("tmp").join(&name), b"half a mess").unwrap();
+        let mut src = message(b"the message");
+        assert_eq!(
+            deliver(&md, &mut src, "q1", "ann@x", true, None),
+            Outcome::Delivered
+        );
+        assert_eq!(count(&md.join("tmp")), 0);
+        assert_eq!(
+            std::fs::read(md.join("new").join(&name)).unwrap(),
+            b"the message"
+        );
+    }
+
+    #[test]
+    fn names_are_safe_and_stable() {
+        let n = file_name("a/b:c", "x@y");
+        assert!(!n.contains('/') && !n.contains(':'), "{n}");
+        assert_eq!(n, file_name("a/b:c", "x@y"));
+        assert_ne!(file_name("q", "a@x"), file_name("q", "b@x"));
+        // FNV-1a 128 of "a", as published.
+        assert_eq!(fnv1a128(b"a"), 0xd228cb696f1a8caf78912b704e4a8964);
     }
 }

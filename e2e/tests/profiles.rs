@@ -35,7 +35,9 @@ fn pprof(t: &Tambo, name: &str, profile: &[u8], args: &[&str]) -> String {
 /// daemon, are read by `go tool pprof`, with our functions' names.
 #[test]
 fn profiles_are_read_by_go_tool_pprof() {
-    let mut t = Tambo::default_setup();
+    // A sample every 4 KiB allocated, not 512: the daemons hold too little
+    // for the default to be sure of a sample.
+    let mut t = Tambo::new("", "", "heap_profile_rate = 4096\n");
     t.start_all();
     let index = wait_for("every daemon on the profiles page", || {
         let (status, _, body) = t.http_get("/debug/pprof/");

@@ -125,6 +125,11 @@ pub struct Job {
     /// queued stored it) and the outgoing security level queued has
     /// recorded for it; a connection weaker than that must not be used.
     pub security: Option<(String, SecLevel)>,
+    /// Whether an earlier attempt for one of these recipients may have
+    /// delivered without queued learning it (deliverd or queued died
+    /// mid-attempt): the Maildir writer then also looks in `cur/` for the
+    /// message, so it is never written twice.
+    pub maybe_delivered: bool,
 }
 
 /// queued → deliverd.

@@ -261,6 +261,7 @@ mod tests {
                     to: vec!["c@d".into()],
                     target: Target::Local,
                     security: None,
+                    maybe_delivered: false,
                 });
                 // Pad frames so they need more than one read.
                 let bytes = encode(&job).unwrap();
@@ -326,6 +327,7 @@ mod tests {
             to: vec!["x".into()],
             target: Target::Remote,
             security: None,
+            maybe_delivered: false,
         }))
         .unwrap();
         a.try_write(&bytes[..bytes.len() - 2]).unwrap();

@@ -15,7 +15,7 @@ use crate::frame::{MAX_HELLO_FRAME, read_frame_max, write_frame};
 use crate::identity::Identities;
 
 /// Bumped whenever any message enum in this crate changes.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Which tambo program is speaking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

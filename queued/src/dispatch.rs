@@ -471,6 +471,7 @@ mod tests {
                 to: vec!["x@example.org".into(); n],
                 target: tambo_proto::deliver::Target::Remote,
                 security: None,
+                maybe_delivered: false,
             };
             let r = d.submit(job, PathBuf::from("/nonexistent")).await.unwrap();
             assert_eq!(r.outcomes.len(), n);

@@ -252,6 +252,7 @@ mod tests {
             last_failure: fail.into(),
             permanent: status == Status::Failed,
             original_address: orig.into(),
+            uncertain: false,
         };
         Item {
             version: FORMAT_VERSION,

@@ -39,6 +39,17 @@ pub struct Recipient {
     pub permanent: bool,
     /// The RCPT this recipient came from.
     pub original_address: String,
+    /// Whether an attempt may have delivered to it without this process
+    /// learning it: the last attempt failed temporarily (deliverd may have
+    /// died after writing), or the item was read from disk (queued may
+    /// have died after the delivery, before recording it). In memory
+    /// only: read back from disk, it is true.
+    #[serde(skip, default = "read_from_disk")]
+    pub uncertain: bool,
+}
+
+fn read_from_disk() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

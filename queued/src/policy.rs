@@ -333,6 +333,7 @@ impl Policy<'_> {
             last_failure: String::new(),
             permanent: false,
             original_address: original.to_string(),
+            uncertain: false,
         };
         if !self.domains.is_local(&a.domain) {
             out.push(email(join(&a.user, &a.domain), false));

@@ -94,6 +94,7 @@ mod tests {
             last_failure: String::new(),
             permanent: false,
             original_address: original.into(),
+            uncertain: false,
         }
     }
 

@@ -158,6 +158,8 @@ impl Config {
         put("ipc_idle_timeout", t.ipc_idle_timeout.map(dur));
         put("http_idle_timeout", t.http_idle_timeout.map(dur));
         put("mda_timeout", t.mda_timeout.map(dur));
+        put("heap_profile_rate", t.heap_profile_rate.map(int));
+        put("maildir_pause", t.maildir_pause.map(dur));
         put("reload_period", t.reload_period.map(dur));
         put("dns_server", t.dns_server.map(s));
         put("smtp_port", t.smtp_port.map(int));

@@ -38,6 +38,24 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// Average bytes allocated between two samples (Go's default).
 pub const RATE: usize = 512 * 1024;
 
+/// The average in force: [`RATE`] unless a test set another at startup.
+static RATE_NOW: AtomicUsize = AtomicUsize::new(RATE);
+
+/// Sets the average distance between samples (`[testing]
+/// heap_profile_rate`), at startup: samples taken before keep the weight
+/// of the rate they were taken at, which the profile does not know.
+pub fn set_rate(bytes: u64) {
+    RATE_NOW.store(
+        usize::try_from(bytes).unwrap_or(usize::MAX).max(1),
+        Ordering::Relaxed,
+    );
+}
+
+/// The average distance between samples now.
+pub fn rate() -> usize {
+    RATE_NOW.load(Ordering::Relaxed)
+}
+
 /// Slots are grouped in buckets of [`WAYS`], one cache line of addresses.
 const WAYS: usize = 8;
 const BUCKETS: usize = 256;
@@ -221,8 +239,9 @@ fn next_distance() -> isize {
         .unwrap_or(0x2545_F491_4F6C_DD1D);
     // Uniform in (0, 1], then the exponential's inverse.
     let u = ((x >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-    let d = -u.ln() * RATE as f64;
-    d.clamp(1.0, (16 * RATE) as f64) as isize
+    let rate = rate() as f64;
+    let d = -u.ln() * rate;
+    d.clamp(1.0, 16.0 * rate) as isize
 }
 
 fn record(addr: usize, size: usize, stack: &[usize]) {

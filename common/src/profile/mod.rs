@@ -130,11 +130,12 @@ fn cpu_profile(seconds: u32) -> Vec<u8> {
 
 /// The sampled allocations still in use.
 fn heap_profile() -> Vec<u8> {
+    let rate = heap::rate();
     let mut b = Builder::new(mappings());
     heap::for_each_live(|size, stack| {
         // Each sample stands for the allocations of its size that the
         // sampling skipped (Go's scaling).
-        let weight = 1.0 / (1.0 - (-(size as f64) / heap::RATE as f64).exp());
+        let weight = 1.0 / (1.0 - (-(size as f64) / rate as f64).exp());
         b.add(
             stack,
             &[weight.round() as i64, (weight * size as f64).round() as i64],
@@ -149,7 +150,7 @@ fn heap_profile() -> Vec<u8> {
             ValueType("inuse_space", "bytes"),
         ],
         period_of: 1,
-        period: heap::RATE as i64,
+        period: rate as i64,
         duration_ns: 0,
         drop_frames: Some(ALLOCATOR_FRAMES),
         comment: comment.as_deref(),

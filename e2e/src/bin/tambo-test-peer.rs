@@ -172,6 +172,7 @@ async fn serve(socket: &Path, me: Role, marker: &Path) {
             to: vec!["x@example.test".into()],
             target: Target::Pipe(format!("/usr/bin/touch {}", marker.display())),
             security: None,
+            maybe_delivered: false,
         });
         if let Ok(bytes) = encode(&job) {
             let _ = tambo_proto::fd::send_with_fd(&s, &bytes, job_body.as_fd()).await;

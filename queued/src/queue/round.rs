@@ -163,10 +163,14 @@ impl Queue {
                 match outcome {
                     Outcome::Delivered => {
                         r.status = Status::Sent;
+                        r.uncertain = false;
                         tracing::info!(id = %item.id, "{} from=<{}> to=<{}> sent", item.id, item.from, r.address);
                         crate::maillog::sent(&item.id, &item.from, &r.address);
                     }
                     Outcome::TempFail(text) => {
+                        // Perhaps delivered all the same (deliverd died
+                        // after writing): the next attempt checks.
+                        r.uncertain = true;
                         tracing::info!(id = %item.id, "{} from=<{}> to=<{}> failed (temporary): {text}", item.id, item.from, r.address);
                         crate::maillog::failed(&item.id, &item.from, &r.address, false, &text);
                         r.last_failure = text;
@@ -192,6 +196,10 @@ impl Queue {
     }
 
     pub(super) fn job(&self, item: &Item, from: String, to: Vec<String>, target: Target) -> Job {
+        let maybe_delivered = item
+            .recipients
+            .iter()
+            .any(|r| r.uncertain && to.contains(&r.address));
         Job {
             job: 0,
             queue_id: item.id.clone(),
@@ -199,6 +207,7 @@ impl Queue {
             to,
             target,
             security: None,
+            maybe_delivered,
         }
     }
 
@@ -278,6 +287,7 @@ mod tests {
             to: refs[got[0].clone()].iter().map(|s| s.to_string()).collect(),
             target: Target::Forward(vec!["h".repeat(255); 4]),
             security: Some(("d".repeat(255), tambo_proto::deliver::SecLevel::TlsSecure)),
+            maybe_delivered: true,
         };
         let frame =
             tambo_proto::frame::encode(&tambo_proto::deliver::ToDeliverd::Job(job)).unwrap();

@@ -103,6 +103,7 @@ pub fn job(to: &[&str]) -> Job {
         to: to.iter().map(|s| s.to_string()).collect(),
         target: Target::Remote,
         security: Some(("example.net".into(), SecLevel::Plain)),
+        maybe_delivered: false,
     }
 }
 
