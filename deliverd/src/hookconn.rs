@@ -336,6 +336,7 @@ mod tests {
                 target: Target::Local,
                 security: None,
                 maybe_delivered: false,
+                positions: Vec::new(),
             });
             tambo_proto::fd::send_with_fd(q, &encode(&job).unwrap(), message().as_fd())
                 .await

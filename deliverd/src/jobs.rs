@@ -155,7 +155,7 @@ async fn local(cfg: &Config, job: &Job, message: File) -> Vec<Outcome> {
         return lmtp::deliver(cfg, address, job, message).await;
     }
     let mut outcomes = Vec::with_capacity(job.to.len());
-    for to in &job.to {
+    for (i, to) in job.to.iter().enumerate() {
         // Every recipient reads the message from its start (clones share
         // one offset; local_one rewinds).
         let file = match message.try_clone() {
@@ -165,12 +165,18 @@ async fn local(cfg: &Config, job: &Job, message: File) -> Vec<Outcome> {
                 continue;
             }
         };
-        outcomes.push(local_one(cfg, job, to, file).await);
+        outcomes.push(local_one(cfg, job, to, job.positions.get(i).copied(), file).await);
     }
     outcomes
 }
 
-async fn local_one(cfg: &Config, job: &Job, to: &str, mut message: File) -> Outcome {
+async fn local_one(
+    cfg: &Config,
+    job: &Job,
+    to: &str,
+    position: Option<u32>,
+    mut message: File,
+) -> Outcome {
     let from = job.from.as_str();
     use std::io::{Seek, SeekFrom};
     // Clones share one offset: start every recipient at the top.
@@ -184,7 +190,11 @@ async fn local_one(cfg: &Config, job: &Job, to: &str, mut message: File) -> Outc
                 let (id, to, maybe) = (job.queue_id.clone(), to.to_string(), job.maybe_delivered);
                 let pause = cfg.testing.maildir_pause;
                 tokio::task::spawn_blocking(move || {
-                    maildir::deliver(&dir, &mut message, &id, &to, maybe, pause)
+                    let key = maildir::Recipient {
+                        address: &to,
+                        position,
+                    };
+                    maildir::deliver(&dir, &mut message, &id, key, maybe, pause)
                 })
                 .await
                 .unwrap_or_else(|e| Outcome::TempFail(format!("Maildir delivery task failed: {e}")))

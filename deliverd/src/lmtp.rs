@@ -110,6 +110,7 @@ mod tests {
             target: Target::Local,
             security: None,
             maybe_delivered: false,
+            positions: Vec::new(),
         }
     }
 

@@ -44,11 +44,12 @@ pub fn deliver(
     dir: &Path,
     src: &mut File,
     id: &str,
-    to: &str,
+    to: Recipient,
     maybe_delivered: bool,
     pause: Option<std::time::Duration>,
 ) -> Outcome {
     let name = file_name(id, to);
+    let to = to.address;
     match deliver_inner(dir, src, &name, maybe_delivered) {
         Ok(Written::Now) => {
             if let Some(p) = pause {
@@ -150,11 +151,21 @@ fn seen(dir: &Path, name: &str) -> io::Result<bool> {
     Ok(false)
 }
 
-/// `<queue id>.R<hash of the recipient>.<host>`: unique per message and
-/// recipient (queue IDs are 64 random bits), and the same for every
-/// attempt, so a repeated one can tell it was done. The Maildir spec asks
-/// only for uniqueness; readers order by their own index, not names.
-fn file_name(id: &str, to: &str) -> String {
+/// Which of a message's recipients a delivery is for.
+#[derive(Debug, Clone, Copy)]
+pub struct Recipient<'a> {
+    pub address: &'a str,
+    /// Its position in the queue item, when known.
+    pub position: Option<u32>,
+}
+
+/// `<queue id>.R<position>.<host>`, or `<queue id>.H<hash of the
+/// address>.<host>` without a position: unique per message and recipient
+/// (queue IDs are 64 random bits; one address reached by two RCPTs is two
+/// positions, so two files), and the same for every attempt, so a
+/// repeated one can tell it was done. The Maildir spec asks only for
+/// uniqueness; readers order by their own index, not names.
+fn file_name(id: &str, to: Recipient) -> String {
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -170,7 +181,10 @@ fn file_name(id: &str, to: &str) -> String {
             }
         })
         .collect();
-    format!("{id}.R{:032x}.{host}", fnv1a128(to.as_bytes()))
+    match to.position {
+        Some(p) => format!("{id}.R{p}.{host}"),
+        None => format!("{id}.H{:032x}.{host}", fnv1a128(to.address.as_bytes())),
+    }
 }
 
 /// FNV-1a, 128 bits: stable across builds and versions (std's hasher is
@@ -246,7 +260,7 @@ mod tests {
         src.write_all(b"Subject: x\r\n\r\nhi\r\n").unwrap();
         src.rewind().unwrap();
         assert_eq!(
-            deliver(&md, &mut src, "q1", "ann@x", false, None),
+            deliver(&md, &mut src, "q1", ann(0), false, None),
             Outcome::Delivered
         );
         let new: Vec<_> = std::fs::read_dir(md.join("new")).unwrap().collect();
@@ -261,7 +275,7 @@ mod tests {
         let mut src = tempfile::tempfile().unwrap();
         let file = tempfile::NamedTempFile::new().unwrap();
         // A regular file where the Maildir should be.
-        match deliver(file.path(), &mut src, "q1", "ann@x", false, None) {
+        match deliver(file.path(), &mut src, "q1", ann(0), false, None) {
             Outcome::TempFail(t) => {
                 assert!(t.starts_with("Maildir delivery failed: "), "{t}");
                 assert!(!t.contains('/'), "no path reaches the sender: {t}");
@@ -303,16 +317,26 @@ mod tests {
         for _ in 0..2 {
             let mut src = message(b"Subject: x\r\n\r\nhi\r\n");
             assert_eq!(
-                deliver(&md, &mut src, "q1", "ann@x", false, None),
+                deliver(&md, &mut src, "q1", ann(0), false, None),
                 Outcome::Delivered
             );
         }
         assert_eq!(count(&md.join("new")), 1);
         // Another recipient, or another message, is another file.
         let mut src = message(b"x");
-        deliver(&md, &mut src, "q1", "bob@x", false, None);
+        deliver(
+            &md,
+            &mut src,
+            "q1",
+            Recipient {
+                address: "bob@x",
+                position: Some(1),
+            },
+            false,
+            None,
+        );
         let mut src = message(b"x");
-        deliver(&md, &mut src, "q2", "ann@x", false, None);
+        deliver(&md, &mut src, "q2", ann(0), false, None);
         assert_eq!(count(&md.join("new")), 3);
     }
 
@@ -321,8 +345,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let md = dir.path().join("ann");
         let mut src = message(b"hi");
-        deliver(&md, &mut src, "q1", "ann@x", false, None);
-        let name = file_name("q1", "ann@x");
+        deliver(&md, &mut src, "q1", ann(0), false, None);
+        let name = file_name("q1", ann(0));
         std::fs::rename(
             md.join("new").join(&name),
             md.join("cur").join(format!("{name}:2,S")),
@@ -332,7 +356,7 @@ mod tests {
         std::fs::write(md.join("cur").join(format!("{name}x:2,")), b"").unwrap();
         let mut src = message(b"hi");
         assert_eq!(
-            deliver(&md, &mut src, "q1", "ann@x", true, None),
+            deliver(&md, &mut src, "q1", ann(0), true, None),
             Outcome::Delivered
         );
         assert_eq!(count(&md.join("new")), 0);
@@ -344,11 +368,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let md = dir.path().join("ann");
         create(&md).unwrap();
-        let name = file_name("q1", "ann@x");
+        let name = file_name("q1", ann(0));
         std::fs::write(md.join("tmp").join(&name), b"half a mess").unwrap();
         let mut src = message(b"the message");
         assert_eq!(
-            deliver(&md, &mut src, "q1", "ann@x", true, None),
+            deliver(&md, &mut src, "q1", ann(0), true, None),
             Outcome::Delivered
         );
         assert_eq!(count(&md.join("tmp")), 0);
@@ -358,12 +382,28 @@ mod tests {
         );
     }
 
+    fn ann(position: u32) -> Recipient<'static> {
+        Recipient {
+            address: "ann@x",
+            position: Some(position),
+        }
+    }
+
     #[test]
     fn names_are_safe_and_stable() {
-        let n = file_name("a/b:c", "x@y");
+        let by_address = |a| Recipient {
+            address: a,
+            position: None,
+        };
+        let n = file_name("a/b:c", by_address("x@y"));
         assert!(!n.contains('/') && !n.contains(':'), "{n}");
-        assert_eq!(n, file_name("a/b:c", "x@y"));
-        assert_ne!(file_name("q", "a@x"), file_name("q", "b@x"));
+        assert_eq!(n, file_name("a/b:c", by_address("x@y")));
+        assert_ne!(
+            file_name("q", by_address("a@x")),
+            file_name("q", by_address("b@x"))
+        );
+        // One address reached by two RCPTs: two files.
+        assert_ne!(file_name("q", ann(0)), file_name("q", ann(1)));
         // FNV-1a 128 of "a", as published.
         assert_eq!(fnv1a128(b"a"), 0xd228cb696f1a8caf78912b704e4a8964);
     }

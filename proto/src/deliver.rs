@@ -130,6 +130,11 @@ pub struct Job {
     /// mid-attempt): the Maildir writer then also looks in `cur/` for the
     /// message, so it is never written twice.
     pub maybe_delivered: bool,
+    /// Each recipient's position in its queue item, in `to`'s order: with
+    /// the queue ID, the name of its Maildir file (a message to `team@`
+    /// and `postmaster@` that both reach ann is two files). Empty when
+    /// unknown (the address names the file then).
+    pub positions: Vec<u32>,
 }
 
 /// queued → deliverd.

@@ -262,6 +262,7 @@ mod tests {
                     target: Target::Local,
                     security: None,
                     maybe_delivered: false,
+                    positions: Vec::new(),
                 });
                 // Pad frames so they need more than one read.
                 let bytes = encode(&job).unwrap();
@@ -328,6 +329,7 @@ mod tests {
             target: Target::Remote,
             security: None,
             maybe_delivered: false,
+            positions: Vec::new(),
         }))
         .unwrap();
         a.try_write(&bytes[..bytes.len() - 2]).unwrap();

@@ -472,6 +472,7 @@ mod tests {
                 target: tambo_proto::deliver::Target::Remote,
                 security: None,
                 maybe_delivered: false,
+                positions: Vec::new(),
             };
             let r = d.submit(job, PathBuf::from("/nonexistent")).await.unwrap();
             assert_eq!(r.outcomes.len(), n);

@@ -173,6 +173,7 @@ async fn serve(socket: &Path, me: Role, marker: &Path) {
             target: Target::Pipe(format!("/usr/bin/touch {}", marker.display())),
             security: None,
             maybe_delivered: false,
+            positions: Vec::new(),
         });
         if let Ok(bytes) = encode(&job) {
             let _ = tambo_proto::fd::send_with_fd(&s, &bytes, job_body.as_fd()).await;

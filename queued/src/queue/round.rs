@@ -60,7 +60,7 @@ impl Queue {
             if let Some(dovecot_id) = ask {
                 // Asked here, in the attempt's own task, so a slow Dovecot
                 // delays this recipient only.
-                let job = self.job(item, from, vec![r.address.clone()], target);
+                let job = self.job(item, from, &[idx], target);
                 let (dovecot, dispatcher, body) =
                     (self.dovecot.clone(), self.dispatcher.clone(), body.clone());
                 let (text, qid) = (no_such_user(), item.id.clone());
@@ -99,7 +99,7 @@ impl Queue {
                 let domain = address::normalize_domain(raw).unwrap_or_else(|_| raw.to_lowercase());
                 groups.entry((target, from, domain)).or_default().push(idx);
             } else {
-                let job = self.job(item, from, vec![r.address.clone()], target);
+                let job = self.job(item, from, &[idx], target);
                 let rx = self.dispatcher.submit(job, body.clone());
                 attempts.spawn(async move {
                     let result = rx
@@ -125,11 +125,7 @@ impl Queue {
             let budget = MAX_JOB_ADDRESS_BYTES.saturating_sub(overhead).max(1024);
             for range in chunks(&addresses, budget) {
                 let idxs = group[range].to_vec();
-                let to = idxs
-                    .iter()
-                    .map(|&i| item.recipients[i].address.clone())
-                    .collect();
-                let mut job = self.job(item, from.clone(), to, target.clone());
+                let mut job = self.job(item, from.clone(), &idxs, target.clone());
                 if matches!(job.target, Target::Remote | Target::Forward(_)) {
                     let recorded = self.domaininfo.get(&domain).outgoing;
                     job.security = Some((domain.clone(), recorded));
@@ -195,19 +191,18 @@ impl Queue {
         }
     }
 
-    pub(super) fn job(&self, item: &Item, from: String, to: Vec<String>, target: Target) -> Job {
-        let maybe_delivered = item
-            .recipients
-            .iter()
-            .any(|r| r.uncertain && to.contains(&r.address));
+    /// The job for the item's recipients at `idxs`.
+    pub(super) fn job(&self, item: &Item, from: String, idxs: &[usize], target: Target) -> Job {
+        let rcpts = idxs.iter().filter_map(|&i| item.recipients.get(i));
         Job {
             job: 0,
             queue_id: item.id.clone(),
             from,
-            to,
+            to: rcpts.clone().map(|r| r.address.clone()).collect(),
             target,
             security: None,
-            maybe_delivered,
+            maybe_delivered: rcpts.clone().any(|r| r.uncertain),
+            positions: idxs.iter().map(|&i| i as u32).collect(),
         }
     }
 
@@ -288,6 +283,7 @@ mod tests {
             target: Target::Forward(vec!["h".repeat(255); 4]),
             security: Some(("d".repeat(255), tambo_proto::deliver::SecLevel::TlsSecure)),
             maybe_delivered: true,
+            positions: (0..got[0].len() as u32).collect(),
         };
         let frame =
             tambo_proto::frame::encode(&tambo_proto::deliver::ToDeliverd::Job(job)).unwrap();

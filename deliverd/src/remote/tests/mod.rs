@@ -104,6 +104,7 @@ pub fn job(to: &[&str]) -> Job {
         target: Target::Remote,
         security: Some(("example.net".into(), SecLevel::Plain)),
         maybe_delivered: false,
+        positions: Vec::new(),
     }
 }
 
