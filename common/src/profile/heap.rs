@@ -76,8 +76,12 @@ static STACKS: [[AtomicUsize; DEPTH]; SLOTS] =
 static MISSED: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    /// Bytes this thread may still allocate before its next sample.
-    static LEFT: Cell<isize> = const { Cell::new(RATE as isize) };
+    /// Bytes this thread may still allocate before its next sample. Zero
+    /// at first: a thread's first allocation draws its first distance from
+    /// the rate in force then, not from [`RATE`] (a thread started after
+    /// [`set_rate`] would otherwise wait [`RATE`] bytes for its first
+    /// sample).
+    static LEFT: Cell<isize> = const { Cell::new(0) };
     /// Set while this thread takes a sample.
     static SAMPLING: Cell<bool> = const { Cell::new(false) };
     /// This thread's random state, for the distance to the next sample.
@@ -165,6 +169,14 @@ pub fn installed() -> bool {
 #[cold]
 fn sample(addr: usize, size: usize) {
     INSTALLED.store(true, Ordering::Relaxed);
+    // A thread's first allocation only starts its count (its random state
+    // is still unset): sampling it would weigh every thread's first
+    // allocation as a whole distance.
+    let first = SEED.try_with(|s| s.get() == 0).unwrap_or(false);
+    if first {
+        let _ = LEFT.try_with(|left| left.set(next_distance()));
+        return;
+    }
     if SAMPLING.try_with(|s| s.replace(true)).unwrap_or(true) {
         return;
     }
