@@ -36,7 +36,10 @@ pub async fn answer(q: &Arc<Queue>, req: AdminRequest) -> Result<String, String>
                 Err(e) => Err(format!("cannot remove the domain information of {d}: {e}")),
             }
         }
-        AdminRequest::QueueList => Ok(dump(&q.snapshot())),
+        AdminRequest::QueueList => {
+            let items = q.snapshot();
+            Ok(dump(&items, items.len()))
+        }
         AdminRequest::QueueFlush { id } => {
             if q.flush(id.as_deref()) {
                 Ok(match id {
@@ -79,16 +82,24 @@ fn kind_order(k: &Kind) -> u8 {
     }
 }
 
-/// The queue as text, chasquid's `/debug/queue` layout (REFERENCE §7.4).
-pub fn dump(items: &[Item]) -> String {
+/// The queue as text, chasquid's `/debug/queue` layout (REFERENCE §7.4):
+/// `items` are the first of `total`.
+pub fn dump(items: &[Item], total: usize) -> String {
     let mut s = String::from("# Queue status\n\n");
     let _ = writeln!(
         s,
         "date: {}",
         chrono::Local::now().format("%Y-%m-%d %H:%M:%S %z")
     );
-    let _ = writeln!(s, "length: {}\n", items.len());
+    let _ = writeln!(s, "length: {total}\n");
     s.push_str(&dump_items(items));
+    if items.len() < total {
+        let _ = writeln!(
+            s,
+            "… and {} more: `tambo queue` lists every item",
+            total - items.len()
+        );
+    }
     s
 }
 

@@ -80,7 +80,12 @@ pub fn build(input: &DsnInput<'_>) -> Vec<u8> {
         h(format!("References: {mid}"));
     }
     h("Auto-Submitted: auto-replied".into());
-    h(format!("X-Failed-Recipients: {}", failed_list.join(", ")));
+    // One address per line: a long list must not make a line over RFC
+    // 5322's 998 octets.
+    h(format!(
+        "X-Failed-Recipients: {}",
+        failed_list.join(",\r\n\t")
+    ));
     h("MIME-Version: 1.0".into());
     h(format!(
         "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\""
@@ -188,6 +193,11 @@ fn truncate_at_line(msg: &[u8], max: usize) -> &[u8] {
 /// Longest header value copied from the original into the DSN.
 const MAX_COPIED_HEADER: usize = 256;
 
+/// Longest failure text put on one line of a DSN: with its field name, the
+/// line stays under RFC 5322's 998 octets. A remote server's reply can be
+/// far longer (many lines, joined).
+const MAX_FAILURE_TEXT: usize = 900;
+
 fn one_line(s: &str) -> String {
     let s: String = s
         .chars()
@@ -195,10 +205,16 @@ fn one_line(s: &str) -> String {
         .collect();
     let s = s.trim();
     if s.is_empty() {
-        "unknown error".into()
-    } else {
-        s.to_string()
+        return "unknown error".into();
     }
+    if s.len() <= MAX_FAILURE_TEXT {
+        return s.to_string();
+    }
+    let mut end = MAX_FAILURE_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} [...]", s[..end].trim_end())
 }
 
 /// The first RFC 3463 code (`5.1.1`) in a failure text, if any.
@@ -304,7 +320,7 @@ mod tests {
         assert!(s.contains("To: <ann@remote.example>\r\n"));
         assert!(s.contains("In-Reply-To: <abc@remote.example>\r\n"));
         assert!(s.contains("Auto-Submitted: auto-replied\r\n"));
-        assert!(s.contains("X-Failed-Recipients: bob@example.org, list@example.org\r\n"));
+        assert!(s.contains("X-Failed-Recipients: bob@example.org,\r\n\tlist@example.org\r\n"));
         assert!(s.contains("Content-Type: message/delivery-status\r\n"));
         assert!(s.contains("Status: 5.1.1\r\n"), "the remote's code is used");
         assert!(s.contains("Status: 4.0.0\r\n"), "timeouts are 4.0.0");
@@ -381,5 +397,16 @@ mod tests {
         assert_eq!(enhanced_code("550 5.1.1 unknown").as_deref(), Some("5.1.1"));
         assert_eq!(enhanced_code("exit status 1"), None);
         assert_eq!(enhanced_code("version 1.2.3"), None);
+    }
+
+    #[test]
+    fn a_long_failure_text_stays_on_one_short_line() {
+        // A remote's many-line reply, joined: 5000 bytes, multi-byte
+        // characters at the cut.
+        let long = "é".repeat(2500);
+        let line = one_line(&long);
+        assert!(line.len() <= MAX_FAILURE_TEXT + 6, "{}", line.len());
+        assert!(line.ends_with(" [...]"));
+        assert_eq!(one_line("  550 short\r\n"), "550 short");
     }
 }

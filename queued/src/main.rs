@@ -43,6 +43,10 @@ use tambo_proto::activation::Inherited;
 use tambo_proto::identity::Identities;
 use tambo_proto::metrics::{self, names};
 
+/// Items `/debug/queue` shows (the oldest; it says how many more there
+/// are): about 60 KiB of text, within monitord's 128 KiB for the page.
+const QUEUE_PAGE_ITEMS: usize = 200;
+
 /// What the reloads last saw of the files they watch.
 struct Reloads {
     certs: certs::FilesState,
@@ -379,18 +383,20 @@ fn main() -> ExitCode {
         // once a minute, so the date it shows stays recent).
         let q = queue.clone();
         tokio::spawn(async move {
-            let mut last = String::new();
+            let mut last = None;
             let mut sent_at: Option<std::time::Instant> = None;
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
             loop {
                 tick.tick().await;
-                let items = q.snapshot();
-                let body = admin::dump_items(&items);
-                if body != last
+                let version = q.version();
+                if last != Some(version)
                     || sent_at.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60))
                 {
-                    metrics::set_queue_snapshot(admin::dump(&items));
-                    last = body;
+                    // Only the oldest items: the page holds 128 KiB at
+                    // most, a few hundred of them.
+                    let (total, items) = q.snapshot_head(QUEUE_PAGE_ITEMS);
+                    metrics::set_queue_snapshot(admin::dump(&items, total));
+                    last = Some(version);
                     sent_at = Some(std::time::Instant::now());
                 }
             }

@@ -161,6 +161,11 @@ impl Policy<'_> {
             Ok(a) => a,
             Err(e) => return RcptCheck::Done(RcptVerdict::Invalid(e)),
         };
+        // No mailbox to name (see `resolve_into`): no such user, whatever
+        // a catch-all or a hook would say.
+        if a.domain.is_empty() || self.clean(&a.user).is_empty() {
+            return RcptCheck::Done(RcptVerdict::NoSuchUser);
+        }
         let unknown = |dovecot| RcptCheck::Unknown {
             exact: join(&self.exact_key(&a.user), &a.domain),
             clean: join(&self.clean(&a.user), &a.domain),
@@ -340,6 +345,20 @@ impl Policy<'_> {
             return Ok(());
         }
         let clean = self.clean(&a.user);
+        // A domain-less address (other than postmaster, qualified at
+        // RCPT) or a user part that is all suffix (`+tag@`) names no
+        // mailbox: found by fuzzing, it became an empty or `@domain`
+        // recipient.
+        if a.domain.is_empty() || clean.is_empty() {
+            return Err(Unresolved::Failed(format!(
+                "{addr}: not a mailbox (no {})",
+                if a.domain.is_empty() {
+                    "domain"
+                } else {
+                    "user part"
+                }
+            )));
+        }
         let clean_addr = join(&clean, &a.domain);
         let Some(d) = self.domains.get(&a.domain) else {
             out.push(email(clean_addr, true));

@@ -54,8 +54,26 @@ pub struct Queue {
     pub dkim: Arc<DkimKeys>,
     /// Every item in its send loop: how it looked after its last round,
     /// and how the admin commands reach it (`tambo queue`).
-    live: Mutex<HashMap<String, (Item, Arc<Control>)>>,
+    /// Shared with the send loop between rounds, so a waiting item is
+    /// held once.
+    live: Mutex<Live>,
+    /// Bumped whenever `live` changes, so `/debug/queue` is rebuilt only
+    /// when there is something new to show.
+    version: AtomicU64,
+    /// Items in a delivery round at once ([`MAX_ACTIVE_ROUNDS`]).
+    active: tokio::sync::Semaphore,
 }
+
+/// Every item in its send loop, by ID: the item as of its last round, and
+/// its controls.
+type Live = HashMap<String, (Arc<Item>, Arc<Control>)>;
+
+/// Items in a delivery round at once. The others wait in their send
+/// loops, a few hundred bytes each, instead of holding a round's state and
+/// a job each: a queue of 100,000 items loaded at startup does not turn
+/// into 100,000 concurrent rounds. Postfix bounds its active queue the
+/// same way (`qmgr_message_active_limit`, 20,000).
+pub const MAX_ACTIVE_ROUNDS: usize = 5_000;
 
 /// What `tambo queue` may do to an item in its send loop: wake it for a
 /// round now, or take it out at the next chance (never in the middle of
@@ -176,6 +194,8 @@ impl Queue {
             dkim,
             cfg,
             live: Mutex::default(),
+            version: AtomicU64::new(0),
+            active: tokio::sync::Semaphore::new(MAX_ACTIVE_ROUNDS),
         }
     }
 
@@ -456,27 +476,37 @@ impl Queue {
         ids.items.insert(item.id.clone());
         drop(ids);
         let ctl = Arc::new(Control::default());
+        let item = Arc::new(item);
         self.live()
             .insert(item.id.clone(), (item.clone(), ctl.clone()));
+        self.version.fetch_add(1, Ordering::Relaxed);
         let q = self.clone();
         tokio::spawn(async move { q.send_loop(item, ctl).await });
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Item, Arc<Control>)>> {
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn send_loop(self: Arc<Self>, mut item: Item, ctl: Arc<Control>) {
+    /// `item` is shared with `live` between rounds; a round changes its
+    /// own copy, published when it ends.
+    async fn send_loop(self: Arc<Self>, mut item: Arc<Item>, ctl: Arc<Control>) {
         let mut dsn = true;
         let mut trace = tambo_proto::trace::Trace::new("Queue.SendLoop", item.id.clone());
         loop {
             if let Some(silent) = ctl.removal() {
-                self.take_out(&mut item, silent);
+                self.take_out(Arc::make_mut(&mut item), silent);
                 trace.error("removed from the queue by the administrator");
                 dsn = !silent;
                 break;
             }
-            self.round(&mut item).await;
+            {
+                // Boxed: a round's state (its attempts, the rewrite) is
+                // large, and the loop spends most of its life between
+                // rounds.
+                let _permit = self.active.acquire().await;
+                Box::pin(self.round(Arc::make_mut(&mut item))).await;
+            }
             let count =
                 |st: item::Status| item.recipients.iter().filter(|r| r.status == st).count();
             let round = format!(
@@ -493,6 +523,7 @@ impl Queue {
             if let Some(view) = self.live().get_mut(&item.id) {
                 view.0 = item.clone();
             }
+            self.version.fetch_add(1, Ordering::Relaxed);
             if item.pending().next().is_none() {
                 break;
             }
@@ -513,9 +544,11 @@ impl Queue {
             }
         }
         let id = item.id.clone();
-        self.finish(item, dsn).await;
+        // Listed until it is gone (a copy: `live` holds the other).
+        Box::pin(self.finish(Item::clone(&item), dsn)).await;
         trace.event("done");
         self.live().remove(&id);
+        self.version.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `tambo queue remove`: every pending recipient fails now, for good.
@@ -538,9 +571,31 @@ impl Queue {
 
     /// The items in their send loops, as of their last round, by creation.
     pub fn snapshot(&self) -> Vec<Item> {
-        let mut items: Vec<Item> = self.live().values().map(|(i, _)| i.clone()).collect();
+        let mut items: Vec<Item> = self.live().values().map(|(i, _)| Item::clone(i)).collect();
         items.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
         items
+    }
+
+    /// The `max` oldest items, by creation, and how many there are in
+    /// all: what `/debug/queue` shows, without copying a large queue.
+    pub fn snapshot_head(&self, max: usize) -> (usize, Vec<Item>) {
+        let live = self.live();
+        let key = |i: &Item| (i.created_ms, i.id.clone());
+        let mut all: Vec<&Item> = live.values().map(|(i, _)| &**i).collect();
+        let total = all.len();
+        if total > max && max > 0 {
+            all.select_nth_unstable_by_key(max - 1, |i| key(i));
+        }
+        all.truncate(max);
+        let mut items: Vec<Item> = all.into_iter().cloned().collect();
+        drop(live);
+        items.sort_by_key(key);
+        (total, items)
+    }
+
+    /// Changes whenever an item enters, finishes a round or leaves.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
     }
 
     /// Wakes one item's send loop (or every one) for a round now; false

@@ -412,3 +412,27 @@ fn trusted_networks_relay_and_unknown_local_addresses_go_to_the_hooks() {
         }
     );
 }
+
+/// Found by fuzzing: an address with no domain, or whose user part is
+/// all suffix, resolved to an empty (or `@domain`) recipient.
+#[test]
+fn an_address_that_names_no_mailbox_does_not_resolve() {
+    let (cfg, domains) = setup();
+    let p = Policy {
+        cfg: &cfg,
+        domains: &domains,
+    };
+    let hook = |_: &str| Some(vec![Target::Email("bob@example.org".into())]);
+    let o = Oracles {
+        dovecot: &|_| Some(false),
+        hook: &hook,
+    };
+    for rcpt in ["+ot", "ann", "+tag@example.org", "+@plain.example"] {
+        // Refused at RCPT already, catch-all or not.
+        assert_eq!(p.rcpt(rcpt, None), RcptVerdict::NoSuchUser, "{rcpt}");
+        match p.resolve_with(rcpt, &o) {
+            Err(Unresolved::Failed(e)) => assert!(e.contains("not a mailbox"), "{rcpt}: {e}"),
+            other => panic!("{rcpt}: {other:?}"),
+        }
+    }
+}
