@@ -6,6 +6,7 @@
 //! a successful password check makes. A message out of place is an error
 //! that closes the connection.
 
+mod head;
 mod postdata;
 mod rcpt;
 
@@ -19,6 +20,7 @@ use tambo_proto::submit::{AuthVerdict, Mode, SpfReport, SpfResult, SubmitReply, 
 
 use crate::auth;
 use crate::domaininfo::Direction;
+use crate::hooks;
 use crate::policy::{Authenticated, Policy};
 use crate::queue::{FromSession, HookAnswers, PutError, Queue};
 use crate::signing;
@@ -37,6 +39,13 @@ struct Body {
     writer: BodyWriter,
     /// First error, reported at DataEnd.
     error: Option<BodyError>,
+    /// Bytes received, counted in the in-flight budget (what the body
+    /// file holds may have more: a field put on top).
+    received: u64,
+    /// The start of the message while it is held ([`head`]).
+    head: Option<head::Head>,
+    /// Whether its Authentication-Results went on top as it was spooled.
+    prefixed: bool,
 }
 
 enum BodyError {
@@ -230,15 +239,23 @@ impl Session {
                 };
                 let n = data.len() as u64;
                 if body.error.is_none() {
-                    if body.writer.size() + n > max {
+                    if body.received + n > max {
                         body.error = Some(BodyError::Failed("message too big".into()));
                     } else if !self.queue.reserve_in_flight(n) {
                         body.error = Some(BodyError::NoSpace);
-                    } else if let Err(e) = tokio::task::block_in_place(|| body.writer.write(&data))
-                    {
-                        self.queue.release_in_flight(n);
-                        tracing::error!(id = %body.id, "queue write failed: {e}");
-                        body.error = Some(BodyError::Failed(format!("queue write failed: {e}")));
+                    } else {
+                        body.received += n;
+                        let data = match body.head.as_mut() {
+                            None => Some(data),
+                            Some(h) => h.push(&data).map(|d| {
+                                body.head = None;
+                                body.prefixed = d.prefixed;
+                                d.bytes
+                            }),
+                        };
+                        if let Some(data) = data {
+                            body.spool(&data);
+                        }
                     }
                 }
                 return Ok(None);
@@ -280,10 +297,18 @@ impl Session {
         let id2 = id.clone();
         match tokio::task::spawn_blocking(move || spool.create_body(&id2)).await {
             Ok(Ok(writer)) => {
+                // The checks after DATA would only add this field: put it
+                // on top as the message is spooled, once its header section
+                // shows it unsigned.
+                let head = (self.auth.is_none() && !self.queue.hooks.exists(hooks::Name::PostData))
+                    .then(|| head::Head::new(self.local_auth_results(true)));
                 self.body = Some(Body {
                     id,
                     writer,
                     error: None,
+                    received: 0,
+                    head,
+                    prefixed: false,
                 });
                 SubmitReply::DataReady
             }
@@ -305,15 +330,29 @@ impl Session {
 
     async fn data_end(&mut self) -> Result<SubmitReply, Error> {
         let deadline = std::time::Instant::now() + DATA_END_BUDGET;
-        let Some(body) = self.body.take() else {
+        let Some(mut body) = self.body.take() else {
             return Err(Error::Unexpected("DataEnd outside DATA"));
         };
+        if let Some(h) = body.head.take()
+            && body.error.is_none()
+        {
+            let d = h.finish();
+            body.prefixed = d.prefixed;
+            body.spool(&d.bytes);
+        }
         let from = self.from.take().unwrap_or_default();
         let rcpts = std::mem::take(&mut self.rcpts);
-        let Body { id, writer, error } = body;
+        let Body {
+            id,
+            writer,
+            error,
+            received,
+            prefixed,
+            ..
+        } = body;
         // From here the bytes are either queued or thrown away: no longer
         // in flight.
-        self.queue.release_in_flight(writer.size());
+        self.queue.release_in_flight(received);
         match error {
             Some(BodyError::Failed(reason)) => {
                 self.queue.release_id(&id);
@@ -333,7 +372,14 @@ impl Session {
         // Each rewrite below (signing, added headers) fsyncs the new body;
         // only a body none of them touches is synced as written.
         let signing = self.auth.is_some() && self.signs_for(&from);
-        let checking = self.needs_post_data();
+        let checking = if prefixed {
+            // Done as it was spooled: what the local path below counts.
+            metrics::inc_label(names::SMTP_IN_HOOK_RESULTS, "post-data:skip");
+            metrics::inc(names::SMTP_IN_DKIM_VERIFY_NOT_FOUND);
+            false
+        } else {
+            self.needs_post_data()
+        };
         let mut synced = false;
         if signing || checking {
             drop(writer);
@@ -634,9 +680,19 @@ impl Session {
 
     pub fn abort_body(&mut self) {
         if let Some(body) = self.body.take() {
-            self.queue.release_in_flight(body.writer.size());
+            self.queue.release_in_flight(body.received);
             drop(body.writer);
             self.queue.release_id(&body.id);
+        }
+    }
+}
+
+impl Body {
+    /// Writes to the body file; the first failure is kept for DataEnd.
+    fn spool(&mut self, data: &[u8]) {
+        if let Err(e) = tokio::task::block_in_place(|| self.writer.write(data)) {
+            tracing::error!(id = %self.id, "queue write failed: {e}");
+            self.error = Some(BodyError::Failed(format!("queue write failed: {e}")));
         }
     }
 }

@@ -100,7 +100,7 @@ impl Spool {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        Ok(BodyWriter { file, size: 0 })
+        Ok(BodyWriter { file })
     }
 
     /// Writes an item atomically (temp, fsync, rename); durable once the
@@ -234,18 +234,11 @@ impl Spool {
 /// the in-flight byte budget).
 pub struct BodyWriter {
     file: File,
-    size: u64,
 }
 
 impl BodyWriter {
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.write_all(data)?;
-        self.size += data.len() as u64;
-        Ok(())
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
+        self.file.write_all(data)
     }
 
     /// fsyncs the body. After this it is durable, but still not an item

@@ -48,7 +48,7 @@ impl Session {
     /// Authentication-Results written here, without deliverd: SPF, and
     /// `dkim=none` if the message has no signature (`dkim` false:
     /// verification could not run, so no DKIM result at all).
-    fn local_auth_results(&self, dkim: bool) -> Vec<u8> {
+    pub(super) fn local_auth_results(&self, dkim: bool) -> Vec<u8> {
         let none: &[authres::DkimSignature] = &[];
         authres::header(
             &self.authserv_id(),
@@ -167,7 +167,7 @@ impl Session {
 
 /// Most of a message read to look for a `DKIM-Signature` field; a header
 /// section longer than this is handed to deliverd as if it had one.
-const SCAN_LIMIT: usize = 64 * 1024;
+pub(super) const SCAN_LIMIT: usize = 64 * 1024;
 
 /// Whether the header section of the spooled message at `path` may hold a
 /// `DKIM-Signature` field (true when it cannot tell).
@@ -182,20 +182,26 @@ fn has_dkim_signature(path: &std::path::Path) -> std::io::Result<bool> {
 
 /// The scan of [`has_dkim_signature`] on the first bytes of a message
 /// (`cut`: there may be more).
-fn header_has_signature(head: &[u8], cut: bool) -> bool {
+pub(super) fn header_has_signature(head: &[u8], cut: bool) -> bool {
     const NAME: &[u8] = b"dkim-signature:";
-    let mut ended = false;
-    for line in head.split(|&b| b == b'\n') {
+    let named =
+        |line: &[u8]| line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME);
+    let mut rest = head;
+    // Whole lines only: a cut right after a line end is not the blank line
+    // that ends the header section.
+    while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+        let line = &rest[..end];
+        rest = &rest[end + 1..];
         if line == b"\r" || line.is_empty() {
-            ended = true;
-            break;
+            return false;
         }
-        if line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME) {
+        if named(line) {
             return true;
         }
     }
-    // A header section that goes on past what was read may have one.
-    !ended && cut
+    // The last, unfinished line; and a header section that goes on past
+    // what was read may have one further down.
+    named(rest) || cut
 }
 
 /// Whether `b` is empty or whole header fields with CRLF line ends: each
