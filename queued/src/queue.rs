@@ -117,6 +117,10 @@ pub struct FromSession {
     pub hook_answers: HookAnswers,
     /// The message must be an item by then, or not at all.
     pub deadline: Option<std::time::Instant>,
+    /// The body's fsync, still running: the put resolves and writes the
+    /// item meanwhile (two fsyncs at once instead of one after the other),
+    /// and makes it an item only once this said the body is durable.
+    pub body_sync: Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
 }
 
 /// What a put learned beyond the files while resolving.
@@ -449,9 +453,28 @@ impl Queue {
         }
         let spool = self.spool.clone();
         let to_write = item.clone();
-        tokio::task::spawn_blocking(move || spool.stage_item(&to_write))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let body_sync = session.body_sync;
+        tokio::task::spawn_blocking(move || match body_sync {
+            None => spool.stage_item(&to_write),
+            Some(synced) => {
+                let staged = spool.write_item(&to_write)?;
+                let result = synced.blocking_recv().unwrap_or_else(|_| {
+                    Err(std::io::Error::other("the body's fsync was abandoned"))
+                });
+                match result {
+                    Ok(()) => spool.commit_item(&staged, &to_write.id),
+                    Err(e) => {
+                        spool.discard_item(&staged);
+                        Err(std::io::Error::new(
+                            e.kind(),
+                            format!("cannot sync the message body: {e}"),
+                        ))
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
         // Covers the item's rename and the body's directory entry.
         self.dirsync.sync().await?;
         metrics::inc(names::QUEUE_ITEMS_WRITTEN);

@@ -381,15 +381,18 @@ impl Session {
             self.needs_post_data()
         };
         let mut synced = false;
+        let mut body_sync = None;
         if signing || checking {
             drop(writer);
         } else {
-            if let Err(reply) = self
-                .spool_io(&id, "sync the message body", move || writer.finish())
-                .await
-            {
-                return Ok(reply);
-            }
+            // In the background, while the put resolves the recipients and
+            // writes the item: the put waits for it before the item takes
+            // its name.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::task::spawn_blocking(move || {
+                let _ = tx.send(writer.finish());
+            });
+            body_sync = Some(rx);
             synced = true;
         }
         // Authenticated mail is signed with its sender domain's keys before
@@ -432,6 +435,7 @@ impl Session {
         let session = FromSession {
             hook_answers: std::mem::take(&mut self.alias_answers),
             deadline: Some(deadline),
+            body_sync,
         };
         match self
             .queue

@@ -110,6 +110,41 @@ impl Spool {
         safeio::replace(&self.item_path(&item.id), &item.to_json(), 0o600)
     }
 
+    /// The first half of [`Spool::stage_item`]: the item written and
+    /// fsync'd under a temporary name (never loaded as an item), returned.
+    pub fn write_item(&self, item: &Item) -> io::Result<PathBuf> {
+        self.check_writable()?;
+        let tmp = safeio::temp_path(&self.item_path(&item.id))?;
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&item.to_json())?;
+            f.sync_all()
+        })();
+        match written {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// The second half: the written item takes its name. Durable once the
+    /// directory is synced.
+    pub fn commit_item(&self, staged: &Path, id: &str) -> io::Result<()> {
+        std::fs::rename(staged, self.item_path(id)).inspect_err(|_| self.discard_item(staged))
+    }
+
+    /// Removes an item written by [`Spool::write_item`] that will not be
+    /// committed.
+    pub fn discard_item(&self, staged: &Path) {
+        let _ = std::fs::remove_file(staged);
+    }
+
     /// Puts `prefix` (header fields) on top of the body `id`, rewriting it
     /// atomically: temp file, copy, fsync, rename. Durable once the
     /// directory is synced (the item's write does it).
@@ -263,6 +298,32 @@ mod tests {
             client: "local".into(),
             recipients: vec![],
         }
+    }
+
+    #[test]
+    fn a_written_item_is_an_item_only_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        spool.create_body("x").unwrap().finish().unwrap();
+        let staged = spool.write_item(&item("x")).unwrap();
+        // A crash here: no item, and both files are cleaned up.
+        let crashed = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), crashed.path().join(f.file_name())).unwrap();
+        }
+        let loaded = Spool::open(crashed.path(), false).unwrap().load().unwrap();
+        assert!(loaded.items.is_empty());
+        assert_eq!(loaded.removed_orphans, 2);
+        // Committed, it loads.
+        spool.commit_item(&staged, "x").unwrap();
+        let loaded = spool.load().unwrap();
+        assert_eq!(loaded.items, vec![item("x")]);
+        assert_eq!(loaded.removed_orphans, 0);
+        // One that is discarded leaves nothing behind.
+        let staged = spool.write_item(&item("y")).unwrap();
+        spool.discard_item(&staged);
+        assert!(!staged.exists());
     }
 
     #[test]
