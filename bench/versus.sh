@@ -168,7 +168,7 @@ until python3 bench/idle_conns.py 127.0.0.1 $CHASQUID_PORT 1 </dev/null >/dev/nu
 CHASQUID_OUT=$C/out/new
 
 now() { date +%s.%N; }
-count() { ls -U "$1" | wc -l; }
+count() { if [ -d "$1" ]; then ls -U "$1" | wc -l; else echo 0; fi; }
 
 # one SERVER SCENARIO: prints "accepted/s delivered/s cpu-ms-per-message".
 one() {
