@@ -17,6 +17,7 @@ mod auth;
 mod data;
 mod envelope;
 mod hello;
+mod reader;
 mod starttls;
 
 use std::net::SocketAddr;
@@ -24,7 +25,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt};
+
+use reader::LazyReader;
 use tokio::net::TcpStream;
 
 use tambo_proto::identity::Identities;
@@ -49,9 +52,6 @@ pub const MAX_RECEIVED: u32 = 50;
 /// Reply bytes held before they are written even if the client has more
 /// commands buffered.
 const MAX_PENDING_REPLIES: usize = 4096;
-/// Read buffer of a session: a command line fits, and DATA is read in
-/// pieces of this size.
-const READ_BUFFER: usize = 4096;
 
 /// What every session on one listener shares.
 #[derive(Debug, Clone)]
@@ -135,7 +135,7 @@ enum Next {
 }
 
 struct Session {
-    conn: BufReader<Conn>,
+    conn: LazyReader<Conn>,
     /// When the first deadline ends.
     first_deadline: tokio::time::Instant,
     /// Replies not yet written: flushed when the client has nothing more
@@ -193,7 +193,7 @@ pub async fn serve(
 ) {
     let hostname = cfg.hostname.clone();
     let mut s = Session {
-        conn: BufReader::with_capacity(READ_BUFFER, Conn::Plain(stream)),
+        conn: LazyReader::new(Conn::Plain(stream)),
         first_deadline,
         out: Vec::new(),
         peer,
@@ -531,7 +531,7 @@ impl Session {
 
 /// Reads one command line (LF or CRLF ended, the ending removed), draining
 /// and refusing lines over [`MAX_LINE`].
-async fn read_line<S: AsyncRead + Unpin>(conn: &mut BufReader<S>) -> Result<Vec<u8>, LineError> {
+async fn read_line<R: AsyncBufRead + Unpin>(conn: &mut R) -> Result<Vec<u8>, LineError> {
     let mut line = Vec::new();
     let mut too_long = false;
     loop {

@@ -2,11 +2,11 @@
 //! greeting). The handshake's signatures are made by queued (see
 //! [`crate::tls`]).
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 
 use tambo_proto::metrics::{self, names};
 
-use super::{Next, READ_BUFFER, Session, TlsInfo};
+use super::{LazyReader, Next, Session, TlsInfo};
 use crate::conn::Conn;
 
 /// How long the 554 after a failed handshake may take to send.
@@ -87,7 +87,7 @@ impl Session {
         let Some((acceptor, resolver)) = self.cfg.tls.as_ref().and_then(|t| t.acceptor()) else {
             return Err(std::io::Error::other("no TLS certificates from queued yet"));
         };
-        let old = std::mem::replace(&mut self.conn, BufReader::new(Conn::Gone));
+        let old = std::mem::replace(&mut self.conn, LazyReader::new(Conn::Gone));
         let Conn::Plain(tcp) = old.into_inner() else {
             return Err(std::io::Error::other("not a plain connection"));
         };
@@ -113,7 +113,7 @@ impl Session {
         }
         tracing::debug!(peer = %self.peer, "TLS: {version}, {cipher}");
         self.tls = Some(TlsInfo { version, cipher });
-        self.conn = BufReader::with_capacity(READ_BUFFER, Conn::Tls(Box::new(stream)));
+        self.conn = LazyReader::new(Conn::Tls(Box::new(stream)));
         Ok(())
     }
 }
