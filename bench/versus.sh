@@ -20,9 +20,14 @@
 # (the client's clock), messages in the Maildir per second (from the first
 # connection to the last file), and server CPU ms per message (the
 # cgroup's CPU from the start of the scenario until the last message is
-# in the Maildir, divided by the messages). Then memory per idle
+# in the Maildir, divided by the messages). And memory per idle
 # connection after EHLO: PSS summed over every process in the server's
-# cgroup, before and with N connections held open (bench/idle_conns.py).
+# cgroup, before and with N connections held open (bench/idle_conns.py),
+# on the fresh servers and again after the load.
+#
+# The sender is the null sender: chasquid checks SPF for any other, and
+# tambo too, and this machine has no DNS to answer them (tambo's own
+# cost of the checks is bench/inbound.sh's).
 #
 # Every server fsyncs what it accepts before its 250 and writes each
 # message to a Maildir:
@@ -206,17 +211,6 @@ SERVERS=(tambo postfix chasquid)
 SCENARIOS=(reused conn single 100k)
 RES=$ROOT/results
 : > "$RES"
-echo "$(nproc) cores, $ROUNDS rounds, $MESSAGES messages (single and 100k: half)"
-for r in $(seq "$ROUNDS"); do
-  for sc in "${SCENARIOS[@]}"; do
-    for i in 0 1 2; do
-      s=${SERVERS[$(((i + r) % 3))]}
-      line=$(one "$s" "$sc")
-      echo "round $r $sc $s: accepted/s delivered/s cpu-ms/msg = $line"
-      echo "$sc $s $line" >> "$RES"
-    done
-  done
-done
 
 # idle SERVER PORT: KiB of PSS per idle connection after EHLO.
 idle() {
@@ -237,14 +231,35 @@ idle() {
   wait "$CLIENT_PID" 2>/dev/null || true
   awk -v b="$before" -v a="$after" -v c="$IDLE" 'BEGIN { printf "%.1f\n", (a - b) / c }'
 }
-for s in "${SERVERS[@]}"; do
-  case $s in
-    tambo) port=$TAMBO_PORT ;; postfix) port=$POSTFIX_PORT ;; chasquid) port=$CHASQUID_PORT ;;
-  esac
-  kib=$(idle "$s" "$port")
-  echo "idle $s: $kib KiB per connection after EHLO ($IDLE connections)"
-  echo "idle $s $kib" >> "$RES"
+# idle_all WHEN: the idle measurement on each server, recorded as WHEN.
+idle_all() {
+  local s port kib
+  for s in "${SERVERS[@]}"; do
+    case $s in
+      tambo) port=$TAMBO_PORT ;; postfix) port=$POSTFIX_PORT ;; chasquid) port=$CHASQUID_PORT ;;
+    esac
+    kib=$(idle "$s" "$port")
+    echo "idle $1 $s: $kib KiB per connection after EHLO ($IDLE connections)"
+    echo "idle-$1 $s $kib" >> "$RES"
+  done
+}
+
+# Fresh servers first; again after the load, when each has grown and
+# freed its buffers (a heap that was used holds on to its pages).
+idle_all fresh
+echo "$(nproc) cores, $ROUNDS rounds, $MESSAGES messages (single and 100k: half)"
+for r in $(seq "$ROUNDS"); do
+  for sc in "${SCENARIOS[@]}"; do
+    for i in 0 1 2; do
+      s=${SERVERS[$(((i + r) % 3))]}
+      line=$(one "$s" "$sc")
+      echo "round $r $sc $s: accepted/s delivered/s cpu-ms/msg = $line"
+      echo "$sc $s $line" >> "$RES"
+    done
+  done
 done
+
+idle_all after-load
 
 echo
 python3 - "$RES" <<'PY'
@@ -263,7 +278,8 @@ for k, what in [(0, "accepted msg/s"), (1, "in the Maildir msg/s"), (2, "server 
         v = [med(sc, s, k) for s in servers]
         fmt = "%.2f" if k == 2 else "%.0f"
         print(f"| {what}, {names[sc]} | " + " | ".join(fmt % x for x in v) + f" | {v[0] / v[1]:.2f} |")
-idle = {r[1]: float(r[2]) for r in rows if r[0] == "idle"}
-print(f"| memory per idle connection after EHLO (PSS, KiB) | "
-      + " | ".join("%.1f" % idle[s] for s in servers) + f" | {idle['tambo'] / idle['postfix']:.2f} |")
+for when in ["fresh", "after-load"]:
+    idle = {r[1]: float(r[2]) for r in rows if r[0] == "idle-" + when}
+    print(f"| memory per idle connection after EHLO (PSS, KiB), {when.replace('-', ' ')} | "
+          + " | ".join("%.1f" % idle[s] for s in servers) + f" | {idle['tambo'] / idle['postfix']:.3f} |")
 PY
