@@ -281,5 +281,6 @@ for k, what in [(0, "accepted msg/s"), (1, "in the Maildir msg/s"), (2, "server 
 for when in ["fresh", "after-load"]:
     idle = {r[1]: float(r[2]) for r in rows if r[0] == "idle-" + when}
     print(f"| memory per idle connection after EHLO (PSS, KiB), {when.replace('-', ' ')} | "
-          + " | ".join("%.1f" % idle[s] for s in servers) + f" | {idle['tambo'] / idle['postfix']:.3f} |")
+          + " | ".join("%.1f" % idle[s] for s in servers)
+          + (f" | {idle['tambo'] / idle['postfix']:.3f} |" if idle["postfix"] > 0 else " | n/a |"))
 PY
