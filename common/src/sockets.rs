@@ -113,6 +113,18 @@ pub struct Bound {
     pub lock: LockFile,
 }
 
+/// Listens on a TCP address with the deepest accept queue the system
+/// allows (`net.core.somaxconn`), not the standard library's 128. Under a
+/// connection flood a full queue drops every client's SYN, and each waits
+/// a second or more to try again, whoever it is; systemd's sockets get
+/// the system's maximum too (`Backlog=`).
+pub fn listen_tcp(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    // listen() again on a listening socket only changes its queue.
+    nix::sys::socket::listen(&l, nix::sys::socket::Backlog::MAXCONN).map_err(io::Error::from)?;
+    Ok(l)
+}
+
 /// Creates the runtime directory if needed, mode 0700 in development
 /// (`private`: one user) and 0755 otherwise (the sockets' own modes decide
 /// who connects); every directory it creates gets that mode explicitly,

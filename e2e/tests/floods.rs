@@ -64,6 +64,16 @@ fn send_from(src: &str, addr: SocketAddr, subject: &str) -> (u16, String) {
     got
 }
 
+/// Closes with a reset (SO_LINGER 0): no TIME_WAIT on either side.
+fn reset(s: TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt::Linger};
+    let off = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(&s, Linger, &off).expect("SO_LINGER");
+}
+
 /// Resident memory now (VmRSS), in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -86,18 +96,26 @@ fn ten_thousand_connections_from_one_address_leave_another_served() {
 
     // The flood: 10,000 connections from 127.0.0.1, reading nothing. The
     // first 100 are held open (50 get a session and keep it); the others
-    // are dropped once connected, as an attacker would, since smtpd
-    // closes them anyway (and 10,000 ports held by one client make the
-    // kernel's own port search the bottleneck of the test).
+    // are reset once connected, as an attacker would: a plain close would
+    // leave smtpd's side in TIME_WAIT, and a later connection from the
+    // same port would stall a second on it, which is the kernel's limit
+    // on loopback, not smtpd's.
     let started = Instant::now();
     let mut flood = Vec::new();
     for n in 0..10_000 {
         let s = TcpStream::connect(addr).expect("connect");
         if n < 100 {
             flood.push(s);
+        } else {
+            reset(s);
         }
     }
-    eprintln!("10,000 connections opened in {:?}", started.elapsed());
+    let took = started.elapsed();
+    eprintln!("10,000 connections opened in {took:?}");
+    // smtpd keeps up: with the standard library's 128-deep accept queue,
+    // connections waited a second each for SYN retries (54 s here, 0.4 s
+    // with the system's maximum).
+    assert!(took < Duration::from_secs(20), "{took:?}");
     let v = t.wait_var("the flood refused", |v| {
         v["tambo/smtpIn/sessionsRefused"]["max_sessions_per_client"].as_u64() >= Some(9_950)
     });
@@ -153,24 +171,21 @@ fn slowloris_clients_are_cut_by_the_command_timeout() {
     let started = Instant::now();
     let peak = std::thread::scope(|scope| {
         let drip = scope.spawn(|| {
-            let mut cut = 0;
+            let mut peak = 0;
             // The pacing is the attack under test, not a wait for a result.
             for _ in 0..8 {
                 for s in slow.iter_mut() {
-                    if s.write_all(b"E").is_err() {
-                        cut += 1;
-                    }
+                    let _ = s.write_all(b"E");
                 }
+                peak = peak.max(rss_kib(smtpd));
                 std::thread::sleep(Duration::from_secs(1));
             }
-            cut
+            peak
         });
         // Meanwhile an honest client is served.
         let (code, text) = send_from("127.0.0.2", addr, "beside the slowloris");
         assert_eq!(code, 250, "{text}");
-        let peak = rss_kib(smtpd);
-        drip.join().unwrap();
-        peak
+        drip.join().unwrap()
     });
     // Every slow client was told and closed within the timeout (plus the
     // drip's own second).
@@ -184,7 +199,7 @@ fn slowloris_clients_are_cut_by_the_command_timeout() {
         "{:?}",
         started.elapsed()
     );
-    eprintln!("smtpd RSS {before} KiB before, {peak} KiB with 300 slow clients");
+    eprintln!("smtpd RSS {before} KiB before, at most {peak} KiB with 300 slow clients");
     assert!(
         peak < before + 16 * 1024,
         "smtpd grew from {before} to {peak} KiB"

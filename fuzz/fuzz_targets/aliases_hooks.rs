@@ -44,6 +44,11 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(out) = p.resolve_with(rcpt, &oracles) {
             for r in &out {
                 assert!(!r.address.is_empty(), "{rcpt}: an empty recipient");
+                if r.kind == item::Kind::Email && r.local {
+                    // A mailbox: a user part and a domain.
+                    let (user, domain) = r.address.rsplit_once('@').unwrap_or((&r.address, ""));
+                    assert!(!user.is_empty() && !domain.is_empty(), "{rcpt}: {}", r.address);
+                }
                 assert_eq!(r.original_address, rcpt);
                 assert_eq!(r.status, item::Status::Pending);
             }

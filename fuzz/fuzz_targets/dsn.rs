@@ -79,13 +79,20 @@ fuzz_target!(|data: &[u8]| {
     assert!(out.ends_with(b"--dsn-boundary-fuzzdsn0000--\r\n"));
     // What tambo wrote: everything before the original (the last part's
     // header and its blank line).
-    let part = out
-        .windows(boundary.len())
+    // Failure texts and addresses cannot hold the boundary's line: each
+    // boundary tambo wrote starts a line of its own, three before the
+    // original.
+    let mut line = b"\r\n".to_vec();
+    line.extend_from_slice(boundary);
+    line.extend_from_slice(b"\r\n");
+    let starts: Vec<usize> = out
+        .windows(line.len())
         .enumerate()
-        .filter(|(_, w)| *w == boundary)
-        .map(|(i, _)| i)
-        .nth(2)
-        .expect("three boundaries before the original");
+        .filter(|(_, w)| *w == line.as_slice())
+        .map(|(i, _)| i + 2)
+        .collect();
+    assert!(starts.len() >= 3, "{starts:?}");
+    let part = starts[2];
     let ours = &out[..part];
     let lines: Vec<&[u8]> = ours.split(|b| *b == b'\n').collect();
     for (i, line) in lines.iter().enumerate() {

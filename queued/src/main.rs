@@ -296,7 +296,7 @@ fn main() -> ExitCode {
             loaded.removed_orphans
         );
         for item in loaded.items {
-            queue.start(item);
+            queue.start(item, false);
         }
         if let Some(dovecot) = queue.dovecot.clone() {
             // Only a warning: Dovecot may come up after us, and each lookup

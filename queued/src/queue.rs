@@ -454,21 +454,29 @@ impl Queue {
         let spool = self.spool.clone();
         let to_write = item.clone();
         let body_sync = session.body_sync;
+        let deadline = session.deadline;
         tokio::task::spawn_blocking(move || match body_sync {
-            None => spool.stage_item(&to_write),
+            None => spool.stage_item(&to_write).map_err(PutError::from),
             Some(synced) => {
                 let staged = spool.write_item(&to_write)?;
                 let result = synced.blocking_recv().unwrap_or_else(|_| {
                     Err(std::io::Error::other("the body's fsync was abandoned"))
                 });
                 match result {
-                    Ok(()) => spool.commit_item(&staged, &to_write.id),
+                    // The fsync may have been slow: checked again, for
+                    // the same reason as above.
+                    Ok(()) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => {
+                        spool.discard_item(&staged);
+                        Err(PutError::TooLate)
+                    }
+                    Ok(()) => Ok(spool.commit_item(&staged, &to_write.id)?),
                     Err(e) => {
                         spool.discard_item(&staged);
                         Err(std::io::Error::new(
                             e.kind(),
                             format!("cannot sync the message body: {e}"),
-                        ))
+                        )
+                        .into())
                     }
                 }
             }
@@ -488,12 +496,13 @@ impl Queue {
             item.rcpt_to
         );
         crate::maillog::queued(&item.id, &item.from, &item.client, &item.rcpt_to);
-        self.start(item);
+        self.start(item, true);
         Ok(())
     }
 
-    /// Starts the send loop of an item (new, or loaded at startup).
-    pub fn start(self: &Arc<Self>, item: Item) {
+    /// Starts the send loop of an item: `fresh` if just put, not loaded
+    /// at startup (its first round does not wait for a turn).
+    pub fn start(self: &Arc<Self>, item: Item, fresh: bool) {
         let mut ids = self.ids();
         ids.reserved.remove(&item.id);
         ids.items.insert(item.id.clone());
@@ -504,7 +513,7 @@ impl Queue {
             .insert(item.id.clone(), (item.clone(), ctl.clone()));
         self.version.fetch_add(1, Ordering::Relaxed);
         let q = self.clone();
-        tokio::spawn(async move { q.send_loop(item, ctl).await });
+        tokio::spawn(async move { q.send_loop(item, ctl, fresh).await });
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -513,7 +522,7 @@ impl Queue {
 
     /// `item` is shared with `live` between rounds; a round changes its
     /// own copy, published when it ends.
-    async fn send_loop(self: Arc<Self>, mut item: Arc<Item>, ctl: Arc<Control>) {
+    async fn send_loop(self: Arc<Self>, mut item: Arc<Item>, ctl: Arc<Control>, mut fresh: bool) {
         let mut dsn = true;
         let mut trace = tambo_proto::trace::Trace::new("Queue.SendLoop", item.id.clone());
         loop {
@@ -524,10 +533,22 @@ impl Queue {
                 break;
             }
             {
+                // A new message's first round goes ahead: new mail is
+                // bounded by max_queue_items and must not wait behind a
+                // backlog read from disk. The other rounds take a turn.
+                let _permit = if fresh {
+                    None
+                } else {
+                    Some(self.active.acquire().await)
+                };
+                fresh = false;
+                if ctl.removal().is_some() {
+                    // Asked while it waited for its turn.
+                    continue;
+                }
                 // Boxed: a round's state (its attempts, the rewrite) is
                 // large, and the loop spends most of its life between
                 // rounds.
-                let _permit = self.active.acquire().await;
                 Box::pin(self.round(Arc::make_mut(&mut item))).await;
             }
             let count =
@@ -603,16 +624,16 @@ impl Queue {
     /// all: what `/debug/queue` shows, without copying a large queue.
     pub fn snapshot_head(&self, max: usize) -> (usize, Vec<Item>) {
         let live = self.live();
-        let key = |i: &Item| (i.created_ms, i.id.clone());
+        let order = |a: &&Item, b: &&Item| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id));
         let mut all: Vec<&Item> = live.values().map(|(i, _)| &**i).collect();
         let total = all.len();
         if total > max && max > 0 {
-            all.select_nth_unstable_by_key(max - 1, |i| key(i));
+            all.select_nth_unstable_by(max - 1, order);
         }
         all.truncate(max);
-        let mut items: Vec<Item> = all.into_iter().cloned().collect();
+        all.sort_by(order);
+        let items: Vec<Item> = all.into_iter().cloned().collect();
         drop(live);
-        items.sort_by_key(key);
         (total, items)
     }
 

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
                     ),
                     None => {}
                 },
-                ListenAddr::Addr(a) => match std::net::TcpListener::bind(a) {
+                ListenAddr::Addr(a) => match tambo_common::sockets::listen_tcp(*a) {
                     Ok(l) => listeners.push((m.mode, l)),
                     Err(e) => {
                         return daemon::startup_failed(format!(

@@ -162,7 +162,7 @@ fn listen(
     key: &'static str,
     addr: SocketAddr,
 ) -> Result<TcpListener, SetupError> {
-    TcpListener::bind(addr).map_err(|source| SetupError::Listen {
+    tambo_common::sockets::listen_tcp(addr).map_err(|source| SetupError::Listen {
         file: file.to_path_buf(),
         key,
         addr,

@@ -102,15 +102,29 @@ impl<S: AsyncRead + Unpin> AsyncBufRead for LazyReader<S> {
                 // about to be. The heap buffer goes back.
                 this.bulk = Vec::new();
             }
-            let buf: &mut [u8] = if this.bulk.is_empty() {
-                &mut this.small
-            } else {
-                &mut this.bulk
+            let (polled, n, cap) = {
+                let buf: &mut [u8] = if this.bulk.is_empty() {
+                    &mut this.small
+                } else {
+                    &mut this.bulk
+                };
+                let cap = buf.len();
+                let mut rb = ReadBuf::new(buf);
+                let polled = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
+                (polled, rb.filled().len(), cap)
             };
-            let mut rb = ReadBuf::new(buf);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            this.more = n == buf.len();
+            match polled {
+                Poll::Pending => {
+                    // Nothing to read after all: the session waits without
+                    // the heap buffer (found by review: a read that exactly
+                    // filled the small one used to leave 16 KiB held).
+                    this.bulk = Vec::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            this.more = n == cap;
             this.filled = n;
         }
         Poll::Ready(Ok(this.buffer()))
@@ -187,5 +201,24 @@ mod tests {
         line.clear();
         r.read_until(b'\n', &mut line).await.unwrap();
         assert_eq!(r.held(), 0);
+    }
+
+    /// Found by review: a client that sends exactly a small buffer's worth
+    /// and then waits must not leave the session holding the heap buffer.
+    #[tokio::test]
+    async fn a_read_that_fills_the_small_buffer_then_silence_holds_nothing() {
+        let (mut w, r) = tokio::io::duplex(64 * 1024);
+        let mut r = LazyReader::new(r);
+        w.write_all(&[b'N'; SMALL]).await.unwrap();
+        let n = r.fill_buf().await.unwrap().len();
+        assert_eq!(n, SMALL);
+        r.consume(n);
+        // The next read would go to the heap buffer; nothing is there.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut r).poll_fill_buf(&mut cx).is_pending());
+        assert_eq!(r.held(), 0);
+        // And it reads on once the client does.
+        w.write_all(b"QUIT\r\n").await.unwrap();
+        assert_eq!(r.fill_buf().await.unwrap(), b"QUIT\r\n");
     }
 }
