@@ -496,7 +496,9 @@ impl Queue {
             item.rcpt_to
         );
         crate::maillog::queued(&item.id, &item.from, &item.client, &item.rcpt_to);
-        self.start(item, true);
+        // DSNs (which pass max_queue_items) take turns like the rest: a
+        // mass bounce must not become that many rounds at once.
+        self.start(item, !bypass_limit);
         Ok(())
     }
 
