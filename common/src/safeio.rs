@@ -37,6 +37,26 @@ pub fn write_atomic_as(
 }
 
 fn replace_as(path: &Path, data: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
+    let tmp = write_temp_as(path, data, mode, owner)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// The first half of an atomic write: `data` in a new temporary file
+/// beside `path` ([`temp_path`]), with `mode`, fsync'd; its name is
+/// returned for the caller to rename (or link) into place, or to remove.
+/// On failure nothing is left behind.
+pub fn write_temp(path: &Path, data: &[u8], mode: u32) -> io::Result<PathBuf> {
+    write_temp_as(path, data, mode, None)
+}
+
+fn write_temp_as(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<PathBuf> {
     let tmp = temp_path(path)?;
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -46,17 +66,19 @@ fn replace_as(path: &Path, data: &[u8], mode: u32, owner: Option<(u32, u32)>) ->
             .open(&tmp)?;
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-            // chown clears no bits here (no setuid), but the umask may have.
-            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         }
+        // Explicit, whatever the umask (or a chown) took away.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        f.sync_all()
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    result
 }
 
 /// The temporary name for an atomic write of `path`: `.<name><random>` in

@@ -11,9 +11,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::fs::{OpenOptions, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -364,20 +362,10 @@ fn dns_record(domain: &str, selector: &str, key: &DkimKey) -> Result<String, Str
 /// is then hard-linked into place, which fails if the name exists; a crash
 /// leaves at worst a dot-file, which queued ignores.
 fn write_new_key(path: &Path, pem: &[u8]) -> Result<(), Error> {
-    let tmp = safeio::temp_path(path).map_err(io_error(path))?;
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(pem)?;
-        // Explicit: tambo's umask (077) would take the group's bits away,
-        // and the group is how queued gets to read the key.
-        f.set_permissions(Permissions::from_mode(0o660))?;
-        f.sync_all()
-    })();
-    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    // Mode 0660 set explicitly: tambo's umask (077) would take the group's
+    // bits away, and the group is how queued gets to read the key.
+    let tmp = safeio::write_temp(path, pem, 0o660).map_err(io_error(path))?;
+    let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
         Ok(()) => {}

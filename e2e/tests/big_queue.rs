@@ -13,16 +13,6 @@ use std::time::{Duration, Instant};
 
 use tambo_e2e::*;
 
-/// Resident memory now (VmRSS), in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/pid/status")
-}
-
 const ITEMS: usize = 100_000;
 /// What queued may hold with them: 3 KiB an item, runtime included, in a
 /// debug build (about 2.5 KiB measured; a release build holds less).

@@ -3,7 +3,7 @@
 //! well-behaved client is still served.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -14,23 +14,6 @@ use tambo_proto::deliver::{FromDeliverd, ToDeliverd};
 use tambo_proto::frame::{MAX_SMALL_FRAME, read_frame, write_frame};
 use tambo_proto::submit::{Mode, SubmitReply, SubmitRequest};
 use tambo_proto::{Role, hello};
-
-/// A TCP connection to `addr` from the loopback address `src`.
-fn connect_from(src: &str, addr: SocketAddr) -> TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let s = rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-        sock.connect(addr).await.unwrap()
-    });
-    let s = s.into_std().unwrap();
-    s.set_nonblocking(false).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s
-}
 
 /// The first line the server sends.
 fn first_line(s: &TcpStream) -> String {

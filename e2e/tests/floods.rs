@@ -8,23 +8,6 @@ use std::time::{Duration, Instant};
 
 use tambo_e2e::*;
 
-/// A TCP connection to `addr` from the loopback address `src`.
-fn connect_from(src: &str, addr: SocketAddr) -> TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let s = rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-        sock.connect(addr).await.unwrap()
-    });
-    let s = s.into_std().unwrap();
-    s.set_nonblocking(false).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s
-}
-
 /// One reply's code and text, multi-line replies joined.
 fn reply(r: &mut BufReader<TcpStream>) -> (u16, String) {
     let mut text = String::new();
@@ -72,16 +55,6 @@ fn reset(s: TcpStream) {
         l_linger: 0,
     };
     setsockopt(&s, Linger, &off).expect("SO_LINGER");
-}
-
-/// Resident memory now (VmRSS), in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 #[test]

@@ -114,23 +114,7 @@ impl Spool {
     /// fsync'd under a temporary name (never loaded as an item), returned.
     pub fn write_item(&self, item: &Item) -> io::Result<PathBuf> {
         self.check_writable()?;
-        let tmp = safeio::temp_path(&self.item_path(&item.id))?;
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&item.to_json())?;
-            f.sync_all()
-        })();
-        match written {
-            Ok(()) => Ok(tmp),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e)
-            }
-        }
+        safeio::write_temp(&self.item_path(&item.id), &item.to_json(), 0o600)
     }
 
     /// The second half: the written item takes its name. Durable once the

@@ -1,4 +1,5 @@
 use super::*;
+use std::os::unix::fs::PermissionsExt;
 
 // queued's test-only keys, with OpenSSL's view of their public halves
 // (queued/src/dkim/testdata/README).
