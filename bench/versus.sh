@@ -167,6 +167,7 @@ mail_delivery_agent_args: "-c"
 mail_delivery_agent_args: "exec dd of=$C/out/new/\$\$ conv=fsync status=none"
 data_dir: "$C/data"
 mail_log_path: "$C/mail.log"
+max_queue_items: 200000
 CONF
 in_cgroup chasquid chasquid -config_dir "$C/config" 2>"$C/log"
 until python3 bench/idle_conns.py 127.0.0.1 $CHASQUID_PORT 1 </dev/null >/dev/null 2>&1; do sleep 0.1; done
