@@ -24,7 +24,7 @@ done
 systemctl stop chasquid 2>/dev/null || true
 cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
-ROOT=$(mktemp -d /tmp/tambo-compare.XXXXXX)
+ROOT=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-compare.XXXXXX)
 chmod 755 "$ROOT"
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 

@@ -23,7 +23,7 @@ ROUNDS=${2:-3}
 N=${3:-1000}
 cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
-ROOT=$(mktemp -d /tmp/tambo-handshake.XXXXXX)
+ROOT=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-handshake.XXXXXX)
 chmod 755 "$ROOT"
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 ulimit -n "$(ulimit -Hn)"

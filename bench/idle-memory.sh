@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 N=${1:-1000}
 cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
-ROOT=$(mktemp -d /tmp/tambo-idle.XXXXXX)
+ROOT=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-idle.XXXXXX)
 chmod 755 "$ROOT"
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 ulimit -n "$(ulimit -Hn)"

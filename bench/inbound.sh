@@ -40,7 +40,7 @@ elif [ ! -x "$PWD/target/bench-base/release/tambo" ] || [ "$(cat "$BASE_SRC/.rev
 fi
 BASE=${BASE_BIN:-$PWD/target/bench-base/release}
 
-ROOT=$(mktemp -d /tmp/tambo-bench-inbound.XXXXXX)
+ROOT=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-bench-inbound.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 . bench/lib.sh
 chmod 755 "$ROOT"

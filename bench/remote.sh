@@ -20,7 +20,7 @@ command -v smtp-source >/dev/null || { echo "smtp-source not found: apt-get inst
 
 cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
-ROOT=$(mktemp -d /tmp/tambo-bench-remote.XXXXXX)
+ROOT=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-bench-remote.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$ROOT"' EXIT
 . bench/lib.sh
 chmod 755 "$ROOT"

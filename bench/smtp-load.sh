@@ -17,11 +17,11 @@ command -v smtp-source >/dev/null || { echo "smtp-source not found: apt-get inst
 
 cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
-DIR=$(mktemp -d /tmp/tambo-bench.XXXXXX)
+DIR=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 . bench/lib.sh
 chmod 755 "$DIR"
-mkdir -p "$DIR/config/domains/example.test" "$DIR/logs"
+mkdir -p "$DIR/config/domains/example.test" "$DIR/logs" "$DIR/mail"
 tambo_cert "$DIR/config" bench.example.test
 echo 'ann !' > "$DIR/config/domains/example.test/users"
 PORT=${PORT:-32525}

@@ -59,7 +59,7 @@ CG=/sys/fs/cgroup/cpuacct
 [ -w $CG ] || { echo "needs the cgroup v1 cpuacct controller at $CG" >&2; exit 1; }
 cargo build --release --workspace --locked 2>&1 | tail -1
 BIN=$PWD/target/release
-ROOT=$(mktemp -d /tmp/tambo-versus.XXXXXX)
+ROOT=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-versus.XXXXXX)
 chmod 755 "$ROOT"
 ulimit -n "$(ulimit -Hn)"
 . bench/lib.sh
@@ -88,7 +88,7 @@ cpu_ns() { cat $CG/bench-$1/cpuacct.usage; }
 # --- tambo ---------------------------------------------------------------
 TAMBO_PORT=32700
 T=$ROOT/tambo
-mkdir -p "$T/config/domains/example.test"
+mkdir -p "$T/config/domains/example.test" "$T/mail"
 echo 'ann !' > "$T/config/domains/example.test/users"
 tambo_cert "$T/config" bench.example.test
 cat > "$T/config/tambo.conf" <<CONF

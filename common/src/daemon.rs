@@ -164,6 +164,16 @@ pub fn restrict_umask() {
 
 /// The daemon's tokio runtime. Built after sockets are bound and
 /// privileges dropped, so its threads start with the final credentials.
+///
+/// `worker_threads`: `None` for one per core (smtpd: TLS and sessions
+/// scale with connections), `Some(1)` for a daemon whose async side only
+/// routes work (queued, deliverd, monitord): their file operations, fsyncs
+/// and CPU-heavy work run on the blocking pool either way, and one worker
+/// spares the wakeups a second one costs each time it is handed or steals
+/// a task. Measured with `bench/smtp-load.sh` (issue 11): queued and
+/// deliverd on one worker each took 15% less CPU per message and one
+/// session ran 20% faster; smtpd on one worker ran its single session
+/// slower, so it keeps one per core.
 pub fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {

@@ -102,7 +102,8 @@ fn main() -> ExitCode {
     if let Err(e) = tambo_common::sandbox::lock_down(Role::Deliverd, &cfg) {
         return daemon::startup_failed(format!("cannot lock deliverd down: {e}"));
     }
-    let rt = match daemon::runtime(None) {
+    // One worker: see daemon::runtime.
+    let rt = match daemon::runtime(Some(1)) {
         Ok(rt) => rt,
         Err(code) => return code,
     };

@@ -626,6 +626,20 @@ runtime_dir = \"{run}\"
     }
 
     /// Names of the files in the queue directory (its lock file aside).
+    /// The queue items (`m:` files) that are whole: the JSON object
+    /// each starts with (its `#end` line after it is not JSON).
+    pub fn queue_items(&self) -> Vec<serde_json::Value> {
+        self.queue_files()
+            .iter()
+            .filter(|n| n.starts_with("m:"))
+            .filter_map(|n| std::fs::read(self.data_dir.join("queue").join(n)).ok())
+            .filter_map(|b| {
+                let mut values = serde_json::Deserializer::from_slice(&b).into_iter();
+                values.next()?.ok()
+            })
+            .collect()
+    }
+
     pub fn queue_files(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.data_dir.join("queue"))
             .map(|rd| {

@@ -522,17 +522,12 @@ fn setup_lmtp(dc: &Dovecot) -> Tambo {
 /// Waits until a queued recipient's last failure contains `needle`.
 fn wait_failure(t: &Tambo, needle: &str) -> String {
     wait_for(&format!("a queued failure mentioning {needle:?}"), || {
-        t.queue_files()
-            .iter()
-            .filter(|n| n.starts_with("m:"))
-            .filter_map(|n| std::fs::read(t.data_dir.join("queue").join(n)).ok())
-            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .find_map(|item| {
-                item["recipients"].as_array()?.iter().find_map(|r| {
-                    let f = r["last_failure"].as_str()?;
-                    f.contains(needle).then(|| f.to_string())
-                })
+        t.queue_items().into_iter().find_map(|item| {
+            item["recipients"].as_array()?.iter().find_map(|r| {
+                let f = r["last_failure"].as_str()?;
+                f.contains(needle).then(|| f.to_string())
             })
+        })
     })
 }
 

@@ -9,14 +9,16 @@ use tambo_e2e::*;
 fn a_second_queued_refuses_to_start_and_loses_nothing() {
     let mut t = Tambo::default_setup();
     t.start_all();
-    // A message in the middle of DATA: its body file exists, its item not
-    // yet. A second queued that cleaned "orphans" would delete it.
+    // A message in the middle of DATA: its body file exists (it is too
+    // big to be held in memory), its item not yet. A second queued that
+    // cleaned "orphans" would delete it.
     let mut c = t.smtp();
     c.expect("EHLO client.test", 250);
     c.expect("MAIL FROM:<x@remote.example>", 250);
     c.expect("RCPT TO:<ann@example.test>", 250);
     c.expect("DATA", 354);
-    c.send_raw(&message("in flight", "first half\r\n"));
+    let first_half = format!("first half\r\n{}", "x".repeat(70) + "\r\n").repeat(2000);
+    c.send_raw(&message("in flight", &first_half));
     wait_for("the body file", || {
         t.queue_files()
             .iter()
@@ -44,7 +46,7 @@ fn a_second_queued_refuses_to_start_and_loses_nothing() {
     assert_eq!(c.reply().code, 250);
     let msgs = t.wait_maildir("ann", 1);
     let s = String::from_utf8_lossy(&msgs[0]);
-    assert!(s.contains("first half\r\nsecond half"), "{s}");
+    assert!(s.contains(&format!("{first_half}second half")), "{s}");
 }
 
 #[test]
@@ -99,10 +101,21 @@ fn unreadable_items_are_counted_kept_and_removable() {
     let mut t = Tambo::default_setup();
     let queue = t.data_dir.join("queue");
     std::fs::create_dir_all(&queue).unwrap();
-    std::fs::write(queue.join("m:brokenitem1"), b"{ not json").unwrap();
+    // Whole (its end line gives the length of what precedes it) but not
+    // an item: kept for the operator.
+    std::fs::write(queue.join("m:brokenitem1"), b"{ not json\n#end 10\n").unwrap();
     std::fs::write(queue.join("d:brokenitem1"), b"Subject: x\r\n\r\nbody\r\n").unwrap();
+    // The start of a new item a crash cut short (no end line): its
+    // message never got a 250, so it goes, body and all.
+    std::fs::write(
+        queue.join("m:cutshort123"),
+        b"{\n  \"version\": 1,\n  \"id\": \"cut",
+    )
+    .unwrap();
+    std::fs::write(queue.join("d:cutshort123"), b"Subject: y\r\n\r\nbody\r\n").unwrap();
     t.start_all();
     t.wait_log("queued", "unreadable queue item");
+    t.wait_log("queued", "1 unfinished new items removed");
     t.wait_var("the unreadable item counted", |v| {
         v["tambo/queue/unreadableItems"] == 1
     });

@@ -89,12 +89,7 @@ fn text(m: &[u8]) -> String {
 
 /// The queue items' JSON (m: files).
 fn items(t: &Tambo) -> Vec<serde_json::Value> {
-    t.queue_files()
-        .iter()
-        .filter(|n| n.starts_with("m:"))
-        .filter_map(|n| std::fs::read(t.data_dir.join("queue").join(n)).ok())
-        .filter_map(|b| serde_json::from_slice(&b).ok())
-        .collect()
+    t.queue_items()
 }
 
 /// Waits until some pending recipient's last failure contains `needle`.

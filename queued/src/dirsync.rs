@@ -15,7 +15,8 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,7 +29,16 @@ type Waiter = oneshot::Sender<Result<(), Arc<io::Error>>>;
 pub struct DirSync {
     tx: mpsc::UnboundedSender<Waiter>,
     failed: Arc<AtomicBool>,
+    /// Directory fsyncs made (the metric, but this syncer's own; read by
+    /// the tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    fsyncs: Arc<AtomicU64>,
+    /// A [`DirSync::sync_soon`] is waiting for its turn.
+    soon: Arc<AtomicBool>,
 }
+
+/// How long a removal may wait to be made durable ([`DirSync::sync_soon`]).
+pub const SOON: Duration = Duration::from_millis(100);
 
 impl DirSync {
     /// Starts the syncing task for `spool`'s directory.
@@ -36,6 +46,8 @@ impl DirSync {
         let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
         let failed = Arc::new(AtomicBool::new(false));
         let failed2 = failed.clone();
+        let fsyncs = Arc::new(AtomicU64::new(0));
+        let counted = fsyncs.clone();
         tokio::spawn(async move {
             let mut first_error: Option<Arc<io::Error>> = None;
             while let Some(first) = rx.recv().await {
@@ -52,6 +64,7 @@ impl DirSync {
                             .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
                             .map_err(Arc::new);
                         metrics::inc(names::QUEUE_DIR_SYNCS);
+                        counted.fetch_add(1, Ordering::Relaxed);
                         if let Err(e) = &r {
                             tracing::error!(
                                 "fsync of the queue directory failed: {e}; refusing new mail until queued restarts"
@@ -67,12 +80,48 @@ impl DirSync {
                 }
             }
         });
-        Self { tx, failed }
+        Self {
+            tx,
+            failed,
+            fsyncs,
+            soon: Arc::default(),
+        }
+    }
+
+    /// Directory fsyncs made so far.
+    #[cfg(test)]
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
     }
 
     /// Whether a directory fsync has ever failed in this process.
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Makes every directory change made before this call durable within
+    /// [`SOON`], without waiting: for removals of delivered items. Until
+    /// then a crash may bring an item back, and its delivery is tried
+    /// again (tambo's Maildir recognises what it already has; other
+    /// targets may get it twice), as it could before the removal. Under
+    /// load this is one directory fsync per interval instead of one per
+    /// message (a sync for new mail in between covers them too). A
+    /// failure is logged by the syncer, like any.
+    pub fn sync_soon(&self) {
+        if self.soon.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (tx, soon) = (self.tx.clone(), self.soon.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(SOON).await;
+            // Cleared before the request: a removal that saw it set is
+            // older than the request, so the fsync after it covers it.
+            soon.store(false, Ordering::Release);
+            let (w, rx) = oneshot::channel();
+            if tx.send(w).is_ok() {
+                let _ = rx.await;
+            }
+        });
     }
 
     /// Returns once every directory change made before this call is
@@ -93,6 +142,35 @@ impl DirSync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn removals_are_synced_soon_and_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        let ds = DirSync::start(spool);
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            ds.sync_soon();
+        }
+        assert_eq!(ds.fsyncs(), 0, "nobody waits for it");
+        let wait_for = |n: u64| {
+            let ds = &ds;
+            async move {
+                while ds.fsyncs() < n {
+                    assert!(started.elapsed() < Duration::from_secs(10), "no fsync");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        wait_for(1).await;
+        assert!(started.elapsed() >= SOON);
+        // One fsync for all hundred: nothing else follows.
+        tokio::time::sleep(SOON * 3).await;
+        assert_eq!(ds.fsyncs(), 1);
+        // A later removal starts a new interval.
+        ds.sync_soon();
+        wait_for(2).await;
+    }
 
     #[tokio::test]
     async fn concurrent_syncs_share_fsyncs() {

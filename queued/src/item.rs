@@ -8,6 +8,19 @@ use serde::{Deserialize, Serialize};
 /// Bumped when the stored form changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Starts the last line of an item file ([`Item::to_file`]).
+const END: &[u8] = b"\n#end ";
+
+/// Why an item file could not be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FileError {
+    /// Whole, but not an item this version reads: kept for the operator.
+    Bad(String),
+    /// The start of a new item whose write a crash interrupted: its
+    /// message was never acknowledged, so it and its body are removed.
+    Torn,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
     Pending,
@@ -72,6 +85,41 @@ impl Item {
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising plain structs of strings cannot fail.
         serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// The item as its file holds it: the JSON, then a last line naming
+    /// the JSON's length. A new item is written under its own name, not
+    /// renamed into place (one journal commit instead of two per
+    /// message), so a crash can leave one half-written: without that
+    /// line it is recognisably one that never got its 250
+    /// ([`FileError::Torn`]).
+    pub fn to_file(&self) -> Vec<u8> {
+        let mut bytes = self.to_json();
+        let len = bytes.len();
+        bytes.extend_from_slice(END);
+        bytes.extend_from_slice(len.to_string().as_bytes());
+        bytes.push(b'\n');
+        bytes
+    }
+
+    /// Reads what [`Item::to_file`] wrote (or an item from before the
+    /// end line, plain JSON).
+    pub fn from_file(bytes: &[u8]) -> Result<Self, FileError> {
+        let ended = bytes.strip_suffix(b"\n").and_then(|b| {
+            let at = b.windows(END.len()).rposition(|w| w == END)?;
+            let len: usize = std::str::from_utf8(&b[at + END.len()..])
+                .ok()?
+                .parse()
+                .ok()?;
+            (len == at).then_some(&b[..at])
+        });
+        match ended {
+            Some(json) => Self::from_json(json).map_err(FileError::Bad),
+            // JSON cannot hold the end line's `#`, so a whole item without
+            // it is one written before it existed; anything else is the
+            // start of a write a crash cut short.
+            None => Self::from_json(bytes).map_err(|_| FileError::Torn),
+        }
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
@@ -153,5 +201,44 @@ mod tests {
         old.version = 99;
         assert!(Item::from_json(&old.to_json()).is_err());
         assert!(Item::from_json(b"{not json").is_err());
+    }
+
+    #[test]
+    fn a_file_is_whole_only_with_its_end_line() {
+        let item = Item {
+            version: FORMAT_VERSION,
+            id: "abc".into(),
+            from: "a@b".into(),
+            rcpt_to: vec!["c@d".into()],
+            created_ms: 1,
+            client: "local".into(),
+            recipients: vec![],
+        };
+        let file = item.to_file();
+        assert_eq!(Item::from_file(&file).unwrap(), item);
+        // Written before the end line existed: plain JSON.
+        assert_eq!(Item::from_file(&item.to_json()).unwrap(), item);
+        // Every cut a crash could leave is recognised as one, except those
+        // that hold the whole JSON (with or without the line feed after
+        // it): those are the item.
+        let json = item.to_json().len();
+        for cut in 0..file.len() {
+            let expected = if cut == json || cut == json + 1 {
+                Ok(item.clone())
+            } else {
+                Err(FileError::Torn)
+            };
+            assert_eq!(Item::from_file(&file[..cut]), expected, "cut at {cut}");
+        }
+        // Whole but not an item this version reads: kept, not removed.
+        let mut old = item.clone();
+        old.version = 0;
+        assert!(matches!(
+            Item::from_file(&old.to_file()),
+            Err(FileError::Bad(_))
+        ));
+        let mut bad = b"{not json".to_vec();
+        bad.extend_from_slice(b"\n#end 9\n");
+        assert!(matches!(Item::from_file(&bad), Err(FileError::Bad(_))));
     }
 }

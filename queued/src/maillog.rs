@@ -70,6 +70,9 @@ pub struct Writer {
     out: Out,
     /// When a failure was last reported to the debug log.
     reported: Option<Instant>,
+    /// When the syslog socket was last tried: at most once a second, so a
+    /// machine without syslog does not pay a socket and a connect a line.
+    tried: Option<Instant>,
 }
 
 enum Out {
@@ -112,6 +115,7 @@ pub fn open(cfg: &Config) -> Result<Writer, String> {
         dest,
         out,
         reported: None,
+        tried: Some(Instant::now()),
     })
 }
 
@@ -146,7 +150,12 @@ impl Writer {
             Out::Stdout => io::stdout().lock().write_all(stamped(line).as_bytes()),
             Out::Stderr => io::stderr().lock().write_all(stamped(line).as_bytes()),
             Out::Syslog(sock) => {
-                if sock.is_none() {
+                if sock.is_none()
+                    && self
+                        .tried
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                {
+                    self.tried = Some(Instant::now());
                     *sock = syslog_socket();
                 }
                 // No time: syslog adds its own.
@@ -191,7 +200,10 @@ impl Writer {
                     p.display()
                 ),
             },
-            Dest::Syslog => self.out = Out::Syslog(syslog_socket()),
+            Dest::Syslog => {
+                self.tried = Some(Instant::now());
+                self.out = Out::Syslog(syslog_socket());
+            }
             Dest::Stdout | Dest::Stderr => {}
         }
     }

@@ -265,7 +265,8 @@ fn main() -> ExitCode {
         return daemon::startup_failed(format!("cannot lock queued down: {e}"));
     }
     maillog::start(mail_log);
-    let rt = match daemon::runtime(None) {
+    // One worker: see daemon::runtime.
+    let rt = match daemon::runtime(Some(1)) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -290,10 +291,11 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(
-            "queue loaded: {} items, {} unreadable, {} orphan files removed",
+            "queue loaded: {} items, {} unreadable, {} orphan files removed, {} unfinished new items removed",
             loaded.items.len(),
             loaded.unreadable.len(),
-            loaded.removed_orphans
+            loaded.removed_orphans,
+            loaded.torn
         );
         for item in loaded.items {
             queue.start(item, false);

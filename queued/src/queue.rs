@@ -455,35 +455,35 @@ impl Queue {
         let to_write = item.clone();
         let body_sync = session.body_sync;
         let deadline = session.deadline;
-        tokio::task::spawn_blocking(move || match body_sync {
-            None => spool.stage_item(&to_write).map_err(PutError::from),
-            Some(synced) => {
-                let staged = spool.write_item(&to_write)?;
-                let result = synced.blocking_recv().unwrap_or_else(|_| {
-                    Err(std::io::Error::other("the body's fsync was abandoned"))
-                });
-                match result {
-                    // The fsync may have been slow: checked again, for
-                    // the same reason as above.
-                    Ok(()) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => {
-                        spool.discard_item(&staged);
-                        Err(PutError::TooLate)
-                    }
-                    Ok(()) => Ok(spool.commit_item(&staged, &to_write.id)?),
-                    Err(e) => {
-                        spool.discard_item(&staged);
-                        Err(std::io::Error::new(
-                            e.kind(),
-                            format!("cannot sync the message body: {e}"),
-                        )
-                        .into())
-                    }
+        tokio::task::spawn_blocking(move || -> Result<(), PutError> {
+            spool.write_new_item(&to_write)?;
+            let Some(synced) = body_sync else {
+                return Ok(());
+            };
+            let result = synced
+                .blocking_recv()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the body's fsync was abandoned")));
+            let failed = match result {
+                // The fsync may have been slow: checked again, for the
+                // same reason as above.
+                Ok(()) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => {
+                    PutError::TooLate
                 }
-            }
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    std::io::Error::new(e.kind(), format!("cannot sync the message body: {e}"))
+                        .into()
+                }
+            };
+            // The item is whole on disk, and nobody will be told: it must
+            // not come back after a crash either.
+            let _ = spool.unlink(&to_write.id);
+            let _ = spool.sync_dir();
+            Err(failed)
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
-        // Covers the item's rename and the body's directory entry.
+        // Covers the item's and the body's directory entries.
         self.dirsync.sync().await?;
         metrics::inc(names::QUEUE_ITEMS_WRITTEN);
         metrics::inc(names::QUEUE_PUT_COUNT);

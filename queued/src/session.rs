@@ -293,10 +293,10 @@ impl Session {
                 };
             }
         };
-        let spool = self.queue.spool.clone();
-        let id2 = id.clone();
-        match tokio::task::spawn_blocking(move || spool.create_body(&id2)).await {
-            Ok(Ok(writer)) => {
+        // Nothing touches the disk yet: a small body stays in memory until
+        // its end (spool::BODY_IN_MEMORY).
+        match self.queue.spool.create_body(&id) {
+            Ok(writer) => {
                 // The checks after DATA would only add this field: put it
                 // on top as the message is spooled, once its header section
                 // shows it unsigned.
@@ -312,17 +312,11 @@ impl Session {
                 });
                 SubmitReply::DataReady
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::error!("cannot create a queue file: {e}");
                 self.queue.release_id(&id);
                 SubmitReply::Failed {
                     reason: format!("queue write failed: {e}"),
-                }
-            }
-            Err(e) => {
-                self.queue.release_id(&id);
-                SubmitReply::Failed {
-                    reason: e.to_string(),
                 }
             }
         }
@@ -382,16 +376,21 @@ impl Session {
         };
         let mut synced = false;
         let mut body_sync = None;
+        let mut body_job = None;
         if signing || checking {
-            drop(writer);
+            // They read the body back from its file.
+            let close = move || writer.close();
+            if let Err(reply) = self.spool_io(&id, "write the message body", close).await {
+                return Ok(reply);
+            }
         } else {
             // In the background, while the put resolves the recipients and
             // writes the item: the put waits for it before the item takes
             // its name.
             let (tx, rx) = tokio::sync::oneshot::channel();
-            tokio::task::spawn_blocking(move || {
+            body_job = Some(tokio::task::spawn_blocking(move || {
                 let _ = tx.send(writer.finish());
-            });
+            }));
             body_sync = Some(rx);
             synced = true;
         }
@@ -446,6 +445,11 @@ impl Session {
             Err(e) => {
                 if let PutError::Io(io) = &e {
                     tracing::error!(%id, "cannot write the queue item: {io}");
+                }
+                // The body may only now be getting its file (one held in
+                // memory): removed once it is there, before the answer.
+                if let Some(job) = body_job {
+                    let _ = job.await;
                 }
                 self.queue.release_id(&id);
                 Ok(SubmitReply::Failed {
@@ -694,7 +698,12 @@ impl Session {
 impl Body {
     /// Writes to the body file; the first failure is kept for DataEnd.
     fn spool(&mut self, data: &[u8]) {
-        if let Err(e) = tokio::task::block_in_place(|| self.writer.write(data)) {
+        let written = if self.writer.would_block(data.len()) {
+            tokio::task::block_in_place(|| self.writer.write(data))
+        } else {
+            self.writer.write(data)
+        };
+        if let Err(e) = written {
             tracing::error!(id = %self.id, "queue write failed: {e}");
             self.error = Some(BodyError::Failed(format!("queue write failed: {e}")));
         }

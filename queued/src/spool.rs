@@ -2,10 +2,12 @@
 //!
 //! - `d:<ID>`: the message body (headers added by smtpd, CRLF line ends),
 //!   written as it streams in and fsync'd before the item exists.
-//! - `m:<ID>`: the item (envelope and recipient state), written atomically
-//!   (temp + fsync + rename + directory fsync). Its presence is what makes
-//!   a message queued: a `d:` file without its `m:` is a put that never got
-//!   its 250, and is removed at startup.
+//! - `m:<ID>`: the item (envelope and recipient state). A new one is
+//!   written under its name and fsync'd, then the directory; a rewrite is
+//!   atomic (temp + fsync + rename + directory fsync). A whole item is
+//!   what makes a message queued: a `d:` file without its `m:` is a put
+//!   that never got its 250, and so is an item without its end line
+//!   ([`Item::to_file`]); both are removed at startup.
 //! - `.m:<ID><random>`: temporary files of atomic writes; never items.
 //!
 //! Every function here blocks; callers run them on the blocking pool.
@@ -17,11 +19,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tambo_common::lockfile::LockFile;
 use tambo_common::safeio;
 
-use crate::item::Item;
+use crate::item::{FileError, Item};
 
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -30,7 +34,20 @@ pub struct Spool {
     fail_writes: bool,
     /// Test knob: directory fsyncs fail while this file exists.
     fail_sync_if: Option<PathBuf>,
+    /// Bytes of bodies held in memory by every [`BodyWriter`] at once.
+    buffered: Arc<AtomicUsize>,
 }
+
+/// A body up to this size is kept in memory until its end and then written
+/// with one create, one write and one fsync, on one trip to the blocking
+/// pool: no file is created at DATA and no chunk write blocks a runtime
+/// thread. Larger bodies go to their file as they stream in.
+pub const BODY_IN_MEMORY: usize = 128 * 1024;
+
+/// At most this much of all bodies being received is held in memory;
+/// past it new chunks go to files. (Every byte is also counted in the
+/// in-flight budget, which may be far larger: that one is mostly disk.)
+pub const BODIES_IN_MEMORY: usize = 32 * 1024 * 1024;
 
 /// The lock file inside the queue directory; whoever holds it owns the
 /// queue.
@@ -44,6 +61,8 @@ pub struct Loaded {
     pub unreadable: Vec<(PathBuf, String)>,
     /// Bodies without an item and stale temp files, removed.
     pub removed_orphans: usize,
+    /// New items a crash cut short (never acknowledged), removed.
+    pub torn: usize,
 }
 
 impl Spool {
@@ -57,6 +76,7 @@ impl Spool {
             dir: dir.to_path_buf(),
             fail_writes,
             fail_sync_if: None,
+            buffered: Arc::default(),
         })
     }
 
@@ -91,42 +111,45 @@ impl Spool {
         Ok(())
     }
 
-    /// Starts a body file for a new message.
+    /// Starts the body of a new message. Nothing is created on disk yet:
+    /// see [`BODY_IN_MEMORY`].
     pub fn create_body(&self, id: &str) -> io::Result<BodyWriter> {
         self.check_writable()?;
-        let path = self.body_path(id);
-        let file = OpenOptions::new()
+        Ok(BodyWriter {
+            path: self.body_path(id),
+            held: Vec::new(),
+            file: None,
+            buffered: self.buffered.clone(),
+        })
+    }
+
+    /// Rewrites an item atomically (temp, fsync, rename); durable once the
+    /// directory is synced. For an item that exists: a new one is
+    /// [`Spool::write_new_item`].
+    pub fn stage_item(&self, item: &Item) -> io::Result<()> {
+        self.check_writable()?;
+        safeio::replace(&self.item_path(&item.id), &item.to_file(), 0o600)
+    }
+
+    /// Writes a new item under its own name and fsyncs it; durable once
+    /// the directory is synced. No temp file and no rename: until the
+    /// put answers, a half-written item is one nobody was told about, and
+    /// its end line ([`Item::to_file`]) tells a crash's leftovers apart at
+    /// the next start. On failure nothing of it is left.
+    pub fn write_new_item(&self, item: &Item) -> io::Result<()> {
+        self.check_writable()?;
+        let path = self.item_path(&item.id);
+        // Not removed if this fails: it was somebody else's.
+        let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        Ok(BodyWriter { file })
-    }
-
-    /// Writes an item atomically (temp, fsync, rename); durable once the
-    /// directory is synced.
-    pub fn stage_item(&self, item: &Item) -> io::Result<()> {
-        self.check_writable()?;
-        safeio::replace(&self.item_path(&item.id), &item.to_json(), 0o600)
-    }
-
-    /// The first half of [`Spool::stage_item`]: the item written and
-    /// fsync'd under a temporary name (never loaded as an item), returned.
-    pub fn write_item(&self, item: &Item) -> io::Result<PathBuf> {
-        self.check_writable()?;
-        safeio::write_temp(&self.item_path(&item.id), &item.to_json(), 0o600)
-    }
-
-    /// The second half: the written item takes its name. Durable once the
-    /// directory is synced.
-    pub fn commit_item(&self, staged: &Path, id: &str) -> io::Result<()> {
-        std::fs::rename(staged, self.item_path(id)).inspect_err(|_| self.discard_item(staged))
-    }
-
-    /// Removes an item written by [`Spool::write_item`] that will not be
-    /// committed.
-    pub fn discard_item(&self, staged: &Path) {
-        let _ = std::fs::remove_file(staged);
+        let written = f.write_all(&item.to_file()).and_then(|()| f.sync_all());
+        if written.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        written
     }
 
     /// Puts `prefix` (header fields) on top of the body `id`, rewriting it
@@ -201,8 +224,8 @@ impl Spool {
             let path = entry.path();
             if let Some(id) = name.strip_prefix("m:") {
                 match std::fs::read(&path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| Item::from_json(&b))
+                    .map_err(|e| FileError::Bad(e.to_string()))
+                    .and_then(|b| Item::from_file(&b))
                 {
                     Ok(item) if item.id == id && self.body_path(id).exists() => {
                         items.insert(id.to_string());
@@ -216,9 +239,14 @@ impl Spool {
                                 .into(),
                         ));
                     }
-                    Err(e) => {
+                    Err(FileError::Bad(e)) => {
                         items.insert(id.to_string());
                         loaded.unreadable.push((path, e));
+                    }
+                    // Its body, if any, goes with the orphans below.
+                    Err(FileError::Torn) => {
+                        let _ = std::fs::remove_file(&path);
+                        loaded.torn += 1;
                     }
                 }
             } else if let Some(id) = name.strip_prefix("d:") {
@@ -247,23 +275,78 @@ impl Spool {
     }
 }
 
-/// A body being written. Unbuffered: smtpd sends it in 64 KiB chunks, each
-/// one write, and a session in DATA holds no buffer of its own here (a
-/// buffer per session would be memory a hostile smtpd could pin outside
-/// the in-flight byte budget).
+/// A body being written: in memory while it is small (and the memory
+/// budget allows), then in its file. Whatever it holds in memory is
+/// counted in [`BODIES_IN_MEMORY`] and, by the session, in the in-flight
+/// byte budget, so a hostile smtpd cannot pin more than those.
 pub struct BodyWriter {
-    file: File,
+    path: PathBuf,
+    held: Vec<u8>,
+    file: Option<File>,
+    buffered: Arc<AtomicUsize>,
 }
 
 impl BodyWriter {
-    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.write_all(data)
+    /// Whether writing `n` more bytes would touch the disk (the caller
+    /// then takes it off the runtime's threads).
+    pub fn would_block(&self, n: usize) -> bool {
+        self.file.is_some() || self.held.len() + n > BODY_IN_MEMORY
     }
 
-    /// fsyncs the body. After this it is durable, but still not an item
-    /// until `write_item`.
-    pub fn finish(self) -> io::Result<()> {
-        self.file.sync_all()
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.file.is_none() && self.held.len() + data.len() <= BODY_IN_MEMORY {
+            let total = self.buffered.fetch_add(data.len(), Ordering::Relaxed) + data.len();
+            if total <= BODIES_IN_MEMORY {
+                self.held.extend_from_slice(data);
+                return Ok(());
+            }
+            self.buffered.fetch_sub(data.len(), Ordering::Relaxed);
+        }
+        self.file()?.write_all(data)
+    }
+
+    /// The body's file, created and given what was held in memory.
+    fn file(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            self.file = Some(match file.write_all(&self.held) {
+                Ok(()) => file,
+                Err(e) => {
+                    drop(file);
+                    let _ = std::fs::remove_file(&self.path);
+                    return Err(e);
+                }
+            });
+            self.release();
+        }
+        Ok(self.file.as_mut().expect("just created"))
+    }
+
+    fn release(&mut self) {
+        self.buffered.fetch_sub(self.held.len(), Ordering::Relaxed);
+        self.held = Vec::new();
+    }
+
+    /// Puts the whole body in its file, not synced: for the steps that
+    /// read it back by path and rewrite it (signing, the checks).
+    pub fn close(mut self) -> io::Result<()> {
+        self.file().map(drop)
+    }
+
+    /// Writes out what is held and fsyncs the body. After this it is
+    /// durable, but still not an item until `write_new_item`.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.file()?.sync_all()
+    }
+}
+
+impl Drop for BodyWriter {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -285,29 +368,69 @@ mod tests {
     }
 
     #[test]
-    fn a_written_item_is_an_item_only_once_committed() {
+    fn a_new_item_cut_short_by_a_crash_is_removed_with_its_body() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), false).unwrap();
-        spool.create_body("x").unwrap().finish().unwrap();
-        let staged = spool.write_item(&item("x")).unwrap();
-        // A crash here: no item, and both files are cleaned up.
-        let crashed = tempfile::tempdir().unwrap();
-        for f in std::fs::read_dir(dir.path()).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), crashed.path().join(f.file_name())).unwrap();
+        // A small body is only in memory until its end: nothing on disk.
+        let mut w = spool.create_body("x").unwrap();
+        w.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+        assert!(!spool.body_path("x").exists());
+        w.finish().unwrap();
+        assert!(spool.body_path("x").exists());
+        spool.write_new_item(&item("x")).unwrap();
+        let whole = std::fs::read(spool.item_path("x")).unwrap();
+        // Each cut a crash could leave: nothing loads, nothing is kept
+        // for the operator, both files go.
+        for cut in [0, 1, whole.len() / 2, whole.len() - 2] {
+            let crashed = tempfile::tempdir().unwrap();
+            std::fs::copy(spool.body_path("x"), crashed.path().join("d:x")).unwrap();
+            std::fs::write(crashed.path().join("m:x"), &whole[..cut]).unwrap();
+            let loaded = Spool::open(crashed.path(), false).unwrap().load().unwrap();
+            assert!(loaded.items.is_empty(), "cut {cut}");
+            assert!(loaded.unreadable.is_empty(), "cut {cut}");
+            assert_eq!((loaded.torn, loaded.removed_orphans), (1, 1), "cut {cut}");
+            assert_eq!(std::fs::read_dir(crashed.path()).unwrap().count(), 0);
         }
-        let loaded = Spool::open(crashed.path(), false).unwrap().load().unwrap();
-        assert!(loaded.items.is_empty());
-        assert_eq!(loaded.removed_orphans, 2);
-        // Committed, it loads.
-        spool.commit_item(&staged, "x").unwrap();
+        // Whole, it loads; a second write of the same ID is refused.
         let loaded = spool.load().unwrap();
         assert_eq!(loaded.items, vec![item("x")]);
-        assert_eq!(loaded.removed_orphans, 0);
-        // One that is discarded leaves nothing behind.
-        let staged = spool.write_item(&item("y")).unwrap();
-        spool.discard_item(&staged);
-        assert!(!staged.exists());
+        assert_eq!((loaded.torn, loaded.removed_orphans), (0, 0));
+        assert!(spool.write_new_item(&item("x")).is_err());
+        assert_eq!(std::fs::read(spool.item_path("x")).unwrap(), whole);
+    }
+
+    #[test]
+    fn bodies_stay_in_memory_only_while_small_and_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        let mut big = spool.create_body("big").unwrap();
+        big.write(&vec![b'a'; BODY_IN_MEMORY]).unwrap();
+        assert!(!spool.body_path("big").exists());
+        assert!(big.would_block(1));
+        big.write(b"b").unwrap();
+        assert!(
+            spool.body_path("big").exists(),
+            "past the size: to its file"
+        );
+        assert_eq!(spool.buffered.load(Ordering::Relaxed), 0);
+        big.finish().unwrap();
+        assert_eq!(
+            std::fs::metadata(spool.body_path("big")).unwrap().len(),
+            BODY_IN_MEMORY as u64 + 1
+        );
+        // With the budget spent elsewhere, even a small body goes to disk.
+        spool.buffered.store(BODIES_IN_MEMORY, Ordering::Relaxed);
+        let mut small = spool.create_body("small").unwrap();
+        small.write(b"x").unwrap();
+        assert!(spool.body_path("small").exists());
+        spool.buffered.store(0, Ordering::Relaxed);
+        // What a writer held is given back when it goes, used or not.
+        let mut dropped = spool.create_body("dropped").unwrap();
+        dropped.write(b"held").unwrap();
+        assert_eq!(spool.buffered.load(Ordering::Relaxed), 4);
+        drop(dropped);
+        assert_eq!(spool.buffered.load(Ordering::Relaxed), 0);
+        assert!(!spool.body_path("dropped").exists());
     }
 
     #[test]
@@ -316,7 +439,7 @@ mod tests {
         let spool = Spool::open(dir.path(), false).unwrap();
         let mut w = spool.create_body("m1").unwrap();
         w.write(b"Received: x\r\n\r\nbody\r\n").unwrap();
-        drop(w);
+        w.close().unwrap();
         spool.prepend("m1", b"X-Spam: 0\r\n").unwrap();
         assert_eq!(
             std::fs::read(spool.body_path("m1")).unwrap(),
@@ -364,12 +487,17 @@ mod tests {
         let s = Spool::open(dir.path(), false).unwrap();
         s.create_body("orphan").unwrap().finish().unwrap();
         std::fs::write(dir.path().join(".m:x123"), b"tmp").unwrap();
-        std::fs::write(dir.path().join("m:bad"), b"{garbage").unwrap();
+        // Whole (its end line says so) but unreadable: kept.
+        std::fs::write(dir.path().join("m:bad"), b"{garbage\n#end 8\n").unwrap();
         std::fs::write(dir.path().join("d:bad"), b"body").unwrap();
+        // Without its end line: a new item a crash cut short, removed.
+        std::fs::write(dir.path().join("m:cut"), b"{\"version\": 1, \"id\"").unwrap();
+        std::fs::write(dir.path().join("d:cut"), b"body").unwrap();
         let loaded = s.load().unwrap();
         assert!(loaded.items.is_empty());
         assert_eq!(loaded.unreadable.len(), 1);
-        assert_eq!(loaded.removed_orphans, 2);
+        assert_eq!(loaded.torn, 1);
+        assert_eq!(loaded.removed_orphans, 3);
         assert!(
             dir.path().join("m:bad").exists(),
             "unreadable items are never deleted"

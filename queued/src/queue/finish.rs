@@ -53,10 +53,10 @@ impl Queue {
         let removed = tokio::task::spawn_blocking(move || spool.unlink(&id))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-        if let Err(e) = removed {
-            tracing::error!(id = %item.id, "cannot remove finished item: {e}");
-        } else if let Err(e) = self.dirsync.sync().await {
-            tracing::error!(id = %item.id, "cannot sync the queue directory: {e}");
+        match removed {
+            Err(e) => tracing::error!(id = %item.id, "cannot remove finished item: {e}"),
+            // Nobody waits for a removal to be durable (dirsync::SOON).
+            Ok(()) => self.dirsync.sync_soon(),
         }
         self.ids().items.remove(&item.id);
         tracing::info!(id = %item.id, "{} from=<{}> all done", item.id, item.from);
