@@ -15,8 +15,13 @@ MESSAGES=${2:-5000}
 command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
 command -v smtp-source >/dev/null || { echo "smtp-source not found: apt-get install postfix" >&2; exit 1; }
 
-cargo build --release --workspace --locked 2>&1 | tail -1
-BIN=$PWD/target/release
+# BIN_OVERRIDE: another build's release directory (bench/ab.sh).
+if [ -n "${BIN_OVERRIDE:-}" ]; then
+  BIN=$BIN_OVERRIDE
+else
+  cargo build --release --workspace --locked 2>&1 | tail -1
+  BIN=$PWD/target/release
+fi
 DIR=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 . bench/lib.sh

@@ -136,7 +136,7 @@ smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
 smtpd_client_message_rate_limit = 0
 default_process_limit = $((IDLE + 100))
-maillog_file_prefixes = /tmp
+maillog_file_prefixes = $ROOT
 maillog_file = $P/maillog
 biff = no
 CONF
@@ -201,7 +201,16 @@ one() {
   c0=$(cpu_ns "$server")
   t0=$(now)
   # shellcheck disable=SC2086
-  smtp-source $args -m "$n" -f "" -t ann@example.test "127.0.0.1:$port"
+  if ! smtp-source $args -m "$n" -f "" -t ann@example.test "127.0.0.1:$port" >&2; then
+    # A refusal ends smtp-source (chasquid 1.11 refuses past 200 queued
+    # messages, a limit it does not let us raise): the run does not
+    # count. Wait for what it took to arrive, so the next run starts
+    # with an empty queue.
+    local last=-1
+    until [ "$(count "$out")" = "$last" ]; do last=$(count "$out"); sleep 3; done
+    echo refused
+    return
+  fi
   t1=$(now)
   until [ "$(count "$out")" -ge "$((base + n))" ]; do sleep 0.02; done
   t2=$(now)
@@ -270,8 +279,11 @@ import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 servers = ["tambo", "postfix", "chasquid"]
 def med(sc, s, k):
-    v = [float(r[2 + k]) for r in rows if r[0] == sc and r[1] == s]
+    v = [float(r[2 + k]) for r in rows if r[0] == sc and r[1] == s and r[2] != "refused"]
     return statistics.median(v) if v else float("nan")
+refused = [r for r in rows if len(r) > 2 and r[2] == "refused"]
+if refused:
+    print("runs refused by the server (not counted):", ", ".join(f"{r[1]} {r[0]}" for r in refused))
 print("| scenario | tambo | Postfix | chasquid | tambo / Postfix |")
 print("|---|---|---|---|---|")
 names = {"reused": "20 sessions, connection reused", "conn": "20 sessions, one connection per message",

@@ -626,17 +626,13 @@ runtime_dir = \"{run}\"
     }
 
     /// Names of the files in the queue directory (its lock file aside).
-    /// The queue items (`m:` files) that are whole: the JSON object
-    /// each starts with (its `#end` line after it is not JSON).
+    /// The queue items (`m:` files, JSON) that can be read.
     pub fn queue_items(&self) -> Vec<serde_json::Value> {
         self.queue_files()
             .iter()
             .filter(|n| n.starts_with("m:"))
             .filter_map(|n| std::fs::read(self.data_dir.join("queue").join(n)).ok())
-            .filter_map(|b| {
-                let mut values = serde_json::Deserializer::from_slice(&b).into_iter();
-                values.next()?.ok()
-            })
+            .filter_map(|b| serde_json::from_slice(&b).ok())
             .collect()
     }
 

@@ -8,16 +8,15 @@ use serde::{Deserialize, Serialize};
 /// Bumped when the stored form changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Starts the last line of an item file ([`Item::to_file`]).
-const END: &[u8] = b"\n#end ";
-
 /// Why an item file could not be read.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FileError {
     /// Whole, but not an item this version reads: kept for the operator.
     Bad(String),
     /// The start of a new item whose write a crash interrupted: its
-    /// message was never acknowledged, so it and its body are removed.
+    /// message was never acknowledged (the item is written only once the
+    /// body is durable, and the reply waits for the item's fsync), so it
+    /// and its body are removed.
     Torn,
 }
 
@@ -87,50 +86,25 @@ impl Item {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
 
-    /// The item as its file holds it: the JSON, then a last line naming
-    /// the JSON's length. A new item is written under its own name, not
-    /// renamed into place (one journal commit instead of two per
-    /// message), so a crash can leave one half-written: without that
-    /// line it is recognisably one that never got its 250
-    /// ([`FileError::Torn`]).
-    pub fn to_file(&self) -> Vec<u8> {
-        let mut bytes = self.to_json();
-        let len = bytes.len();
-        bytes.extend_from_slice(END);
-        bytes.extend_from_slice(len.to_string().as_bytes());
-        bytes.push(b'\n');
-        bytes
-    }
-
-    /// Reads what [`Item::to_file`] wrote (or an item from before the
-    /// end line, plain JSON).
+    /// Reads an item file. A new item is written under its own name, not
+    /// renamed into place, so a crash can leave the start of one: a JSON
+    /// object cut anywhere is incomplete (only the whole object closes
+    /// its outer brace), and so is an empty file. Nothing else is taken
+    /// for a cut: a whole file that is not an item this version reads is
+    /// [`FileError::Bad`], kept for the operator.
     pub fn from_file(bytes: &[u8]) -> Result<Self, FileError> {
-        let ended = bytes.strip_suffix(b"\n").and_then(|b| {
-            let at = b.windows(END.len()).rposition(|w| w == END)?;
-            let len: usize = std::str::from_utf8(&b[at + END.len()..])
-                .ok()?
-                .parse()
-                .ok()?;
-            (len == at).then_some(&b[..at])
-        });
-        match ended {
-            Some(json) => Self::from_json(json).map_err(FileError::Bad),
-            // JSON cannot hold the end line's `#`, so a whole item without
-            // it is one written before it existed; anything else is the
-            // start of a write a crash cut short.
-            None => Self::from_json(bytes).map_err(|_| FileError::Torn),
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(FileError::Torn);
         }
-    }
-
-    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let item: Item = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if item.version != FORMAT_VERSION {
-            return Err(format!(
+        match serde_json::from_slice::<Item>(bytes) {
+            Err(e) if e.is_eof() => Err(FileError::Torn),
+            Err(e) => Err(FileError::Bad(e.to_string())),
+            Ok(item) if item.version != FORMAT_VERSION => Err(FileError::Bad(format!(
                 "format version {} is not {FORMAT_VERSION}",
                 item.version
-            ));
+            ))),
+            Ok(item) => Ok(item),
         }
-        Ok(item)
     }
 
     pub fn pending(&self) -> impl Iterator<Item = (usize, &Recipient)> {
@@ -196,15 +170,15 @@ mod tests {
             client: "local".into(),
             recipients: vec![],
         };
-        assert_eq!(Item::from_json(&item.to_json()).unwrap(), item);
+        assert_eq!(Item::from_file(&item.to_json()).unwrap(), item);
         let mut old = item.clone();
         old.version = 99;
-        assert!(Item::from_json(&old.to_json()).is_err());
-        assert!(Item::from_json(b"{not json").is_err());
+        assert!(Item::from_file(&old.to_json()).is_err());
+        assert!(Item::from_file(b"{not json").is_err());
     }
 
     #[test]
-    fn a_file_is_whole_only_with_its_end_line() {
+    fn only_a_cut_object_or_an_empty_file_is_a_cut_write() {
         let item = Item {
             version: FORMAT_VERSION,
             id: "abc".into(),
@@ -214,31 +188,32 @@ mod tests {
             client: "local".into(),
             recipients: vec![],
         };
-        let file = item.to_file();
+        let file = item.to_json();
         assert_eq!(Item::from_file(&file).unwrap(), item);
-        // Written before the end line existed: plain JSON.
-        assert_eq!(Item::from_file(&item.to_json()).unwrap(), item);
-        // Every cut a crash could leave is recognised as one, except those
-        // that hold the whole JSON (with or without the line feed after
-        // it): those are the item.
-        let json = item.to_json().len();
+        // Every cut a crash could leave is recognised as one.
         for cut in 0..file.len() {
-            let expected = if cut == json || cut == json + 1 {
-                Ok(item.clone())
-            } else {
-                Err(FileError::Torn)
-            };
-            assert_eq!(Item::from_file(&file[..cut]), expected, "cut at {cut}");
+            assert_eq!(
+                Item::from_file(&file[..cut]),
+                Err(FileError::Torn),
+                "cut at {cut}"
+            );
         }
-        // Whole but not an item this version reads: kept, not removed.
+        // Whole but not an item this version reads, hand-edited or
+        // damaged: kept, never taken for a cut.
         let mut old = item.clone();
         old.version = 0;
-        assert!(matches!(
-            Item::from_file(&old.to_file()),
-            Err(FileError::Bad(_))
-        ));
-        let mut bad = b"{not json".to_vec();
-        bad.extend_from_slice(b"\n#end 9\n");
-        assert!(matches!(Item::from_file(&bad), Err(FileError::Bad(_))));
+        for whole in [
+            old.to_json(),
+            b"{ not json".to_vec(),
+            b"{}".to_vec(),
+            [file.as_slice(), b"\n#trailing"].concat(),
+            [&file[..file.len() / 2], &[0u8; 16][..]].concat(),
+        ] {
+            assert!(
+                matches!(Item::from_file(&whole), Err(FileError::Bad(_))),
+                "{}",
+                String::from_utf8_lossy(&whole)
+            );
+        }
     }
 }

@@ -100,7 +100,8 @@ fn syslog_socket() -> Option<UnixDatagram> {
 }
 
 /// Opens the mail log. A file that cannot be opened is a startup error;
-/// syslog not answering yet is not (it is tried again at each line).
+/// syslog not answering yet is not (it is tried again, at most once a
+/// second, as lines come).
 pub fn open(cfg: &Config) -> Result<Writer, String> {
     let dest = Dest::of(cfg);
     let out = match &dest {
@@ -115,7 +116,7 @@ pub fn open(cfg: &Config) -> Result<Writer, String> {
         dest,
         out,
         reported: None,
-        tried: Some(Instant::now()),
+        tried: None,
     })
 }
 

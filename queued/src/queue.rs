@@ -17,6 +17,8 @@ use tambo_proto::metrics::{self, names};
 
 mod finish;
 mod round;
+#[cfg(test)]
+mod tests;
 
 use crate::dirsync::DirSync;
 use crate::dispatch::Dispatcher;
@@ -117,9 +119,9 @@ pub struct FromSession {
     pub hook_answers: HookAnswers,
     /// The message must be an item by then, or not at all.
     pub deadline: Option<std::time::Instant>,
-    /// The body's fsync, still running: the put resolves and writes the
-    /// item meanwhile (two fsyncs at once instead of one after the other),
-    /// and makes it an item only once this said the body is durable.
+    /// The body's fsync, still running: the put resolves the recipients
+    /// meanwhile, and writes the item only once this said the body is
+    /// durable.
     pub body_sync: Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
 }
 
@@ -352,7 +354,7 @@ impl Queue {
     }
 
     /// Gives back an ID whose put failed, and throws its files away (the
-    /// item too: its rename may have happened before a failed directory
+    /// item too: it may have been written before a failed directory
     /// fsync).
     pub fn release_id(&self, id: &str) {
         let _ = self.spool.unlink(id);
@@ -455,34 +457,43 @@ impl Queue {
         let to_write = item.clone();
         let body_sync = session.body_sync;
         let deadline = session.deadline;
-        tokio::task::spawn_blocking(move || -> Result<(), PutError> {
-            spool.write_new_item(&to_write)?;
-            let Some(synced) = body_sync else {
-                return Ok(());
-            };
-            let result = synced
-                .blocking_recv()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the body's fsync was abandoned")));
-            let failed = match result {
+        let written = tokio::task::spawn_blocking(move || -> Result<(), PutError> {
+            let late = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
+            // The body first: a whole item is a queued message, so it
+            // must never name a body that is not durable.
+            if let Some(synced) = body_sync {
+                synced
+                    .blocking_recv()
+                    .unwrap_or_else(|_| {
+                        Err(std::io::Error::other("the body's fsync was abandoned"))
+                    })
+                    .map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("cannot sync the message body: {e}"))
+                    })?;
                 // The fsync may have been slow: checked again, for the
                 // same reason as above.
-                Ok(()) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => {
-                    PutError::TooLate
+                if late() {
+                    return Err(PutError::TooLate);
                 }
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    std::io::Error::new(e.kind(), format!("cannot sync the message body: {e}"))
-                        .into()
-                }
-            };
-            // The item is whole on disk, and nobody will be told: it must
-            // not come back after a crash either.
-            let _ = spool.unlink(&to_write.id);
-            let _ = spool.sync_dir();
-            Err(failed)
+            }
+            spool.write_new_item(&to_write)?;
+            if late() {
+                // Whole on disk, and nobody will be told: removed (made
+                // durable below) so that it cannot come back.
+                let _ = spool.unlink(&to_write.id);
+                return Err(PutError::TooLate);
+            }
+            Ok(())
         })
         .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        .map_err(|e| PutError::from(std::io::Error::other(e.to_string())))
+        .and_then(|r| r);
+        if let Err(e) = written {
+            // What a failed or late write left was removed: durably, or
+            // the queue stops taking mail (a failed directory fsync).
+            let _ = self.dirsync.sync().await;
+            return Err(e);
+        }
         // Covers the item's and the body's directory entries.
         self.dirsync.sync().await?;
         metrics::inc(names::QUEUE_ITEMS_WRITTEN);

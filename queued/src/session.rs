@@ -698,10 +698,10 @@ impl Session {
 impl Body {
     /// Writes to the body file; the first failure is kept for DataEnd.
     fn spool(&mut self, data: &[u8]) {
-        let written = if self.writer.would_block(data.len()) {
-            tokio::task::block_in_place(|| self.writer.write(data))
+        let written = if self.writer.hold(data) {
+            Ok(())
         } else {
-            self.writer.write(data)
+            tokio::task::block_in_place(|| self.writer.write(data))
         };
         if let Err(e) = written {
             tracing::error!(id = %self.id, "queue write failed: {e}");

@@ -2,12 +2,13 @@
 //!
 //! - `d:<ID>`: the message body (headers added by smtpd, CRLF line ends),
 //!   written as it streams in and fsync'd before the item exists.
-//! - `m:<ID>`: the item (envelope and recipient state). A new one is
-//!   written under its name and fsync'd, then the directory; a rewrite is
-//!   atomic (temp + fsync + rename + directory fsync). A whole item is
-//!   what makes a message queued: a `d:` file without its `m:` is a put
-//!   that never got its 250, and so is an item without its end line
-//!   ([`Item::to_file`]); both are removed at startup.
+//! - `m:<ID>`: the item (envelope and recipient state, JSON). A new one
+//!   is written under its name once the body is durable, and fsync'd,
+//!   then the directory; a rewrite is atomic (temp + fsync + rename +
+//!   directory fsync). A whole item is what makes a message queued: a
+//!   `d:` file without its `m:` is a put that never got its 250, and so is
+//!   an `m:` a crash cut short ([`Item::from_file`]); both are removed at
+//!   startup.
 //! - `.m:<ID><random>`: temporary files of atomic writes; never items.
 //!
 //! Every function here blocks; callers run them on the blocking pool.
@@ -128,24 +129,27 @@ impl Spool {
     /// [`Spool::write_new_item`].
     pub fn stage_item(&self, item: &Item) -> io::Result<()> {
         self.check_writable()?;
-        safeio::replace(&self.item_path(&item.id), &item.to_file(), 0o600)
+        safeio::replace(&self.item_path(&item.id), &item.to_json(), 0o600)
     }
 
     /// Writes a new item under its own name and fsyncs it; durable once
-    /// the directory is synced. No temp file and no rename: until the
-    /// put answers, a half-written item is one nobody was told about, and
-    /// its end line ([`Item::to_file`]) tells a crash's leftovers apart at
-    /// the next start. On failure nothing of it is left.
+    /// the directory is synced. Call it only once the body is durable: a
+    /// whole item is a queued message. No temp file and no rename (a
+    /// rename after the fsync would dirty the directory again, a second
+    /// journal commit to wait for): until the put answers, a half-written
+    /// item is one nobody was told about, and [`Item::from_file`] tells a
+    /// crash's leftovers apart at the next start. On failure the file is
+    /// removed (the caller makes that durable).
     pub fn write_new_item(&self, item: &Item) -> io::Result<()> {
         self.check_writable()?;
         let path = self.item_path(&item.id);
-        // Not removed if this fails: it was somebody else's.
+        // If this fails nothing was created: the name is somebody else's.
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        let written = f.write_all(&item.to_file()).and_then(|()| f.sync_all());
+        let written = f.write_all(&item.to_json()).and_then(|()| f.sync_all());
         if written.is_err() {
             let _ = std::fs::remove_file(&path);
         }
@@ -287,20 +291,29 @@ pub struct BodyWriter {
 }
 
 impl BodyWriter {
-    /// Whether writing `n` more bytes would touch the disk (the caller
-    /// then takes it off the runtime's threads).
-    pub fn would_block(&self, n: usize) -> bool {
-        self.file.is_some() || self.held.len() + n > BODY_IN_MEMORY
+    /// Keeps `data` in memory if the body is still small and the memory
+    /// budget allows; false if it must go to the file ([`write`], which
+    /// touches the disk: off the runtime's threads).
+    ///
+    /// [`write`]: BodyWriter::write
+    pub fn hold(&mut self, data: &[u8]) -> bool {
+        if self.file.is_some() || self.held.len() + data.len() > BODY_IN_MEMORY {
+            return false;
+        }
+        let total = self.buffered.fetch_add(data.len(), Ordering::Relaxed) + data.len();
+        if total > BODIES_IN_MEMORY {
+            self.buffered.fetch_sub(data.len(), Ordering::Relaxed);
+            return false;
+        }
+        // Exactly what is counted: no doubling growth beyond the budget.
+        self.held.reserve_exact(data.len());
+        self.held.extend_from_slice(data);
+        true
     }
 
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        if self.file.is_none() && self.held.len() + data.len() <= BODY_IN_MEMORY {
-            let total = self.buffered.fetch_add(data.len(), Ordering::Relaxed) + data.len();
-            if total <= BODIES_IN_MEMORY {
-                self.held.extend_from_slice(data);
-                return Ok(());
-            }
-            self.buffered.fetch_sub(data.len(), Ordering::Relaxed);
+        if self.hold(data) {
+            return Ok(());
         }
         self.file()?.write_all(data)
     }
@@ -406,7 +419,7 @@ mod tests {
         let mut big = spool.create_body("big").unwrap();
         big.write(&vec![b'a'; BODY_IN_MEMORY]).unwrap();
         assert!(!spool.body_path("big").exists());
-        assert!(big.would_block(1));
+        assert!(!big.hold(b"b"), "one byte more is too much");
         big.write(b"b").unwrap();
         assert!(
             spool.body_path("big").exists(),
@@ -421,6 +434,7 @@ mod tests {
         // With the budget spent elsewhere, even a small body goes to disk.
         spool.buffered.store(BODIES_IN_MEMORY, Ordering::Relaxed);
         let mut small = spool.create_body("small").unwrap();
+        assert!(!small.hold(b"x"));
         small.write(b"x").unwrap();
         assert!(spool.body_path("small").exists());
         spool.buffered.store(0, Ordering::Relaxed);
@@ -487,10 +501,10 @@ mod tests {
         let s = Spool::open(dir.path(), false).unwrap();
         s.create_body("orphan").unwrap().finish().unwrap();
         std::fs::write(dir.path().join(".m:x123"), b"tmp").unwrap();
-        // Whole (its end line says so) but unreadable: kept.
-        std::fs::write(dir.path().join("m:bad"), b"{garbage\n#end 8\n").unwrap();
+        // Not JSON: kept for the operator, never taken for a cut.
+        std::fs::write(dir.path().join("m:bad"), b"{garbage").unwrap();
         std::fs::write(dir.path().join("d:bad"), b"body").unwrap();
-        // Without its end line: a new item a crash cut short, removed.
+        // A JSON object cut short: a new item a crash interrupted, removed.
         std::fs::write(dir.path().join("m:cut"), b"{\"version\": 1, \"id\"").unwrap();
         std::fs::write(dir.path().join("d:cut"), b"body").unwrap();
         let loaded = s.load().unwrap();

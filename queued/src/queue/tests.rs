@@ -1,0 +1,122 @@
+//! The put's order of operations on disk: an item is written only once
+//! its body is durable, and a put that fails or comes too late leaves
+//! nothing that could be delivered later.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tambo_common::config::Config;
+use tambo_common::domains::{Domain, Domains};
+use tambo_common::users::UserDb;
+
+use super::{FromSession, PutError, Queue};
+use crate::dkim::DkimKeys;
+use crate::domaininfo::DomainInfo;
+use crate::spool::Spool;
+
+fn queue(dir: &Path) -> Arc<Queue> {
+    let cfg = Config::defaults(dir);
+    let users = UserDb::parse("ann !\n", Path::new("users")).unwrap();
+    let domains = Domains::from_parts([(
+        "example.org".to_string(),
+        Domain {
+            users,
+            aliases: Default::default(),
+        },
+    )]);
+    let spool = Spool::open(&dir.join("queue"), false).unwrap();
+    let info = Arc::new(DomainInfo::load(&dir.join("domaininfo")).unwrap());
+    Arc::new(Queue::new(
+        Arc::new(cfg),
+        domains,
+        spool,
+        info,
+        Arc::new(DkimKeys::default()),
+    ))
+}
+
+/// A put whose body's fsync answers `answer` after `delay`, with `budget`
+/// before smtpd gives up. Returns the put's result and whether its item
+/// file existed when the body's answer was given.
+async fn put(
+    q: &Arc<Queue>,
+    delay: Duration,
+    budget: Duration,
+    answer: std::io::Result<()>,
+) -> (Result<(), PutError>, bool, String) {
+    let id = q.reserve_id(false).unwrap();
+    let mut w = q.spool.create_body(&id).unwrap();
+    w.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+    w.close().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let item = q.spool.item_path(&id);
+    let answered = tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let existed = item.exists();
+        let _ = tx.send(answer);
+        existed
+    });
+    let session = FromSession {
+        deadline: Some(Instant::now() + budget),
+        body_sync: Some(rx),
+        ..Default::default()
+    };
+    let r = q
+        .put(
+            id.clone(),
+            "a@remote.example".into(),
+            vec!["ann@example.org".into()],
+            "127.0.0.1:1".into(),
+            false,
+            session,
+        )
+        .await;
+    (r, answered.await.unwrap(), id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn the_item_waits_for_its_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(dir.path());
+    let (r, existed, id) = put(
+        &q,
+        Duration::from_millis(200),
+        Duration::from_secs(60),
+        Ok(()),
+    )
+    .await;
+    r.unwrap();
+    assert!(!existed, "no item may name a body that is not durable yet");
+    assert!(q.spool.item_path(&id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_failed_body_leaves_no_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(dir.path());
+    let eio = Err(std::io::Error::other("input/output error"));
+    let (r, _, id) = put(&q, Duration::from_millis(10), Duration::from_secs(60), eio).await;
+    assert!(
+        matches!(&r, Err(PutError::Io(e)) if e.to_string().contains("cannot sync the message body")),
+        "{r:?}"
+    );
+    assert!(!q.spool.item_path(&id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_body_synced_after_the_deadline_leaves_no_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(dir.path());
+    let (r, _, id) = put(
+        &q,
+        Duration::from_millis(300),
+        Duration::from_millis(100),
+        Ok(()),
+    )
+    .await;
+    assert!(matches!(r, Err(PutError::TooLate)), "{r:?}");
+    assert!(!q.spool.item_path(&id).exists());
+    // Nothing of it loads at the next start.
+    assert!(q.spool.load().unwrap().items.is_empty());
+}
