@@ -7,21 +7,32 @@
 #   (cd /work/base && cargo build --release --workspace)
 #   bench/ab.sh /work/base [rounds=3] [sessions=1] [messages=2000]
 #
-# Prints, per run, msg/s accepted and the four daemons' CPU seconds.
+# Prints, per run, msg/s accepted and the four daemons' CPU seconds. The
+# order of the two alternates from round to round.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 OTHER=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
 ROUNDS=${2:-3}
 SESSIONS=${3:-1}
 MESSAGES=${4:-2000}
 HERE=$PWD
+for b in tambo tambo-smtpd tambo-queued tambo-deliverd tambo-monitord; do
+  [ -x "$OTHER/target/release/$b" ] || { echo "no $OTHER/target/release/$b: build it first" >&2; exit 1; }
+done
 trap 'bench/freshfs.sh --remove' EXIT
 # Both builds are run by this checkout's scripts.
 cargo build --release --workspace --locked 2>&1 | tail -1
 for r in $(seq "$ROUNDS"); do
-  for tree in "$OTHER" "$HERE"; do
-    out=$(BENCH_TMP=$(bench/freshfs.sh) BIN_OVERRIDE="$tree/target/release" \
-      bench/smtp-load.sh "$SESSIONS" "$MESSAGES" 2>&1)
+  order=("$OTHER" "$HERE")
+  [ $((r % 2)) = 0 ] && order=("$HERE" "$OTHER")
+  for tree in "${order[@]}"; do
+    fs=$(bench/freshfs.sh)
+    [ -n "$fs" ] || { echo "no fresh file system" >&2; exit 1; }
+    if ! out=$(BENCH_TMP=$fs BIN_OVERRIDE="$tree/target/release" \
+      bench/smtp-load.sh "$SESSIONS" "$MESSAGES" 2>&1); then
+      echo "$out" >&2
+      exit 1
+    fi
     acc=$(echo "$out" | awk '/^accepted:/ {print $2}')
     cpu=$(echo "$out" | awk '/CPU/ {gsub("s", "", $NF); s += $NF} END {print s}')
     echo "round $r $tree: sessions=$SESSIONS accepted=$acc msg/s cpu=${cpu}s"

@@ -16,10 +16,12 @@ set -euo pipefail
 MNT=/mnt/tambo-bench
 IMG=${BENCH_IMAGE:-$(cd "$(dirname "$0")/.." && pwd)/target/bench-fs.img}
 if mountpoint -q "$MNT"; then
-  dev=$(findmnt -n -o SOURCE "$MNT")
   umount "$MNT"
-  losetup -d "$dev" 2>/dev/null || true
 fi
+# Every loop device on the image, mounted or left over from a failure.
+for dev in $(losetup -j "$IMG" -O NAME -n 2>/dev/null); do
+  losetup -d "$dev" || true
+done
 rm -f "$IMG"
 [ "${1:-}" = --remove ] && exit 0
 mkdir -p "$MNT" "$(dirname "$IMG")"

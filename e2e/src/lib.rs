@@ -625,7 +625,6 @@ runtime_dir = \"{run}\"
         })
     }
 
-    /// Names of the files in the queue directory (its lock file aside).
     /// The queue items (`m:` files, JSON) that can be read.
     pub fn queue_items(&self) -> Vec<serde_json::Value> {
         self.queue_files()
@@ -636,6 +635,7 @@ runtime_dir = \"{run}\"
             .collect()
     }
 
+    /// Names of the files in the queue directory (its lock file aside).
     pub fn queue_files(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.data_dir.join("queue"))
             .map(|rd| {

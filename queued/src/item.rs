@@ -93,11 +93,16 @@ impl Item {
     /// for a cut: a whole file that is not an item this version reads is
     /// [`FileError::Bad`], kept for the operator.
     pub fn from_file(bytes: &[u8]) -> Result<Self, FileError> {
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        // JSON's whitespace, not form feeds and the like.
+        let start = bytes
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+        let Some(start) = start else {
             return Err(FileError::Torn);
-        }
+        };
         match serde_json::from_slice::<Item>(bytes) {
-            Err(e) if e.is_eof() => Err(FileError::Torn),
+            // Only an object can be the start of an item.
+            Err(e) if e.is_eof() && bytes[start] == b'{' => Err(FileError::Torn),
             Err(e) => Err(FileError::Bad(e.to_string())),
             Ok(item) if item.version != FORMAT_VERSION => Err(FileError::Bad(format!(
                 "format version {} is not {FORMAT_VERSION}",
@@ -179,14 +184,37 @@ mod tests {
 
     #[test]
     fn only_a_cut_object_or_an_empty_file_is_a_cut_write() {
+        // Every kind of value an item holds, so that cuts land in each:
+        // strings with escapes and multi-byte UTF-8, numbers, booleans,
+        // each enum and the variant with a field.
+        let rcpt = |address: &str, kind: Kind, status: Status| Recipient {
+            address: address.into(),
+            kind,
+            local: true,
+            status,
+            last_failure: "4.4.1 \"quoted\" \\ tab\t ctrl\u{1} ñandú 📬".into(),
+            permanent: false,
+            original_address: "ann+tag@example.org".into(),
+            uncertain: true,
+        };
         let item = Item {
             version: FORMAT_VERSION,
             id: "abc".into(),
-            from: "a@b".into(),
-            rcpt_to: vec!["c@d".into()],
-            created_ms: 1,
-            client: "local".into(),
-            recipients: vec![],
+            from: "jürgen@bücher.example".into(),
+            rcpt_to: vec!["c@d".into(), "e@f".into()],
+            created_ms: 1_733_000_000_123,
+            client: "[2001:db8::1]:25".into(),
+            recipients: vec![
+                rcpt("ann@example.org", Kind::Email, Status::Pending),
+                rcpt("/usr/bin/x --y", Kind::Pipe, Status::Sent),
+                rcpt(
+                    "bob@example.net",
+                    Kind::Forward {
+                        via: vec!["mx1.example.net".into(), "[192.0.2.1]:2525".into()],
+                    },
+                    Status::Failed,
+                ),
+            ],
         };
         let file = item.to_json();
         assert_eq!(Item::from_file(&file).unwrap(), item);
@@ -206,6 +234,9 @@ mod tests {
             old.to_json(),
             b"{ not json".to_vec(),
             b"{}".to_vec(),
+            b"[".to_vec(),
+            b"\"unterminated".to_vec(),
+            b"\x0c".to_vec(),
             [file.as_slice(), b"\n#trailing"].concat(),
             [&file[..file.len() / 2], &[0u8; 16][..]].concat(),
         ] {

@@ -361,7 +361,8 @@ impl Queue {
         self.ids().reserved.remove(id);
     }
 
-    /// Turns a fully written (fsync'd) body into a queue item: resolves the
+    /// Turns a fully written body (fsync'd, or being fsync'd:
+    /// [`FromSession::body_sync`]) into a queue item: resolves the
     /// recipients, writes the item durably and starts its send loop. When
     /// this returns Ok the message survives a crash.
     pub async fn put(
@@ -480,7 +481,9 @@ impl Queue {
             if late() {
                 // Whole on disk, and nobody will be told: removed (made
                 // durable below) so that it cannot come back.
-                let _ = spool.unlink(&to_write.id);
+                if let Err(e) = spool.unlink(&to_write.id) {
+                    tracing::error!(id = %to_write.id, "cannot remove an item written too late (it may be delivered although the client was told to retry): {e}");
+                }
                 return Err(PutError::TooLate);
             }
             Ok(())

@@ -384,9 +384,9 @@ impl Session {
                 return Ok(reply);
             }
         } else {
-            // In the background, while the put resolves the recipients and
-            // writes the item: the put waits for it before the item takes
-            // its name.
+            // In the background, while the put resolves the recipients:
+            // the put writes the item only once this says the body is
+            // durable.
             let (tx, rx) = tokio::sync::oneshot::channel();
             body_job = Some(tokio::task::spawn_blocking(move || {
                 let _ = tx.send(writer.finish());

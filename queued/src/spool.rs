@@ -1,7 +1,8 @@
 //! The queue directory on disk.
 //!
 //! - `d:<ID>`: the message body (headers added by smtpd, CRLF line ends),
-//!   written as it streams in and fsync'd before the item exists.
+//!   written as it streams in (or at its end, from memory, when small)
+//!   and fsync'd before the item exists.
 //! - `m:<ID>`: the item (envelope and recipient state, JSON). A new one
 //!   is written under its name once the body is durable, and fsync'd,
 //!   then the directory; a rewrite is atomic (temp + fsync + rename +
@@ -150,8 +151,10 @@ impl Spool {
             .mode(0o600)
             .open(&path)?;
         let written = f.write_all(&item.to_json()).and_then(|()| f.sync_all());
-        if written.is_err() {
-            let _ = std::fs::remove_file(&path);
+        if written.is_err()
+            && let Err(e) = std::fs::remove_file(&path)
+        {
+            tracing::error!(id = %item.id, "cannot remove the item whose write failed: {e}");
         }
         written
     }
@@ -249,6 +252,11 @@ impl Spool {
                     }
                     // Its body, if any, goes with the orphans below.
                     Err(FileError::Torn) => {
+                        let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                        tracing::warn!(
+                            "{}: the start of a new item a crash cut short ({size} bytes; its message never got a 250): removed with its body",
+                            path.display()
+                        );
                         let _ = std::fs::remove_file(&path);
                         loaded.torn += 1;
                     }
