@@ -424,6 +424,7 @@ fn main() -> ExitCode {
         daemon::notify_ready();
         daemon::wait_for_shutdown().await;
         tracing::info!("queued stopping");
+        queue.sync_before_exit().await;
         ExitCode::SUCCESS
     })
 }

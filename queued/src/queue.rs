@@ -353,6 +353,15 @@ impl Queue {
         }
     }
 
+    /// Makes every change to the queue directory so far durable: at
+    /// shutdown, for the removals [`DirSync::sync_soon`] has not synced
+    /// yet.
+    pub async fn sync_before_exit(&self) {
+        if let Err(e) = self.dirsync.sync().await {
+            tracing::error!("cannot sync the queue directory before stopping: {e}");
+        }
+    }
+
     /// Gives back an ID whose put failed, and throws its files away (the
     /// item too: it may have been written before a failed directory
     /// fsync).

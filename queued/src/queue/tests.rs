@@ -120,3 +120,15 @@ async fn a_body_synced_after_the_deadline_leaves_no_item() {
     // Nothing of it loads at the next start.
     assert!(q.spool.load().unwrap().items.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn stopping_syncs_the_removals_nobody_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(dir.path());
+    // A removal's sync is only asked for (within dirsync::SOON)...
+    q.dirsync.sync_soon();
+    let before = q.dirsync.fsyncs();
+    // ...and made at once when queued stops.
+    q.sync_before_exit().await;
+    assert!(q.dirsync.fsyncs() > before);
+}
