@@ -10,7 +10,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 
 use tambo_common::safeio;
 
@@ -67,11 +66,7 @@ pub fn sign_spooled(
     let signatures = keys.sign(domain, &body[split..])?;
     let tmp = safeio::temp_path(&path)?;
     let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = crate::spool::create_private(&tmp)?;
         f.write_all(&body[..split])?;
         f.write_all(&signatures)?;
         f.write_all(&body[split..])?;

@@ -145,11 +145,7 @@ impl Spool {
         self.check_writable()?;
         let path = self.item_path(&item.id);
         // If this fails nothing was created: the name is somebody else's.
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
+        let mut f = create_private(&path)?;
         let written = f.write_all(&item.to_json()).and_then(|()| f.sync_all());
         if written.is_err()
             && let Err(e) = std::fs::remove_file(&path)
@@ -168,11 +164,7 @@ impl Spool {
         let tmp = safeio::temp_path(&path)?;
         let written = (|| {
             let mut src = File::open(&path)?;
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            let mut f = create_private(&tmp)?;
             f.write_all(prefix)?;
             io::copy(&mut src, &mut f)?;
             f.sync_all()?;
@@ -287,6 +279,16 @@ impl Spool {
     }
 }
 
+/// Creates a file only queued may read, failing if the name is taken:
+/// queue files are never opened over something already there.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// A body being written: in memory while it is small (and the memory
 /// budget allows), then in its file. Whatever it holds in memory is
 /// counted in [`BODIES_IN_MEMORY`] and, by the session, in the in-flight
@@ -329,11 +331,7 @@ impl BodyWriter {
     /// The body's file, created and given what was held in memory.
     fn file(&mut self) -> io::Result<&mut File> {
         if self.file.is_none() {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&self.path)?;
+            let mut file = create_private(&self.path)?;
             self.file = Some(match file.write_all(&self.held) {
                 Ok(()) => file,
                 Err(e) => {
