@@ -9,6 +9,11 @@
 #
 # Prints, per run, msg/s accepted and the four daemons' CPU seconds. The
 # order of the two alternates from round to round.
+#
+# AB_DISK=1 runs on the root file system instead, each run in a new
+# directory at its top (ext4 puts one in a block group of its own, away
+# from the last run's freed inodes): the disk's own fsync cost, which
+# the loop device triples.
 set -euo pipefail
 OTHER=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
@@ -19,14 +24,25 @@ HERE=$PWD
 for b in tambo tambo-smtpd tambo-queued tambo-deliverd tambo-monitord; do
   [ -x "$OTHER/target/release/$b" ] || { echo "no $OTHER/target/release/$b: build it first" >&2; exit 1; }
 done
-trap 'bench/freshfs.sh --remove' EXIT
+if [ -n "${AB_DISK:-}" ]; then
+  trap 'rm -rf /tambo-ab.*' EXIT
+else
+  trap 'bench/freshfs.sh --remove' EXIT
+fi
 # Both builds are run by this checkout's scripts.
 cargo build --release --workspace --locked 2>&1 | tail -1
 for r in $(seq "$ROUNDS"); do
   order=("$OTHER" "$HERE")
   [ $((r % 2)) = 0 ] && order=("$HERE" "$OTHER")
   for tree in "${order[@]}"; do
-    fs=$(bench/freshfs.sh)
+    if [ -n "${AB_DISK:-}" ]; then
+      # Removed only at the end: deleting between runs is what slows the
+      # next one down.
+      fs=$(mktemp -d /tambo-ab.XXXXXX)
+      chmod 755 "$fs"
+    else
+      fs=$(bench/freshfs.sh)
+    fi
     [ -n "$fs" ] || { echo "no fresh file system" >&2; exit 1; }
     if ! out=$(BENCH_TMP=$fs BIN_OVERRIDE="$tree/target/release" \
       bench/smtp-load.sh "$SESSIONS" "$MESSAGES" 2>&1); then

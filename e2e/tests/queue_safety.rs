@@ -113,9 +113,22 @@ fn unreadable_items_are_counted_kept_and_removable() {
     )
     .unwrap();
     std::fs::write(queue.join("d:cutshort123"), b"Subject: y\r\n\r\nbody\r\n").unwrap();
+    // A whole item beside a body shorter than it records: the two are
+    // fsync'd at once, and the crash came before the body was durable.
+    std::fs::write(
+        queue.join("m:shortbody12"),
+        br#"{"version": 1, "id": "shortbody12", "from": "", "rcpt_to": ["ann@example.test"],
+            "created_ms": 1, "client": "local", "recipients": [], "body_len": 4096}"#,
+    )
+    .unwrap();
+    std::fs::write(queue.join("d:shortbody12"), b"Subject: z\r\n\r\nbo").unwrap();
     t.start_all();
     t.wait_log("queued", "unreadable queue item");
-    t.wait_log("queued", "1 unfinished new items removed");
+    t.wait_log("queued", "2 unfinished new items removed");
+    t.wait_log(
+        "queued",
+        "m:shortbody12: an item whose body is 16 bytes of the 4096",
+    );
     t.wait_var("the unreadable item counted", |v| {
         v["tambo/queue/unreadableItems"] == 1
     });

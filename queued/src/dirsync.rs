@@ -26,6 +26,8 @@ use crate::spool::Spool;
 
 type Waiter = oneshot::Sender<Result<(), Arc<io::Error>>>;
 
+/// A handle on the syncer: clones share it.
+#[derive(Clone)]
 pub struct DirSync {
     tx: mpsc::UnboundedSender<Waiter>,
     failed: Arc<AtomicBool>,
@@ -127,15 +129,38 @@ impl DirSync {
     /// Returns once every directory change made before this call is
     /// durable.
     pub async fn sync(&self) -> io::Result<()> {
+        let rx = self.request()?.0;
+        answer(rx.await)
+    }
+
+    /// Asks for a sync of every directory change made before this call,
+    /// without waiting: from a blocking job, which goes on with its own
+    /// fsyncs meanwhile (they can share a journal commit) and then waits
+    /// with [`Requested::wait`].
+    pub fn request(&self) -> io::Result<Requested> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(tx)
             .map_err(|_| io::Error::other("directory syncer stopped"))?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
-            Err(_) => Err(io::Error::other("directory syncer stopped")),
-        }
+        Ok(Requested(rx))
+    }
+}
+
+/// A sync asked for with [`DirSync::request`].
+pub struct Requested(oneshot::Receiver<Result<(), Arc<io::Error>>>);
+
+impl Requested {
+    /// Blocks until the sync is done: only off the runtime's threads.
+    pub fn wait(self) -> io::Result<()> {
+        answer(self.0.blocking_recv())
+    }
+}
+
+fn answer(r: Result<Result<(), Arc<io::Error>>, oneshot::error::RecvError>) -> io::Result<()> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
+        Err(_) => Err(io::Error::other("directory syncer stopped")),
     }
 }
 

@@ -300,6 +300,7 @@ mod tests {
                     "ok@example.org",
                 ),
             ],
+            body_len: None,
         }
     }
 

@@ -78,6 +78,13 @@ pub struct Item {
     /// Where the message came from, for logs (`ip:port`, or `local`).
     pub client: String,
     pub recipients: Vec<Recipient>,
+    /// The body's size in bytes when the item was written. The item and
+    /// its body are fsync'd at the same time, so a crash can leave a
+    /// whole item beside a body that is missing or short: at startup
+    /// such an item is a put that never got its 250 ([`crate::spool`]).
+    /// Absent from items written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_len: Option<u64>,
 }
 
 impl Item {
@@ -174,6 +181,7 @@ mod tests {
             created_ms: 1,
             client: "local".into(),
             recipients: vec![],
+            body_len: None,
         };
         assert_eq!(Item::from_file(&item.to_json()).unwrap(), item);
         let mut old = item.clone();
@@ -215,6 +223,7 @@ mod tests {
                     Status::Failed,
                 ),
             ],
+            body_len: Some(1234),
         };
         let file = item.to_json();
         assert_eq!(Item::from_file(&file).unwrap(), item);

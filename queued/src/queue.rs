@@ -29,7 +29,7 @@ use crate::hooks::Hooks;
 use crate::item::{self, FORMAT_VERSION, Item};
 use crate::policy::{Lookup, Oracles, Policy, Unresolved};
 use crate::retry::Schedule;
-use crate::spool::Spool;
+use crate::spool::{BodyWriter, Spool};
 
 pub struct Queue {
     pub cfg: Arc<Config>,
@@ -119,10 +119,53 @@ pub struct FromSession {
     pub hook_answers: HookAnswers,
     /// The message must be an item by then, or not at all.
     pub deadline: Option<std::time::Instant>,
-    /// The body's fsync, still running: the put resolves the recipients
-    /// meanwhile, and writes the item only once this said the body is
-    /// durable.
-    pub body_sync: Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
+    /// The body, still being written out and fsync'd: the put resolves
+    /// the recipients and writes the item meanwhile, and answers only once
+    /// the body is durable. None: it is already.
+    pub body: Option<BodyInProgress>,
+}
+
+/// A body written out and fsync'd on the blocking pool while its put goes
+/// on ([`BodyInProgress::start`]).
+pub struct BodyInProgress {
+    /// Its size, which the item records.
+    pub len: u64,
+    /// Told once the file has the whole body (dropped if it never will):
+    /// from then on the item's write and the directory's sync can run
+    /// alongside the body's fsync.
+    pub written: tokio::sync::oneshot::Receiver<()>,
+    /// The fsync's result.
+    pub synced: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+}
+
+impl BodyInProgress {
+    /// Writes out and fsyncs `writer`'s body on the blocking pool; the job
+    /// ends once the file is durable or gone.
+    pub fn start(writer: BodyWriter) -> (Self, tokio::task::JoinHandle<()>) {
+        let (wtx, written) = tokio::sync::oneshot::channel();
+        let (stx, synced) = tokio::sync::oneshot::channel();
+        let len = writer.size();
+        let job = tokio::task::spawn_blocking(move || {
+            let _ = stx.send(writer.finish(|| {
+                let _ = wtx.send(());
+            }));
+        });
+        let body = Self {
+            len,
+            written,
+            synced,
+        };
+        (body, job)
+    }
+}
+
+/// Waits for a body's fsync ([`BodyInProgress::synced`]), from a blocking
+/// job.
+fn wait_synced(synced: tokio::sync::oneshot::Receiver<std::io::Result<()>>) -> std::io::Result<()> {
+    synced
+        .blocking_recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the body's fsync was abandoned")))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot sync the message body: {e}")))
 }
 
 /// What a put learned beyond the files while resolving.
@@ -446,6 +489,20 @@ impl Queue {
             recipients.extend(self.resolve(&policy, r, &mut answers).await?);
         }
         trace.event(format!("resolved to {} recipients", recipients.len()));
+        let body_len = match &session.body {
+            Some(b) => b.len,
+            None => {
+                let body = self.spool.body_path(&id);
+                tokio::task::spawn_blocking(move || std::fs::metadata(body))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|r| r)
+                    .map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("cannot read the message body: {e}"))
+                    })?
+                    .len()
+            }
+        };
         let item = Item {
             version: FORMAT_VERSION,
             id: id.clone(),
@@ -454,6 +511,7 @@ impl Queue {
             created_ms: now_ms(),
             client,
             recipients,
+            body_len: Some(body_len),
         };
         // Past this, smtpd may have given up waiting and told the client
         // to try again: a message queued now would arrive twice.
@@ -464,38 +522,55 @@ impl Queue {
             return Err(PutError::TooLate);
         }
         let spool = self.spool.clone();
+        let dirsync = self.dirsync.clone();
         let to_write = item.clone();
-        let body_sync = session.body_sync;
+        let body = session.body;
         let deadline = session.deadline;
+        // Three fsyncs, each on its own thread, so that they share one
+        // journal commit instead of waiting for one each: the body's
+        // (started by the session), the item's, and the directory's once
+        // both files have their names. Nobody is told before all three
+        // are done; a crash before that leaves an item whose body is
+        // missing or short, which the next start tells apart by its size
+        // (`body_len`), or an item or body without its directory entry.
         let written = tokio::task::spawn_blocking(move || -> Result<(), PutError> {
             let late = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
-            // The body first: a whole item is a queued message, so it
-            // must never name a body that is not durable.
-            if let Some(synced) = body_sync {
-                synced
-                    .blocking_recv()
-                    .unwrap_or_else(|_| {
-                        Err(std::io::Error::other("the body's fsync was abandoned"))
-                    })
-                    .map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("cannot sync the message body: {e}"))
-                    })?;
-                // The fsync may have been slow: checked again, for the
+            let mut synced = None;
+            if let Some(b) = body {
+                if b.written.blocking_recv().is_err() {
+                    // It failed before it was whole: its answer says why.
+                    let e = wait_synced(b.synced).err().unwrap_or_else(|| {
+                        std::io::Error::other("the message body was not written")
+                    });
+                    return Err(e.into());
+                }
+                synced = Some(b.synced);
+            }
+            let mut dir = None;
+            spool.write_new_item(&to_write, || dir = Some(dirsync.request()))?;
+            let done = (|| {
+                if let Some(s) = synced {
+                    wait_synced(s)?;
+                }
+                match dir {
+                    Some(d) => d?.wait()?,
+                    None => dirsync.request()?.wait()?,
+                }
+                // The fsyncs may have been slow: checked again, for the
                 // same reason as above.
                 if late() {
                     return Err(PutError::TooLate);
                 }
-            }
-            spool.write_new_item(&to_write)?;
-            if late() {
-                // Whole on disk, and nobody will be told: removed (made
-                // durable below) so that it cannot come back.
+                Ok(())
+            })();
+            if done.is_err() {
+                // Possibly whole on disk, and nobody will be told: removed
+                // (made durable below) so that it cannot come back.
                 if let Err(e) = spool.unlink(&to_write.id) {
-                    tracing::error!(id = %to_write.id, "cannot remove an item written too late (it may be delivered although the client was told to retry): {e}");
+                    tracing::error!(id = %to_write.id, "cannot remove an item whose put failed (it may be delivered although the client was told to retry): {e}");
                 }
-                return Err(PutError::TooLate);
             }
-            Ok(())
+            done
         })
         .await
         .map_err(|e| PutError::from(std::io::Error::other(e.to_string())))
@@ -506,8 +581,6 @@ impl Queue {
             let _ = self.dirsync.sync().await;
             return Err(e);
         }
-        // Covers the item's and the body's directory entries.
-        self.dirsync.sync().await?;
         metrics::inc(names::QUEUE_ITEMS_WRITTEN);
         metrics::inc(names::QUEUE_PUT_COUNT);
         tracing::info!(

@@ -22,7 +22,7 @@ use crate::auth;
 use crate::domaininfo::Direction;
 use crate::hooks;
 use crate::policy::{Authenticated, Policy};
-use crate::queue::{FromSession, HookAnswers, PutError, Queue};
+use crate::queue::{BodyInProgress, FromSession, HookAnswers, PutError, Queue};
 use crate::signing;
 use crate::spool::BodyWriter;
 
@@ -375,7 +375,7 @@ impl Session {
             self.needs_post_data()
         };
         let mut synced = false;
-        let mut body_sync = None;
+        let mut in_progress = None;
         let mut body_job = None;
         if signing || checking {
             // They read the body back from its file.
@@ -384,14 +384,12 @@ impl Session {
                 return Ok(reply);
             }
         } else {
-            // In the background, while the put resolves the recipients:
-            // the put writes the item only once this says the body is
-            // durable.
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            body_job = Some(tokio::task::spawn_blocking(move || {
-                let _ = tx.send(writer.finish());
-            }));
-            body_sync = Some(rx);
+            // In the background, while the put resolves the recipients
+            // and writes the item: the put answers only once this says
+            // the body is durable.
+            let (progress, job) = BodyInProgress::start(writer);
+            body_job = Some(job);
+            in_progress = Some(progress);
             synced = true;
         }
         // Authenticated mail is signed with its sender domain's keys before
@@ -434,7 +432,7 @@ impl Session {
         let session = FromSession {
             hook_answers: std::mem::take(&mut self.alias_answers),
             deadline: Some(deadline),
-            body_sync,
+            body: in_progress,
         };
         match self
             .queue

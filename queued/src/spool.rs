@@ -3,13 +3,14 @@
 //! - `d:<ID>`: the message body (headers added by smtpd, CRLF line ends),
 //!   written as it streams in (or at its end, from memory, when small)
 //!   and fsync'd before the item exists.
-//! - `m:<ID>`: the item (envelope and recipient state, JSON). A new one
-//!   is written under its name once the body is durable, and fsync'd,
-//!   then the directory; a rewrite is atomic (temp + fsync + rename +
-//!   directory fsync). A whole item is what makes a message queued: a
-//!   `d:` file without its `m:` is a put that never got its 250, and so is
-//!   an `m:` a crash cut short ([`Item::from_file`]); both are removed at
-//!   startup.
+//! - `m:<ID>`: the item (envelope, recipient state and the body's size,
+//!   JSON). A new one is written under its name and fsync'd while the
+//!   body's fsync runs, then the directory; a rewrite is atomic (temp +
+//!   fsync + rename + directory fsync). A whole item beside a body of the
+//!   size it records is what makes a message queued: a `d:` file without
+//!   its `m:` is a put that never got its 250, and so is an `m:` a crash
+//!   cut short ([`Item::from_file`]) or one whose body is missing or
+//!   short; they are removed at startup.
 //! - `.m:<ID><random>`: temporary files of atomic writes; never items.
 //!
 //! Every function here blocks; callers run them on the blocking pool.
@@ -121,6 +122,7 @@ impl Spool {
             path: self.body_path(id),
             held: Vec::new(),
             file: None,
+            len: 0,
             buffered: self.buffered.clone(),
         })
     }
@@ -134,19 +136,25 @@ impl Spool {
     }
 
     /// Writes a new item under its own name and fsyncs it; durable once
-    /// the directory is synced. Call it only once the body is durable: a
-    /// whole item is a queued message. No temp file and no rename (a
-    /// rename after the fsync would dirty the directory again, a second
-    /// journal commit to wait for): until the put answers, a half-written
-    /// item is one nobody was told about, and [`Item::from_file`] tells a
-    /// crash's leftovers apart at the next start. On failure the file is
-    /// removed (the caller makes that durable).
-    pub fn write_new_item(&self, item: &Item) -> io::Result<()> {
+    /// the directory is synced. The body may still be on its way to the
+    /// disk: the item records its size ([`Item::body_len`]) so a crash
+    /// before both are durable is told apart at startup. No temp file and
+    /// no rename (a rename after the fsync would dirty the directory
+    /// again, a second journal commit to wait for): until the put
+    /// answers, a half-written item is one nobody was told about, and
+    /// [`Item::from_file`] tells a crash's leftovers apart at the next
+    /// start. On failure the file is removed (the caller makes that
+    /// durable). `written` is called between the write and the fsync:
+    /// where the directory's sync can start, alongside.
+    pub fn write_new_item(&self, item: &Item, written: impl FnOnce()) -> io::Result<()> {
         self.check_writable()?;
         let path = self.item_path(&item.id);
         // If this fails nothing was created: the name is somebody else's.
         let mut f = create_private(&path)?;
-        let written = f.write_all(&item.to_json()).and_then(|()| f.sync_all());
+        let written = f.write_all(&item.to_json()).and_then(|()| {
+            written();
+            f.sync_all()
+        });
         if written.is_err()
             && let Err(e) = std::fs::remove_file(&path)
         {
@@ -226,17 +234,32 @@ impl Spool {
                     .map_err(|e| FileError::Bad(e.to_string()))
                     .and_then(|b| Item::from_file(&b))
                 {
-                    Ok(item) if item.id == id && self.body_path(id).exists() => {
-                        items.insert(id.to_string());
-                        loaded.items.push(item);
-                    }
+                    Ok(item) if item.id == id => match self.body_state(&item) {
+                        BodyState::Whole => {
+                            items.insert(id.to_string());
+                            loaded.items.push(item);
+                        }
+                        // Its body, if any, goes with the orphans below.
+                        BodyState::Short(size) => {
+                            tracing::warn!(
+                                "{}: an item whose body is {} bytes of the {} it records: a put a crash cut short (its message never got a 250): removed with its body",
+                                path.display(),
+                                size.map_or_else(|| "missing, 0".to_string(), |s| s.to_string()),
+                                item.body_len.unwrap_or_default(),
+                            );
+                            let _ = std::fs::remove_file(&path);
+                            loaded.torn += 1;
+                        }
+                        BodyState::Other(why) => {
+                            items.insert(id.to_string());
+                            loaded.unreadable.push((path, why));
+                        }
+                    },
                     Ok(_) => {
                         items.insert(id.to_string());
-                        loaded.unreadable.push((
-                            path,
-                            "item id does not match its file, or its body d: file is missing"
-                                .into(),
-                        ));
+                        loaded
+                            .unreadable
+                            .push((path, "item id does not match its file".into()));
                     }
                     Err(FileError::Bad(e)) => {
                         items.insert(id.to_string());
@@ -273,10 +296,40 @@ impl Spool {
         Ok(loaded)
     }
 
+    /// Whether the body of a whole item is there as the item says. The
+    /// put writes and fsyncs the two at once and answers only once both
+    /// are durable, so a crash can leave a whole item beside a body that
+    /// is missing or short, never one that is longer: that one (or a
+    /// missing body under an item that records no size) is kept for the
+    /// operator.
+    fn body_state(&self, item: &Item) -> BodyState {
+        let size = std::fs::metadata(self.body_path(&item.id))
+            .ok()
+            .map(|m| m.len());
+        match (item.body_len, size) {
+            (None, Some(_)) => BodyState::Whole,
+            (None, None) => BodyState::Other("its body d: file is missing".into()),
+            (Some(want), Some(got)) if got == want => BodyState::Whole,
+            (Some(want), Some(got)) if got > want => BodyState::Other(format!(
+                "its body d: file is {got} bytes, more than the {want} the item records"
+            )),
+            (Some(_), size) => BodyState::Short(size),
+        }
+    }
+
     #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+enum BodyState {
+    Whole,
+    /// Missing (`None`) or shorter than the item says: the put's body
+    /// was not durable yet when it crashed.
+    Short(Option<u64>),
+    /// Anything else: kept, reported with this.
+    Other(String),
 }
 
 /// Creates a file only queued may read, failing if the name is taken:
@@ -297,6 +350,8 @@ pub struct BodyWriter {
     path: PathBuf,
     held: Vec<u8>,
     file: Option<File>,
+    /// Bytes written so far, held or in the file.
+    len: u64,
     buffered: Arc<AtomicUsize>,
 }
 
@@ -318,6 +373,7 @@ impl BodyWriter {
         // Exactly what is counted: no doubling growth beyond the budget.
         self.held.reserve_exact(data.len());
         self.held.extend_from_slice(data);
+        self.len += data.len() as u64;
         true
     }
 
@@ -325,7 +381,14 @@ impl BodyWriter {
         if self.hold(data) {
             return Ok(());
         }
-        self.file()?.write_all(data)
+        self.file()?.write_all(data)?;
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    /// The body's size once it is all written: what its item records.
+    pub fn size(&self) -> u64 {
+        self.len
     }
 
     /// The body's file, created and given what was held in memory.
@@ -357,8 +420,12 @@ impl BodyWriter {
     }
 
     /// Writes out what is held and fsyncs the body. After this it is
-    /// durable, but still not an item until `write_new_item`.
-    pub fn finish(mut self) -> io::Result<()> {
+    /// durable, but still not a queued message until its item is too.
+    /// `written` is called once the file has the whole body, before the
+    /// fsync: the item can be written then, alongside.
+    pub fn finish(mut self, written: impl FnOnce()) -> io::Result<()> {
+        self.file()?;
+        written();
         self.file()?.sync_all()
     }
 }
@@ -383,7 +450,76 @@ mod tests {
             created_ms: 5,
             client: "local".into(),
             recipients: vec![],
+            body_len: None,
         }
+    }
+
+    #[test]
+    fn an_item_beside_a_body_a_crash_cut_short_is_removed() {
+        let body = b"Subject: x\r\n\r\nbody\r\n";
+        let with_len = |id: &str, n: Option<u64>| Item {
+            body_len: n,
+            ..item(id)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), false).unwrap();
+        let put = |it: &Item, body: Option<&[u8]>| {
+            spool.write_new_item(it, || {}).unwrap();
+            if let Some(b) = body {
+                std::fs::write(spool.body_path(&it.id), b).unwrap();
+            }
+        };
+        let n = Some(body.len() as u64);
+        // The item and its body are fsync'd at once: a crash can leave a
+        // whole item and a body missing or cut anywhere.
+        put(&with_len("whole", n), Some(body));
+        put(&with_len("missing", n), None);
+        put(&with_len("empty", n), Some(b""));
+        put(&with_len("short", n), Some(&body[..body.len() - 1]));
+        // Never what a crash leaves: kept for the operator.
+        put(&with_len("longer", Some(3)), Some(body));
+        put(&with_len("old", None), None);
+        put(&with_len("old-whole", None), Some(body));
+        let loaded = spool.load().unwrap();
+        let mut ids: Vec<_> = loaded.items.iter().map(|i| i.id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["old-whole", "whole"]);
+        assert_eq!(loaded.torn, 3);
+        // The bodies of "empty" and "short".
+        assert_eq!(loaded.removed_orphans, 2);
+        let mut kept: Vec<_> = loaded
+            .unreadable
+            .iter()
+            .map(|(p, why)| {
+                (
+                    p.file_name().unwrap().to_str().unwrap().to_string(),
+                    why.clone(),
+                )
+            })
+            .collect();
+        kept.sort();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert_eq!(kept[0].0, "m:longer");
+        assert!(kept[0].1.contains("more than the 3"), "{kept:?}");
+        assert_eq!(kept[1].0, "m:old");
+        assert!(kept[1].1.contains("missing"), "{kept:?}");
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "d:longer",
+                "d:old-whole",
+                "d:whole",
+                "m:longer",
+                "m:old",
+                "m:old-whole",
+                "m:whole"
+            ]
+        );
     }
 
     #[test]
@@ -394,9 +530,9 @@ mod tests {
         let mut w = spool.create_body("x").unwrap();
         w.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
         assert!(!spool.body_path("x").exists());
-        w.finish().unwrap();
+        w.finish(|| {}).unwrap();
         assert!(spool.body_path("x").exists());
-        spool.write_new_item(&item("x")).unwrap();
+        spool.write_new_item(&item("x"), || {}).unwrap();
         let whole = std::fs::read(spool.item_path("x")).unwrap();
         // Each cut a crash could leave: nothing loads, nothing is kept
         // for the operator, both files go.
@@ -414,7 +550,7 @@ mod tests {
         let loaded = spool.load().unwrap();
         assert_eq!(loaded.items, vec![item("x")]);
         assert_eq!((loaded.torn, loaded.removed_orphans), (0, 0));
-        assert!(spool.write_new_item(&item("x")).is_err());
+        assert!(spool.write_new_item(&item("x"), || {}).is_err());
         assert_eq!(std::fs::read(spool.item_path("x")).unwrap(), whole);
     }
 
@@ -432,7 +568,7 @@ mod tests {
             "past the size: to its file"
         );
         assert_eq!(spool.buffered.load(Ordering::Relaxed), 0);
-        big.finish().unwrap();
+        big.finish(|| {}).unwrap();
         assert_eq!(
             std::fs::metadata(spool.body_path("big")).unwrap().len(),
             BODY_IN_MEMORY as u64 + 1
@@ -492,7 +628,7 @@ mod tests {
         let s = Spool::open(&dir.path().join("queue"), false).unwrap();
         let mut b = s.create_body("id1").unwrap();
         b.write(b"hello\r\n").unwrap();
-        b.finish().unwrap();
+        b.finish(|| {}).unwrap();
         s.stage_item(&item("id1")).unwrap();
         s.sync_dir().unwrap();
         let loaded = s.load().unwrap();
@@ -505,7 +641,7 @@ mod tests {
     fn orphans_are_cleaned_and_bad_items_kept() {
         let dir = tempfile::tempdir().unwrap();
         let s = Spool::open(dir.path(), false).unwrap();
-        s.create_body("orphan").unwrap().finish().unwrap();
+        s.create_body("orphan").unwrap().finish(|| {}).unwrap();
         std::fs::write(dir.path().join(".m:x123"), b"tmp").unwrap();
         // Not JSON: kept for the operator, never taken for a cut.
         std::fs::write(dir.path().join("m:bad"), b"{garbage").unwrap();

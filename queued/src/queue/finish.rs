@@ -114,7 +114,7 @@ impl Queue {
             let mut w = spool.create_body(&id2)?;
             w.write(&signatures)?;
             w.write(&msg)?;
-            w.finish()
+            w.finish(|| {})
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()));

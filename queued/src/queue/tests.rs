@@ -1,6 +1,6 @@
-//! The put's order of operations on disk: an item is written only once
-//! its body is durable, and a put that fails or comes too late leaves
-//! nothing that could be delivered later.
+//! The put's order of operations on disk: the answer waits until the
+//! body and the item are both durable, and a put that fails or comes too
+//! late leaves nothing that could be delivered later.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use tambo_common::config::Config;
 use tambo_common::domains::{Domain, Domains};
 use tambo_common::users::UserDb;
 
-use super::{FromSession, PutError, Queue};
+use super::{BodyInProgress, FromSession, PutError, Queue};
 use crate::dkim::DkimKeys;
 use crate::domaininfo::DomainInfo;
 use crate::spool::Spool;
@@ -36,20 +36,31 @@ fn queue(dir: &Path) -> Arc<Queue> {
     ))
 }
 
+const BODY: &[u8] = b"Subject: x\r\n\r\nbody\r\n";
+
 /// A put whose body's fsync answers `answer` after `delay`, with `budget`
 /// before smtpd gives up. Returns the put's result and whether its item
-/// file existed when the body's answer was given.
+/// file existed when the body's answer was given. Unless `whole`, the
+/// body fails before its file has it all.
 async fn put(
     q: &Arc<Queue>,
     delay: Duration,
     budget: Duration,
     answer: std::io::Result<()>,
+    whole: bool,
 ) -> (Result<(), PutError>, bool, String) {
     let id = q.reserve_id(false).unwrap();
     let mut w = q.spool.create_body(&id).unwrap();
-    w.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+    w.write(BODY).unwrap();
+    let len = w.size();
     w.close().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (wtx, written) = tokio::sync::oneshot::channel();
+    if whole {
+        wtx.send(()).unwrap();
+    } else {
+        drop(wtx);
+    }
+    let (tx, synced) = tokio::sync::oneshot::channel();
     let item = q.spool.item_path(&id);
     let answered = tokio::spawn(async move {
         tokio::time::sleep(delay).await;
@@ -59,7 +70,11 @@ async fn put(
     });
     let session = FromSession {
         deadline: Some(Instant::now() + budget),
-        body_sync: Some(rx),
+        body: Some(BodyInProgress {
+            len,
+            written,
+            synced,
+        }),
         ..Default::default()
     };
     let r = q
@@ -76,19 +91,24 @@ async fn put(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn the_item_waits_for_its_body() {
+async fn the_put_answers_only_once_its_body_is_durable() {
     let dir = tempfile::tempdir().unwrap();
     let q = queue(dir.path());
-    let (r, existed, id) = put(
-        &q,
-        Duration::from_millis(200),
-        Duration::from_secs(60),
-        Ok(()),
-    )
-    .await;
+    let start = Instant::now();
+    let delay = Duration::from_millis(200);
+    let (r, existed, id) = put(&q, delay, Duration::from_secs(60), Ok(()), true).await;
     r.unwrap();
-    assert!(!existed, "no item may name a body that is not durable yet");
-    assert!(q.spool.item_path(&id).exists());
+    assert!(
+        start.elapsed() >= delay,
+        "answered before the body was durable"
+    );
+    // Written while the body's fsync ran, with the size that tells a
+    // whole put from one a crash cut short.
+    assert!(existed, "the item is written alongside the body's fsync");
+    let item =
+        crate::item::Item::from_file(&std::fs::read(q.spool.item_path(&id)).unwrap()).unwrap();
+    assert_eq!(item.body_len, Some(BODY.len() as u64));
+    assert_eq!(q.spool.load().unwrap().items, vec![item]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -96,11 +116,39 @@ async fn a_failed_body_leaves_no_item() {
     let dir = tempfile::tempdir().unwrap();
     let q = queue(dir.path());
     let eio = Err(std::io::Error::other("input/output error"));
-    let (r, _, id) = put(&q, Duration::from_millis(10), Duration::from_secs(60), eio).await;
+    let (r, _, id) = put(
+        &q,
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+        eio,
+        true,
+    )
+    .await;
     assert!(
         matches!(&r, Err(PutError::Io(e)) if e.to_string().contains("cannot sync the message body")),
         "{r:?}"
     );
+    assert!(!q.spool.item_path(&id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_body_never_written_whole_gets_no_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(dir.path());
+    let enospc = Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+    let (r, existed, id) = put(
+        &q,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        enospc,
+        false,
+    )
+    .await;
+    assert!(
+        matches!(&r, Err(PutError::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull),
+        "{r:?}"
+    );
+    assert!(!existed, "no item is written for a body that is not whole");
     assert!(!q.spool.item_path(&id).exists());
 }
 
@@ -113,6 +161,7 @@ async fn a_body_synced_after_the_deadline_leaves_no_item() {
         Duration::from_millis(300),
         Duration::from_millis(100),
         Ok(()),
+        true,
     )
     .await;
     assert!(matches!(r, Err(PutError::TooLate)), "{r:?}");
