@@ -43,16 +43,22 @@ pub struct DirSync {
 pub const SOON: Duration = Duration::from_millis(100);
 
 impl DirSync {
-    /// Starts the syncing task for `spool`'s directory.
+    /// Starts the syncing thread for `spool`'s directory; it ends when
+    /// the last handle is dropped.
+    ///
+    /// A thread of its own, not a task that hands each fsync to the
+    /// blocking pool: a request wakes it directly, and its answer wakes
+    /// the waiter directly, two thread switches fewer on the path of
+    /// every put.
     pub fn start(spool: Spool) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
         let failed = Arc::new(AtomicBool::new(false));
         let failed2 = failed.clone();
         let fsyncs = Arc::new(AtomicU64::new(0));
         let counted = fsyncs.clone();
-        tokio::spawn(async move {
+        let syncer = move || {
             let mut first_error: Option<Arc<io::Error>> = None;
-            while let Some(first) = rx.recv().await {
+            while let Some(first) = rx.blocking_recv() {
                 let mut waiters = vec![first];
                 while let Ok(w) = rx.try_recv() {
                     waiters.push(w);
@@ -60,11 +66,7 @@ impl DirSync {
                 let result = match &first_error {
                     Some(e) => Err(e.clone()),
                     None => {
-                        let spool = spool.clone();
-                        let r = tokio::task::spawn_blocking(move || spool.sync_dir())
-                            .await
-                            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
-                            .map_err(Arc::new);
+                        let r = spool.sync_dir().map_err(Arc::new);
                         metrics::inc(names::QUEUE_DIR_SYNCS);
                         counted.fetch_add(1, Ordering::Relaxed);
                         if let Err(e) = &r {
@@ -81,7 +83,15 @@ impl DirSync {
                     let _ = w.send(result.clone());
                 }
             }
-        });
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("dirsync".into())
+            .spawn(syncer)
+        {
+            // Every sync then fails ("stopped"): no new mail is taken.
+            tracing::error!("cannot start the queue directory's syncer: {e}");
+            failed.store(true, Ordering::SeqCst);
+        }
         Self {
             tx,
             failed,

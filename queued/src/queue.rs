@@ -535,25 +535,30 @@ impl Queue {
         // (`body_len`), or an item or body without its directory entry.
         let written = tokio::task::spawn_blocking(move || -> Result<(), PutError> {
             let late = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
-            let mut synced = None;
-            if let Some(b) = body {
-                if b.written.blocking_recv().is_err() {
-                    // It failed before it was whole: its answer says why.
-                    let e = wait_synced(b.synced).err().unwrap_or_else(|| {
-                        std::io::Error::other("the message body was not written")
-                    });
-                    return Err(e.into());
+            let (mut synced, mut dir) = (None, None);
+            // The item is written while the body's file may still be
+            // getting its bytes; the directory's sync is asked for once
+            // both have their names.
+            spool.write_new_item(&to_write, || {
+                if let Some(b) = body {
+                    if b.written.blocking_recv().is_err() {
+                        // It failed before it was whole: its answer says
+                        // why.
+                        return Err(wait_synced(b.synced).err().unwrap_or_else(|| {
+                            std::io::Error::other("the message body was not written")
+                        }));
+                    }
+                    synced = Some(b.synced);
                 }
-                synced = Some(b.synced);
-            }
-            let mut dir = None;
-            spool.write_new_item(&to_write, || dir = Some(dirsync.request()))?;
+                dir = Some(dirsync.request()?);
+                Ok(())
+            })?;
             let done = (|| {
                 if let Some(s) = synced {
                     wait_synced(s)?;
                 }
                 match dir {
-                    Some(d) => d?.wait()?,
+                    Some(d) => d.wait()?,
                     None => dirsync.request()?.wait()?,
                 }
                 // The fsyncs may have been slow: checked again, for the

@@ -145,16 +145,21 @@ impl Spool {
     /// [`Item::from_file`] tells a crash's leftovers apart at the next
     /// start. On failure the file is removed (the caller makes that
     /// durable). `written` is called between the write and the fsync:
-    /// where the directory's sync can start, alongside.
-    pub fn write_new_item(&self, item: &Item, written: impl FnOnce()) -> io::Result<()> {
+    /// where the directory's sync can start, alongside; if it fails, so
+    /// does this.
+    pub fn write_new_item(
+        &self,
+        item: &Item,
+        written: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
         self.check_writable()?;
         let path = self.item_path(&item.id);
         // If this fails nothing was created: the name is somebody else's.
         let mut f = create_private(&path)?;
-        let written = f.write_all(&item.to_json()).and_then(|()| {
-            written();
-            f.sync_all()
-        });
+        let written = f
+            .write_all(&item.to_json())
+            .and_then(|()| written())
+            .and_then(|()| f.sync_all());
         if written.is_err()
             && let Err(e) = std::fs::remove_file(&path)
         {
@@ -464,7 +469,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), false).unwrap();
         let put = |it: &Item, body: Option<&[u8]>| {
-            spool.write_new_item(it, || {}).unwrap();
+            spool.write_new_item(it, || Ok(())).unwrap();
             if let Some(b) = body {
                 std::fs::write(spool.body_path(&it.id), b).unwrap();
             }
@@ -532,7 +537,7 @@ mod tests {
         assert!(!spool.body_path("x").exists());
         w.finish(|| {}).unwrap();
         assert!(spool.body_path("x").exists());
-        spool.write_new_item(&item("x"), || {}).unwrap();
+        spool.write_new_item(&item("x"), || Ok(())).unwrap();
         let whole = std::fs::read(spool.item_path("x")).unwrap();
         // Each cut a crash could leave: nothing loads, nothing is kept
         // for the operator, both files go.
@@ -550,7 +555,7 @@ mod tests {
         let loaded = spool.load().unwrap();
         assert_eq!(loaded.items, vec![item("x")]);
         assert_eq!((loaded.torn, loaded.removed_orphans), (0, 0));
-        assert!(spool.write_new_item(&item("x"), || {}).is_err());
+        assert!(spool.write_new_item(&item("x"), || Ok(())).is_err());
         assert_eq!(std::fs::read(spool.item_path("x")).unwrap(), whole);
     }
 
