@@ -102,7 +102,10 @@ fn a_queue_of_100k_items_loads_in_bounded_memory() {
     c.expect("EHLO client.test", 250);
     c.expect("MAIL FROM:<a@remote.test>", 250);
     c.expect("RCPT TO:<ann@example.test>", 250);
-    let r = c.expect("DATA", 451);
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: x\r\n\r\nx\r\n.\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 451, "{r:?}");
     assert!(r.text().contains("4.3.0"), "{r:?}");
     t.wait_log("smtpd", "queue is full");
     let (status, _, page) = t.http_get("/debug/queue");

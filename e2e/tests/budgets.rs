@@ -447,3 +447,46 @@ fn a_client_that_trickles_keeps_its_transaction() {
     assert!(String::from_utf8_lossy(&msgs[0]).contains("one byte at a time\r\n"));
     assert!(!t.log("queued").contains("peer idle"), "no link was closed");
 }
+
+#[test]
+fn a_body_refused_at_its_start_is_read_to_its_end_with_the_link_kept() {
+    // smtpd writes its 354 before it has queued's answer to DATA; here
+    // the answer is "queue full" (deliverd is not running), so the body
+    // is read for nothing, slowly, for longer than queued's idle timeout
+    // (1 s): pings keep the link, the refusal comes at the end, and the
+    // session goes on.
+    let mut t = Tambo::new(
+        "max_queue_items = 1",
+        "",
+        "ipc_idle_timeout = \"1s\"\nsmtp_command_timeout = \"10s\"\n",
+    );
+    t.start("monitord");
+    t.start("queued");
+    t.start("smtpd");
+    let r = t.send(
+        "x@remote.example",
+        &["ann@example.test"],
+        &message("one", "x\r\n"),
+    );
+    assert_eq!(r.code, 250, "{r:?}");
+    let step = Duration::from_millis(200);
+    let mut c = t.smtp();
+    c.expect("EHLO trickle.example", 250);
+    c.expect("MAIL FROM:<x@remote.example>", 250);
+    c.expect("RCPT TO:<ann@example.test>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: refused\r\n\r\n");
+    // The pacing is the client under test, not a wait for a result.
+    for b in b"one byte at a time\r\n" {
+        c.send_raw(&[*b]);
+        std::thread::sleep(step);
+    }
+    c.send_raw(b".\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 451, "{r:?}");
+    assert!(r.text().starts_with("4.3.0 "), "{r:?}");
+    c.expect("NOOP", 250);
+    c.expect("MAIL FROM:<x@remote.example>", 250);
+    assert!(!t.log("queued").contains("peer idle"), "no link was closed");
+    assert_eq!(t.queue_files().len(), 2, "only the first message is queued");
+}

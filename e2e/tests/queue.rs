@@ -226,9 +226,18 @@ fn full_queue_answers_451() {
     c.expect("EHLO client.test", 250);
     c.expect("MAIL FROM:<x@remote.example>", 250);
     c.expect("RCPT TO:<ann@example.test>", 250);
-    let r = c.expect("DATA", 451);
+    // The refusal comes after the body, as chasquid's does: smtpd does
+    // not wait for queued's answer to DATA before its 354.
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: two\r\n\r\nx\r\n.\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 451, "{r:?}");
     assert!(r.text().starts_with("4.3.0 "), "{r:?}");
     assert_eq!(t.queue_files().len(), 2, "only the first message is queued");
+    // The final reply to the message cleared the envelope; the session
+    // goes on.
+    c.expect("DATA", 503);
+    c.expect("NOOP", 250);
 }
 
 #[test]
@@ -239,7 +248,10 @@ fn disk_write_failure_answers_451_never_250() {
     c.expect("EHLO client.test", 250);
     c.expect("MAIL FROM:<x@remote.example>", 250);
     c.expect("RCPT TO:<ann@example.test>", 250);
-    let r = c.expect("DATA", 451);
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: x\r\n\r\nx\r\n.\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 451, "{r:?}");
     assert!(r.text().starts_with("4.3.0 "), "{r:?}");
     assert!(t.queue_files().is_empty(), "nothing half-written is left");
     // The session goes on.

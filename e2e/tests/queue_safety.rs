@@ -77,9 +77,14 @@ fn a_failed_directory_fsync_stops_new_mail_until_restart() {
     c.expect("EHLO client.test", 250);
     c.expect("MAIL FROM:<x@remote.example>", 250);
     c.expect("RCPT TO:<ann@example.test>", 250);
-    // Refused before the body is even sent.
-    let r = c.expect("DATA", 451);
+    // Refused as soon as queued hears of it (its answer to DATA), given
+    // once the body is read.
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: two\r\n\r\nx\r\n.\r\n");
+    let r = c.reply();
+    assert_eq!(r.code, 451, "{r:?}");
     assert!(r.text().starts_with("4.3.0 "), "{r:?}");
+    t.wait_log("smtpd", "queue refused the message at DATA");
     drop(c);
     // A restart re-reads the queue from disk and takes mail again.
     t.stop("queued");

@@ -55,6 +55,12 @@ impl QueueLink {
     /// Sends a request and waits for its one reply.
     pub async fn call(&mut self, req: &SubmitRequest) -> Result<SubmitReply, Error> {
         self.send(req).await?;
+        self.reply().await
+    }
+
+    /// Waits for the reply to a request [`send`](Self::send) sent
+    /// earlier: for a request whose answer is only needed later.
+    pub async fn reply(&mut self) -> Result<SubmitReply, Error> {
         match tokio::time::timeout(CALL_TIMEOUT, self.reader.read(MAX_SMALL_FRAME)).await {
             Ok(Ok(Some(reply))) => Ok(reply),
             Ok(Ok(None)) => Err(Error::Truncated {
@@ -66,7 +72,8 @@ impl QueueLink {
         }
     }
 
-    /// Sends a request that has no reply (body chunks, abort).
+    /// Sends a request: one that has no reply (body chunks, abort), or
+    /// one whose reply is read later with [`reply`](Self::reply).
     pub async fn send(&mut self, req: &SubmitRequest) -> Result<(), Error> {
         let bytes = encode(req)?;
         tokio::time::timeout(CALL_TIMEOUT, self.writer.write_all(&bytes))
@@ -88,8 +95,21 @@ impl QueueLink {
         (self.last_used + every).into()
     }
 
+    /// Keeps the link alive inside DATA: with what was decoded of the body
+    /// so far (possibly nothing) while it goes to queued, with a ping
+    /// while it is only read (`None`: queued refused it at its start).
+    pub async fn keep_alive_in_data(&mut self, chunk: Option<Vec<u8>>) -> Result<(), Error> {
+        match chunk {
+            Some(data) => self.send(&SubmitRequest::DataChunk(data)).await,
+            None => match self.call(&SubmitRequest::Ping).await? {
+                SubmitReply::Ok => Ok(()),
+                _ => Err(Error::Unexpected("reply to Ping")),
+            },
+        }
+    }
+
     /// Pings queued if the link has been quiet for `every`, between
-    /// commands (inside DATA, an empty body chunk does the same).
+    /// commands (inside DATA, [`keep_alive_in_data`](Self::keep_alive_in_data)).
     pub async fn keep_alive(&mut self, every: Duration) -> Result<(), Error> {
         if self.quiet_for() < every {
             return Ok(());

@@ -49,21 +49,31 @@ impl Session {
         let Some(queue) = self.queue.as_mut() else {
             return self.queue_lost();
         };
-        match queue.call(&SubmitRequest::DataBegin).await {
-            Ok(SubmitReply::DataReady) => {}
-            Ok(reply) => {
-                self.refused_by_queue(&reply, "DATA");
-                return Next::Continue;
-            }
+        // Asked now and answered while the 354 goes out: queued's answer
+        // is back before the client's first bytes, so a message costs one
+        // wait for queued fewer. The price: a refusal (queue full, too
+        // much in flight) is given once the body has been read, as a
+        // refusal at its end is.
+        if let Err(e) = queue.send(&SubmitRequest::DataBegin).await {
+            tracing::error!(peer = %self.peer, "queued link failed at DATA: {e}");
+            return self.queue_lost();
+        }
+        self.reply(354, "", "Go ahead; end data with <CR><LF>.<CR><LF>");
+        let flushed = self.flush().await;
+        let Some(queue) = self.queue.as_mut() else {
+            return self.queue_lost();
+        };
+        let refused = match queue.reply().await {
+            Ok(SubmitReply::DataReady) => None,
+            Ok(reply) => Some(reply),
             Err(e) => {
                 tracing::error!(peer = %self.peer, "queued link failed at DATA: {e}");
                 return self.queue_lost();
             }
-        }
-        self.reply(354, "", "Go ahead; end data with <CR><LF>.<CR><LF>");
-        if self.flush().await.is_err() {
-            if let Some(q) = self.queue.as_mut() {
-                let _ = q.send(&SubmitRequest::DataAbort).await;
+        };
+        if flushed.is_err() {
+            if refused.is_none() {
+                let _ = queue.send(&SubmitRequest::DataAbort).await;
             }
             return Next::Close;
         }
@@ -96,12 +106,27 @@ impl Session {
         };
         headers.push_str(&received);
         let deadline = self.started + self.cfg.lifetime;
-        let outcome = self.stream_body(headers.into_bytes(), deadline).await;
+        let outcome = self
+            .stream_body(headers.into_bytes(), deadline, refused.is_none())
+            .await;
         // The final reply to message content clears the envelope, whatever
         // it was (REFERENCE §2.3); the mail log still names it.
         self.answered = (self.mail_from.take(), std::mem::take(&mut self.accepted));
         self.rcpts = 0;
         self.spf = None;
+        match (outcome, refused) {
+            // Read whole, for nothing: queued refused it at its start.
+            (BodyOutcome::Complete, Some(reply)) => {
+                self.refused_by_queue(&reply, "DATA");
+                Next::Continue
+            }
+            (outcome, _) => self.body_read(outcome).await,
+        }
+    }
+
+    /// Answers a body read to its end (or not), which queued was told
+    /// about as it came.
+    async fn body_read(&mut self, outcome: BodyOutcome) -> Next {
         match outcome {
             BodyOutcome::Complete => {
                 let Some(queue) = self.queue.as_mut() else {
@@ -196,17 +221,24 @@ impl Session {
     }
 
     /// Reads the message to its terminator, sending it to queued in chunks
-    /// as it arrives; smtpd never holds more than a chunk. Each read must
-    /// make progress within the command timeout, and the whole body
-    /// arrive before the session's `deadline`. Only reads are timed, never
-    /// a write to queued, so a frame is never cut in half.
-    async fn stream_body(&mut self, first: Vec<u8>, deadline: Instant) -> BodyOutcome {
+    /// as it arrives (unless `forward` is false: queued refused it, and it
+    /// is only read, to stay in step with the client); smtpd never holds
+    /// more than a chunk. Each read must make progress within the command
+    /// timeout, and the whole body arrive before the session's `deadline`.
+    /// Only reads are timed, never a write to queued, so a frame is never
+    /// cut in half.
+    async fn stream_body(
+        &mut self,
+        first: Vec<u8>,
+        deadline: Instant,
+        forward: bool,
+    ) -> BodyOutcome {
         let idle = self.cfg.command_timeout;
         let every = self.cfg.link_keepalive;
         let mut dec = DotDecoder::new();
         let mut headers = HeaderScan::default();
         let mut chunk = first;
-        let mut sending = true;
+        let mut sending = forward;
         let mut result = None;
         loop {
             let now = Instant::now();
@@ -226,15 +258,12 @@ impl Session {
             // reading but may leave the link to queued quiet for long: what
             // was decoded so far goes out whenever the link is due, and the
             // timer is the link's, not reset by each read.
-            if q.quiet_for() >= every {
-                let data = if sending {
-                    std::mem::take(&mut chunk)
-                } else {
-                    Vec::new()
-                };
-                if q.send(&SubmitRequest::DataChunk(data)).await.is_err() {
-                    return BodyOutcome::QueueLost;
-                }
+            if q.quiet_for() >= every
+                && q.keep_alive_in_data(due(sending, forward, &mut chunk))
+                    .await
+                    .is_err()
+            {
+                return BodyOutcome::QueueLost;
             }
             let read = tokio::time::timeout_at(limit.into(), self.conn.fill_buf());
             tokio::pin!(read);
@@ -242,8 +271,8 @@ impl Session {
                 tokio::select! {
                     r = &mut read => break r,
                     _ = tokio::time::sleep_until(q.keepalive_due(every)) => {
-                        let data = if sending { std::mem::take(&mut chunk) } else { Vec::new() };
-                        if q.send(&SubmitRequest::DataChunk(data)).await.is_err() {
+                        let data = due(sending, forward, &mut chunk);
+                        if q.keep_alive_in_data(data).await.is_err() {
                             return BodyOutcome::QueueLost;
                         }
                     }
@@ -316,6 +345,7 @@ impl Session {
         }
         match result {
             None => BodyOutcome::Complete,
+            Some(r) if !forward => r,
             Some(r) => {
                 let Some(q) = self.queue.as_mut() else {
                     return BodyOutcome::QueueLost;
@@ -326,5 +356,16 @@ impl Session {
                 r
             }
         }
+    }
+}
+
+/// What a keepalive inside DATA carries: the body decoded so far while it
+/// goes to queued, nothing once it stopped going (too big, bad headers),
+/// and no chunk at all (a ping) if queued refused it at its start.
+fn due(sending: bool, forward: bool, chunk: &mut Vec<u8>) -> Option<Vec<u8>> {
+    match (sending, forward) {
+        (true, _) => Some(std::mem::take(chunk)),
+        (false, true) => Some(Vec::new()),
+        (false, false) => None,
     }
 }
