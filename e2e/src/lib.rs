@@ -625,12 +625,28 @@ runtime_dir = \"{run}\"
         })
     }
 
-    /// The queue items (`m:` files, JSON) that can be read.
+    /// The queue items (JSON) that can be read: `m:` files, and the items
+    /// on the bodies of messages never rewritten.
     pub fn queue_items(&self) -> Vec<serde_json::Value> {
-        self.queue_files()
+        let queue = self.data_dir.join("queue");
+        let files = self.queue_files();
+        files
             .iter()
-            .filter(|n| n.starts_with("m:"))
-            .filter_map(|n| std::fs::read(self.data_dir.join("queue").join(n)).ok())
+            .filter_map(|n| {
+                if n.starts_with("m:") {
+                    return std::fs::read(queue.join(n)).ok();
+                }
+                // A message never rewritten: its item is on its body.
+                let id = n.strip_prefix("d:")?;
+                if files.contains(&format!("m:{id}")) {
+                    return None;
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                let n =
+                    rustix::fs::getxattr(queue.join(n), "user.tambo.item", &mut buf[..]).ok()?;
+                buf.truncate(n);
+                Some(buf)
+            })
             .filter_map(|b| serde_json::from_slice(&b).ok())
             .collect()
     }

@@ -32,12 +32,10 @@ fn a_queue_of_100k_items_loads_in_bounded_memory() {
     t.wait_var("the first attempt", |v| {
         v["chasquid/queue/deliverAttempts"]["pipe"].as_u64() >= Some(1)
     });
-    let files = t.queue_files();
-    let item_name = files
-        .iter()
-        .find(|f| f.starts_with("m:"))
-        .expect("an item")
-        .clone();
+    // Rewritten after it: an m: file from then on.
+    let item_name = wait_for("the item rewritten", || {
+        t.queue_files().into_iter().find(|f| f.starts_with("m:"))
+    });
     let id = item_name.trim_start_matches("m:").to_string();
     for d in ["smtpd", "deliverd", "queued"] {
         t.stop(d);

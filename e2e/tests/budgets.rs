@@ -488,5 +488,5 @@ fn a_body_refused_at_its_start_is_read_to_its_end_with_the_link_kept() {
     c.expect("NOOP", 250);
     c.expect("MAIL FROM:<x@remote.example>", 250);
     assert!(!t.log("queued").contains("peer idle"), "no link was closed");
-    assert_eq!(t.queue_files().len(), 2, "only the first message is queued");
+    assert_eq!(t.queue_items().len(), 1, "only the first message is queued");
 }

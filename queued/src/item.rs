@@ -88,9 +88,16 @@ pub struct Item {
 }
 
 impl Item {
+    /// As an `m:` file: indented, for the operator's eyes.
     pub fn to_json(&self) -> Vec<u8> {
         // Serialising plain structs of strings cannot fail.
         serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// As an attribute of its body ([`crate::spool::ITEM_XATTR`]): it must
+    /// fit in a few KiB, which a line does better.
+    pub fn to_compact_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
     }
 
     /// Reads an item file. A new item is written under its own name, not

@@ -119,53 +119,10 @@ pub struct FromSession {
     pub hook_answers: HookAnswers,
     /// The message must be an item by then, or not at all.
     pub deadline: Option<std::time::Instant>,
-    /// The body, still being written out and fsync'd: the put resolves
-    /// the recipients and writes the item meanwhile, and answers only once
-    /// the body is durable. None: it is already.
-    pub body: Option<BodyInProgress>,
-}
-
-/// A body written out and fsync'd on the blocking pool while its put goes
-/// on ([`BodyInProgress::start`]).
-pub struct BodyInProgress {
-    /// Its size, which the item records.
-    pub len: u64,
-    /// Told once the file has the whole body (dropped if it never will):
-    /// from then on the item's write and the directory's sync can run
-    /// alongside the body's fsync.
-    pub written: tokio::sync::oneshot::Receiver<()>,
-    /// The fsync's result.
-    pub synced: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
-}
-
-impl BodyInProgress {
-    /// Writes out and fsyncs `writer`'s body on the blocking pool; the job
-    /// ends once the file is durable or gone.
-    pub fn start(writer: BodyWriter) -> (Self, tokio::task::JoinHandle<()>) {
-        let (wtx, written) = tokio::sync::oneshot::channel();
-        let (stx, synced) = tokio::sync::oneshot::channel();
-        let len = writer.size();
-        let job = tokio::task::spawn_blocking(move || {
-            let _ = stx.send(writer.finish(|| {
-                let _ = wtx.send(());
-            }));
-        });
-        let body = Self {
-            len,
-            written,
-            synced,
-        };
-        (body, job)
-    }
-}
-
-/// Waits for a body's fsync ([`BodyInProgress::synced`]), from a blocking
-/// job.
-fn wait_synced(synced: tokio::sync::oneshot::Receiver<std::io::Result<()>>) -> std::io::Result<()> {
-    synced
-        .blocking_recv()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the body's fsync was abandoned")))
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot sync the message body: {e}")))
+    /// The body as received, not yet synced (and maybe only in memory):
+    /// the put writes it out with its item. None: its `d:` file is there
+    /// already, rewritten by signing or the checks.
+    pub body: Option<BodyWriter>,
 }
 
 /// What a put learned beyond the files while resolving.
@@ -489,20 +446,6 @@ impl Queue {
             recipients.extend(self.resolve(&policy, r, &mut answers).await?);
         }
         trace.event(format!("resolved to {} recipients", recipients.len()));
-        let body_len = match &session.body {
-            Some(b) => b.len,
-            None => {
-                let body = self.spool.body_path(&id);
-                tokio::task::spawn_blocking(move || std::fs::metadata(body))
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-                    .and_then(|r| r)
-                    .map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("cannot read the message body: {e}"))
-                    })?
-                    .len()
-            }
-        };
         let item = Item {
             version: FORMAT_VERSION,
             id: id.clone(),
@@ -511,7 +454,8 @@ impl Queue {
             created_ms: now_ms(),
             client,
             recipients,
-            body_len: Some(body_len),
+            // Set as it is written.
+            body_len: None,
         };
         // Past this, smtpd may have given up waiting and told the client
         // to try again: a message queued now would arrive twice.
@@ -523,69 +467,57 @@ impl Queue {
         }
         let spool = self.spool.clone();
         let dirsync = self.dirsync.clone();
-        let to_write = item.clone();
         let body = session.body;
         let deadline = session.deadline;
-        // Three fsyncs, each on its own thread, so that they share one
-        // journal commit instead of waiting for one each: the body's
-        // (started by the session), the item's, and the directory's once
-        // both files have their names. Nobody is told before all three
-        // are done; a crash before that leaves an item whose body is
-        // missing or short, which the next start tells apart by its size
-        // (`body_len`), or an item or body without its directory entry.
-        let written = tokio::task::spawn_blocking(move || -> Result<(), PutError> {
+        // The message's file (body and item: `Spool::write_new`) and the
+        // directory are fsync'd at once, each on its own thread, so they
+        // share one journal commit. Nobody is told before both are done;
+        // a crash before that leaves a body without its item, or one
+        // shorter than its item records, both removed at the next start.
+        let mut item = item;
+        let written = tokio::task::spawn_blocking(move || -> Result<Item, PutError> {
             let late = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
-            let (mut synced, mut dir) = (None, None);
-            // The item is written while the body's file may still be
-            // getting its bytes; the directory's sync is asked for once
-            // both have their names.
-            spool.write_new_item(&to_write, || {
-                if let Some(b) = body {
-                    if b.written.blocking_recv().is_err() {
-                        // It failed before it was whole: its answer says
-                        // why.
-                        return Err(wait_synced(b.synced).err().unwrap_or_else(|| {
-                            std::io::Error::other("the message body was not written")
-                        }));
+            let mut dir = None;
+            let done = spool
+                .write_new(body, &mut item, || {
+                    dir = Some(dirsync.request()?);
+                    Ok(())
+                })
+                .map_err(PutError::from)
+                .and_then(|()| {
+                    match dir {
+                        Some(d) => d.wait()?,
+                        None => dirsync.request()?.wait()?,
                     }
-                    synced = Some(b.synced);
-                }
-                dir = Some(dirsync.request()?);
-                Ok(())
-            })?;
-            let done = (|| {
-                if let Some(s) = synced {
-                    wait_synced(s)?;
-                }
-                match dir {
-                    Some(d) => d.wait()?,
-                    None => dirsync.request()?.wait()?,
-                }
-                // The fsyncs may have been slow: checked again, for the
-                // same reason as above.
-                if late() {
-                    return Err(PutError::TooLate);
-                }
-                Ok(())
-            })();
+                    // The fsyncs may have been slow: checked again, for
+                    // the same reason as above.
+                    if late() {
+                        return Err(PutError::TooLate);
+                    }
+                    Ok(())
+                });
             if done.is_err() {
                 // Possibly whole on disk, and nobody will be told: removed
                 // (made durable below) so that it cannot come back.
-                if let Err(e) = spool.unlink(&to_write.id) {
-                    tracing::error!(id = %to_write.id, "cannot remove an item whose put failed (it may be delivered although the client was told to retry): {e}");
+                if let Err(e) = spool.unlink(&item.id) {
+                    tracing::error!(id = %item.id, "cannot remove a message whose put failed (it may be delivered although the client was told to retry): {e}");
                 }
             }
-            done
+            done.map(|()| item)
         })
         .await
         .map_err(|e| PutError::from(std::io::Error::other(e.to_string())))
         .and_then(|r| r);
-        if let Err(e) = written {
-            // What a failed or late write left was removed: durably, or
-            // the queue stops taking mail (a failed directory fsync).
-            let _ = self.dirsync.sync().await;
-            return Err(e);
-        }
+        let item = match written {
+            Ok(item) => item,
+            Err(e) => {
+                // What a failed or late write left was removed: durably,
+                // or the queue stops taking mail (a failed directory
+                // fsync).
+                let _ = self.dirsync.sync().await;
+                return Err(e);
+            }
+        };
         metrics::inc(names::QUEUE_ITEMS_WRITTEN);
         metrics::inc(names::QUEUE_PUT_COUNT);
         tracing::info!(

@@ -22,7 +22,7 @@ use crate::auth;
 use crate::domaininfo::Direction;
 use crate::hooks;
 use crate::policy::{Authenticated, Policy};
-use crate::queue::{BodyInProgress, FromSession, HookAnswers, PutError, Queue};
+use crate::queue::{FromSession, HookAnswers, PutError, Queue};
 use crate::signing;
 use crate::spool::BodyWriter;
 
@@ -374,32 +374,22 @@ impl Session {
         } else {
             self.needs_post_data()
         };
-        let mut synced = false;
-        let mut in_progress = None;
-        let mut body_job = None;
-        if signing || checking {
-            // They read the body back from its file.
+        // The put writes out and syncs the body with its item; only the
+        // steps that read it back by path need it in its file first.
+        let mut body = Some(writer);
+        if (signing || checking)
+            && let Some(writer) = body.take()
+        {
             let close = move || writer.close();
             if let Err(reply) = self.spool_io(&id, "write the message body", close).await {
                 return Ok(reply);
             }
-        } else {
-            // In the background, while the put resolves the recipients
-            // and writes the item: the put answers only once this says
-            // the body is durable.
-            let (progress, job) = BodyInProgress::start(writer);
-            body_job = Some(job);
-            in_progress = Some(progress);
-            synced = true;
         }
         // Authenticated mail is signed with its sender domain's keys before
         // it becomes an item (REFERENCE §2.8 step 3): a failure is a 451.
-        if signing {
-            if let Err(reason) = self.sign(&id, &from).await {
-                self.queue.release_id(&id);
-                return Ok(SubmitReply::Failed { reason });
-            }
-            synced = true;
+        if signing && let Err(reason) = self.sign(&id, &from).await {
+            self.queue.release_id(&id);
+            return Ok(SubmitReply::Failed { reason });
         }
         if checking {
             match self.post_data(&id, &from, &rcpts).await {
@@ -416,23 +406,15 @@ impl Session {
                     {
                         return Ok(reply);
                     }
-                    synced = true;
                 }
                 postdata::AfterData::Accept(_) => {}
-            }
-        }
-        if !synced {
-            let (spool, id2) = (self.queue.spool.clone(), id.clone());
-            let sync = move || spool.sync_body(&id2);
-            if let Err(reply) = self.spool_io(&id, "sync the message body", sync).await {
-                return Ok(reply);
             }
         }
         let client = self.client.clone().unwrap_or_default();
         let session = FromSession {
             hook_answers: std::mem::take(&mut self.alias_answers),
             deadline: Some(deadline),
-            body: in_progress,
+            body,
         };
         match self
             .queue
@@ -443,11 +425,6 @@ impl Session {
             Err(e) => {
                 if let PutError::Io(io) = &e {
                     tracing::error!(%id, "cannot write the queue item: {io}");
-                }
-                // The body may only now be getting its file (one held in
-                // memory): removed once it is there, before the answer.
-                if let Some(job) = body_job {
-                    let _ = job.await;
                 }
                 self.queue.release_id(&id);
                 Ok(SubmitReply::Failed {

@@ -1,17 +1,26 @@
 //! The queue directory on disk.
 //!
-//! - `d:<ID>`: the message body (headers added by smtpd, CRLF line ends),
-//!   written as it streams in (or at its end, from memory, when small)
-//!   and fsync'd before the item exists.
-//! - `m:<ID>`: the item (envelope, recipient state and the body's size,
-//!   JSON). A new one is written under its name and fsync'd while the
-//!   body's fsync runs, then the directory; a rewrite is atomic (temp +
-//!   fsync + rename + directory fsync). A whole item beside a body of the
-//!   size it records is what makes a message queued: a `d:` file without
-//!   its `m:` is a put that never got its 250, and so is an `m:` a crash
-//!   cut short ([`Item::from_file`]) or one whose body is missing or
-//!   short; they are removed at startup.
-//! - `.m:<ID><random>`: temporary files of atomic writes; never items.
+//! - `d:<ID>`: the message (headers added by smtpd, CRLF line ends),
+//!   written as it streams in (or at its end, from memory, when small).
+//!   A new message's item (envelope, recipient state, the body's size;
+//!   JSON) is its extended attribute `user.tambo.item` ([`ITEM_XATTR`]):
+//!   one file and one fsync make a message durable, and what deliverd
+//!   and the MDAs read is the message alone.
+//! - `m:<ID>`: the item once it is rewritten after a delivery attempt
+//!   (atomic: temp + fsync + rename + directory fsync), which from then
+//!   on is the one that counts; also a new item too large for an
+//!   attribute, or on a file system without them (written under its
+//!   name and fsync'd with the body).
+//! - `.m:<ID><random>`, `.d:…`: temporary files of atomic writes; never
+//!   items.
+//!
+//! A message is queued when its item is whole and its body has the size
+//! the item records. At startup ([`Spool::load`]) a crash's leftovers, all
+//! puts that never got their 250, are removed: a body without any item
+//! (in a queue marked as keeping items on bodies, [`MARKER_XATTR`]), an
+//! item cut short ([`Item::from_file`]), and a body missing or shorter
+//! than its item says. Anything else that does not read is kept and
+//! reported.
 //!
 //! Every function here blocks; callers run them on the blocking pool.
 //! Functions that add, rename or remove directory entries do not fsync the
@@ -23,7 +32,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tambo_common::lockfile::LockFile;
 use tambo_common::safeio;
@@ -39,7 +48,25 @@ pub struct Spool {
     fail_sync_if: Option<PathBuf>,
     /// Bytes of bodies held in memory by every [`BodyWriter`] at once.
     buffered: Arc<AtomicUsize>,
+    /// New items go on their bodies ([`ITEM_XATTR`]), not in `m:` files;
+    /// decided by [`Spool::load`].
+    xattrs: Arc<AtomicBool>,
 }
+
+/// The extended attribute of a `d:` file that holds its message's item
+/// until the item is first rewritten (an `m:` file from then on).
+pub const ITEM_XATTR: &str = "user.tambo.item";
+
+/// On the queue directory: new items in this queue are kept in
+/// [`ITEM_XATTR`], so a `d:` file with neither that attribute nor an `m:`
+/// is the body of a put that never finished. Without it (an older
+/// tambo's queue, or one copied without its attributes) such a body is
+/// kept and reported instead.
+pub const MARKER_XATTR: &str = "user.tambo.queue";
+const MARKER_VALUE: &[u8] = b"items on bodies";
+
+/// Linux's limit on an extended attribute's value.
+const MAX_XATTR: usize = 64 * 1024;
 
 /// A body up to this size is kept in memory until its end and then written
 /// with one create, one write and one fsync, on one trip to the blocking
@@ -80,6 +107,7 @@ impl Spool {
             fail_writes,
             fail_sync_if: None,
             buffered: Arc::default(),
+            xattrs: Arc::default(),
         })
     }
 
@@ -122,7 +150,6 @@ impl Spool {
             path: self.body_path(id),
             held: Vec::new(),
             file: None,
-            len: 0,
             buffered: self.buffered.clone(),
         })
     }
@@ -135,30 +162,53 @@ impl Spool {
         safeio::replace(&self.item_path(&item.id), &item.to_json(), 0o600)
     }
 
-    /// Writes a new item under its own name and fsyncs it; durable once
-    /// the directory is synced. The body may still be on its way to the
-    /// disk: the item records its size ([`Item::body_len`]) so a crash
-    /// before both are durable is told apart at startup. No temp file and
-    /// no rename (a rename after the fsync would dirty the directory
-    /// again, a second journal commit to wait for): until the put
-    /// answers, a half-written item is one nobody was told about, and
-    /// [`Item::from_file`] tells a crash's leftovers apart at the next
-    /// start. On failure the file is removed (the caller makes that
-    /// durable). `written` is called between the write and the fsync:
-    /// where the directory's sync can start, alongside; if it fails, so
-    /// does this.
-    pub fn write_new_item(
+    /// Makes a new message durable: its body (what `writer` holds, or the
+    /// `d:` file already there when `writer` is None) and its item, with
+    /// the body's size recorded in it. The item goes on the body, as its
+    /// [`ITEM_XATTR`] attribute, so a message is one file and one fsync;
+    /// where the file system keeps no attributes (or this one is too
+    /// large) it is an `m:` file, written under its own name and fsync'd
+    /// too. `named` is called once every name exists, before the fsyncs:
+    /// where the directory's sync can start, alongside them; if it fails,
+    /// so does this. Durable once the directory is synced too. On failure
+    /// the caller removes what is left ([`Spool::unlink`]).
+    ///
+    /// No temp file and no rename for a new item (a rename after the
+    /// fsync would dirty the directory again, a second journal commit to
+    /// wait for): until the put answers, a half-written one is one nobody
+    /// was told about, and [`Spool::load`] tells a crash's leftovers
+    /// apart at the next start.
+    pub fn write_new(
         &self,
-        item: &Item,
-        written: impl FnOnce() -> io::Result<()>,
+        writer: Option<BodyWriter>,
+        item: &mut Item,
+        named: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
         self.check_writable()?;
+        let body = match writer {
+            Some(w) => w.into_file()?,
+            None => File::open(self.body_path(&item.id))?,
+        };
+        item.body_len = Some(body.metadata()?.len());
+        if self.items_in_xattrs() {
+            let set = rustix::fs::fsetxattr(
+                &body,
+                ITEM_XATTR,
+                &item.to_compact_json(),
+                rustix::fs::XattrFlags::CREATE,
+            );
+            if set.is_ok() {
+                named()?;
+                return body.sync_all();
+            }
+        }
         let path = self.item_path(&item.id);
         // If this fails nothing was created: the name is somebody else's.
         let mut f = create_private(&path)?;
         let written = f
             .write_all(&item.to_json())
-            .and_then(|()| written())
+            .and_then(|()| named())
+            .and_then(|()| body.sync_all())
             .and_then(|()| f.sync_all());
         if written.is_err()
             && let Err(e) = std::fs::remove_file(&path)
@@ -189,26 +239,25 @@ impl Spool {
         written
     }
 
-    /// fsyncs a body written earlier (one that no rewrite synced).
-    pub fn sync_body(&self, id: &str) -> io::Result<()> {
-        File::open(self.body_path(id))?.sync_all()
-    }
-
     /// Opens a message body read-only, to hand to deliverd.
     pub fn open_body(&self, id: &str) -> io::Result<File> {
         File::open(self.body_path(id))
     }
 
-    /// Removes an item, then its body; the item goes first so a crash in
-    /// between leaves an orphan body (cleaned at startup), never an item
-    /// without its body. Durable once the directory is synced.
+    /// Removes a message: its body, then its item file if it has one.
+    /// The body goes first because it may carry the item's first version
+    /// ([`ITEM_XATTR`]): a crash in between leaves an `m:` without its
+    /// body, removed at startup (it records the body's size), never a body
+    /// whose stale first item would come back. Durable once the directory
+    /// is synced.
     pub fn unlink(&self, id: &str) -> io::Result<()> {
-        match std::fs::remove_file(self.item_path(id)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        for path in [self.body_path(id), self.item_path(id)] {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
-        let _ = std::fs::remove_file(self.body_path(id));
         Ok(())
     }
 
@@ -222,11 +271,13 @@ impl Spool {
         safeio::fsync_dir(&self.dir)
     }
 
-    /// Loads every item; removes orphan bodies and temp files.
+    /// Loads every item; removes orphan bodies and temp files; decides
+    /// where new items go ([`Spool::items_in_xattrs`]).
     pub fn load(&self) -> io::Result<Loaded> {
         let mut loaded = Loaded::default();
         // Only the lock holder may clean: a second queued must never
         // delete what the first is writing.
+        let marked = self.marked();
         let mut bodies = Vec::new();
         let mut items = std::collections::HashSet::new();
         for entry in std::fs::read_dir(&self.dir)? {
@@ -235,52 +286,12 @@ impl Spool {
             let Some(name) = name.to_str() else { continue };
             let path = entry.path();
             if let Some(id) = name.strip_prefix("m:") {
-                match std::fs::read(&path)
+                let read = std::fs::read(&path)
                     .map_err(|e| FileError::Bad(e.to_string()))
-                    .and_then(|b| Item::from_file(&b))
-                {
-                    Ok(item) if item.id == id => match self.body_state(&item) {
-                        BodyState::Whole => {
-                            items.insert(id.to_string());
-                            loaded.items.push(item);
-                        }
-                        // Its body, if any, goes with the orphans below.
-                        BodyState::Short(size) => {
-                            tracing::warn!(
-                                "{}: an item whose body is {} bytes of the {} it records: a put a crash cut short (its message never got a 250): removed with its body",
-                                path.display(),
-                                size.map_or_else(|| "missing, 0".to_string(), |s| s.to_string()),
-                                item.body_len.unwrap_or_default(),
-                            );
-                            let _ = std::fs::remove_file(&path);
-                            loaded.torn += 1;
-                        }
-                        BodyState::Other(why) => {
-                            items.insert(id.to_string());
-                            loaded.unreadable.push((path, why));
-                        }
-                    },
-                    Ok(_) => {
-                        items.insert(id.to_string());
-                        loaded
-                            .unreadable
-                            .push((path, "item id does not match its file".into()));
-                    }
-                    Err(FileError::Bad(e)) => {
-                        items.insert(id.to_string());
-                        loaded.unreadable.push((path, e));
-                    }
-                    // Its body, if any, goes with the orphans below.
-                    Err(FileError::Torn) => {
-                        let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                        tracing::warn!(
-                            "{}: the start of a new item a crash cut short ({size} bytes; its message never got a 250): removed with its body",
-                            path.display()
-                        );
-                        let _ = std::fs::remove_file(&path);
-                        loaded.torn += 1;
-                    }
-                }
+                    .and_then(|b| Item::from_file(&b));
+                // Kept or removed, its body goes with it.
+                self.take(id, &path, read, &mut loaded);
+                items.insert(id.to_string());
             } else if let Some(id) = name.strip_prefix("d:") {
                 bodies.push((id.to_string(), path));
             } else if name.starts_with(".m:") || name.starts_with(".d:") {
@@ -291,14 +302,117 @@ impl Spool {
                 loaded.removed_orphans += 1;
             }
         }
+        let mut buf = vec![0u8; MAX_XATTR];
+        let mut unexplained = 0;
         for (id, path) in bodies {
-            if !items.contains(&id) {
-                let _ = std::fs::remove_file(&path);
-                loaded.removed_orphans += 1;
+            if items.contains(&id) {
+                continue;
             }
+            // No `m:`: the item, if any, is on the body.
+            let read = match rustix::fs::getxattr(&path, ITEM_XATTR, &mut buf[..]) {
+                Ok(n) => Item::from_file(&buf[..n]),
+                Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => {
+                    if marked {
+                        // A put that never got its 250, or its item a
+                        // crash kept from the disk.
+                        let _ = std::fs::remove_file(&path);
+                        loaded.removed_orphans += 1;
+                    } else {
+                        // Before this queue kept items on bodies (an older
+                        // tambo's crash), or copied without its extended
+                        // attributes: nothing tells which, so nothing is
+                        // deleted.
+                        unexplained += 1;
+                        loaded.unreadable.push((
+                            path,
+                            format!("a message body without its item (no m:{id} file, no {ITEM_XATTR} attribute): if this queue was copied without its extended attributes, copy it again with them (cp -a, rsync -aX); otherwise it is the body of a message that never got a 250, and can be deleted"),
+                        ));
+                    }
+                    continue;
+                }
+                Err(e) => Err(FileError::Bad(format!(
+                    "cannot read its {ITEM_XATTR} attribute: {e}"
+                ))),
+            };
+            self.take(&id, &path, read, &mut loaded);
         }
+        let in_xattrs = marked || (unexplained == 0 && self.mark());
+        self.xattrs.store(in_xattrs, Ordering::SeqCst);
         loaded.items.sort_by_key(|i| i.created_ms);
         Ok(loaded)
+    }
+
+    /// Files a loaded item, from `path` (its `m:` file, or its `d:` file's
+    /// attribute): whole beside its body, it is loaded; a crash's
+    /// leftovers are removed with a log line; anything else is kept and
+    /// reported with its body.
+    fn take(&self, id: &str, path: &Path, read: Result<Item, FileError>, loaded: &mut Loaded) {
+        match read {
+            Ok(item) if item.id == id => match self.body_state(&item) {
+                BodyState::Whole => loaded.items.push(item),
+                BodyState::Short(size) => {
+                    tracing::warn!(
+                        "{}: an item whose body is {} bytes of the {} it records: a put a crash cut short (its message never got a 250): removed with its body",
+                        path.display(),
+                        size.map_or_else(|| "missing, 0".to_string(), |s| s.to_string()),
+                        item.body_len.unwrap_or_default(),
+                    );
+                    let _ = std::fs::remove_file(path);
+                    let _ = std::fs::remove_file(self.body_path(id));
+                    loaded.torn += 1;
+                }
+                BodyState::Other(why) => loaded.unreadable.push((path.to_path_buf(), why)),
+            },
+            Ok(_) => loaded
+                .unreadable
+                .push((path.to_path_buf(), "item id does not match its file".into())),
+            Err(FileError::Bad(e)) => loaded.unreadable.push((path.to_path_buf(), e)),
+            Err(FileError::Torn) => {
+                tracing::warn!(
+                    "{}: the start of a new item a crash cut short (its message never got a 250): removed with its body",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(self.body_path(id));
+                loaded.torn += 1;
+            }
+        }
+    }
+
+    /// Whether the queue directory says its new items are kept on their
+    /// bodies ([`MARKER_XATTR`]).
+    fn marked(&self) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(rustix::fs::getxattr(&self.dir, MARKER_XATTR, &mut buf[..]), Ok(n) if buf[..n] == *MARKER_VALUE)
+    }
+
+    /// Marks the queue directory so; false if the file system keeps no
+    /// extended attributes (new items are then `m:` files).
+    fn mark(&self) -> bool {
+        let set = rustix::fs::setxattr(
+            &self.dir,
+            MARKER_XATTR,
+            MARKER_VALUE,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(io::Error::from)
+        .and_then(|()| safeio::fsync_dir(&self.dir));
+        match set {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "{}: cannot keep new items on their bodies ({e}): each gets an m: file",
+                    self.dir.display()
+                );
+                false
+            }
+        }
+    }
+
+    /// Whether new items are kept on their bodies ([`ITEM_XATTR`]); decided
+    /// by [`Spool::load`].
+    pub fn items_in_xattrs(&self) -> bool {
+        self.xattrs.load(Ordering::SeqCst)
     }
 
     /// Whether the body of a whole item is there as the item says. The
@@ -355,8 +469,6 @@ pub struct BodyWriter {
     path: PathBuf,
     held: Vec<u8>,
     file: Option<File>,
-    /// Bytes written so far, held or in the file.
-    len: u64,
     buffered: Arc<AtomicUsize>,
 }
 
@@ -378,7 +490,6 @@ impl BodyWriter {
         // Exactly what is counted: no doubling growth beyond the budget.
         self.held.reserve_exact(data.len());
         self.held.extend_from_slice(data);
-        self.len += data.len() as u64;
         true
     }
 
@@ -386,14 +497,7 @@ impl BodyWriter {
         if self.hold(data) {
             return Ok(());
         }
-        self.file()?.write_all(data)?;
-        self.len += data.len() as u64;
-        Ok(())
-    }
-
-    /// The body's size once it is all written: what its item records.
-    pub fn size(&self) -> u64 {
-        self.len
+        self.file()?.write_all(data)
     }
 
     /// The body's file, created and given what was held in memory.
@@ -424,14 +528,13 @@ impl BodyWriter {
         self.file().map(drop)
     }
 
-    /// Writes out what is held and fsyncs the body. After this it is
-    /// durable, but still not a queued message until its item is too.
-    /// `written` is called once the file has the whole body, before the
-    /// fsync: the item can be written then, alongside.
-    pub fn finish(mut self, written: impl FnOnce()) -> io::Result<()> {
+    /// The body's file with the whole body in it, not synced: see
+    /// [`Spool::write_new`].
+    fn into_file(mut self) -> io::Result<File> {
         self.file()?;
-        written();
-        self.file()?.sync_all()
+        self.file
+            .take()
+            .ok_or_else(|| io::Error::other("the body's file is gone"))
     }
 }
 
@@ -442,254 +545,4 @@ impl Drop for BodyWriter {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::item::{FORMAT_VERSION, Item};
-
-    fn item(id: &str) -> Item {
-        Item {
-            version: FORMAT_VERSION,
-            id: id.into(),
-            from: "a@b".into(),
-            rcpt_to: vec!["c@d".into()],
-            created_ms: 5,
-            client: "local".into(),
-            recipients: vec![],
-            body_len: None,
-        }
-    }
-
-    #[test]
-    fn an_item_beside_a_body_a_crash_cut_short_is_removed() {
-        let body = b"Subject: x\r\n\r\nbody\r\n";
-        let with_len = |id: &str, n: Option<u64>| Item {
-            body_len: n,
-            ..item(id)
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), false).unwrap();
-        let put = |it: &Item, body: Option<&[u8]>| {
-            spool.write_new_item(it, || Ok(())).unwrap();
-            if let Some(b) = body {
-                std::fs::write(spool.body_path(&it.id), b).unwrap();
-            }
-        };
-        let n = Some(body.len() as u64);
-        // The item and its body are fsync'd at once: a crash can leave a
-        // whole item and a body missing or cut anywhere.
-        put(&with_len("whole", n), Some(body));
-        put(&with_len("missing", n), None);
-        put(&with_len("empty", n), Some(b""));
-        put(&with_len("short", n), Some(&body[..body.len() - 1]));
-        // Never what a crash leaves: kept for the operator.
-        put(&with_len("longer", Some(3)), Some(body));
-        put(&with_len("old", None), None);
-        put(&with_len("old-whole", None), Some(body));
-        let loaded = spool.load().unwrap();
-        let mut ids: Vec<_> = loaded.items.iter().map(|i| i.id.as_str()).collect();
-        ids.sort();
-        assert_eq!(ids, ["old-whole", "whole"]);
-        assert_eq!(loaded.torn, 3);
-        // The bodies of "empty" and "short".
-        assert_eq!(loaded.removed_orphans, 2);
-        let mut kept: Vec<_> = loaded
-            .unreadable
-            .iter()
-            .map(|(p, why)| {
-                (
-                    p.file_name().unwrap().to_str().unwrap().to_string(),
-                    why.clone(),
-                )
-            })
-            .collect();
-        kept.sort();
-        assert_eq!(kept.len(), 2, "{kept:?}");
-        assert_eq!(kept[0].0, "m:longer");
-        assert!(kept[0].1.contains("more than the 3"), "{kept:?}");
-        assert_eq!(kept[1].0, "m:old");
-        assert!(kept[1].1.contains("missing"), "{kept:?}");
-        let mut left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            [
-                "d:longer",
-                "d:old-whole",
-                "d:whole",
-                "m:longer",
-                "m:old",
-                "m:old-whole",
-                "m:whole"
-            ]
-        );
-    }
-
-    #[test]
-    fn a_new_item_cut_short_by_a_crash_is_removed_with_its_body() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), false).unwrap();
-        // A small body is only in memory until its end: nothing on disk.
-        let mut w = spool.create_body("x").unwrap();
-        w.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
-        assert!(!spool.body_path("x").exists());
-        w.finish(|| {}).unwrap();
-        assert!(spool.body_path("x").exists());
-        spool.write_new_item(&item("x"), || Ok(())).unwrap();
-        let whole = std::fs::read(spool.item_path("x")).unwrap();
-        // Each cut a crash could leave: nothing loads, nothing is kept
-        // for the operator, both files go.
-        for cut in [0, 1, whole.len() / 2, whole.len() - 2] {
-            let crashed = tempfile::tempdir().unwrap();
-            std::fs::copy(spool.body_path("x"), crashed.path().join("d:x")).unwrap();
-            std::fs::write(crashed.path().join("m:x"), &whole[..cut]).unwrap();
-            let loaded = Spool::open(crashed.path(), false).unwrap().load().unwrap();
-            assert!(loaded.items.is_empty(), "cut {cut}");
-            assert!(loaded.unreadable.is_empty(), "cut {cut}");
-            assert_eq!((loaded.torn, loaded.removed_orphans), (1, 1), "cut {cut}");
-            assert_eq!(std::fs::read_dir(crashed.path()).unwrap().count(), 0);
-        }
-        // Whole, it loads; a second write of the same ID is refused.
-        let loaded = spool.load().unwrap();
-        assert_eq!(loaded.items, vec![item("x")]);
-        assert_eq!((loaded.torn, loaded.removed_orphans), (0, 0));
-        assert!(spool.write_new_item(&item("x"), || Ok(())).is_err());
-        assert_eq!(std::fs::read(spool.item_path("x")).unwrap(), whole);
-    }
-
-    #[test]
-    fn bodies_stay_in_memory_only_while_small_and_within_the_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), false).unwrap();
-        let mut big = spool.create_body("big").unwrap();
-        big.write(&vec![b'a'; BODY_IN_MEMORY]).unwrap();
-        assert!(!spool.body_path("big").exists());
-        assert!(!big.hold(b"b"), "one byte more is too much");
-        big.write(b"b").unwrap();
-        assert!(
-            spool.body_path("big").exists(),
-            "past the size: to its file"
-        );
-        assert_eq!(spool.buffered.load(Ordering::Relaxed), 0);
-        big.finish(|| {}).unwrap();
-        assert_eq!(
-            std::fs::metadata(spool.body_path("big")).unwrap().len(),
-            BODY_IN_MEMORY as u64 + 1
-        );
-        // With the budget spent elsewhere, even a small body goes to disk.
-        spool.buffered.store(BODIES_IN_MEMORY, Ordering::Relaxed);
-        let mut small = spool.create_body("small").unwrap();
-        assert!(!small.hold(b"x"));
-        small.write(b"x").unwrap();
-        assert!(spool.body_path("small").exists());
-        spool.buffered.store(0, Ordering::Relaxed);
-        // What a writer held is given back when it goes, used or not.
-        let mut dropped = spool.create_body("dropped").unwrap();
-        dropped.write(b"held").unwrap();
-        assert_eq!(spool.buffered.load(Ordering::Relaxed), 4);
-        drop(dropped);
-        assert_eq!(spool.buffered.load(Ordering::Relaxed), 0);
-        assert!(!spool.body_path("dropped").exists());
-    }
-
-    #[test]
-    fn prepending_rewrites_the_body_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), false).unwrap();
-        let mut w = spool.create_body("m1").unwrap();
-        w.write(b"Received: x\r\n\r\nbody\r\n").unwrap();
-        w.close().unwrap();
-        spool.prepend("m1", b"X-Spam: 0\r\n").unwrap();
-        assert_eq!(
-            std::fs::read(spool.body_path("m1")).unwrap(),
-            b"X-Spam: 0\r\nReceived: x\r\n\r\nbody\r\n"
-        );
-        // No temp file (a dot file next to the body) is left behind.
-        let dots = std::fs::read_dir(spool.body_path("m1").parent().unwrap())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with('.')
-            })
-            .count();
-        assert_eq!(dots, 0);
-        spool.sync_body("m1").unwrap();
-        assert!(spool.prepend("missing", b"X: y\r\n").is_err());
-        // A rewrite a crash cut short is cleaned up at the next start.
-        let tmp = tambo_common::safeio::temp_path(&spool.body_path("m1")).unwrap();
-        std::fs::write(&tmp, b"half").unwrap();
-        spool.load().unwrap();
-        assert!(!tmp.exists());
-    }
-
-    #[test]
-    fn put_load_remove() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(&dir.path().join("queue"), false).unwrap();
-        let mut b = s.create_body("id1").unwrap();
-        b.write(b"hello\r\n").unwrap();
-        b.finish(|| {}).unwrap();
-        s.stage_item(&item("id1")).unwrap();
-        s.sync_dir().unwrap();
-        let loaded = s.load().unwrap();
-        assert_eq!(loaded.items.len(), 1);
-        s.unlink("id1").unwrap();
-        assert_eq!(std::fs::read_dir(s.dir()).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn orphans_are_cleaned_and_bad_items_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path(), false).unwrap();
-        s.create_body("orphan").unwrap().finish(|| {}).unwrap();
-        std::fs::write(dir.path().join(".m:x123"), b"tmp").unwrap();
-        // Not JSON: kept for the operator, never taken for a cut.
-        std::fs::write(dir.path().join("m:bad"), b"{garbage").unwrap();
-        std::fs::write(dir.path().join("d:bad"), b"body").unwrap();
-        // A JSON object cut short: a new item a crash interrupted, removed.
-        std::fs::write(dir.path().join("m:cut"), b"{\"version\": 1, \"id\"").unwrap();
-        std::fs::write(dir.path().join("d:cut"), b"body").unwrap();
-        let loaded = s.load().unwrap();
-        assert!(loaded.items.is_empty());
-        assert_eq!(loaded.unreadable.len(), 1);
-        assert_eq!(loaded.torn, 1);
-        assert_eq!(loaded.removed_orphans, 3);
-        assert!(
-            dir.path().join("m:bad").exists(),
-            "unreadable items are never deleted"
-        );
-        assert!(dir.path().join("d:bad").exists());
-    }
-
-    #[test]
-    fn the_queue_has_one_owner() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(&dir.path().join("q"), false).unwrap();
-        let held = s.lock().unwrap();
-        let other = Spool::open(&dir.path().join("q"), false).unwrap();
-        assert!(other.lock().is_err());
-        drop(held);
-        assert!(other.lock().is_ok());
-        // The lock file is not an item, a body or an orphan.
-        let loaded = s.load().unwrap();
-        assert!(loaded.items.is_empty() && loaded.unreadable.is_empty());
-        assert_eq!(loaded.removed_orphans, 0);
-        assert!(dir.path().join("q").join(LOCK_FILE).exists());
-    }
-
-    #[test]
-    fn full_disk_fails_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Spool::open(dir.path(), true).unwrap();
-        assert_eq!(
-            s.create_body("x").err().unwrap().kind(),
-            io::ErrorKind::StorageFull
-        );
-        assert!(s.stage_item(&item("x")).is_err());
-    }
-}
+mod tests;

@@ -7,10 +7,11 @@ use std::time::Duration;
 use tambo_common::duration;
 use tambo_proto::metrics::{self, names};
 
-use super::{PutError, Queue};
+use super::{FromSession, PutError, Queue};
 use crate::dsn;
 use crate::item::{Item, Status};
 use crate::policy::Policy;
+use crate::spool::BodyWriter;
 
 impl Queue {
     /// Sends the DSN if needed and `dsn` (false only for a silent
@@ -91,7 +92,7 @@ impl Queue {
             .format("%a, %d %b %Y %H:%M:%S %z")
             .to_string();
         let (id2, item2, dkim) = (dsn_id.clone(), item.clone(), self.dkim.clone());
-        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<BodyWriter> {
             let original = match spool.open_body(&item2.id) {
                 Ok(f) => dsn::read_original(f)?,
                 Err(_) => Vec::new(),
@@ -114,14 +115,17 @@ impl Queue {
             let mut w = spool.create_body(&id2)?;
             w.write(&signatures)?;
             w.write(&msg)?;
-            w.finish(|| {})
+            Ok(w)
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()));
-        if let Err(e) = written.and_then(|r| r) {
-            self.release_id(&dsn_id);
-            return Err(e.into());
-        }
+        let body = match written.and_then(|r| r) {
+            Ok(w) => w,
+            Err(e) => {
+                self.release_id(&dsn_id);
+                return Err(e.into());
+            }
+        };
         match self
             .put(
                 dsn_id.clone(),
@@ -129,7 +133,10 @@ impl Queue {
                 vec![item.from.clone()],
                 "local".into(),
                 true,
-                Default::default(),
+                FromSession {
+                    body: Some(body),
+                    ..Default::default()
+                },
             )
             .await
         {

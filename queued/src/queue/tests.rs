@@ -1,6 +1,5 @@
-//! The put's order of operations on disk: the answer waits until the
-//! body and the item are both durable, and a put that fails or comes too
-//! late leaves nothing that could be delivered later.
+//! The put on disk: one file with its item, and a put that fails or
+//! comes too late leaves nothing that could be delivered later.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,12 +9,18 @@ use tambo_common::config::Config;
 use tambo_common::domains::{Domain, Domains};
 use tambo_common::users::UserDb;
 
-use super::{BodyInProgress, FromSession, PutError, Queue};
+use super::{FromSession, PutError, Queue};
 use crate::dkim::DkimKeys;
 use crate::domaininfo::DomainInfo;
 use crate::spool::Spool;
 
 fn queue(dir: &Path) -> Arc<Queue> {
+    queue_with(dir, None)
+}
+
+/// A queue on a loaded (so marked) spool; its directory syncs fail while
+/// `fail_sync_if` exists.
+fn queue_with(dir: &Path, fail_sync_if: Option<std::path::PathBuf>) -> Arc<Queue> {
     let cfg = Config::defaults(dir);
     let users = UserDb::parse("ann !\n", Path::new("users")).unwrap();
     let domains = Domains::from_parts([(
@@ -25,7 +30,10 @@ fn queue(dir: &Path) -> Arc<Queue> {
             aliases: Default::default(),
         },
     )]);
-    let spool = Spool::open(&dir.join("queue"), false).unwrap();
+    let spool = Spool::open(&dir.join("queue"), false)
+        .unwrap()
+        .fail_sync_if(fail_sync_if);
+    spool.load().unwrap();
     let info = Arc::new(DomainInfo::load(&dir.join("domaininfo")).unwrap());
     Arc::new(Queue::new(
         Arc::new(cfg),
@@ -38,43 +46,14 @@ fn queue(dir: &Path) -> Arc<Queue> {
 
 const BODY: &[u8] = b"Subject: x\r\n\r\nbody\r\n";
 
-/// A put whose body's fsync answers `answer` after `delay`, with `budget`
-/// before smtpd gives up. Returns the put's result and whether its item
-/// file existed when the body's answer was given. Unless `whole`, the
-/// body fails before its file has it all.
-async fn put(
-    q: &Arc<Queue>,
-    delay: Duration,
-    budget: Duration,
-    answer: std::io::Result<()>,
-    whole: bool,
-) -> (Result<(), PutError>, bool, String) {
+/// A put as a session makes it, with `budget` before smtpd gives up.
+async fn put(q: &Arc<Queue>, budget: Duration) -> (Result<(), PutError>, String) {
     let id = q.reserve_id(false).unwrap();
     let mut w = q.spool.create_body(&id).unwrap();
     w.write(BODY).unwrap();
-    let len = w.size();
-    w.close().unwrap();
-    let (wtx, written) = tokio::sync::oneshot::channel();
-    if whole {
-        wtx.send(()).unwrap();
-    } else {
-        drop(wtx);
-    }
-    let (tx, synced) = tokio::sync::oneshot::channel();
-    let item = q.spool.item_path(&id);
-    let answered = tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        let existed = item.exists();
-        let _ = tx.send(answer);
-        existed
-    });
     let session = FromSession {
         deadline: Some(Instant::now() + budget),
-        body: Some(BodyInProgress {
-            len,
-            written,
-            synced,
-        }),
+        body: Some(w),
         ..Default::default()
     };
     let r = q
@@ -87,88 +66,55 @@ async fn put(
             session,
         )
         .await;
-    (r, answered.await.unwrap(), id)
+    (r, id)
+}
+
+fn files(q: &Queue) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(q.spool.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn the_put_answers_only_once_its_body_is_durable() {
+async fn a_put_is_one_file_with_its_item_and_the_size_of_its_body() {
     let dir = tempfile::tempdir().unwrap();
     let q = queue(dir.path());
-    let start = Instant::now();
-    let delay = Duration::from_millis(200);
-    let (r, existed, id) = put(&q, delay, Duration::from_secs(60), Ok(()), true).await;
+    let (r, id) = put(&q, Duration::from_secs(60)).await;
     r.unwrap();
-    assert!(
-        start.elapsed() >= delay,
-        "answered before the body was durable"
-    );
-    // Written while the body's fsync ran, with the size that tells a
-    // whole put from one a crash cut short.
-    assert!(existed, "the item is written alongside the body's fsync");
-    let item =
-        crate::item::Item::from_file(&std::fs::read(q.spool.item_path(&id)).unwrap()).unwrap();
-    assert_eq!(item.body_len, Some(BODY.len() as u64));
-    assert_eq!(q.spool.load().unwrap().items, vec![item]);
+    assert_eq!(files(&q), [format!("d:{id}")]);
+    let loaded = q.spool.load().unwrap();
+    assert_eq!(loaded.items.len(), 1);
+    assert_eq!(loaded.items[0].id, id);
+    assert_eq!(loaded.items[0].body_len, Some(BODY.len() as u64));
+    assert_eq!(loaded.items[0].recipients.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn a_failed_body_leaves_no_item() {
+async fn a_failed_directory_sync_leaves_nothing_and_stops_new_mail() {
     let dir = tempfile::tempdir().unwrap();
-    let q = queue(dir.path());
-    let eio = Err(std::io::Error::other("input/output error"));
-    let (r, _, id) = put(
-        &q,
-        Duration::from_millis(10),
-        Duration::from_secs(60),
-        eio,
-        true,
-    )
-    .await;
+    let trigger = dir.path().join("fail");
+    std::fs::write(&trigger, b"").unwrap();
+    let q = queue_with(dir.path(), Some(trigger));
+    let (r, _) = put(&q, Duration::from_secs(60)).await;
     assert!(
-        matches!(&r, Err(PutError::Io(e)) if e.to_string().contains("cannot sync the message body")),
+        matches!(&r, Err(PutError::Io(e)) if e.to_string().contains("testing.fail_dir_sync")),
         "{r:?}"
     );
-    assert!(!q.spool.item_path(&id).exists());
+    assert!(files(&q).is_empty(), "{:?}", files(&q));
+    assert!(matches!(q.reserve_id(false), Err(PutError::Unsynced)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn a_body_never_written_whole_leaves_no_item() {
+async fn a_put_past_its_deadline_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let q = queue(dir.path());
-    let enospc = Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
-    let (r, existed, id) = put(
-        &q,
-        Duration::from_millis(100),
-        Duration::from_secs(60),
-        enospc,
-        false,
-    )
-    .await;
-    assert!(
-        matches!(&r, Err(PutError::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull),
-        "{r:?}"
-    );
-    // The item may be written meanwhile, but never stays.
-    let _ = existed;
-    assert!(!q.spool.item_path(&id).exists());
-    assert!(q.spool.load().unwrap().items.is_empty());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn a_body_synced_after_the_deadline_leaves_no_item() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = queue(dir.path());
-    let (r, _, id) = put(
-        &q,
-        Duration::from_millis(300),
-        Duration::from_millis(100),
-        Ok(()),
-        true,
-    )
-    .await;
+    let (r, _) = put(&q, Duration::ZERO).await;
     assert!(matches!(r, Err(PutError::TooLate)), "{r:?}");
-    assert!(!q.spool.item_path(&id).exists());
-    // Nothing of it loads at the next start.
+    // The session gives the ID back and removes its body.
+    assert!(files(&q).iter().all(|f| !f.starts_with("m:")));
     assert!(q.spool.load().unwrap().items.is_empty());
 }
 
