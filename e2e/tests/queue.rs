@@ -46,6 +46,36 @@ fn queued_message_survives_kill_9_and_is_delivered_once() {
     assert_eq!(v["chasquid/queue/putCount"], 1);
 }
 
+#[test]
+fn the_item_on_a_body_never_reaches_the_mail() {
+    // A new message's item (every recipient, the client) is an
+    // attribute of its queue file: what is delivered is the message
+    // alone, and carries no attribute of the queue's.
+    let mut t = Tambo::default_setup();
+    t.start_all();
+    let r = t.send(
+        "x@remote.example",
+        &["ann@example.test", "bob@example.test"],
+        &message("bcc", "hello\r\n"),
+    );
+    assert_eq!(r.code, 250, "{r:?}");
+    for user in ["ann", "bob"] {
+        let msgs = t.wait_maildir(user, 1);
+        let text = String::from_utf8_lossy(&msgs[0]);
+        assert!(text.contains("hello"), "{text}");
+        assert!(
+            !text.contains("rcpt_to") && !text.contains("body_len"),
+            "{text}"
+        );
+        let new = t.mail_dir.join(DOMAIN).join(user).join("new");
+        for f in std::fs::read_dir(new).unwrap() {
+            let mut buf = [0u8; 4096];
+            let attr = rustix::fs::getxattr(f.unwrap().path(), "user.tambo.item", &mut buf[..]);
+            assert_eq!(attr, Err(rustix::io::Errno::NODATA), "{user}");
+        }
+    }
+}
+
 /// Writes an MDA script into the config dir.
 fn mda(t: &Tambo, script: &str) -> String {
     let path = t.config_dir.join("mda.sh");
