@@ -651,13 +651,16 @@ runtime_dir = \"{run}\"
             .collect()
     }
 
-    /// Names of the files in the queue directory (its lock file aside).
+    /// Names of the files in the queue directory (its lock file and
+    /// `orphans/` aside).
     pub fn queue_files(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.data_dir.join("queue"))
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n != ".lock")
+                    // Not messages: the lock, and where bodies without
+                    // an item are set aside.
+                    .filter(|n| n != ".lock" && n != "orphans")
                     .collect()
             })
             .unwrap_or_default();

@@ -47,10 +47,13 @@ fn queued_message_survives_kill_9_and_is_delivered_once() {
 }
 
 #[test]
-fn the_item_on_a_body_never_reaches_the_mail() {
+fn the_item_on_a_body_never_reaches_the_maildir() {
     // A new message's item (every recipient, the client) is an
-    // attribute of its queue file: what is delivered is the message
-    // alone, and carries no attribute of the queue's.
+    // attribute of its queue file: what the Maildir writer delivers is
+    // the message alone, and carries no attribute of the queue's. (An
+    // MDA gets the queue file itself on its stdin; under privilege
+    // separation it cannot read the attribute, which is queued's:
+    // docs/design-notes.md, "Queue layout".)
     let mut t = Tambo::default_setup();
     t.start_all();
     let r = t.send(

@@ -127,7 +127,15 @@ fn unreadable_items_are_counted_kept_and_removable() {
     )
     .unwrap();
     std::fs::write(queue.join("d:shortbody12"), b"Subject: z\r\n\r\nbo").unwrap();
+    // A body with no item at all: a crash's leftover, or a message whose
+    // item a copy dropped. Set aside, never deleted.
+    std::fs::write(queue.join("d:orphanbody1"), b"Subject: o\r\n\r\nbody\r\n").unwrap();
     t.start_all();
+    t.wait_log("queued", "1 bodies without an item set aside");
+    assert_eq!(
+        std::fs::read(queue.join("orphans").join("d:orphanbody1")).unwrap(),
+        b"Subject: o\r\n\r\nbody\r\n"
+    );
     t.wait_log("queued", "unreadable queue item");
     t.wait_log("queued", "2 unfinished new items removed");
     t.wait_log(

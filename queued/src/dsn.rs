@@ -301,6 +301,7 @@ mod tests {
                 ),
             ],
             body_len: None,
+            rewritten: false,
         }
     }
 

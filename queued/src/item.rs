@@ -85,19 +85,26 @@ pub struct Item {
     /// Absent from items written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_len: Option<u64>,
+    /// Whether this is a rewrite after a delivery attempt (an `m:` file
+    /// written by [`crate::spool::Spool::stage_item`]), not the item as
+    /// its put wrote it: a short body under a rewrite is damage, not a
+    /// put that never got its 250.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rewritten: bool,
 }
 
 impl Item {
     /// As an `m:` file: indented, for the operator's eyes.
-    pub fn to_json(&self) -> Vec<u8> {
-        // Serialising plain structs of strings cannot fail.
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+    pub fn to_json(&self) -> std::io::Result<Vec<u8>> {
+        // Plain structs of strings: never fails, but an empty item
+        // written in its place would read as a crash's leftover.
+        serde_json::to_vec_pretty(self).map_err(std::io::Error::other)
     }
 
     /// As an attribute of its body ([`crate::spool::ITEM_XATTR`]): it must
     /// fit in a few KiB, which a line does better.
-    pub fn to_compact_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn to_compact_json(&self) -> std::io::Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(std::io::Error::other)
     }
 
     /// Reads an item file. A new item is written under its own name, not
@@ -189,11 +196,12 @@ mod tests {
             client: "local".into(),
             recipients: vec![],
             body_len: None,
+            rewritten: false,
         };
-        assert_eq!(Item::from_file(&item.to_json()).unwrap(), item);
+        assert_eq!(Item::from_file(&item.to_json().unwrap()).unwrap(), item);
         let mut old = item.clone();
         old.version = 99;
-        assert!(Item::from_file(&old.to_json()).is_err());
+        assert!(Item::from_file(&old.to_json().unwrap()).is_err());
         assert!(Item::from_file(b"{not json").is_err());
     }
 
@@ -231,8 +239,9 @@ mod tests {
                 ),
             ],
             body_len: Some(1234),
+            rewritten: true,
         };
-        let file = item.to_json();
+        let file = item.to_json().unwrap();
         assert_eq!(Item::from_file(&file).unwrap(), item);
         // Every cut a crash could leave is recognised as one.
         for cut in 0..file.len() {
@@ -247,7 +256,7 @@ mod tests {
         let mut old = item.clone();
         old.version = 0;
         for whole in [
-            old.to_json(),
+            old.to_json().unwrap(),
             b"{ not json".to_vec(),
             b"{}".to_vec(),
             b"[".to_vec(),

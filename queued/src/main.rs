@@ -291,11 +291,12 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(
-            "queue loaded: {} items, {} unreadable, {} orphan files removed, {} unfinished new items removed",
+            "queue loaded: {} items, {} unreadable, {} unfinished new items removed, {} bodies without an item set aside, {} temp files removed",
             loaded.items.len(),
             loaded.unreadable.len(),
-            loaded.removed_orphans,
-            loaded.torn
+            loaded.torn,
+            loaded.set_aside,
+            loaded.removed_temp
         );
         for item in loaded.items {
             queue.start(item, false);

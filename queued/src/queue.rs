@@ -370,10 +370,10 @@ impl Queue {
         self.ids().reserved.remove(id);
     }
 
-    /// Turns a fully written body (fsync'd, or being fsync'd:
-    /// [`FromSession::body_sync`]) into a queue item: resolves the
-    /// recipients, writes the item durably and starts its send loop. When
-    /// this returns Ok the message survives a crash.
+    /// Turns a fully received body ([`FromSession::body`], or its `d:`
+    /// file) into a queued message: resolves the recipients, writes the
+    /// body and its item durably ([`Spool::write_new`]) and starts its
+    /// send loop. When this returns Ok the message survives a crash.
     pub async fn put(
         self: &Arc<Self>,
         id: String,
@@ -456,6 +456,7 @@ impl Queue {
             recipients,
             // Set as it is written.
             body_len: None,
+            rewritten: false,
         };
         // Past this, smtpd may have given up waiting and told the client
         // to try again: a message queued now would arrive twice.
@@ -477,18 +478,11 @@ impl Queue {
         let mut item = item;
         let written = tokio::task::spawn_blocking(move || -> Result<Item, PutError> {
             let late = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
-            let mut dir = None;
             let done = spool
-                .write_new(body, &mut item, || {
-                    dir = Some(dirsync.request()?);
-                    Ok(())
-                })
+                .write_new(body, &mut item, || dirsync.request())
                 .map_err(PutError::from)
-                .and_then(|()| {
-                    match dir {
-                        Some(d) => d.wait()?,
-                        None => dirsync.request()?.wait()?,
-                    }
+                .and_then(|dir| {
+                    dir.wait()?;
                     // The fsyncs may have been slow: checked again, for
                     // the same reason as above.
                     if late() {

@@ -363,8 +363,6 @@ impl Session {
             }
             None => {}
         }
-        // Each rewrite below (signing, added headers) fsyncs the new body;
-        // only a body none of them touches is synced as written.
         let signing = self.auth.is_some() && self.signs_for(&from);
         let checking = if prefixed {
             // Done as it was spooled: what the local path below counts.

@@ -15,12 +15,8 @@
 //!   items.
 //!
 //! A message is queued when its item is whole and its body has the size
-//! the item records. At startup ([`Spool::load`]) a crash's leftovers, all
-//! puts that never got their 250, are removed: a body without any item
-//! (in a queue marked as keeping items on bodies, [`MARKER_XATTR`]), an
-//! item cut short ([`Item::from_file`]), and a body missing or shorter
-//! than its item says. Anything else that does not read is kept and
-//! reported.
+//! the item records; what a crash can leave, and what startup does with
+//! it, is the table in [`load`].
 //!
 //! Every function here blocks; callers run them on the blocking pool.
 //! Functions that add, rename or remove directory entries do not fsync the
@@ -32,12 +28,14 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tambo_common::lockfile::LockFile;
 use tambo_common::safeio;
 
-use crate::item::{FileError, Item};
+use crate::item::Item;
+
+mod load;
 
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -48,22 +46,17 @@ pub struct Spool {
     fail_sync_if: Option<PathBuf>,
     /// Bytes of bodies held in memory by every [`BodyWriter`] at once.
     buffered: Arc<AtomicUsize>,
-    /// New items go on their bodies ([`ITEM_XATTR`]), not in `m:` files;
-    /// decided by [`Spool::load`].
-    xattrs: Arc<AtomicBool>,
+    /// Test knob: how long each directory fsync takes at least.
+    #[cfg(test)]
+    pub sync_delay: Option<std::time::Duration>,
 }
 
 /// The extended attribute of a `d:` file that holds its message's item
 /// until the item is first rewritten (an `m:` file from then on).
 pub const ITEM_XATTR: &str = "user.tambo.item";
 
-/// On the queue directory: new items in this queue are kept in
-/// [`ITEM_XATTR`], so a `d:` file with neither that attribute nor an `m:`
-/// is the body of a put that never finished. Without it (an older
-/// tambo's queue, or one copied without its attributes) such a body is
-/// kept and reported instead.
-pub const MARKER_XATTR: &str = "user.tambo.queue";
-const MARKER_VALUE: &[u8] = b"items on bodies";
+/// Where bodies without an item are moved at startup: see [`load`].
+pub const ORPHANS_DIR: &str = "orphans";
 
 /// Linux's limit on an extended attribute's value.
 const MAX_XATTR: usize = 64 * 1024;
@@ -83,18 +76,6 @@ pub const BODIES_IN_MEMORY: usize = 32 * 1024 * 1024;
 /// queue.
 pub const LOCK_FILE: &str = ".lock";
 
-/// What loading the queue directory found.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    pub items: Vec<Item>,
-    /// Items that could not be read: left on disk, reported.
-    pub unreadable: Vec<(PathBuf, String)>,
-    /// Bodies without an item and stale temp files, removed.
-    pub removed_orphans: usize,
-    /// New items a crash cut short (never acknowledged), removed.
-    pub torn: usize,
-}
-
 impl Spool {
     /// Opens the queue directory, creating it (mode 0700, fsync'd into its
     /// parent) if needed. Nothing in it is read or changed: call
@@ -107,7 +88,8 @@ impl Spool {
             fail_writes,
             fail_sync_if: None,
             buffered: Arc::default(),
-            xattrs: Arc::default(),
+            #[cfg(test)]
+            sync_delay: None,
         })
     }
 
@@ -154,12 +136,19 @@ impl Spool {
         })
     }
 
-    /// Rewrites an item atomically (temp, fsync, rename); durable once the
+    /// Rewrites an item atomically to its `m:` file (temp, fsync, rename),
+    /// which from then on is the one that counts; durable once the
     /// directory is synced. For an item that exists: a new one is
-    /// [`Spool::write_new_item`].
+    /// [`Spool::write_new`].
     pub fn stage_item(&self, item: &Item) -> io::Result<()> {
         self.check_writable()?;
-        safeio::replace(&self.item_path(&item.id), &item.to_json(), 0o600)
+        // Marked as a rewrite: its message got its 250 long ago, so a
+        // body found short under it is damage, never a put's leftover.
+        let rewrite = Item {
+            rewritten: true,
+            ..item.clone()
+        };
+        safeio::replace(&self.item_path(&item.id), &rewrite.to_json()?, 0o600)
     }
 
     /// Makes a new message durable: its body (what `writer` holds, or the
@@ -169,47 +158,51 @@ impl Spool {
     /// where the file system keeps no attributes (or this one is too
     /// large) it is an `m:` file, written under its own name and fsync'd
     /// too. `named` is called once every name exists, before the fsyncs:
-    /// where the directory's sync can start, alongside them; if it fails,
-    /// so does this. Durable once the directory is synced too. On failure
-    /// the caller removes what is left ([`Spool::unlink`]).
+    /// where the directory's sync can start, alongside them; what it
+    /// returns is returned, and if it fails, so does this. Durable once
+    /// the directory is synced too. On failure the caller removes what is
+    /// left ([`Spool::unlink`]).
     ///
     /// No temp file and no rename for a new item (a rename after the
     /// fsync would dirty the directory again, a second journal commit to
     /// wait for): until the put answers, a half-written one is one nobody
     /// was told about, and [`Spool::load`] tells a crash's leftovers
     /// apart at the next start.
-    pub fn write_new(
+    pub fn write_new<T>(
         &self,
         writer: Option<BodyWriter>,
         item: &mut Item,
-        named: impl FnOnce() -> io::Result<()>,
-    ) -> io::Result<()> {
+        named: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
         self.check_writable()?;
         let body = match writer {
             Some(w) => w.into_file()?,
             None => File::open(self.body_path(&item.id))?,
         };
         item.body_len = Some(body.metadata()?.len());
-        if self.items_in_xattrs() {
-            let set = rustix::fs::fsetxattr(
-                &body,
-                ITEM_XATTR,
-                &item.to_compact_json(),
-                rustix::fs::XattrFlags::CREATE,
-            );
-            if set.is_ok() {
-                named()?;
-                return body.sync_all();
-            }
+        // Refused where attributes are not kept or this one is too large
+        // for them (ext4: about 4 KiB): then an m: file.
+        let on_body = rustix::fs::fsetxattr(
+            &body,
+            ITEM_XATTR,
+            &item.to_compact_json()?,
+            rustix::fs::XattrFlags::CREATE,
+        );
+        if on_body.is_ok() {
+            let named = named()?;
+            body.sync_all()?;
+            return Ok(named);
         }
         let path = self.item_path(&item.id);
+        let json = item.to_json()?;
         // If this fails nothing was created: the name is somebody else's.
         let mut f = create_private(&path)?;
-        let written = f
-            .write_all(&item.to_json())
-            .and_then(|()| named())
-            .and_then(|()| body.sync_all())
-            .and_then(|()| f.sync_all());
+        let written = f.write_all(&json).and_then(|()| {
+            let named = named()?;
+            body.sync_all()?;
+            f.sync_all()?;
+            Ok(named)
+        });
         if written.is_err()
             && let Err(e) = std::fs::remove_file(&path)
         {
@@ -263,6 +256,10 @@ impl Spool {
 
     /// fsyncs the queue directory.
     pub fn sync_dir(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(d) = self.sync_delay {
+            std::thread::sleep(d);
+        }
         if self.fail_sync_if.as_deref().is_some_and(Path::exists) {
             return Err(io::Error::other(
                 "input/output error (testing.fail_dir_sync_if_exists)",
@@ -271,184 +268,10 @@ impl Spool {
         safeio::fsync_dir(&self.dir)
     }
 
-    /// Loads every item; removes orphan bodies and temp files; decides
-    /// where new items go ([`Spool::items_in_xattrs`]).
-    pub fn load(&self) -> io::Result<Loaded> {
-        let mut loaded = Loaded::default();
-        // Only the lock holder may clean: a second queued must never
-        // delete what the first is writing.
-        let marked = self.marked();
-        let mut bodies = Vec::new();
-        let mut items = std::collections::HashSet::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let path = entry.path();
-            if let Some(id) = name.strip_prefix("m:") {
-                let read = std::fs::read(&path)
-                    .map_err(|e| FileError::Bad(e.to_string()))
-                    .and_then(|b| Item::from_file(&b));
-                // Kept or removed, its body goes with it.
-                self.take(id, &path, read, &mut loaded);
-                items.insert(id.to_string());
-            } else if let Some(id) = name.strip_prefix("d:") {
-                bodies.push((id.to_string(), path));
-            } else if name.starts_with(".m:") || name.starts_with(".d:") {
-                // A temporary item, or a body rewrite (DKIM signing, added
-                // headers) a crash interrupted: the rename never happened,
-                // so the real file is whole without it.
-                let _ = std::fs::remove_file(&path);
-                loaded.removed_orphans += 1;
-            }
-        }
-        let mut buf = vec![0u8; MAX_XATTR];
-        let mut unexplained = 0;
-        for (id, path) in bodies {
-            if items.contains(&id) {
-                continue;
-            }
-            // No `m:`: the item, if any, is on the body.
-            let read = match rustix::fs::getxattr(&path, ITEM_XATTR, &mut buf[..]) {
-                Ok(n) => Item::from_file(&buf[..n]),
-                Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => {
-                    if marked {
-                        // A put that never got its 250, or its item a
-                        // crash kept from the disk.
-                        let _ = std::fs::remove_file(&path);
-                        loaded.removed_orphans += 1;
-                    } else {
-                        // Before this queue kept items on bodies (an older
-                        // tambo's crash), or copied without its extended
-                        // attributes: nothing tells which, so nothing is
-                        // deleted.
-                        unexplained += 1;
-                        loaded.unreadable.push((
-                            path,
-                            format!("a message body without its item (no m:{id} file, no {ITEM_XATTR} attribute): if this queue was copied without its extended attributes, copy it again with them (cp -a, rsync -aX); otherwise it is the body of a message that never got a 250, and can be deleted"),
-                        ));
-                    }
-                    continue;
-                }
-                Err(e) => Err(FileError::Bad(format!(
-                    "cannot read its {ITEM_XATTR} attribute: {e}"
-                ))),
-            };
-            self.take(&id, &path, read, &mut loaded);
-        }
-        let in_xattrs = marked || (unexplained == 0 && self.mark());
-        self.xattrs.store(in_xattrs, Ordering::SeqCst);
-        loaded.items.sort_by_key(|i| i.created_ms);
-        Ok(loaded)
-    }
-
-    /// Files a loaded item, from `path` (its `m:` file, or its `d:` file's
-    /// attribute): whole beside its body, it is loaded; a crash's
-    /// leftovers are removed with a log line; anything else is kept and
-    /// reported with its body.
-    fn take(&self, id: &str, path: &Path, read: Result<Item, FileError>, loaded: &mut Loaded) {
-        match read {
-            Ok(item) if item.id == id => match self.body_state(&item) {
-                BodyState::Whole => loaded.items.push(item),
-                BodyState::Short(size) => {
-                    tracing::warn!(
-                        "{}: an item whose body is {} bytes of the {} it records: a put a crash cut short (its message never got a 250): removed with its body",
-                        path.display(),
-                        size.map_or_else(|| "missing, 0".to_string(), |s| s.to_string()),
-                        item.body_len.unwrap_or_default(),
-                    );
-                    let _ = std::fs::remove_file(path);
-                    let _ = std::fs::remove_file(self.body_path(id));
-                    loaded.torn += 1;
-                }
-                BodyState::Other(why) => loaded.unreadable.push((path.to_path_buf(), why)),
-            },
-            Ok(_) => loaded
-                .unreadable
-                .push((path.to_path_buf(), "item id does not match its file".into())),
-            Err(FileError::Bad(e)) => loaded.unreadable.push((path.to_path_buf(), e)),
-            Err(FileError::Torn) => {
-                tracing::warn!(
-                    "{}: the start of a new item a crash cut short (its message never got a 250): removed with its body",
-                    path.display()
-                );
-                let _ = std::fs::remove_file(path);
-                let _ = std::fs::remove_file(self.body_path(id));
-                loaded.torn += 1;
-            }
-        }
-    }
-
-    /// Whether the queue directory says its new items are kept on their
-    /// bodies ([`MARKER_XATTR`]).
-    fn marked(&self) -> bool {
-        let mut buf = [0u8; 64];
-        matches!(rustix::fs::getxattr(&self.dir, MARKER_XATTR, &mut buf[..]), Ok(n) if buf[..n] == *MARKER_VALUE)
-    }
-
-    /// Marks the queue directory so; false if the file system keeps no
-    /// extended attributes (new items are then `m:` files).
-    fn mark(&self) -> bool {
-        let set = rustix::fs::setxattr(
-            &self.dir,
-            MARKER_XATTR,
-            MARKER_VALUE,
-            rustix::fs::XattrFlags::empty(),
-        )
-        .map_err(io::Error::from)
-        .and_then(|()| safeio::fsync_dir(&self.dir));
-        match set {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(
-                    "{}: cannot keep new items on their bodies ({e}): each gets an m: file",
-                    self.dir.display()
-                );
-                false
-            }
-        }
-    }
-
-    /// Whether new items are kept on their bodies ([`ITEM_XATTR`]); decided
-    /// by [`Spool::load`].
-    pub fn items_in_xattrs(&self) -> bool {
-        self.xattrs.load(Ordering::SeqCst)
-    }
-
-    /// Whether the body of a whole item is there as the item says. The
-    /// put writes and fsyncs the two at once and answers only once both
-    /// are durable, so a crash can leave a whole item beside a body that
-    /// is missing or short, never one that is longer: that one (or a
-    /// missing body under an item that records no size) is kept for the
-    /// operator.
-    fn body_state(&self, item: &Item) -> BodyState {
-        let size = std::fs::metadata(self.body_path(&item.id))
-            .ok()
-            .map(|m| m.len());
-        match (item.body_len, size) {
-            (None, Some(_)) => BodyState::Whole,
-            (None, None) => BodyState::Other("its body d: file is missing".into()),
-            (Some(want), Some(got)) if got == want => BodyState::Whole,
-            (Some(want), Some(got)) if got > want => BodyState::Other(format!(
-                "its body d: file is {got} bytes, more than the {want} the item records"
-            )),
-            (Some(_), size) => BodyState::Short(size),
-        }
-    }
-
     #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-}
-
-enum BodyState {
-    Whole,
-    /// Missing (`None`) or shorter than the item says: the put's body
-    /// was not durable yet when it crashed.
-    Short(Option<u64>),
-    /// Anything else: kept, reported with this.
-    Other(String),
 }
 
 /// Creates a file only queued may read, failing if the name is taken:
@@ -463,8 +286,9 @@ pub fn create_private(path: &Path) -> io::Result<File> {
 
 /// A body being written: in memory while it is small (and the memory
 /// budget allows), then in its file. Whatever it holds in memory is
-/// counted in [`BODIES_IN_MEMORY`] and, by the session, in the in-flight
-/// byte budget, so a hostile smtpd cannot pin more than those.
+/// counted in [`BODIES_IN_MEMORY`] until it is written out or dropped,
+/// and, by the session, in the in-flight byte budget while it is
+/// received, so a hostile smtpd cannot pin more than those.
 pub struct BodyWriter {
     path: PathBuf,
     held: Vec<u8>,

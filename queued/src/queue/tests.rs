@@ -15,12 +15,16 @@ use crate::domaininfo::DomainInfo;
 use crate::spool::Spool;
 
 fn queue(dir: &Path) -> Arc<Queue> {
-    queue_with(dir, None)
+    queue_with(dir, None, None)
 }
 
-/// A queue on a loaded (so marked) spool; its directory syncs fail while
-/// `fail_sync_if` exists.
-fn queue_with(dir: &Path, fail_sync_if: Option<std::path::PathBuf>) -> Arc<Queue> {
+/// A queue whose directory syncs fail while `fail_sync_if` exists, and
+/// take at least `sync_delay`.
+fn queue_with(
+    dir: &Path,
+    fail_sync_if: Option<std::path::PathBuf>,
+    sync_delay: Option<Duration>,
+) -> Arc<Queue> {
     let cfg = Config::defaults(dir);
     let users = UserDb::parse("ann !\n", Path::new("users")).unwrap();
     let domains = Domains::from_parts([(
@@ -30,10 +34,10 @@ fn queue_with(dir: &Path, fail_sync_if: Option<std::path::PathBuf>) -> Arc<Queue
             aliases: Default::default(),
         },
     )]);
-    let spool = Spool::open(&dir.join("queue"), false)
+    let mut spool = Spool::open(&dir.join("queue"), false)
         .unwrap()
         .fail_sync_if(fail_sync_if);
-    spool.load().unwrap();
+    spool.sync_delay = sync_delay;
     let info = Arc::new(DomainInfo::load(&dir.join("domaininfo")).unwrap());
     Arc::new(Queue::new(
         Arc::new(cfg),
@@ -97,7 +101,7 @@ async fn a_failed_directory_sync_leaves_nothing_and_stops_new_mail() {
     let dir = tempfile::tempdir().unwrap();
     let trigger = dir.path().join("fail");
     std::fs::write(&trigger, b"").unwrap();
-    let q = queue_with(dir.path(), Some(trigger));
+    let q = queue_with(dir.path(), Some(trigger), None);
     let (r, _) = put(&q, Duration::from_secs(60)).await;
     assert!(
         matches!(&r, Err(PutError::Io(e)) if e.to_string().contains("testing.fail_dir_sync")),
@@ -108,13 +112,28 @@ async fn a_failed_directory_sync_leaves_nothing_and_stops_new_mail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn a_put_past_its_deadline_leaves_nothing() {
+async fn a_put_past_its_deadline_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let q = queue(dir.path());
     let (r, _) = put(&q, Duration::ZERO).await;
     assert!(matches!(r, Err(PutError::TooLate)), "{r:?}");
-    // The session gives the ID back and removes its body.
-    assert!(files(&q).iter().all(|f| !f.starts_with("m:")));
+    assert!(files(&q).is_empty(), "{:?}", files(&q));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_put_whose_fsyncs_end_past_its_deadline_is_removed() {
+    // smtpd has told the client to retry by then: kept, the message would
+    // arrive twice.
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue_with(dir.path(), None, Some(Duration::from_millis(400)));
+    let started = Instant::now();
+    let (r, _) = put(&q, Duration::from_millis(200)).await;
+    assert!(matches!(r, Err(PutError::TooLate)), "{r:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "it was written"
+    );
+    assert!(files(&q).is_empty(), "{:?}", files(&q));
     assert!(q.spool.load().unwrap().items.is_empty());
 }
 

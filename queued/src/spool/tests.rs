@@ -2,6 +2,7 @@
 //! on it, the `m:` files of rewrites and of file systems without
 //! attributes, and what a crash can leave of each.
 
+use super::load::Loaded;
 use super::*;
 use crate::item::{FORMAT_VERSION, Item};
 
@@ -15,12 +16,13 @@ fn item(id: &str) -> Item {
         client: "local".into(),
         recipients: vec![],
         body_len: None,
+        rewritten: false,
     }
 }
 
 const BODY: &[u8] = b"Subject: x\r\n\r\nbody\r\n";
 
-/// A spool on a new directory, loaded once (which marks it).
+/// A spool on a new directory, loaded once.
 fn fresh(dir: &Path) -> Spool {
     let s = Spool::open(dir, false).unwrap();
     assert!(s.load().unwrap().items.is_empty());
@@ -88,12 +90,11 @@ fn kept(loaded: &Loaded) -> Vec<(String, String)> {
 fn a_new_message_is_one_file_with_its_item_on_it() {
     let dir = tempfile::tempdir().unwrap();
     let s = fresh(dir.path());
-    assert!(s.items_in_xattrs(), "a new queue keeps items on bodies");
     let it = put(&s, "x", BODY);
     assert_eq!(it.body_len, Some(BODY.len() as u64));
     assert_eq!(names(dir.path()), ["d:x"]);
     assert_eq!(std::fs::read(s.body_path("x")).unwrap(), BODY);
-    assert_eq!(on_body(&s, "x").unwrap(), it.to_compact_json());
+    assert_eq!(on_body(&s, "x").unwrap(), it.to_compact_json().unwrap());
     // What deliverd is handed is the message alone.
     let mut got = Vec::new();
     std::io::Read::read_to_end(&mut s.open_body("x").unwrap(), &mut got).unwrap();
@@ -130,8 +131,9 @@ fn an_item_too_large_for_an_attribute_is_an_m_file() {
     let mut w = s.create_body("many").unwrap();
     w.write(BODY).unwrap();
     let mut it = item("many");
-    // Far past what any file system keeps in one attribute.
-    it.rcpt_to = (0..2000).map(|i| format!("user{i}@example.org")).collect();
+    // Past what Linux lets any file system keep in one attribute (64 KiB).
+    it.rcpt_to = (0..5000).map(|i| format!("user{i}@example.org")).collect();
+    assert!(it.to_compact_json().unwrap().len() > MAX_XATTR);
     s.write_new(Some(w), &mut it, || Ok(())).unwrap();
     assert_eq!(names(dir.path()), ["d:many", "m:many"]);
     assert!(on_body(&s, "many").is_none());
@@ -139,33 +141,21 @@ fn an_item_too_large_for_an_attribute_is_an_m_file() {
 }
 
 #[test]
-fn without_the_mark_new_items_are_m_files_and_nothing_unexplained_is_deleted() {
-    // An older tambo's queue, or one copied without its attributes: a
-    // body with no item could be either a put that never finished or a
-    // message whose item was lost in the copy.
+fn a_body_without_an_item_is_set_aside_never_deleted() {
+    // A put a crash cut before its item, or a message whose item a copy
+    // of the queue dropped: nothing tells which, so it is moved aside.
     let dir = tempfile::tempdir().unwrap();
     let s = Spool::open(dir.path(), false).unwrap();
     std::fs::write(s.body_path("lost"), BODY).unwrap();
     let loaded = s.load().unwrap();
-    let kept = kept(&loaded);
-    assert_eq!(kept.len(), 1, "{kept:?}");
-    assert_eq!(kept[0].0, "d:lost");
-    assert!(kept[0].1.contains("cp -a, rsync -aX"), "{kept:?}");
-    assert_eq!(loaded.removed_orphans, 0);
-    assert!(!s.items_in_xattrs(), "not marked while it is there");
-    put(&s, "new", BODY);
-    assert_eq!(names(dir.path()), ["d:lost", "d:new", "m:new"]);
-    // Once the operator dealt with it, the next start marks the queue.
-    std::fs::remove_file(s.body_path("lost")).unwrap();
+    assert_eq!(loaded.set_aside, 1);
+    assert!(loaded.items.is_empty() && loaded.unreadable.is_empty());
+    assert_eq!(names(dir.path()), [ORPHANS_DIR]);
+    let aside = dir.path().join(ORPHANS_DIR).join("d:lost");
+    assert_eq!(std::fs::read(aside).unwrap(), BODY);
+    // The next start finds nothing more to do.
     let loaded = s.load().unwrap();
-    assert_eq!(loaded.items.len(), 1);
-    assert!(s.items_in_xattrs());
-    // From then on, a body with no item is an orphan.
-    std::fs::write(s.body_path("orphan"), BODY).unwrap();
-    let loaded = s.load().unwrap();
-    assert_eq!(loaded.removed_orphans, 1);
-    assert!(loaded.unreadable.is_empty());
-    assert!(!s.body_path("orphan").exists());
+    assert_eq!((loaded.set_aside, loaded.items.len()), (0, 0));
 }
 
 /// What a crash left: the attribute on the body, the `m:` file, the body.
@@ -177,14 +167,12 @@ fn a_message_a_crash_cut_short_is_removed_whole() {
     let s = fresh(dir.path());
     let whole = put(&s, "x", BODY);
     let attr = on_body(&s, "x").unwrap();
-    let file = whole.to_json();
-    // Every cut of the item, on the body or in an m: file; a body cut
-    // anywhere under a whole item. Nothing loads, nothing is kept for
-    // the operator, nothing is left.
+    let file = whole.to_json().unwrap();
+    // Every cut of an item written as an m: file; a body cut anywhere
+    // under a whole first item. Nothing loads, nothing is kept for the
+    // operator, nothing is left. (Setting an attribute is all or
+    // nothing: a cut one is damage, below.)
     let mut crashes: Vec<Crash> = Vec::new();
-    for cut in 0..attr.len() {
-        crashes.push((Some(&attr[..cut]), None, BODY));
-    }
     for cut in [0, 1, file.len() / 2, file.len() - 2] {
         crashes.push((None, Some(&file[..cut]), BODY));
     }
@@ -192,14 +180,16 @@ fn a_message_a_crash_cut_short_is_removed_whole() {
         crashes.push((Some(&attr), None, &BODY[..cut]));
         crashes.push((None, Some(&file), &BODY[..cut]));
     }
-    // An m: file beside no body: the removal of a rewritten item that
-    // took the body first.
-    let no_body = item("x");
+    // An m: file beside no body: a removal that took the body first, and
+    // was cut there; an older tambo's item (no size recorded) too.
     let no_body = Item {
         body_len: Some(9),
-        ..no_body
+        rewritten: true,
+        ..item("x")
     }
-    .to_json();
+    .to_json()
+    .unwrap();
+    let old_no_body = item("y").to_json().unwrap();
     for (i, (on, m, body)) in crashes.into_iter().enumerate() {
         let crashed = tempfile::tempdir().unwrap();
         let c = fresh(crashed.path());
@@ -223,8 +213,10 @@ fn a_message_a_crash_cut_short_is_removed_whole() {
     let crashed = tempfile::tempdir().unwrap();
     let c = fresh(crashed.path());
     std::fs::write(c.item_path("x"), &no_body).unwrap();
+    std::fs::write(c.item_path("y"), &old_no_body).unwrap();
     let loaded = c.load().unwrap();
-    assert_eq!((loaded.items.len(), loaded.torn), (0, 1));
+    assert_eq!((loaded.items.len(), loaded.torn), (0, 2));
+    assert!(loaded.unreadable.is_empty());
     assert!(names(crashed.path()).is_empty());
 }
 
@@ -237,25 +229,54 @@ fn what_a_crash_cannot_leave_is_kept_for_the_operator() {
         ..item("longer")
     };
     std::fs::write(s.body_path("longer"), BODY).unwrap();
-    set_on_body(&s, "longer", &longer.to_compact_json());
+    set_on_body(&s, "longer", &longer.to_compact_json().unwrap());
+    // Setting an attribute is all or nothing: a cut one is damage.
+    let whole = Item {
+        body_len: Some(BODY.len() as u64),
+        ..item("cut")
+    }
+    .to_compact_json()
+    .unwrap();
+    std::fs::write(s.body_path("cut"), BODY).unwrap();
+    set_on_body(&s, "cut", &whole[..whole.len() / 2]);
+    // A rewrite's message got its 250 long ago: a short body under it is
+    // damage too.
+    let rewritten = Item {
+        body_len: Some(BODY.len() as u64),
+        rewritten: true,
+        ..item("damaged")
+    };
+    std::fs::write(s.item_path("damaged"), rewritten.to_json().unwrap()).unwrap();
+    std::fs::write(s.body_path("damaged"), &BODY[..3]).unwrap();
     // Whole but not an item this version reads.
     std::fs::write(s.body_path("bad"), BODY).unwrap();
     set_on_body(&s, "bad", b"[1, 2]");
     std::fs::write(s.item_path("badm"), b"{garbage").unwrap();
     std::fs::write(s.body_path("badm"), BODY).unwrap();
-    // An older tambo's item, which records no size, whose body is gone.
-    std::fs::write(s.item_path("old"), item("old").to_json()).unwrap();
     let loaded = s.load().unwrap();
     assert!(loaded.items.is_empty());
-    assert_eq!(loaded.torn, 0);
+    assert_eq!((loaded.torn, loaded.set_aside), (0, 0));
     let kept = kept(&loaded);
     let files: Vec<_> = kept.iter().map(|(f, _)| f.as_str()).collect();
-    assert_eq!(files, ["d:bad", "d:longer", "m:badm", "m:old"], "{kept:?}");
-    assert!(kept[1].1.contains("more than the 3"), "{kept:?}");
-    assert!(kept[3].1.contains("missing"), "{kept:?}");
+    assert_eq!(
+        files,
+        ["d:bad", "d:cut", "d:longer", "m:badm", "m:damaged"],
+        "{kept:?}"
+    );
+    assert!(kept[1].1.contains("cut short: damaged"), "{kept:?}");
+    assert!(kept[2].1.contains("more than the 3"), "{kept:?}");
+    assert!(kept[4].1.contains("damaged"), "{kept:?}");
     assert_eq!(
         names(dir.path()),
-        ["d:bad", "d:badm", "d:longer", "m:badm", "m:old"]
+        [
+            "d:bad",
+            "d:badm",
+            "d:cut",
+            "d:damaged",
+            "d:longer",
+            "m:badm",
+            "m:damaged"
+        ]
     );
 }
 
@@ -268,23 +289,16 @@ fn a_rewrite_takes_over_from_the_item_on_the_body() {
     later.rcpt_to.push("later@d".into());
     s.stage_item(&later).unwrap();
     assert_eq!(names(dir.path()), ["d:x", "m:x"]);
+    let later = Item {
+        rewritten: true,
+        ..later
+    };
     assert_eq!(s.load().unwrap().items, vec![later]);
     // The body goes first: a crash in between leaves the rewritten item
     // without its body (removed at the next start), never the body with
     // its first, stale item.
     s.unlink("x").unwrap();
     assert!(names(dir.path()).is_empty());
-}
-
-#[test]
-fn where_attributes_are_refused_new_items_are_m_files() {
-    let dir = tempfile::tempdir().unwrap();
-    // Not loaded, so not marked: as on a file system without them.
-    let s = Spool::open(dir.path(), false).unwrap();
-    let it = put(&s, "x", BODY);
-    assert_eq!(names(dir.path()), ["d:x", "m:x"]);
-    assert!(on_body(&s, "x").is_none());
-    assert_eq!(s.load().unwrap().items, vec![it]);
 }
 
 #[test]
@@ -352,7 +366,7 @@ fn prepending_rewrites_the_body_whole() {
 }
 
 #[test]
-fn orphans_and_temp_files_are_cleaned() {
+fn temp_files_are_removed_and_orphans_set_aside() {
     let dir = tempfile::tempdir().unwrap();
     let s = fresh(dir.path());
     s.create_body("orphan").unwrap().close().unwrap();
@@ -360,8 +374,8 @@ fn orphans_and_temp_files_are_cleaned() {
     std::fs::write(dir.path().join(".d:x123"), b"tmp").unwrap();
     let loaded = s.load().unwrap();
     assert!(loaded.items.is_empty() && loaded.unreadable.is_empty());
-    assert_eq!(loaded.removed_orphans, 3);
-    assert!(names(dir.path()).is_empty());
+    assert_eq!((loaded.removed_temp, loaded.set_aside), (2, 1));
+    assert_eq!(names(dir.path()), [ORPHANS_DIR]);
 }
 
 #[test]
@@ -376,7 +390,7 @@ fn the_queue_has_one_owner() {
     // The lock file is not an item, a body or an orphan.
     let loaded = s.load().unwrap();
     assert!(loaded.items.is_empty() && loaded.unreadable.is_empty());
-    assert_eq!(loaded.removed_orphans, 0);
+    assert_eq!((loaded.removed_temp, loaded.set_aside), (0, 0));
     assert!(dir.path().join("q").join(LOCK_FILE).exists());
 }
 
