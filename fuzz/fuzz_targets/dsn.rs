@@ -65,6 +65,8 @@ fuzz_target!(|data: &[u8]| {
         created_ms: 0,
         client: "local".into(),
         recipients,
+        body_len: None,
+        rewritten: false,
     };
     let original = dsn::read_original(original).unwrap();
     let out = dsn::build(&dsn::DsnInput {
