@@ -651,16 +651,20 @@ runtime_dir = \"{run}\"
             .collect()
     }
 
-    /// Names of the files in the queue directory (its lock file and
-    /// `orphans/` aside).
+    /// Names of the files in the queue directory that are messages or
+    /// parts of one: not its lock file, `orphans/`, nor the empty `d:`
+    /// files made ready for messages to come.
     pub fn queue_files(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.data_dir.join("queue"))
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        let n = e.file_name();
+                        let ready = n.to_string_lossy().starts_with("d:")
+                            && e.metadata().is_ok_and(|m| m.len() == 0);
+                        n != ".lock" && n != "orphans" && !ready
+                    })
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    // Not messages: the lock, and where bodies without
-                    // an item are set aside.
-                    .filter(|n| n != ".lock" && n != "orphans")
                     .collect()
             })
             .unwrap_or_default();

@@ -291,7 +291,7 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(
-            "queue loaded: {} items, {} unreadable, {} unfinished new items removed, {} bodies without an item set aside, {} temp files removed",
+            "queue loaded: {} items, {} unreadable, {} unfinished new items removed, {} bodies without an item set aside, {} temp or unused files removed",
             loaded.items.len(),
             loaded.unreadable.len(),
             loaded.torn,

@@ -295,7 +295,7 @@ impl Session {
         };
         // Nothing touches the disk yet: a small body stays in memory until
         // its end (spool::BODY_IN_MEMORY).
-        match self.queue.spool.create_body(&id) {
+        match self.queue.body_writer(&id) {
             Ok(writer) => {
                 // The checks after DATA would only add this field: put it
                 // on top as the message is spooled, once its header section

@@ -1,7 +1,9 @@
 //! The queue directory on disk.
 //!
 //! - `d:<ID>`: the message (headers added by smtpd, CRLF line ends),
-//!   written as it streams in (or at its end, from memory, when small).
+//!   written as it streams in (or at its end, from memory, when small),
+//!   usually into an empty file made ready with a durable name
+//!   ([`Spool::make_ready`]).
 //!   A new message's item (envelope, recipient state, the body's size;
 //!   JSON) is its extended attribute `user.tambo.item` ([`ITEM_XATTR`]):
 //!   one file and one fsync make a message durable, and what deliverd
@@ -127,13 +129,40 @@ impl Spool {
     /// Starts the body of a new message. Nothing is created on disk yet:
     /// see [`BODY_IN_MEMORY`].
     pub fn create_body(&self, id: &str) -> io::Result<BodyWriter> {
+        self.body_writer(id, false)
+    }
+
+    /// Starts the body of a new message in the empty `d:` file
+    /// [`Spool::make_ready`] made for `id`, whose name is durable already:
+    /// the put then needs no directory sync of its own.
+    pub fn ready_body(&self, id: &str) -> io::Result<BodyWriter> {
+        self.body_writer(id, true)
+    }
+
+    fn body_writer(&self, id: &str, ready: bool) -> io::Result<BodyWriter> {
         self.check_writable()?;
         Ok(BodyWriter {
             path: self.body_path(id),
             held: Vec::new(),
             file: None,
+            ready,
             buffered: self.buffered.clone(),
         })
+    }
+
+    /// Creates an empty `d:` file for each of `ids`, to be filled by
+    /// [`Spool::ready_body`] once the directory is synced: the name's
+    /// creation and its directory fsync then happen before a message
+    /// needs them, not while its client waits. Returns the IDs whose file
+    /// was made. An empty `d:` without an item is never a message: one
+    /// left unused is removed at the next start.
+    pub fn make_ready(&self, ids: Vec<String>) -> Vec<String> {
+        if self.check_writable().is_err() {
+            return Vec::new();
+        }
+        ids.into_iter()
+            .filter(|id| create_private(&self.body_path(id)).is_ok())
+            .collect()
     }
 
     /// Rewrites an item atomically to its `m:` file (temp, fsync, rename),
@@ -157,11 +186,13 @@ impl Spool {
     /// [`ITEM_XATTR`] attribute, so a message is one file and one fsync;
     /// where the file system keeps no attributes (or this one is too
     /// large) it is an `m:` file, written under its own name and fsync'd
-    /// too. `named` is called once every name exists, before the fsyncs:
+    /// too. `named` is called once every name exists, before the fsyncs,
+    /// if a name was made that the directory must make durable (not for
+    /// a body in a file [`Spool::make_ready`] made, with its item on it):
     /// where the directory's sync can start, alongside them; what it
     /// returns is returned, and if it fails, so does this. Durable once
-    /// the directory is synced too. On failure the caller removes what is
-    /// left ([`Spool::unlink`]).
+    /// the directory is synced too, if `named` was called. On failure the
+    /// caller removes what is left ([`Spool::unlink`]).
     ///
     /// No temp file and no rename for a new item (a rename after the
     /// fsync would dirty the directory again, a second journal commit to
@@ -173,11 +204,16 @@ impl Spool {
         writer: Option<BodyWriter>,
         item: &mut Item,
         named: impl FnOnce() -> io::Result<T>,
-    ) -> io::Result<T> {
+    ) -> io::Result<Option<T>> {
         self.check_writable()?;
-        let body = match writer {
-            Some(w) => w.into_file()?,
-            None => File::open(self.body_path(&item.id))?,
+        // A body rewritten by signing or the checks took its name by a
+        // rename, which the directory must make durable.
+        let (body, named_before) = match writer {
+            Some(w) => {
+                let ready = w.ready();
+                (w.into_file()?, ready)
+            }
+            None => (File::open(self.body_path(&item.id))?, false),
         };
         item.body_len = Some(body.metadata()?.len());
         // Refused where attributes are not kept or this one is too large
@@ -189,7 +225,7 @@ impl Spool {
             rustix::fs::XattrFlags::CREATE,
         );
         if on_body.is_ok() {
-            let named = named()?;
+            let named = if named_before { None } else { Some(named()?) };
             body.sync_all()?;
             return Ok(named);
         }
@@ -201,7 +237,7 @@ impl Spool {
             let named = named()?;
             body.sync_all()?;
             f.sync_all()?;
-            Ok(named)
+            Ok(Some(named))
         });
         if written.is_err()
             && let Err(e) = std::fs::remove_file(&path)
@@ -293,6 +329,8 @@ pub struct BodyWriter {
     path: PathBuf,
     held: Vec<u8>,
     file: Option<File>,
+    /// Its file exists, empty, under a durable name ([`Spool::make_ready`]).
+    ready: bool,
     buffered: Arc<AtomicUsize>,
 }
 
@@ -327,7 +365,11 @@ impl BodyWriter {
     /// The body's file, created and given what was held in memory.
     fn file(&mut self) -> io::Result<&mut File> {
         if self.file.is_none() {
-            let mut file = create_private(&self.path)?;
+            let mut file = if self.ready {
+                OpenOptions::new().write(true).open(&self.path)?
+            } else {
+                create_private(&self.path)?
+            };
             self.file = Some(match file.write_all(&self.held) {
                 Ok(()) => file,
                 Err(e) => {
@@ -359,6 +401,11 @@ impl BodyWriter {
         self.file
             .take()
             .ok_or_else(|| io::Error::other("the body's file is gone"))
+    }
+
+    /// Whether its file's name was made durable before the message came.
+    fn ready(&self) -> bool {
+        self.ready
     }
 }
 

@@ -86,6 +86,13 @@ impl Queue {
         }
         let our_domain = dsn::our_domain(item, |d| domains.is_local(d), &self.cfg.hostname);
         let dsn_id = self.reserve_id(true)?;
+        let w = match self.body_writer(&dsn_id) {
+            Ok(w) => w,
+            Err(e) => {
+                self.release_id(&dsn_id);
+                return Err(e.into());
+            }
+        };
         let spool = self.spool.clone();
         let hostname = self.cfg.hostname.clone();
         let date = chrono::Local::now()
@@ -112,7 +119,7 @@ impl Queue {
                 tracing::error!(id = %item2.id, "DSN not DKIM-signed: {e}");
                 Vec::new()
             });
-            let mut w = spool.create_body(&id2)?;
+            let mut w = w;
             w.write(&signatures)?;
             w.write(&msg)?;
             Ok(w)

@@ -9,7 +9,7 @@ use tambo_common::config::Config;
 use tambo_common::domains::{Domain, Domains};
 use tambo_common::users::UserDb;
 
-use super::{FromSession, PutError, Queue};
+use super::{FromSession, PutError, Queue, READY_FILES};
 use crate::dkim::DkimKeys;
 use crate::domaininfo::DomainInfo;
 use crate::spool::Spool;
@@ -53,7 +53,7 @@ const BODY: &[u8] = b"Subject: x\r\n\r\nbody\r\n";
 /// A put as a session makes it, with `budget` before smtpd gives up.
 async fn put(q: &Arc<Queue>, budget: Duration) -> (Result<(), PutError>, String) {
     let id = q.reserve_id(false).unwrap();
-    let mut w = q.spool.create_body(&id).unwrap();
+    let mut w = q.body_writer(&id).unwrap();
     w.write(BODY).unwrap();
     let session = FromSession {
         deadline: Some(Instant::now() + budget),
@@ -73,10 +73,13 @@ async fn put(q: &Arc<Queue>, budget: Duration) -> (Result<(), PutError>, String)
     (r, id)
 }
 
+/// The queue's files, but for the empty ones made ready for new messages.
 fn files(q: &Queue) -> Vec<String> {
     let mut v: Vec<_> = std::fs::read_dir(q.spool.dir())
         .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .map(|e| e.unwrap())
+        .filter(|e| e.metadata().unwrap().len() > 0)
+        .map(|e| e.file_name().into_string().unwrap())
         .collect();
     v.sort();
     v
@@ -94,6 +97,39 @@ async fn a_put_is_one_file_with_its_item_and_the_size_of_its_body() {
     assert_eq!(loaded.items[0].id, id);
     assert_eq!(loaded.items[0].body_len, Some(BODY.len() as u64));
     assert_eq!(loaded.items[0].recipients.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn new_messages_take_ready_files_and_wait_for_one_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = queue(dir.path());
+    // The first put finds none ready, and starts making them.
+    let (r, first) = put(&q, Duration::from_secs(60)).await;
+    r.unwrap();
+    let started = Instant::now();
+    while q.ids().ready.len() < READY_FILES - 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "none made ready"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ready = std::fs::read_dir(q.spool.dir()).unwrap().count() - 1;
+    assert_eq!(ready, q.ids().ready.len(), "each an empty d: file");
+    assert_eq!(files(&q), [format!("d:{first}")]);
+    let syncs = q.dirsync.fsyncs();
+    let (r, id) = put(&q, Duration::from_secs(60)).await;
+    r.unwrap();
+    assert_ne!(id, first);
+    assert_eq!(q.dirsync.fsyncs(), syncs, "no directory fsync for it");
+    let loaded = q.spool.load().unwrap();
+    let mut ids: Vec<_> = loaded.items.iter().map(|i| i.id.clone()).collect();
+    ids.sort();
+    let mut want = vec![first, id];
+    want.sort();
+    assert_eq!(ids, want);
+    // The ready files nobody used: empty, removed at that start.
+    assert_eq!(loaded.removed_temp, ready - 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

@@ -16,7 +16,8 @@
 //! | body longer than recorded | never a crash's doing | kept, reported |
 //! | attribute on the body cut short | damage: setting one is all or nothing | kept, reported |
 //! | anything else that does not read (a hand edit, another version) | | kept, reported |
-//! | `d:` with neither an `m:` nor the attribute | a put that never got its 250; or a queue copied without its extended attributes | moved to `orphans/`, reported |
+//! | `d:` empty, with neither an `m:` nor the attribute | a file made ready for a message that never came (`Spool::make_ready`) | removed |
+//! | `d:` with content but neither an `m:` nor the attribute | a put that never got its 250; or a queue copied without its extended attributes | moved to `orphans/`, reported |
 //!
 //! "Removed" is only ever a put nobody was told about. The last row is
 //! moved aside, not removed: nothing tells a crash's leftover from a
@@ -36,7 +37,8 @@ pub struct Loaded {
     pub items: Vec<Item>,
     /// Items that could not be read: left on disk, reported.
     pub unreadable: Vec<(PathBuf, String)>,
-    /// Temp files of interrupted atomic writes, removed.
+    /// Temp files of interrupted atomic writes, and empty bodies without
+    /// an item (files made ready and never used), removed.
     pub removed_temp: usize,
     /// Puts a crash cut short (never acknowledged), removed.
     pub torn: usize,
@@ -52,6 +54,8 @@ enum Verdict {
     Keep(String),
     /// A body without any item.
     Orphan,
+    /// An empty body without any item: never a message.
+    Unused,
 }
 
 impl Spool {
@@ -103,7 +107,10 @@ impl Spool {
                     read => self.judge(&id, read),
                 },
                 Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => {
-                    Verdict::Orphan
+                    match std::fs::metadata(&path) {
+                        Ok(m) if m.len() == 0 => Verdict::Unused,
+                        _ => Verdict::Orphan,
+                    }
                 }
                 Err(e) => Verdict::Keep(format!("cannot read its {ITEM_XATTR} attribute: {e}")),
             };
@@ -159,6 +166,10 @@ impl Spool {
                 let _ = std::fs::remove_file(path);
                 let _ = std::fs::remove_file(self.body_path(id));
                 loaded.torn += 1;
+            }
+            Verdict::Unused => {
+                let _ = std::fs::remove_file(path);
+                loaded.removed_temp += 1;
             }
             Verdict::Orphan => {
                 let aside = self.dir.join(ORPHANS_DIR);

@@ -109,6 +109,34 @@ fn a_new_message_is_one_file_with_its_item_on_it() {
 }
 
 #[test]
+fn a_ready_file_takes_the_message_without_a_new_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = fresh(dir.path());
+    assert_eq!(s.make_ready(vec!["r".into(), "r".into()]), ["r"], "once");
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(s.body_path("r")).unwrap());
+    let mut w = s.ready_body("r").unwrap();
+    w.write(BODY).unwrap();
+    let mut it = item("r");
+    let named = s.write_new(Some(w), &mut it, || Ok(())).unwrap();
+    assert!(named.is_none(), "no directory sync needed");
+    let after = std::fs::metadata(s.body_path("r")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&after),
+        ino,
+        "the same file"
+    );
+    assert_eq!(names(dir.path()), ["d:r"]);
+    assert_eq!(s.load().unwrap().items, vec![it]);
+    // A ready file that is gone (removed by hand): the put fails.
+    let mut gone = s.ready_body("gone").unwrap();
+    gone.write(BODY).unwrap();
+    assert!(
+        s.write_new(Some(gone), &mut item("gone"), || Ok(()))
+            .is_err()
+    );
+}
+
+#[test]
 fn a_body_already_on_disk_gets_its_item_too() {
     // Signing and the checks rewrite the body before the put.
     let dir = tempfile::tempdir().unwrap();
@@ -369,12 +397,16 @@ fn prepending_rewrites_the_body_whole() {
 fn temp_files_are_removed_and_orphans_set_aside() {
     let dir = tempfile::tempdir().unwrap();
     let s = fresh(dir.path());
-    s.create_body("orphan").unwrap().close().unwrap();
+    let mut orphan = s.create_body("orphan").unwrap();
+    orphan.write(BODY).unwrap();
+    orphan.close().unwrap();
+    // Made ready for a message that never came.
+    assert_eq!(s.make_ready(vec!["unused".into()]), ["unused"]);
     std::fs::write(dir.path().join(".m:x123"), b"tmp").unwrap();
     std::fs::write(dir.path().join(".d:x123"), b"tmp").unwrap();
     let loaded = s.load().unwrap();
     assert!(loaded.items.is_empty() && loaded.unreadable.is_empty());
-    assert_eq!((loaded.removed_temp, loaded.set_aside), (2, 1));
+    assert_eq!((loaded.removed_temp, loaded.set_aside), (3, 1));
     assert_eq!(names(dir.path()), [ORPHANS_DIR]);
 }
 
