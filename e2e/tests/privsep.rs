@@ -7,6 +7,7 @@
 //! The test creates the four system users it needs and removes them.
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -340,6 +341,43 @@ fn attack_in(
         .filter_map(|l| l.rsplit_once(": "))
         .map(|(a, r)| (a.to_string(), r.to_string()))
         .collect()
+}
+
+#[test]
+fn a_program_handed_a_message_cannot_read_its_item() {
+    if !is_root() {
+        eprintln!("skipped: running the program as another user needs root (CI is root)");
+        return;
+    }
+    // A message as queued keeps it: its file, mode 0600 and not the
+    // reader's, with its item (every recipient, Bcc included) as an
+    // attribute. deliverd passes the open file on, as an MDA's or a pipe
+    // command's stdin; that program, like deliverd, runs as another user.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d:handedmsg01");
+    std::fs::write(&path, b"Subject: x\r\n\r\nbody\r\n").unwrap();
+    rustix::fs::setxattr(
+        &path,
+        "user.tambo.item",
+        br#"{"rcpt_to":["bcc@example.test"]}"#,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new(bin_dir().join("tambo-test-peer"))
+        .arg("handed")
+        .stdin(std::fs::File::open(&path).unwrap())
+        // nobody: neither the file's owner nor root.
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    // The message, yes; its item, no: the kernel checks the file's owner
+    // and mode, not how the descriptor was opened.
+    assert!(text.contains("read: 20\n"), "{text}");
+    assert!(text.contains("item: EACCES"), "{text}");
 }
 
 #[test]

@@ -26,6 +26,12 @@
 //!     `list:<dir>`, `write:<path>`, `exec:<path>`, `tcp:<ip:port>`,
 //!     `udp`, `vsock` or `abstract:<name>` (connect to an abstract Unix
 //!     socket), and prints one line `<attempt>: ok` or `<attempt>: <ERRNO>`.
+//! tambo-test-peer handed
+//!     Plays a program handed a queued message on its stdin (an MDA, a
+//!     pipe command, deliverd itself): reads it, and tries to read the
+//!     item queued keeps on the file (`user.tambo.item`). Prints
+//!     `read: <bytes>` or `read: <ERRNO>`, then `item: ok` or
+//!     `item: <ERRNO>`.
 //! ```
 #![forbid(unsafe_code)]
 
@@ -240,8 +246,27 @@ fn attack(role: Role, config_dir: &Path, attempts: &[String]) {
     }
 }
 
+/// `handed`: what a program given a message on its stdin can read.
+fn handed() {
+    use std::io::Read;
+    let mut body = Vec::new();
+    match std::io::stdin().lock().read_to_end(&mut body) {
+        Ok(n) => println!("read: {n}"),
+        Err(e) => println!("read: {e}"),
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    match rustix::fs::fgetxattr(std::io::stdin(), "user.tambo.item", &mut buf[..]) {
+        Ok(_) => println!("item: ok"),
+        Err(e) => println!("item: {:?}", nix::errno::Errno::from_raw(e.raw_os_error())),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("handed") {
+        handed();
+        return;
+    }
     // Before any runtime thread: a Landlock domain covers the calling
     // thread and its later children only.
     if args.get(1).map(String::as_str) == Some("attack") && args.len() >= 4 {
