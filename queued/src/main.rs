@@ -291,10 +291,11 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(
-            "queue loaded: {} items, {} unreadable, {} unfinished new items removed, {} bodies without an item set aside, {} temp or unused files removed",
+            "queue loaded: {} items, {} unreadable, {} unfinished new items removed, {} interrupted removals finished, {} bodies without an item set aside, {} temp or unused files removed",
             loaded.items.len(),
             loaded.unreadable.len(),
             loaded.torn,
+            loaded.removals_finished,
             loaded.set_aside,
             loaded.removed_temp
         );

@@ -37,8 +37,9 @@ pub struct Queue {
     pub spool: Spool,
     dirsync: DirSync,
     /// IDs in use: `items` are queued (they count toward
-    /// `max_queue_items`); `reserved` are puts still receiving their body,
-    /// which do not, so clients stalling in DATA cannot fill the queue.
+    /// `max_queue_items`); `reserved` are puts still receiving their body
+    /// and the IDs of ready files, which do not, so clients stalling in
+    /// DATA cannot fill the queue.
     ids: Mutex<Ids>,
     pub dispatcher: Arc<Dispatcher>,
     /// Hooks, run by deliverd (REFERENCE §6).
@@ -146,7 +147,14 @@ struct Ids {
     handed: HashSet<String>,
     /// More ready files are being made.
     filling: bool,
+    /// When a batch last made none (a full disk, a quota): the next waits
+    /// [`READY_BACKOFF`].
+    made_none: Option<std::time::Instant>,
 }
+
+/// How long after a batch of ready files that made none the next may be
+/// tried: not a directory fsync per message while the disk is full.
+const READY_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Empty `d:` files kept made ahead for new messages (`Spool::make_ready`):
 /// a message then takes a name that is durable already, and its put waits
@@ -377,7 +385,10 @@ impl Queue {
     /// background.
     fn make_ready(self: &Arc<Self>) {
         let mut ids = self.ids();
-        if ids.filling || ids.ready.len() >= READY_FILES / 2 {
+        if ids.filling
+            || ids.ready.len() >= READY_FILES / 2
+            || ids.made_none.is_some_and(|t| t.elapsed() < READY_BACKOFF)
+        {
             return;
         }
         let mut batch = Vec::with_capacity(READY_FILES);
@@ -399,9 +410,10 @@ impl Queue {
             // Ready only once their names are durable. If that fails,
             // the files stay (empty: removed at the next start) and the
             // queue refuses mail anyway.
-            let synced = q.dirsync.sync().await.is_ok();
+            let synced = !made.is_empty() && q.dirsync.sync().await.is_ok();
             let mut ids = q.ids();
             ids.filling = false;
+            ids.made_none = made.is_empty().then(std::time::Instant::now);
             for id in all {
                 if !(synced && made.contains(&id)) {
                     ids.reserved.remove(&id);
@@ -542,11 +554,12 @@ impl Queue {
         let dirsync = self.dirsync.clone();
         let body = session.body;
         let deadline = session.deadline;
-        // The message's file (body and item: `Spool::write_new`) and the
-        // directory are fsync'd at once, each on its own thread, so they
-        // share one journal commit. Nobody is told before both are done;
-        // a crash before that leaves a body without its item, or one
-        // shorter than its item records, both removed at the next start.
+        // The message's file (body and item: `Spool::write_new`) and, if
+        // a name was made, the directory are fsync'd at once, each on its
+        // own thread, so they share one journal commit. Nobody is told
+        // before both are done; a crash before that leaves a body shorter
+        // than its item records (removed at the next start) or without
+        // its item (set aside then).
         let mut item = item;
         let written = tokio::task::spawn_blocking(move || -> Result<Item, PutError> {
             let late = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
@@ -554,8 +567,13 @@ impl Queue {
                 .write_new(body, &mut item, || dirsync.request())
                 .map_err(PutError::from)
                 .and_then(|dir| {
-                    if let Some(dir) = dir {
-                        dir.wait()?;
+                    match dir {
+                        Some(dir) => dir.wait()?,
+                        // A ready file's name was durable before; but once
+                        // a directory fsync has failed, nothing new is
+                        // acknowledged until queued restarts.
+                        None if dirsync.has_failed() => return Err(PutError::Unsynced),
+                        None => {}
                     }
                     // The fsyncs may have been slow: checked again, for
                     // the same reason as above.

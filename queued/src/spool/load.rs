@@ -10,7 +10,8 @@
 //! | `.m:…`, `.d:…` | the temp file of an atomic write a crash interrupted | removed |
 //! | item whole, body of the size it records (or none recorded) | a queued message | loaded |
 //! | `m:` empty, or a JSON object that stops | a new item, written as a file, a crash cut short | removed with its body |
-//! | item whole, body missing | a put a crash cut short, or a removal it interrupted (the body goes first) | removed |
+//! | item as first written, body missing | a put a crash cut short | removed |
+//! | a rewritten item, body missing | a removal a crash interrupted (the body goes first) | removed |
 //! | item as first written, body shorter than recorded | a put a crash cut short | removed with its body |
 //! | a rewritten item (after an attempt), body shorter | damage: that message got its 250 long ago | kept, reported |
 //! | body longer than recorded | never a crash's doing | kept, reported |
@@ -42,6 +43,9 @@ pub struct Loaded {
     pub removed_temp: usize,
     /// Puts a crash cut short (never acknowledged), removed.
     pub torn: usize,
+    /// Rewritten items whose body was gone: removals a crash cut short,
+    /// finished.
+    pub removals_finished: usize,
     /// Bodies without any item, moved to `orphans/`.
     pub set_aside: usize,
 }
@@ -50,6 +54,8 @@ enum Verdict {
     Load(Item),
     /// A put nobody was told about: its files go, with this log line.
     Torn(String),
+    /// A removal a crash cut short: the item goes.
+    Removed,
     /// Kept where it is, reported with this.
     Keep(String),
     /// A body without any item.
@@ -131,9 +137,8 @@ impl Spool {
         };
         let size = std::fs::metadata(self.body_path(id)).ok().map(|m| m.len());
         match (size, item.body_len) {
-            (None, _) => Verdict::Torn(
-                "its body is missing: a put a crash cut short, or a removal it interrupted".into(),
-            ),
+            (None, _) if item.rewritten || item.body_len.is_none() => Verdict::Removed,
+            (None, _) => Verdict::Torn("its body is missing".into()),
             (Some(_), None) => Verdict::Load(item),
             (Some(got), Some(want)) if got == want => Verdict::Load(item),
             (Some(got), Some(want)) if got > want => Verdict::Keep(format!(
@@ -160,29 +165,70 @@ impl Spool {
             Verdict::Keep(why) => loaded.unreadable.push((path.to_path_buf(), why)),
             Verdict::Torn(why) => {
                 tracing::warn!(
-                    "{}: {why} (its message never got a 250): removed with its body",
+                    "{}: {why}: a put a crash cut short (its message never got a 250): removed with its body",
                     path.display()
                 );
                 let _ = std::fs::remove_file(path);
                 let _ = std::fs::remove_file(self.body_path(id));
                 loaded.torn += 1;
             }
+            Verdict::Removed => {
+                tracing::info!(
+                    "{}: an item whose body is gone: the rest of a removal a crash interrupted, finished",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(path);
+                loaded.removals_finished += 1;
+            }
             Verdict::Unused => {
                 let _ = std::fs::remove_file(path);
                 loaded.removed_temp += 1;
             }
-            Verdict::Orphan => {
-                let aside = self.dir.join(ORPHANS_DIR);
-                tambo_common::safeio::create_dir_all_durable(&aside, 0o700)?;
-                std::fs::rename(path, aside.join(format!("d:{id}")))?;
-                tracing::warn!(
-                    "{}: a message body without an item, moved to {}: the body of a put that never got a 250 (a crash), or of a message whose item was lost because the queue was copied without its extended attributes (copy it again with cp -a or rsync -aX); delete it once you know",
-                    path.display(),
-                    aside.display()
-                );
-                loaded.set_aside += 1;
-            }
+            Verdict::Orphan => match self.set_aside(id, path) {
+                Ok(to) => {
+                    tracing::warn!(
+                        "{}: a message body without an item, moved to {}: the body of a put that never got a 250 (a crash), or of a message whose item was lost because the queue was copied without its extended attributes (copy it again with cp -a or rsync -aX); delete it once you know",
+                        path.display(),
+                        to.display()
+                    );
+                    loaded.set_aside += 1;
+                }
+                // Left where it is rather than stop queued from starting.
+                Err(e) => loaded.unreadable.push((
+                    path.to_path_buf(),
+                    format!("a message body without an item, which cannot be moved to {ORPHANS_DIR}/: {e}"),
+                )),
+            },
         }
         Ok(())
+    }
+
+    /// Moves a body without an item to `orphans/`, under a name no other
+    /// takes there (`d:<ID>`, or `d:<ID>.<n>` if that one is taken: the
+    /// same copy restored twice): never over one already set aside.
+    fn set_aside(&self, id: &str, path: &Path) -> io::Result<PathBuf> {
+        let aside = self.dir.join(ORPHANS_DIR);
+        tambo_common::safeio::create_dir_all_durable(&aside, 0o700)?;
+        for n in 0..1000 {
+            let name = match n {
+                0 => format!("d:{id}"),
+                n => format!("d:{id}.{n}"),
+            };
+            let to = aside.join(name);
+            match rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                path,
+                rustix::fs::CWD,
+                &to,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => return Ok(to),
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(io::Error::other(
+            "a thousand bodies set aside under that ID already",
+        ))
     }
 }

@@ -184,6 +184,20 @@ fn a_body_without_an_item_is_set_aside_never_deleted() {
     // The next start finds nothing more to do.
     let loaded = s.load().unwrap();
     assert_eq!((loaded.set_aside, loaded.items.len()), (0, 0));
+    // The same body again (the same copy restored twice): set aside
+    // beside the first, never over it.
+    std::fs::write(s.body_path("lost"), b"second").unwrap();
+    assert_eq!(s.load().unwrap().set_aside, 1);
+    let aside = dir.path().join(ORPHANS_DIR);
+    assert_eq!(std::fs::read(aside.join("d:lost")).unwrap(), BODY);
+    assert_eq!(std::fs::read(aside.join("d:lost.1")).unwrap(), b"second");
+    // Where it cannot be moved, it stays, reported; queued still starts.
+    std::fs::remove_dir_all(&aside).unwrap();
+    std::fs::write(&aside, b"not a directory").unwrap();
+    std::fs::write(s.body_path("stuck"), BODY).unwrap();
+    let loaded = s.load().unwrap();
+    assert_eq!(kept(&loaded)[0].0, "d:stuck");
+    assert!(s.body_path("stuck").exists());
 }
 
 /// What a crash left: the attribute on the body, the `m:` file, the body.
@@ -243,7 +257,10 @@ fn a_message_a_crash_cut_short_is_removed_whole() {
     std::fs::write(c.item_path("x"), &no_body).unwrap();
     std::fs::write(c.item_path("y"), &old_no_body).unwrap();
     let loaded = c.load().unwrap();
-    assert_eq!((loaded.items.len(), loaded.torn), (0, 2));
+    assert_eq!(
+        (loaded.items.len(), loaded.torn, loaded.removals_finished),
+        (0, 0, 2)
+    );
     assert!(loaded.unreadable.is_empty());
     assert!(names(crashed.path()).is_empty());
 }
