@@ -55,22 +55,30 @@ async fn put(q: &Arc<Queue>, budget: Duration) -> (Result<(), PutError>, String)
     let id = q.reserve_id(false).unwrap();
     let mut w = q.body_writer(&id).unwrap();
     w.write(BODY).unwrap();
+    (put_body(q, &id, w, budget).await, id)
+}
+
+/// The end of [`put`], for a body received already.
+async fn put_body(
+    q: &Arc<Queue>,
+    id: &str,
+    w: crate::spool::BodyWriter,
+    budget: Duration,
+) -> Result<(), PutError> {
     let session = FromSession {
         deadline: Some(Instant::now() + budget),
         body: Some(w),
         ..Default::default()
     };
-    let r = q
-        .put(
-            id.clone(),
-            "a@remote.example".into(),
-            vec!["ann@example.org".into()],
-            "127.0.0.1:1".into(),
-            false,
-            session,
-        )
-        .await;
-    (r, id)
+    q.put(
+        id.to_string(),
+        "a@remote.example".into(),
+        vec!["ann@example.org".into()],
+        "127.0.0.1:1".into(),
+        false,
+        session,
+    )
+    .await
 }
 
 /// The queue's files, but for the empty ones made ready for new messages.
@@ -180,21 +188,7 @@ async fn a_ready_file_taken_before_a_failed_directory_fsync_is_refused() {
     w.write(BODY).unwrap();
     std::fs::write(&trigger, b"").unwrap();
     assert!(q.dirsync.sync().await.is_err());
-    let session = FromSession {
-        deadline: Some(Instant::now() + Duration::from_secs(60)),
-        body: Some(w),
-        ..Default::default()
-    };
-    let r = q
-        .put(
-            id.clone(),
-            "a@remote.example".into(),
-            vec!["ann@example.org".into()],
-            "127.0.0.1:1".into(),
-            false,
-            session,
-        )
-        .await;
+    let r = put_body(&q, &id, w, Duration::from_secs(60)).await;
     assert!(matches!(r, Err(PutError::Unsynced)), "{r:?}");
     assert!(!files(&q).contains(&format!("d:{id}")), "{:?}", files(&q));
 }
