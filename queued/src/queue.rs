@@ -5,7 +5,7 @@
 //! shared state is only the set of live IDs. Disk work runs on the
 //! blocking pool.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,9 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tambo_common::config::Config;
 use tambo_common::domains::Domains;
 use tambo_common::duration;
-use tambo_proto::metrics::{self, names};
 
 mod finish;
+mod ids;
+mod put;
 mod round;
 #[cfg(test)]
 mod tests;
@@ -26,10 +27,11 @@ use crate::dkim::DkimKeys;
 use crate::domaininfo::DomainInfo;
 use crate::dovecot::{self, Dovecot};
 use crate::hooks::Hooks;
-use crate::item::{self, FORMAT_VERSION, Item};
+use crate::item::{self, Item};
 use crate::policy::{Lookup, Oracles, Policy, Unresolved};
 use crate::retry::Schedule;
 use crate::spool::{BodyWriter, Spool};
+use ids::Ids;
 
 pub struct Queue {
     pub cfg: Arc<Config>,
@@ -134,33 +136,6 @@ struct Answers {
     /// No more hook runs past it.
     deadline: Option<std::time::Instant>,
 }
-
-#[derive(Default)]
-struct Ids {
-    items: HashSet<String>,
-    reserved: HashSet<String>,
-    /// Reserved IDs whose empty `d:` file is made and durable, for new
-    /// messages to take ([`Queue::reserve_id`]).
-    ready: Vec<String>,
-    /// Ready IDs handed out, their file not yet filled
-    /// ([`Queue::body_writer`]).
-    handed: HashSet<String>,
-    /// More ready files are being made.
-    filling: bool,
-    /// When a batch last made none (a full disk, a quota): the next waits
-    /// [`READY_BACKOFF`].
-    made_none: Option<std::time::Instant>,
-}
-
-/// How long after a batch of ready files that made none the next may be
-/// tried: not a directory fsync per message while the disk is full.
-const READY_BACKOFF: Duration = Duration::from_secs(1);
-
-/// Empty `d:` files kept made ahead for new messages (`Spool::make_ready`):
-/// a message then takes a name that is durable already, and its put waits
-/// for one fsync (its file's) instead of two. Made again by the batch
-/// once half are taken, with one directory fsync per batch.
-pub const READY_FILES: usize = 32;
 
 /// Why a put failed; the client sees a 4xx either way.
 #[derive(Debug, thiserror::Error)]
@@ -353,88 +328,6 @@ impl Queue {
             .clone()
     }
 
-    fn ids(&self) -> std::sync::MutexGuard<'_, Ids> {
-        self.ids.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Reserves a fresh ID for a new message, one with a ready file when
-    /// there is one; refused when the queue holds `max_queue_items` items
-    /// (unless `bypass_limit`, for DSNs). Its body is started with
-    /// [`Queue::body_writer`].
-    pub fn reserve_id(self: &Arc<Self>, bypass_limit: bool) -> Result<String, PutError> {
-        if self.dirsync.has_failed() {
-            return Err(PutError::Unsynced);
-        }
-        let mut ids = self.ids();
-        if !bypass_limit && ids.items.len() as u64 >= self.cfg.max_queue_items {
-            return Err(PutError::Full);
-        }
-        let id = match ids.ready.pop() {
-            Some(id) => {
-                ids.handed.insert(id.clone());
-                id
-            }
-            None => fresh_id(&mut ids)?,
-        };
-        drop(ids);
-        self.make_ready();
-        Ok(id)
-    }
-
-    /// Makes the next batch of ready files once half are taken, in the
-    /// background.
-    fn make_ready(self: &Arc<Self>) {
-        let mut ids = self.ids();
-        if ids.filling
-            || ids.ready.len() >= READY_FILES / 2
-            || ids.made_none.is_some_and(|t| t.elapsed() < READY_BACKOFF)
-        {
-            return;
-        }
-        let mut batch = Vec::with_capacity(READY_FILES);
-        while ids.ready.len() + batch.len() < READY_FILES {
-            match fresh_id(&mut ids) {
-                Ok(id) => batch.push(id),
-                Err(_) => break,
-            }
-        }
-        ids.filling = true;
-        drop(ids);
-        let q = self.clone();
-        tokio::spawn(async move {
-            let spool = q.spool.clone();
-            let all = batch.clone();
-            let made = tokio::task::spawn_blocking(move || spool.make_ready(batch))
-                .await
-                .unwrap_or_default();
-            // Ready only once their names are durable. If that fails,
-            // the files stay (empty: removed at the next start) and the
-            // queue refuses mail anyway.
-            let synced = !made.is_empty() && q.dirsync.sync().await.is_ok();
-            let mut ids = q.ids();
-            ids.filling = false;
-            ids.made_none = made.is_empty().then(std::time::Instant::now);
-            for id in all {
-                if !(synced && made.contains(&id)) {
-                    ids.reserved.remove(&id);
-                }
-            }
-            if synced {
-                ids.ready.extend(made);
-            }
-        });
-    }
-
-    /// The body writer for an ID from [`Queue::reserve_id`]: into its
-    /// ready file if it has one.
-    pub fn body_writer(&self, id: &str) -> std::io::Result<crate::spool::BodyWriter> {
-        if self.ids().handed.remove(id) {
-            self.spool.ready_body(id)
-        } else {
-            self.spool.create_body(id)
-        }
-    }
-
     /// Makes every change to the queue directory so far durable: at
     /// shutdown, for the removals [`DirSync::sync_soon`] has not synced
     /// yet.
@@ -442,183 +335,6 @@ impl Queue {
         if let Err(e) = self.dirsync.sync().await {
             tracing::error!("cannot sync the queue directory before stopping: {e}");
         }
-    }
-
-    /// Gives back an ID whose put failed, and throws its files away (the
-    /// item too: it may have been written before a failed directory
-    /// fsync).
-    pub fn release_id(&self, id: &str) {
-        let _ = self.spool.unlink(id);
-        let mut ids = self.ids();
-        ids.reserved.remove(id);
-        ids.handed.remove(id);
-    }
-
-    /// Turns a fully received body ([`FromSession::body`], or its `d:`
-    /// file) into a queued message: resolves the recipients, writes the
-    /// body and its item durably ([`Spool::write_new`]) and starts its
-    /// send loop. When this returns Ok the message survives a crash.
-    pub async fn put(
-        self: &Arc<Self>,
-        id: String,
-        from: String,
-        rcpts: Vec<String>,
-        client: String,
-        bypass_limit: bool,
-        session: FromSession,
-    ) -> Result<(), PutError> {
-        let mut trace = tambo_proto::trace::Trace::new("Queue.Put", format!("{id} from=<{from}>"));
-        trace.event(format!("{} recipients, from {client}", rcpts.len()));
-        let r = self
-            .put_traced(id, from, rcpts, client, bypass_limit, session, &mut trace)
-            .await;
-        match &r {
-            Ok(()) => trace.event("queued"),
-            Err(e) => trace.error(format!("refused: {e}")),
-        }
-        r
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn put_traced(
-        self: &Arc<Self>,
-        id: String,
-        from: String,
-        rcpts: Vec<String>,
-        client: String,
-        bypass_limit: bool,
-        session: FromSession,
-        trace: &mut tambo_proto::trace::Trace,
-    ) -> Result<(), PutError> {
-        // Checked again now that the body is in: DATA transfers that ran
-        // concurrently must not push the queue past its limit.
-        if !bypass_limit && self.ids().items.len() as u64 >= self.cfg.max_queue_items {
-            return Err(PutError::Full);
-        }
-        let domains = self.domains();
-        let policy = Policy {
-            cfg: &self.cfg,
-            domains: &domains,
-        };
-        // Internal mail (DSNs) passes the same existence rule as an RCPT:
-        // it never creates a mailbox for an address nobody configured.
-        let rcpts: Vec<String> = if bypass_limit {
-            let mut kept = Vec::with_capacity(rcpts.len());
-            for r in rcpts {
-                let what = format!("{id}: internal message to <{r}>");
-                let ok = self.lookup(policy.deliverable(&r), &what).await?;
-                if ok {
-                    kept.push(r);
-                } else {
-                    tracing::warn!(%id, "internal message to <{r}> dropped: no such local address");
-                }
-            }
-            kept
-        } else {
-            rcpts
-        };
-        if rcpts.is_empty() {
-            return Err(PutError::NoRecipients);
-        }
-        let mut recipients = Vec::new();
-        let mut answers = Answers {
-            hook: session.hook_answers,
-            deadline: session.deadline,
-            ..Answers::default()
-        };
-        for r in &rcpts {
-            recipients.extend(self.resolve(&policy, r, &mut answers).await?);
-        }
-        trace.event(format!("resolved to {} recipients", recipients.len()));
-        let item = Item {
-            version: FORMAT_VERSION,
-            id: id.clone(),
-            from,
-            rcpt_to: rcpts,
-            created_ms: now_ms(),
-            client,
-            recipients,
-            // Set as it is written.
-            body_len: None,
-            rewritten: false,
-        };
-        // Past this, smtpd may have given up waiting and told the client
-        // to try again: a message queued now would arrive twice.
-        if session
-            .deadline
-            .is_some_and(|d| std::time::Instant::now() >= d)
-        {
-            return Err(PutError::TooLate);
-        }
-        let spool = self.spool.clone();
-        let dirsync = self.dirsync.clone();
-        let body = session.body;
-        let deadline = session.deadline;
-        // The message's file (body and item: `Spool::write_new`) and, if
-        // a name was made, the directory are fsync'd at once, each on its
-        // own thread, so they share one journal commit. Nobody is told
-        // before both are done; a crash before that leaves a body shorter
-        // than its item records (removed at the next start) or without
-        // its item (set aside then).
-        let mut item = item;
-        let written = tokio::task::spawn_blocking(move || -> Result<Item, PutError> {
-            let late = || deadline.is_some_and(|d| std::time::Instant::now() >= d);
-            let done = spool
-                .write_new(body, &mut item, || dirsync.request())
-                .map_err(PutError::from)
-                .and_then(|dir| {
-                    match dir {
-                        Some(dir) => dir.wait()?,
-                        // A ready file's name was durable before; but once
-                        // a directory fsync has failed, nothing new is
-                        // acknowledged until queued restarts.
-                        None if dirsync.has_failed() => return Err(PutError::Unsynced),
-                        None => {}
-                    }
-                    // The fsyncs may have been slow: checked again, for
-                    // the same reason as above.
-                    if late() {
-                        return Err(PutError::TooLate);
-                    }
-                    Ok(())
-                });
-            if done.is_err() {
-                // Possibly whole on disk, and nobody will be told: removed
-                // (made durable below) so that it cannot come back.
-                if let Err(e) = spool.unlink(&item.id) {
-                    tracing::error!(id = %item.id, "cannot remove a message whose put failed (it may be delivered although the client was told to retry): {e}");
-                }
-            }
-            done.map(|()| item)
-        })
-        .await
-        .map_err(|e| PutError::from(std::io::Error::other(e.to_string())))
-        .and_then(|r| r);
-        let item = match written {
-            Ok(item) => item,
-            Err(e) => {
-                // What a failed or late write left was removed: durably,
-                // or the queue stops taking mail (a failed directory
-                // fsync).
-                let _ = self.dirsync.sync().await;
-                return Err(e);
-            }
-        };
-        metrics::inc(names::QUEUE_ITEMS_WRITTEN);
-        metrics::inc(names::QUEUE_PUT_COUNT);
-        tracing::info!(
-            id = %item.id,
-            "{} from=<{}> queued ip={} to={:?}",
-            item.id,
-            item.from,
-            item.client,
-            item.rcpt_to
-        );
-        crate::maillog::queued(&item.id, &item.from, &item.client, &item.rcpt_to);
-        // DSNs (which pass max_queue_items) take turns like the rest: a
-        // mass bounce must not become that many rounds at once.
-        self.start(item, !bypass_limit);
-        Ok(())
     }
 
     /// Starts the send loop of an item: `fresh` if just put, not loaded
@@ -802,16 +518,6 @@ impl Queue {
 
     fn age(&self, item: &Item) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(item.created_ms).max(0) as u64)
-    }
-}
-
-/// A new random ID, reserved: unused by any item or reservation.
-fn fresh_id(ids: &mut Ids) -> std::io::Result<String> {
-    loop {
-        let id = item::new_id()?;
-        if !ids.items.contains(&id) && ids.reserved.insert(id.clone()) {
-            return Ok(id);
-        }
     }
 }
 

@@ -9,7 +9,8 @@ use tambo_common::config::Config;
 use tambo_common::domains::{Domain, Domains};
 use tambo_common::users::UserDb;
 
-use super::{FromSession, PutError, Queue, READY_FILES};
+use super::ids::READY_FILES;
+use super::{FromSession, PutError, Queue};
 use crate::dkim::DkimKeys;
 use crate::domaininfo::DomainInfo;
 use crate::spool::Spool;
