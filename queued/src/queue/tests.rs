@@ -82,6 +82,19 @@ async fn put_body(
     .await
 }
 
+/// Waits until the batch of ready files a first put started is made (one
+/// of them taken since, by the next reservation at the latest).
+async fn wait_ready(q: &Queue) {
+    let started = Instant::now();
+    while q.ids().ready.len() < READY_FILES - 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "none made ready"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The queue's files, but for the empty ones made ready for new messages.
 fn files(q: &Queue) -> Vec<String> {
     let mut v: Vec<_> = std::fs::read_dir(q.spool.dir())
@@ -115,14 +128,7 @@ async fn new_messages_take_ready_files_and_wait_for_one_fsync() {
     // The first put finds none ready, and starts making them.
     let (r, first) = put(&q, Duration::from_secs(60)).await;
     r.unwrap();
-    let started = Instant::now();
-    while q.ids().ready.len() < READY_FILES - 1 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "none made ready"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_ready(&q).await;
     let ready = std::fs::read_dir(q.spool.dir()).unwrap().count() - 1;
     assert_eq!(ready, q.ids().ready.len(), "each an empty d: file");
     assert_eq!(files(&q), [format!("d:{first}")]);
@@ -176,14 +182,7 @@ async fn a_ready_file_taken_before_a_failed_directory_fsync_is_refused() {
     let q = queue_with(dir.path(), Some(trigger.clone()), None);
     let (r, _) = put(&q, Duration::from_secs(60)).await;
     r.unwrap();
-    let started = Instant::now();
-    while q.ids().ready.len() < READY_FILES - 1 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "none made ready"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_ready(&q).await;
     let id = q.reserve_id(false).unwrap();
     let mut w = q.body_writer(&id).unwrap();
     w.write(BODY).unwrap();
