@@ -10,15 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MESSAGES=${1:-3000}
-if [ -n "${BIN_OVERRIDE:-}" ]; then
-  BIN=$BIN_OVERRIDE
-else
-  cargo build --release --workspace --locked 2>&1 | tail -1
-  BIN=$PWD/target/release
-fi
 DIR=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-latency.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 . bench/lib.sh
+BIN=$(tambo_bin)
 chmod 755 "$DIR"
 mkdir -p "$DIR/config/domains/example.test" "$DIR/logs" "$DIR/mail"
 tambo_cert "$DIR/config" bench.example.test
@@ -36,9 +31,5 @@ runtime_dir = "$DIR/run"
 maildir = "$DIR/mail/%to_domain%/%to_user%"
 $TAMBO_USERS
 CONF
-"$BIN/tambo" run --config_dir "$DIR/config" 2>"$DIR/logs/tambo.log" &
-for _ in $(seq 100); do
-  grep -q "smtpd listening" "$DIR/logs/tambo.log" && grep -q "connected to queued" "$DIR/logs/tambo.log" && break
-  sleep 0.1
-done
+tambo_start "$BIN" "$DIR/config" "$DIR/logs/tambo.log"
 python3 bench/latency.py "$PORT" "$MESSAGES"

@@ -30,6 +30,17 @@ pss() {
   echo "$total"
 }
 
+# tambo_bin: the release directory to run, BIN_OVERRIDE (another build's,
+# for bench/ab.sh) or this checkout's, built first.
+tambo_bin() {
+  if [ -n "${BIN_OVERRIDE:-}" ]; then
+    echo "$BIN_OVERRIDE"
+  else
+    cargo build --release --workspace --locked >&2 2>/dev/null || { echo "build failed" >&2; exit 1; }
+    echo "$PWD/target/release"
+  fi
+}
+
 # tambo_start BIN_DIR CONFIG_DIR LOG: `tambo run` in the background, once
 # smtpd listens and deliverd is connected; exits the script if it does not
 # come up.

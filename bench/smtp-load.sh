@@ -16,15 +16,10 @@ command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
 command -v smtp-source >/dev/null || { echo "smtp-source not found: apt-get install postfix" >&2; exit 1; }
 
 # BIN_OVERRIDE: another build's release directory (bench/ab.sh).
-if [ -n "${BIN_OVERRIDE:-}" ]; then
-  BIN=$BIN_OVERRIDE
-else
-  cargo build --release --workspace --locked 2>&1 | tail -1
-  BIN=$PWD/target/release
-fi
 DIR=$(mktemp -d "${BENCH_TMP:-/tmp}"/tambo-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 . bench/lib.sh
+BIN=$(tambo_bin)
 chmod 755 "$DIR"
 mkdir -p "$DIR/config/domains/example.test" "$DIR/logs" "$DIR/mail"
 tambo_cert "$DIR/config" bench.example.test
@@ -48,11 +43,7 @@ $TAMBO_USERS
 dns_server = "$(cat "$DIR/dns.addr")"
 CONF
 
-"$BIN/tambo" run --config_dir "$DIR/config" 2>"$DIR/logs/tambo.log" &
-for _ in $(seq 100); do
-  grep -q "smtpd listening" "$DIR/logs/tambo.log" && grep -q "connected to queued" "$DIR/logs/tambo.log" && break
-  sleep 0.1
-done
+tambo_start "$BIN" "$DIR/config" "$DIR/logs/tambo.log"
 
 start=$(date +%s.%N)
 smtp-source -s "$SESSIONS" -m "$MESSAGES" -l 1024 -f sender@remote.example -t ann@example.test "127.0.0.1:$PORT"
