@@ -136,6 +136,14 @@ pub fn is_plausible(addr: &str) -> bool {
     !user.is_empty()
 }
 
+/// Whether queued takes `from` as a transaction's sender: `<>`, or a
+/// plausible address that normalises and cannot pass for a command-line
+/// option (it ends up in logs, MDA arguments and DSN headers). smtpd asks
+/// the same to foresee queued's answer to MAIL.
+pub fn is_acceptable_sender(from: &str) -> bool {
+    from.is_empty() || (is_plausible(from) && normalize(from).is_ok() && !from.starts_with('-'))
+}
+
 /// The address a client is counted under: IPv4 as is (IPv4-mapped IPv6
 /// included), IPv6 by its /64, which is what one subscriber usually gets.
 /// Every per-client limit (smtpd's session cap, queued's AUTH failure

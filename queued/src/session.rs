@@ -204,11 +204,7 @@ impl Session {
                 }
                 // smtpd checked the syntax already; check again, since the
                 // sender ends up in logs, MDA arguments and DSN headers.
-                if !from.is_empty()
-                    && (!address::is_plausible(&from)
-                        || address::normalize(&from).is_err()
-                        || from.starts_with('-'))
-                {
+                if !address::is_acceptable_sender(&from) {
                     return Ok(Some(SubmitReply::BadSequence(
                         "invalid sender address".into(),
                     )));

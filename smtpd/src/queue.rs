@@ -24,6 +24,11 @@ pub struct QueueLink {
     reader: FrameReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     last_used: Instant,
+    /// Replies to [`send_foreseen`](Self::send_foreseen) requests not read
+    /// yet: each must be `Ok`, and is read before the next reply.
+    owed: u32,
+    /// Frames [`hold`](Self::hold) kept back, written before the next.
+    held: Vec<u8>,
 }
 
 impl QueueLink {
@@ -37,18 +42,22 @@ impl QueueLink {
         ids: &Identities,
     ) -> Result<Self, Error> {
         let stream = hello::connect(path, Role::Smtpd, Role::Queued, ids).await?;
+        let mut link = Self::over(stream);
+        // queued refuses a Session only if its client is no address (this
+        // is the peer's) or it is the link's second.
+        link.send_foreseen(&SubmitRequest::Session { client, mode, tls })
+            .await?;
+        Ok(link)
+    }
+
+    fn over(stream: tokio::net::UnixStream) -> Self {
         let (r, w) = stream.into_split();
-        let mut link = Self {
+        Self {
             reader: FrameReader::new(r),
             writer: w,
             last_used: Instant::now(),
-        };
-        match link
-            .call(&SubmitRequest::Session { client, mode, tls })
-            .await?
-        {
-            SubmitReply::Ok => Ok(link),
-            _ => Err(Error::Unexpected("reply to Session")),
+            owed: 0,
+            held: Vec::new(),
         }
     }
 
@@ -58,9 +67,36 @@ impl QueueLink {
         self.reply().await
     }
 
+    /// Sends a request that queued is known to answer with `Ok` (smtpd
+    /// sees everything it could be refused for), without waiting: its
+    /// reply is read before the next one, and anything but `Ok` there
+    /// breaks the link. One round trip to queued fewer for the client to
+    /// wait on.
+    pub async fn send_foreseen(&mut self, req: &SubmitRequest) -> Result<(), Error> {
+        self.send(req).await?;
+        self.owed += 1;
+        Ok(())
+    }
+
     /// Waits for the reply to a request [`send`](Self::send) sent
     /// earlier: for a request whose answer is only needed later.
     pub async fn reply(&mut self) -> Result<SubmitReply, Error> {
+        while self.owed > 0 {
+            self.owed -= 1;
+            match self.read_reply().await? {
+                SubmitReply::Ok => {}
+                other => {
+                    tracing::error!(
+                        "queued refused a request smtpd had answered for it: {other:?}"
+                    );
+                    return Err(Error::Unexpected("queued refused a foreseen request"));
+                }
+            }
+        }
+        self.read_reply().await
+    }
+
+    async fn read_reply(&mut self) -> Result<SubmitReply, Error> {
         match tokio::time::timeout(CALL_TIMEOUT, self.reader.read(MAX_SMALL_FRAME)).await {
             Ok(Ok(Some(reply))) => Ok(reply),
             Ok(Ok(None)) => Err(Error::Truncated {
@@ -75,11 +111,24 @@ impl QueueLink {
     /// Sends a request: one that has no reply (body chunks, abort), or
     /// one whose reply is read later with [`reply`](Self::reply).
     pub async fn send(&mut self, req: &SubmitRequest) -> Result<(), Error> {
-        let bytes = encode(req)?;
+        let mut bytes = encode(req)?;
+        if !self.held.is_empty() {
+            let mut all = std::mem::take(&mut self.held);
+            all.append(&mut bytes);
+            bytes = all;
+        }
         tokio::time::timeout(CALL_TIMEOUT, self.writer.write_all(&bytes))
             .await
             .map_err(|_| Error::Io(std::io::ErrorKind::TimedOut.into()))??;
         self.last_used = Instant::now();
+        Ok(())
+    }
+
+    /// Keeps a request back, to go out in one write with the next one
+    /// [`send`](Self::send) sends: a message's last chunk with its end,
+    /// one write and one wake-up of queued, not two.
+    pub fn hold(&mut self, req: &SubmitRequest) -> Result<(), Error> {
+        self.held.extend_from_slice(&encode(req)?);
         Ok(())
     }
 
@@ -118,5 +167,75 @@ impl QueueLink {
             SubmitReply::Ok => Ok(()),
             _ => Err(Error::Unexpected("reply to Ping")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tambo_proto::submit::RcptVerdict;
+    use tokio::net::UnixStream;
+
+    /// The link, and queued's end of it.
+    fn pair() -> (QueueLink, FrameReader<UnixStream>, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let b2 = b.into_std().unwrap();
+        let w = UnixStream::from_std(b2.try_clone().unwrap()).unwrap();
+        (
+            QueueLink::over(a),
+            FrameReader::new(UnixStream::from_std(b2).unwrap()),
+            w,
+        )
+    }
+
+    async fn answer(w: &mut UnixStream, reply: &SubmitReply) {
+        w.write_all(&encode(reply).unwrap()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn foreseen_answers_are_read_before_the_next_reply() {
+        let (mut link, mut queued, mut w) = pair();
+        link.send_foreseen(&SubmitRequest::Rset).await.unwrap();
+        link.send_foreseen(&SubmitRequest::Ping).await.unwrap();
+        answer(&mut w, &SubmitReply::Ok).await;
+        answer(&mut w, &SubmitReply::Ok).await;
+        answer(&mut w, &SubmitReply::Rcpt(RcptVerdict::NoSuchUser)).await;
+        let reply = link
+            .call(&SubmitRequest::Rcpt { to: "a@b".into() })
+            .await
+            .unwrap();
+        assert_eq!(reply, SubmitReply::Rcpt(RcptVerdict::NoSuchUser));
+        for want in ["Rset", "Ping", "Rcpt"] {
+            let got: SubmitRequest = queued.read(MAX_SMALL_FRAME).await.unwrap().unwrap();
+            assert!(format!("{got:?}").starts_with(want), "{got:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_foreseen_request_refused_breaks_the_link() {
+        let (mut link, _queued, mut w) = pair();
+        link.send_foreseen(&SubmitRequest::Rset).await.unwrap();
+        answer(&mut w, &SubmitReply::BadSequence("no".into())).await;
+        answer(&mut w, &SubmitReply::Rcpt(RcptVerdict::Accepted)).await;
+        let r = link.call(&SubmitRequest::Rcpt { to: "a@b".into() }).await;
+        assert!(r.is_err(), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_held_request_goes_before_the_next_one_and_not_alone() {
+        let (mut link, mut queued, w) = pair();
+        link.hold(&SubmitRequest::DataChunk(b"last".to_vec()))
+            .unwrap();
+        // Nothing written yet (hold does no I/O: nothing to wait for).
+        let early = w.try_read(&mut [0u8; 64]);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a held request went out alone: {early:?}"
+        );
+        link.send(&SubmitRequest::DataEnd).await.unwrap();
+        let got: SubmitRequest = queued.read(MAX_SMALL_FRAME).await.unwrap().unwrap();
+        assert_eq!(got, SubmitRequest::DataChunk(b"last".to_vec()));
+        let got: SubmitRequest = queued.read(MAX_SMALL_FRAME).await.unwrap().unwrap();
+        assert_eq!(got, SubmitRequest::DataEnd);
     }
 }

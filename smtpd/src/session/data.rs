@@ -335,7 +335,15 @@ impl Session {
                 let Some(q) = self.queue.as_mut() else {
                     return BodyOutcome::QueueLost;
                 };
-                if q.send(&SubmitRequest::DataChunk(data)).await.is_err() {
+                let req = SubmitRequest::DataChunk(data);
+                // The last one goes with what follows it (its end, or an
+                // abort), which is sent next whatever happens.
+                let sent = if done && chunk.is_empty() {
+                    q.hold(&req)
+                } else {
+                    q.send(&req).await
+                };
+                if sent.is_err() {
                     return BodyOutcome::QueueLost;
                 }
             }
