@@ -124,11 +124,21 @@ fn main() -> ExitCode {
         daemon::on_sighup(|| tracing::info!("SIGHUP: deliverd has nothing to reload"));
         daemon::push_metrics(Role::Deliverd, &flags, &cfg, &ids);
         daemon::notify_ready();
-        let deliveries = keep_connected("deliveries", &path, &ids, |stream| {
-            jobs::serve(ctx.clone(), stream)
+        // Tasks of their own, on the worker: run here, in block_on, the
+        // links would be read on the main thread, and every job would
+        // cost a wake-up of the worker besides.
+        let (p, i) = (path.clone(), ids.clone());
+        let deliveries = tokio::spawn(async move {
+            keep_connected("deliveries", &p, &i, |stream| {
+                jobs::serve(ctx.clone(), stream)
+            })
+            .await
         });
-        let hooks = keep_connected("hooks", &path, &ids, |stream| {
-            hookconn::serve(hook_ctx.clone(), stream, idle)
+        let hooks = tokio::spawn(async move {
+            keep_connected("hooks", &path, &ids, |stream| {
+                hookconn::serve(hook_ctx.clone(), stream, idle)
+            })
+            .await
         });
         tokio::select! {
             _ = deliveries => {},
