@@ -8,6 +8,11 @@
 //! interleave, and mail never waits for the log (a full channel drops the
 //! line and counts it in `tambo/maillog/dropped`). Every field an outsider
 //! chose is escaped and bounded, so no line can be forged inside another.
+//!
+//! The writer lets lines gather for [`GATHER`] after the first before it
+//! writes them: a busy server makes three or four lines a message, and
+//! waking a thread for each cost more than all the rest of the log. Each
+//! line keeps the time it was made at.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -15,8 +20,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::{Duration, Instant};
+use std::thread::Thread;
+use std::time::{Duration, Instant, SystemTime};
 
 use tambo_common::config::Config;
 use tambo_proto::metrics::{self, names};
@@ -24,6 +31,11 @@ use tambo_proto::submit::MailLogEvent;
 
 /// Lines waiting for the writer at most.
 const QUEUE: usize = 8192;
+
+/// How long lines gather after the first before they are written. Senders
+/// wake nobody meanwhile: the writer sleeps on its own, not on the
+/// channel.
+const GATHER: Duration = Duration::from_millis(20);
 
 /// Longest field written (an address, a reason), in characters.
 const MAX_FIELD: usize = 256;
@@ -36,11 +48,20 @@ const SYSLOG_SOCKET: &str = "/dev/log";
 const SYSLOG_PRI: u8 = 2 * 8 + 6;
 
 enum Msg {
-    Line(String),
+    /// A line and when it was made.
+    Line(String, SystemTime),
     Reopen,
+    /// Everything sent before is written: answered once it is.
+    Flush(SyncSender<()>),
 }
 
 static LOG: OnceLock<SyncSender<Msg>> = OnceLock::new();
+
+/// The writer thread, woken early by [`flush`].
+static WRITER: OnceLock<Thread> = OnceLock::new();
+
+/// Set by [`flush`]: the writer stops gathering.
+static HURRY: AtomicBool = AtomicBool::new(false);
 
 /// Where lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,26 +151,54 @@ pub fn start(writer: Writer) {
     let spawned = std::thread::Builder::new()
         .name("maillog".into())
         .spawn(move || run(writer, rx));
-    if let Err(e) = spawned {
-        tracing::error!("cannot start the mail log writer: {e}; no mail log");
+    match spawned {
+        Ok(h) => {
+            let _ = WRITER.set(h.thread().clone());
+        }
+        Err(e) => tracing::error!("cannot start the mail log writer: {e}; no mail log"),
     }
 }
 
 fn run(mut w: Writer, rx: Receiver<Msg>) {
-    while let Ok(msg) = rx.recv() {
-        match msg {
-            Msg::Line(l) => w.write(&l),
-            Msg::Reopen => w.reopen(),
+    // Asleep in recv only while nothing is waiting to be written.
+    while let Ok(first) = rx.recv() {
+        let until = Instant::now() + GATHER;
+        while !HURRY.load(Ordering::Acquire) {
+            let Some(left) = until.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            std::thread::park_timeout(left);
         }
+        let mut lines = Vec::new();
+        for msg in std::iter::once(first).chain(rx.try_iter()) {
+            match msg {
+                Msg::Line(text, at) => lines.push((text, at)),
+                Msg::Reopen => {
+                    w.write(&std::mem::take(&mut lines));
+                    w.reopen();
+                }
+                Msg::Flush(done) => {
+                    w.write(&std::mem::take(&mut lines));
+                    HURRY.store(false, Ordering::Release);
+                    let _ = done.try_send(());
+                }
+            }
+        }
+        w.write(&lines);
     }
 }
 
 impl Writer {
-    fn write(&mut self, line: &str) {
+    /// Writes lines in the order given: a file or stream in one write, the
+    /// syslog socket a datagram each (its format).
+    fn write(&mut self, lines: &[(String, SystemTime)]) {
+        if lines.is_empty() {
+            return;
+        }
         let result = match &mut self.out {
-            Out::File(f) => f.write_all(stamped(line).as_bytes()),
-            Out::Stdout => io::stdout().lock().write_all(stamped(line).as_bytes()),
-            Out::Stderr => io::stderr().lock().write_all(stamped(line).as_bytes()),
+            Out::File(f) => f.write_all(stamped(lines).as_bytes()),
+            Out::Stdout => io::stdout().lock().write_all(stamped(lines).as_bytes()),
+            Out::Stderr => io::stderr().lock().write_all(stamped(lines).as_bytes()),
             Out::Syslog(sock) => {
                 if sock.is_none()
                     && self
@@ -160,9 +209,14 @@ impl Writer {
                     *sock = syslog_socket();
                 }
                 // No time: syslog adds its own.
-                let msg = format!("<{SYSLOG_PRI}>tambo: {line}");
-                match sock.as_ref().map(|s| s.send(msg.as_bytes())) {
-                    Some(Ok(_)) => Ok(()),
+                let sent = sock.as_ref().map(|s| {
+                    lines.iter().try_for_each(|(line, _)| {
+                        s.send(format!("<{SYSLOG_PRI}>tambo: {line}").as_bytes())
+                            .map(drop)
+                    })
+                });
+                match sent {
+                    Some(Ok(())) => Ok(()),
                     Some(Err(e)) => {
                         *sock = None;
                         Err(e)
@@ -210,12 +264,36 @@ impl Writer {
     }
 }
 
-/// A file or stream line: local time with microseconds, the text, LF.
-fn stamped(line: &str) -> String {
-    format!(
-        "{} {line}\n",
-        chrono::Local::now().format("%Y-%m-%d %H:%M:%S%.6f")
-    )
+/// File or stream lines: each the local time it was made at, with
+/// microseconds, the text, LF.
+fn stamped(lines: &[(String, SystemTime)]) -> String {
+    let mut out = String::new();
+    for (line, at) in lines {
+        let at = chrono::DateTime::<chrono::Local>::from(*at);
+        out.push_str(&format!("{} {line}\n", at.format("%Y-%m-%d %H:%M:%S%.6f")));
+    }
+    out
+}
+
+fn send_line(line: String) {
+    send(Msg::Line(line, SystemTime::now()));
+}
+
+/// Writes out every line sent so far, waiting at most a second: at exit,
+/// so the gathered lines are not lost with the process.
+pub fn flush() {
+    let (done, wait) = sync_channel(1);
+    let Some(tx) = LOG.get() else { return };
+    // Before the request: the writer clears it once it has answered.
+    HURRY.store(true, Ordering::Release);
+    // Blocks only while the channel is full, which the writer empties.
+    if tx.send(Msg::Flush(done)).is_err() {
+        return;
+    }
+    if let Some(t) = WRITER.get() {
+        t.unpark();
+    }
+    let _ = wait.recv_timeout(Duration::from_secs(1));
 }
 
 fn send(msg: Msg) {
@@ -265,46 +343,42 @@ fn list(items: &[String]) -> String {
 
 /// `<id> from=<sender> queued ip=<client> to=[<rcpts>]`
 pub fn queued(id: &str, from: &str, client: &str, to: &[String]) {
-    send(Msg::Line(format!(
+    send_line(format!(
         "{id} from={} queued ip={} to={}",
         word(from),
         word(client),
         list(to)
-    )));
+    ));
 }
 
 /// `<id> from=<sender> to=<address> sent`
 pub fn sent(id: &str, from: &str, to: &str) {
-    send(Msg::Line(format!(
-        "{id} from={} to={} sent",
-        word(from),
-        word(to)
-    )));
+    send_line(format!("{id} from={} to={} sent", word(from), word(to)));
 }
 
 /// `<id> from=<sender> to=<address> failed (temporary|permanent): <error>`
 pub fn failed(id: &str, from: &str, to: &str, permanent: bool, error: &str) {
     let how = if permanent { "permanent" } else { "temporary" };
-    send(Msg::Line(format!(
+    send_line(format!(
         "{id} from={} to={} failed ({how}): {}",
         word(from),
         word(to),
         safe(error)
-    )));
+    ));
 }
 
 /// `<id> from=<sender> completed loop, next in <delay>`
 pub fn round_done(id: &str, from: &str, next: Duration) {
-    send(Msg::Line(format!(
+    send_line(format!(
         "{id} from={} completed loop, next in {}",
         word(from),
         tambo_common::duration::format(next)
-    )));
+    ));
 }
 
 /// `<id> from=<sender> all done`
 pub fn done(id: &str, from: &str) {
-    send(Msg::Line(format!("{id} from={} all done", word(from))));
+    send_line(format!("{id} from={} all done", word(from)));
 }
 
 /// One of smtpd's events, as its line.
@@ -353,7 +427,7 @@ pub fn event_line(ev: &MailLogEvent) -> String {
 
 /// Writes a line made by [`event_line`].
 pub fn line(line: String) {
-    send(Msg::Line(line));
+    send_line(line);
 }
 
 #[cfg(test)]
@@ -409,6 +483,37 @@ mod tests {
         assert!(l.contains("(+8 more)"), "{l}");
         assert!(l.chars().count() < 256 * 36, "{}", l.len());
         assert!(l.ends_with('…'), "{l}");
+    }
+
+    #[test]
+    fn gathered_lines_are_written_in_order_with_their_own_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mail.log");
+        let writer = Writer {
+            dest: Dest::File(path.clone()),
+            out: Out::File(open_file(&path).unwrap()),
+            reported: None,
+            tried: None,
+        };
+        let (tx, rx) = sync_channel(QUEUE);
+        let t = std::thread::spawn(move || run(writer, rx));
+        let long_ago = SystemTime::UNIX_EPOCH + Duration::from_secs(86400 * 365 * 30);
+        tx.send(Msg::Line("first".into(), long_ago)).unwrap();
+        tx.send(Msg::Line("second".into(), SystemTime::now()))
+            .unwrap();
+        let (done, wait) = sync_channel(1);
+        tx.send(Msg::Flush(done)).unwrap();
+        wait.recv_timeout(Duration::from_secs(10)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].ends_with(" first") && lines[1].ends_with(" second"));
+        let stamp = chrono::DateTime::<chrono::Local>::from(long_ago)
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string();
+        assert!(lines[0].starts_with(&stamp), "{text}");
+        drop(tx);
+        t.join().unwrap();
     }
 
     #[test]

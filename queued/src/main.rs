@@ -300,7 +300,7 @@ fn main() -> ExitCode {
             loaded.removed_temp
         );
         for item in loaded.items {
-            queue.start(item, false);
+            queue.start(item, queue::Origin::Loaded);
         }
         if let Some(dovecot) = queue.dovecot.clone() {
             // Only a warning: Dovecot may come up after us, and each lookup
@@ -427,6 +427,7 @@ fn main() -> ExitCode {
         daemon::wait_for_shutdown().await;
         tracing::info!("queued stopping");
         queue.sync_before_exit().await;
+        tokio::task::spawn_blocking(maillog::flush).await.ok();
         ExitCode::SUCCESS
     })
 }

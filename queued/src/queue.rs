@@ -115,6 +115,20 @@ pub async fn dovecot_knows(dovecot: Option<&Dovecot>, id: &str) -> Result<bool, 
 /// targets (none if it had no entry).
 pub type HookAnswers = HashMap<String, Vec<tambo_common::aliases::Target>>;
 
+/// Where an item given to [`Queue::start`] comes from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Origin {
+    /// Read from the queue directory at startup: each round takes a turn.
+    Loaded,
+    /// Just put for a client: its first round goes ahead (new mail is
+    /// bounded by max_queue_items and must not wait behind a backlog).
+    Received,
+    /// Just put by queued itself (a DSN, which passes max_queue_items):
+    /// it takes turns like the rest, so a mass bounce is not that many
+    /// rounds at once.
+    Internal,
+}
+
 /// What a put from an SMTP session brings beyond the envelope.
 #[derive(Default)]
 pub struct FromSession {
@@ -337,9 +351,8 @@ impl Queue {
         }
     }
 
-    /// Starts the send loop of an item: `fresh` if just put, not loaded
-    /// at startup (its first round does not wait for a turn).
-    pub fn start(self: &Arc<Self>, item: Item, fresh: bool) {
+    /// Starts the send loop of an item.
+    pub fn start(self: &Arc<Self>, item: Item, origin: Origin) {
         let mut ids = self.ids();
         ids.reserved.remove(&item.id);
         ids.items.insert(item.id.clone());
@@ -350,7 +363,7 @@ impl Queue {
             .insert(item.id.clone(), (item.clone(), ctl.clone()));
         self.version.fetch_add(1, Ordering::Relaxed);
         let q = self.clone();
-        tokio::spawn(async move { q.send_loop(item, ctl, fresh).await });
+        tokio::spawn(async move { q.send_loop(item, ctl, origin).await });
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -359,7 +372,21 @@ impl Queue {
 
     /// `item` is shared with `live` between rounds; a round changes its
     /// own copy, published when it ends.
-    async fn send_loop(self: Arc<Self>, mut item: Arc<Item>, ctl: Arc<Control>, mut fresh: bool) {
+    async fn send_loop(self: Arc<Self>, mut item: Arc<Item>, ctl: Arc<Control>, origin: Origin) {
+        if origin != Origin::Loaded {
+            // Here, not in the put: the task runs once the session's has
+            // answered, so the client's 250 does not wait for the logs.
+            tracing::info!(
+                id = %item.id,
+                "{} from=<{}> queued ip={} to={:?}",
+                item.id,
+                item.from,
+                item.client,
+                item.rcpt_to
+            );
+            crate::maillog::queued(&item.id, &item.from, &item.client, &item.rcpt_to);
+        }
+        let mut fresh = origin == Origin::Received;
         let mut dsn = true;
         let mut trace = tambo_proto::trace::Trace::new("Queue.SendLoop", item.id.clone());
         loop {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tambo_proto::metrics::{self, names};
 
-use super::{Answers, FromSession, PutError, Queue, now_ms};
+use super::{Answers, FromSession, Origin, PutError, Queue, now_ms};
 use crate::item::{FORMAT_VERSION, Item};
 use crate::policy::Policy;
 
@@ -162,18 +162,12 @@ impl Queue {
         };
         metrics::inc(names::QUEUE_ITEMS_WRITTEN);
         metrics::inc(names::QUEUE_PUT_COUNT);
-        tracing::info!(
-            id = %item.id,
-            "{} from=<{}> queued ip={} to={:?}",
-            item.id,
-            item.from,
-            item.client,
-            item.rcpt_to
-        );
-        crate::maillog::queued(&item.id, &item.from, &item.client, &item.rcpt_to);
-        // DSNs (which pass max_queue_items) take turns like the rest: a
-        // mass bounce must not become that many rounds at once.
-        self.start(item, !bypass_limit);
+        let origin = if bypass_limit {
+            Origin::Internal
+        } else {
+            Origin::Received
+        };
+        self.start(item, origin);
         Ok(())
     }
 }
