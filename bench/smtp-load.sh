@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SESSIONS=${1:-20}
 MESSAGES=${2:-5000}
+# SENDER= (empty) sends from the null sender, as versus.sh does: no SPF
+# lookup, and a MAIL smtpd answers without waiting for queued.
+SENDER=${SENDER-sender@remote.example}
 command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
 command -v smtp-source >/dev/null || { echo "smtp-source not found: apt-get install postfix" >&2; exit 1; }
 
@@ -46,9 +49,14 @@ CONF
 tambo_start "$BIN" "$DIR/config" "$DIR/logs/tambo.log"
 
 start=$(date +%s.%N)
-smtp-source -s "$SESSIONS" -m "$MESSAGES" -l 1024 -f sender@remote.example -t ann@example.test "127.0.0.1:$PORT"
+smtp-source -s "$SESSIONS" -m "$MESSAGES" -l 1024 -f "$SENDER" -t ann@example.test "127.0.0.1:$PORT"
 accepted=$(date +%s.%N)
-while [ -n "$(find "$DIR/data/queue" -name 'm:*' -print -quit 2>/dev/null)" ]; do sleep 0.05; done
+# Queued messages: items of their own (m:), or bodies with content (d:;
+# the empty ones are ready files, made ahead for new mail).
+queued() {
+  find "$DIR/data/queue" -maxdepth 1 \( -name 'm:*' -o \( -name 'd:*' -size +0 \) \) -print -quit 2>/dev/null
+}
+while [ -n "$(queued)" ]; do sleep 0.05; done
 drained=$(date +%s.%N)
 delivered=$(ls "$DIR/mail/example.test/ann/new" | wc -l)
 
