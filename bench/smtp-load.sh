@@ -15,6 +15,10 @@ MESSAGES=${2:-5000}
 # SENDER= (empty) sends from the null sender, as versus.sh does: no SPF
 # lookup, and a MAIL smtpd answers without waiting for queued.
 SENDER=${SENDER-sender@remote.example}
+# REUSE=1: every session sends its messages over one connection
+# (smtp-source -d), as versus.sh's "reused" rows; otherwise one connection
+# a message.
+REUSE_ARG=${REUSE:+-d}
 command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
 command -v smtp-source >/dev/null || { echo "smtp-source not found: apt-get install postfix" >&2; exit 1; }
 
@@ -49,7 +53,7 @@ CONF
 tambo_start "$BIN" "$DIR/config" "$DIR/logs/tambo.log"
 
 start=$(date +%s.%N)
-smtp-source -s "$SESSIONS" -m "$MESSAGES" -l 1024 -f "$SENDER" -t ann@example.test "127.0.0.1:$PORT"
+smtp-source $REUSE_ARG -s "$SESSIONS" -m "$MESSAGES" -l 1024 -f "$SENDER" -t ann@example.test "127.0.0.1:$PORT"
 accepted=$(date +%s.%N)
 # Queued messages: items of their own (m:), or bodies with content (d:;
 # the empty ones are ready files, made ahead for new mail).
