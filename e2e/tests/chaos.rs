@@ -1,7 +1,7 @@
 //! No mail lost, none delivered twice: messages sent without pause while
 //! smtpd, queued and deliverd are killed with SIGKILL, one after another,
 //! and started again (REFERENCE §3: a 250 is a promise). The by-hand,
-//! longer version is bench/stress.sh.
+//! longer run is this test with `CHAOS_SECONDS=60` (below).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
