@@ -465,6 +465,33 @@ runtime_dir = \"{run}\"
         self.procs[name].id()
     }
 
+    /// Stops a daemon with SIGSTOP, and returns once every one of its
+    /// threads has stopped. kill() returns before that: one thread takes
+    /// the signal and stops the others only when it next runs, and on a
+    /// busy machine the others may meanwhile go on serving requests.
+    pub fn freeze(&self, name: &str) {
+        let pid = self.pid(name);
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        let stopped = |stat: &str| {
+            // `pid (comm) S ...`: the state follows the last ')'.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        };
+        wait_for(&format!("every thread of {name} stopped"), || {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+            let all = tasks
+                .flatten()
+                .all(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| stopped(&s)));
+            all.then_some(())
+        });
+    }
+
+    /// Lets a daemon [`freeze`](Self::freeze) stopped run again.
+    pub fn thaw(&self, name: &str) {
+        kill(Pid::from_raw(self.pid(name) as i32), Signal::SIGCONT).unwrap();
+    }
+
     /// Sends SIGKILL and reaps.
     pub fn kill9(&mut self, name: &str) {
         if let Some(mut c) = self.procs.remove(name) {

@@ -307,10 +307,9 @@ fn a_stalled_queued_costs_only_the_handshakes_of_the_moment() {
     t.wait_log("smtpd", "TLS ready with");
     let addr = t.submission_tls_addr();
     TlsSmtp::connect_tls(addr, "mx.example.test", Versions::Tls13).expect("a first handshake");
-    let queued = Pid::from_raw(t.pid("queued") as i32);
-    kill(queued, Signal::SIGSTOP).unwrap();
+    t.freeze("queued");
     let stalled = TlsSmtp::connect_tls(addr, "mx.example.test", Versions::Tls13);
-    kill(queued, Signal::SIGCONT).unwrap();
+    t.thaw("queued");
     assert!(stalled.is_err(), "no signature while queued is stopped");
     t.wait_log("smtpd", "queued did not sign within 5s");
     // queued answers the old request now, to a link smtpd dropped; every
