@@ -144,6 +144,24 @@ pub fn is_acceptable_sender(from: &str) -> bool {
     from.is_empty() || (is_plausible(from) && normalize(from).is_ok() && !from.starts_with('-'))
 }
 
+/// Whether queued's answer to a MAIL is certain to be Ok, so that smtpd
+/// may give its 250 without waiting for it: queued refuses a MAIL only on
+/// a submission port without AUTH, for an authenticated user's sender,
+/// for a sender it does not take ([`is_acceptable_sender`]), and for the
+/// incoming security level, which it checks only after an SPF pass.
+/// queued's Mail handling must keep to this (its tests check it does).
+pub fn mail_answer_is_certain(
+    mode: tambo_proto::submit::Mode,
+    authenticated: bool,
+    from: &str,
+    spf: Option<&tambo_proto::submit::SpfReport>,
+) -> bool {
+    mode == tambo_proto::submit::Mode::Smtp
+        && !authenticated
+        && is_acceptable_sender(from)
+        && spf.is_none_or(|r| r.result != tambo_proto::submit::SpfResult::Pass)
+}
+
 /// The address a client is counted under: IPv4 as is (IPv4-mapped IPv6
 /// included), IPv6 by its /64, which is what one subscriber usually gets.
 /// Every per-client limit (smtpd's session cap, queued's AUTH failure

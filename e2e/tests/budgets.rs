@@ -490,3 +490,25 @@ fn a_body_refused_at_its_start_is_read_to_its_end_with_the_link_kept() {
     assert!(!t.log("queued").contains("peer idle"), "no link was closed");
     assert_eq!(t.queue_items().len(), 1, "only the first message is queued");
 }
+
+/// smtpd answers a plain MAIL without waiting for queued, which answers
+/// it too: a client pipelining MAIL after MAIL must not pile up replies
+/// nobody reads until queued's writes block and the session hangs.
+#[test]
+fn a_client_pipelining_thousands_of_mails_is_served() {
+    let mut t = Tambo::default_setup();
+    t.start_all();
+    let mut c = Smtp::connect(t.smtp_addr());
+    c.expect("EHLO client.test", 250);
+    const MAILS: usize = 3000;
+    c.send_raw("MAIL FROM:<>\r\n".repeat(MAILS).as_bytes());
+    for i in 0..MAILS {
+        let r = c.reply();
+        assert_eq!(r.code, 250, "MAIL {i}: {r:?}");
+    }
+    c.expect("RCPT TO:<ann@example.test>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(&message("after the flood", "x\r\n"));
+    c.expect(".", 250);
+    t.wait_maildir("ann", 1);
+}

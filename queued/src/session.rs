@@ -9,6 +9,8 @@
 mod head;
 mod postdata;
 mod rcpt;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -180,6 +182,10 @@ impl Session {
                 server_name,
                 spf,
             } => {
+                // smtpd gives its 250 before this answer where
+                // common::address::mail_answer_is_certain says it is Ok:
+                // a refusal added here must be added there too (the tests
+                // check the two agree).
                 self.reset();
                 // Submission ports need AUTH before MAIL (REFERENCE §2.1).
                 if self.mode != Mode::Smtp && self.auth.is_none() {

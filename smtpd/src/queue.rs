@@ -20,6 +20,11 @@ use tambo_proto::{Error, Role};
 /// How long queued may take to answer one request, fsync included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Most foreseen replies left unread (the Session's and a MAIL's): a
+/// client pipelining MAIL after MAIL must not fill the socket with
+/// replies nobody reads until queued's writes block.
+const MAX_OWED: u32 = 2;
+
 pub struct QueueLink {
     reader: FrameReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
@@ -73,25 +78,31 @@ impl QueueLink {
     /// breaks the link. One round trip to queued fewer for the client to
     /// wait on.
     pub async fn send_foreseen(&mut self, req: &SubmitRequest) -> Result<(), Error> {
+        while self.owed >= MAX_OWED {
+            self.read_owed().await?;
+        }
         self.send(req).await?;
         self.owed += 1;
         Ok(())
+    }
+
+    /// Reads one owed reply, which must be `Ok`.
+    async fn read_owed(&mut self) -> Result<(), Error> {
+        self.owed -= 1;
+        match self.read_reply().await? {
+            SubmitReply::Ok => Ok(()),
+            other => {
+                tracing::error!("queued refused a request smtpd had answered for it: {other:?}");
+                Err(Error::Unexpected("queued refused a foreseen request"))
+            }
+        }
     }
 
     /// Waits for the reply to a request [`send`](Self::send) sent
     /// earlier: for a request whose answer is only needed later.
     pub async fn reply(&mut self) -> Result<SubmitReply, Error> {
         while self.owed > 0 {
-            self.owed -= 1;
-            match self.read_reply().await? {
-                SubmitReply::Ok => {}
-                other => {
-                    tracing::error!(
-                        "queued refused a request smtpd had answered for it: {other:?}"
-                    );
-                    return Err(Error::Unexpected("queued refused a foreseen request"));
-                }
-            }
+            self.read_owed().await?;
         }
         self.read_reply().await
     }
@@ -222,12 +233,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_pipelining_mails_leaves_at_most_two_replies_unread() {
+        let (mut link, mut queued, mut w) = pair();
+        link.send_foreseen(&SubmitRequest::Rset).await.unwrap();
+        link.send_foreseen(&SubmitRequest::Rset).await.unwrap();
+        // A third waits for the first reply before it goes out.
+        let mut third = tokio::spawn(async move {
+            link.send_foreseen(&SubmitRequest::Rset)
+                .await
+                .map(|()| link)
+        });
+        for _ in 0..2 {
+            let _: SubmitRequest = queued.read(MAX_SMALL_FRAME).await.unwrap().unwrap();
+        }
+        // What must not happen can only be waited for a while.
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut third).await;
+        assert!(early.is_err(), "the third went out with two replies unread");
+        answer(&mut w, &SubmitReply::Ok).await;
+        let link = third.await.unwrap().unwrap();
+        assert_eq!(link.owed, 2);
+        let _: SubmitRequest = queued.read(MAX_SMALL_FRAME).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn a_held_request_goes_before_the_next_one_and_not_alone() {
         let (mut link, mut queued, w) = pair();
         link.hold(&SubmitRequest::DataChunk(b"last".to_vec()))
             .unwrap();
-        // Nothing written yet (hold does no I/O: nothing to wait for).
-        let early = w.try_read(&mut [0u8; 64]);
+        // Nothing written yet (hold does no I/O, so nothing to wait for):
+        // a non-blocking read on the socket itself finds nothing.
+        let std = w.into_std().unwrap();
+        std.set_nonblocking(true).unwrap();
+        let early = std::io::Read::read(&mut &std, &mut [0u8; 64]);
         assert!(
             matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
             "a held request went out alone: {early:?}"

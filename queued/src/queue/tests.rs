@@ -15,7 +15,7 @@ use crate::dkim::DkimKeys;
 use crate::domaininfo::DomainInfo;
 use crate::spool::Spool;
 
-fn queue(dir: &Path) -> Arc<Queue> {
+pub(crate) fn queue(dir: &Path) -> Arc<Queue> {
     queue_with(dir, None, None)
 }
 

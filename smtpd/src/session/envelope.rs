@@ -92,20 +92,16 @@ impl Session {
             server_name: self.hostname.clone(),
             spf: spf.as_ref().map(|c| c.report.clone()),
         };
-        // queued refuses a MAIL only for what smtpd can see too: a
-        // submission without AUTH (refused above), an authenticated
-        // user's sender, a sender it does not take, and the incoming
-        // security level, checked after an SPF pass. With none of those
-        // its Ok is certain, and the 250 goes out without waiting for it
-        // (the link reads it, and breaks on anything else, before the next
-        // reply): the usual transaction of inbound mail waits on queued
-        // twice, not three times.
-        let foreseen = self.cfg.mode == Mode::Smtp
-            && self.auth.is_none()
-            && address::is_acceptable_sender(&path.address)
-            && spf
-                .as_ref()
-                .is_none_or(|c| c.report.result != SpfResult::Pass);
+        // Where queued's Ok is certain, the 250 goes out without waiting
+        // for it (the link reads it, and breaks on anything else, before
+        // the next reply): the usual transaction of inbound mail waits on
+        // queued twice, not three times.
+        let foreseen = address::mail_answer_is_certain(
+            self.cfg.mode,
+            self.auth.is_some(),
+            &path.address,
+            spf.as_ref().map(|c| &c.report),
+        );
         if foreseen {
             if let Err(e) = queue.send_foreseen(&req).await {
                 tracing::error!(peer = %self.peer, "queued link failed at MAIL: {e}");
