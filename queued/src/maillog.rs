@@ -170,7 +170,9 @@ fn run(mut w: Writer, rx: Receiver<Msg>) {
             std::thread::park_timeout(left);
         }
         let mut lines = Vec::new();
-        for msg in std::iter::once(first).chain(rx.try_iter()) {
+        // At most a channel's worth a batch: what came in meanwhile waits
+        // in the channel, which stays the bound on what is held.
+        for msg in std::iter::once(first).chain(rx.try_iter().take(QUEUE)) {
             match msg {
                 Msg::Line(text, at) => lines.push((text, at)),
                 Msg::Reopen => {
@@ -195,6 +197,8 @@ impl Writer {
         if lines.is_empty() {
             return;
         }
+        // Lines not written when it fails: all, but for syslog's own count.
+        let mut unsent = lines.len();
         let result = match &mut self.out {
             Out::File(f) => f.write_all(stamped(lines).as_bytes()),
             Out::Stdout => io::stdout().lock().write_all(stamped(lines).as_bytes()),
@@ -211,8 +215,9 @@ impl Writer {
                 // No time: syslog adds its own.
                 let sent = sock.as_ref().map(|s| {
                     lines.iter().try_for_each(|(line, _)| {
-                        s.send(format!("<{SYSLOG_PRI}>tambo: {line}").as_bytes())
-                            .map(drop)
+                        s.send(format!("<{SYSLOG_PRI}>tambo: {line}").as_bytes())?;
+                        unsent -= 1;
+                        Ok::<(), io::Error>(())
                     })
                 });
                 match sent {
@@ -229,7 +234,9 @@ impl Writer {
             }
         };
         if let Err(e) = result {
-            metrics::inc(names::MAILLOG_ERRORS);
+            // One for every line lost, as when lines were written one by
+            // one.
+            metrics::global().add(names::MAILLOG_ERRORS, None, unsent as u64);
             // Once, then at most once an hour: the debug log must not fill
             // with the same line when the disk is full.
             if self
@@ -282,18 +289,28 @@ fn send_line(line: String) {
 /// Writes out every line sent so far, waiting at most a second: at exit,
 /// so the gathered lines are not lost with the process.
 pub fn flush() {
+    let deadline = Instant::now() + Duration::from_secs(1);
     let (done, wait) = sync_channel(1);
     let Some(tx) = LOG.get() else { return };
     // Before the request: the writer clears it once it has answered.
     HURRY.store(true, Ordering::Release);
-    // Blocks only while the channel is full, which the writer empties.
-    if tx.send(Msg::Flush(done)).is_err() {
-        return;
-    }
     if let Some(t) = WRITER.get() {
         t.unpark();
     }
-    let _ = wait.recv_timeout(Duration::from_secs(1));
+    // The channel may be full of lines a stuck writer (a syslog that does
+    // not read) never takes: the second is for this too.
+    let mut msg = Msg::Flush(done);
+    loop {
+        match tx.try_send(msg) {
+            Ok(()) => break,
+            Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                msg = m;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
 }
 
 fn send(msg: Msg) {

@@ -162,6 +162,7 @@ impl Queue {
         };
         metrics::inc(names::QUEUE_ITEMS_WRITTEN);
         metrics::inc(names::QUEUE_PUT_COUNT);
+        crate::maillog::queued(&item.id, &item.from, &item.client, &item.rcpt_to);
         let origin = if bypass_limit {
             Origin::Internal
         } else {
