@@ -134,23 +134,39 @@ fn main() -> ExitCode {
             })
             .await
         });
-        let hooks = tokio::spawn(async move {
+        let mut hooks = tokio::spawn(async move {
             keep_connected("hooks", &path, &ids, |stream| {
                 hookconn::serve(hook_ctx.clone(), stream, idle)
             })
             .await
         });
-        tokio::select! {
-            _ = deliveries => {},
-            _ = hooks => {},
-            _ = daemon::wait_for_shutdown() => {},
-        }
+        let mut deliveries = deliveries;
+        // The links never end on their own: one that does has panicked,
+        // and deliverd exits with a failure so that its supervisor
+        // (systemd's Restart=on-failure, `tambo run`) starts it again.
+        let code = tokio::select! {
+            r = &mut deliveries => link_ended("deliveries", r),
+            r = &mut hooks => link_ended("hooks", r),
+            _ = daemon::wait_for_shutdown() => ExitCode::SUCCESS,
+        };
+        // No new job once stopping has begun.
+        deliveries.abort();
+        hooks.abort();
         // Killed before exiting: an MDA left running would go on
         // delivering a message queued hands out again after the restart.
         let killed = children::LIVE.kill_all();
         tracing::info!("deliverd stopping; killed {killed} process group(s) still running");
-        ExitCode::SUCCESS
+        code
     })
+}
+
+/// A link's task that ended, which only a panic makes it do.
+fn link_ended(what: &str, r: Result<(), tokio::task::JoinError>) -> ExitCode {
+    match r {
+        Err(e) => tracing::error!("the {what} link to queued failed: {e}"),
+        Ok(()) => tracing::error!("the {what} link to queued ended"),
+    }
+    ExitCode::FAILURE
 }
 
 /// What remote delivery needs, made once: the resolver, the roots, the
