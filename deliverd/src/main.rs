@@ -149,7 +149,8 @@ fn main() -> ExitCode {
             r = &mut hooks => link_ended("hooks", r),
             _ = daemon::wait_for_shutdown() => ExitCode::SUCCESS,
         };
-        // No new job once stopping has begun.
+        // The links stop taking jobs; one still running on the worker
+        // may start an MDA meanwhile, which kill_all's closing flag kills.
         deliveries.abort();
         hooks.abort();
         // Killed before exiting: an MDA left running would go on

@@ -307,7 +307,10 @@ pub fn flush() {
                 msg = m;
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err(_) => return,
+            Err(_) => {
+                HURRY.store(false, Ordering::Release);
+                return;
+            }
         }
     }
     let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));

@@ -377,7 +377,7 @@ impl Queue {
             // Here, not in the put: the task runs once the session's has
             // answered, so the client's 250 does not wait for a write to
             // the debug log. (The mail log's line is the put's: it costs
-            // no write there, and must not be lost to a crash now.)
+            // no write there, and stays ahead of a DSN's lines.)
             tracing::info!(
                 id = %item.id,
                 "{} from=<{}> queued ip={} to={:?}",

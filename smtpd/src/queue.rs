@@ -88,8 +88,9 @@ impl QueueLink {
 
     /// Reads one owed reply, which must be `Ok`.
     async fn read_owed(&mut self) -> Result<(), Error> {
+        let reply = self.read_reply().await?;
         self.owed -= 1;
-        match self.read_reply().await? {
+        match reply {
             SubmitReply::Ok => Ok(()),
             other => {
                 tracing::error!("queued refused a request smtpd had answered for it: {other:?}");
